@@ -1,0 +1,119 @@
+"""Where model folders come from and how each stage loads its part of one.
+
+A model spec is either a preset name (`tiny`, the embedded default; `sd15`, the real
+SD-1.5 architecture with random weights) or a path to a diffusers folder. Presets are
+built once into the cache directory and then loaded with `from_pretrained`, through
+exactly the same code as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from deployments import model_builder
+
+DEFAULT_MODEL = "tiny"
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelNotFoundError(ValueError):
+    """The model spec names neither a preset nor a usable diffusers folder."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FUSIONSERVE_HOME", Path.home() / ".cache" / "fusionserve"))
+
+
+def preset_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / f"{name}-{model_builder.preset_fingerprint(name)}"
+
+
+def is_preset(spec: str) -> bool:
+    return "/" not in spec and (model_builder.PRESET_DIR / f"{spec}.yaml").is_file()
+
+
+def resolve_model(spec: str | os.PathLike | None = None, build: bool = True) -> Path:
+    """Return the folder for a model spec, building a preset if it is missing.
+
+    Building holds a file lock, so replicas that start together build it once.
+    """
+    spec = str(spec or DEFAULT_MODEL)
+    if is_preset(spec):
+        target = preset_model_dir(spec)
+        if not (target / "model_index.json").is_file():
+            if not build:
+                raise ModelNotFoundError(f"preset {spec!r} is not built yet: run `fusionserve build-model {spec}`")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target.parent / f".{target.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (target / "model_index.json").is_file():
+                    model_builder.build_model(spec, target)
+        return target
+    path = Path(spec).expanduser().resolve()
+    check_model_folder(path)
+    return path
+
+
+def check_model_folder(path: Path) -> None:
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} is not a diffusers model folder (no model_index.json). Pass a preset "
+            f"name ({', '.join(sorted(p.stem for p in model_builder.PRESET_DIR.glob('*.yaml')))}) "
+            "or the path of a Stable Diffusion 1.x folder in the diffusers layout."
+        )
+    missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
+    if missing:
+        raise ModelNotFoundError(f"{path} lacks the folders {missing}")
+
+
+def model_id(path: Path) -> str:
+    """A stable identity for a model folder (used in cache keys and responses)."""
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    return f"{Path(path).name}:{index.get('_class_name', 'unknown')}"
+
+
+def set_torch_threads(num_threads: int | None) -> None:
+    """Replicas with a fractional CPU get OMP_NUM_THREADS=1; set the count explicitly."""
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+
+
+def load_tokenizer(path: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer")
+
+
+def load_text_encoder(path: Path, dtype=None):
+    import torch
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype or torch.float32).eval()
+
+
+def load_unet(path: Path, dtype=None):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype or torch.float32).eval()
+
+
+def load_vae(path: Path, dtype=None):
+    import torch
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype or torch.float32).eval()
+
+
+def load_scheduler_config(path: Path) -> tuple[type, dict]:
+    """The scheduler class and config; each request builds its own instance from them."""
+    import diffusers
+
+    config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_cls = getattr(diffusers, config["_class_name"])
+    return scheduler_cls, config

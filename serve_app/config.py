@@ -1,0 +1,50 @@
+"""Typed settings of the application (the `args` of serve_config.yaml)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Limits(BaseModel):
+    """What the API accepts; requests outside get a 400 naming the parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_side: int = Field(64, ge=8)
+    max_side: int = Field(1024, ge=64)
+    max_images: int = Field(4, ge=1, le=16)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_steps: int = Field(150, ge=1)
+
+
+class StepSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_steps: int = Field(20, ge=1, le=150)
+
+
+class AppSettings(BaseModel):
+    """Everything `build_app` needs. Defaults are the laptop defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny", description="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica; default: all cores")
+    default_size: str = "512x512"
+    default_guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    limits: Limits = Limits()
+    steps: StepSettings = StepSettings()
+
+    @field_validator("default_size")
+    @classmethod
+    def _size_is_valid(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """'WxH' -> (width, height); format only, limits are checked by the API."""
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"size must look like '512x512' (WIDTHxHEIGHT), got {value!r}")
+    return int(parts[0]), int(parts[1])

@@ -1,0 +1,120 @@
+"""The request flow as plain async code over four stage handles.
+
+A stage handle is anything with `handle.<method>.remote(*args)` returning an awaitable:
+a Ray Serve `DeploymentHandle` when served, a `LocalHandle` around the engine in-process
+(the CLI, tests and the in-process benchmark). The flow is the same code in both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from deployments.denoiser import DenoiseJob
+from deployments.prompt_optimizer import OptimizedPrompt
+from serve_app.request import ImageRequest
+from serve_app.steps import StepController, StepDecision
+
+
+class _LocalMethod:
+    def __init__(self, function: Callable, lock: threading.Lock, extra_kwargs: dict):
+        self._function = function
+        self._lock = lock
+        self._extra_kwargs = extra_kwargs
+
+    def remote(self, *args, **kwargs):
+        def call():
+            with self._lock:
+                return self._function(*args, **kwargs, **self._extra_kwargs)
+
+        return asyncio.to_thread(call)
+
+
+class LocalHandle:
+    """DeploymentHandle look-alike over an in-process engine: one call at a time, as one
+    replica serves them, run in a worker thread so the event loop stays free."""
+
+    def __init__(self, engine: Any, extra_kwargs: dict[str, dict] | None = None):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._extra_kwargs = extra_kwargs or {}
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._engine, name), self._lock, self._extra_kwargs.get(name, {}))
+
+
+@dataclass
+class GenerationResult:
+    images_png: list[bytes]
+    seeds: list[int]
+    prompt: OptimizedPrompt
+    steps: StepDecision
+    usage: dict = field(default_factory=dict)
+
+
+def usage_of(prompt: OptimizedPrompt, steps: StepDecision) -> dict:
+    """OpenAI Images `usage` shape, plus what we add (steps and why, truncation)."""
+    return {
+        "input_tokens": prompt.prompt_tokens,
+        "input_tokens_details": {"text_tokens": prompt.prompt_tokens, "image_tokens": 0},
+        "output_tokens": 0,
+        "total_tokens": prompt.prompt_tokens,
+        "negative_prompt_tokens": prompt.negative_prompt_tokens,
+        "truncated_tokens": prompt.truncated_tokens,
+        "num_inference_steps": steps.steps,
+        "steps_reason": steps.reason,
+    }
+
+
+class ImagePipeline:
+    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, step_controller: StepController):
+        self.prompt_optimizer = prompt_optimizer
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae_codec = vae_codec
+        self.step_controller = step_controller
+
+    async def generate(self, request: ImageRequest) -> GenerationResult:
+        prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
+            request.prompt, request.negative_prompt, request.cache_namespace
+        )
+        # One encoder call for both texts: [0] conditional, [1] unconditional / negative.
+        embeddings = await self.text_encoder.encode.remote([prompt.prompt, prompt.negative_prompt])
+        steps = self.step_controller.choose(request)
+        job = DenoiseJob(
+            prompt_embeds=embeddings[0:1],
+            negative_prompt_embeds=embeddings[1:2],
+            height=request.height,
+            width=request.width,
+            seeds=request.seeds,
+            num_inference_steps=steps.steps,
+            guidance_scale=request.guidance_scale,
+        )
+        latents = await self.denoiser.denoise.remote(job)
+        images = await self.vae_codec.decode_png.remote(latents)
+        return GenerationResult(images, request.seeds, prompt, steps, usage_of(prompt, steps))
+
+
+def local_pipeline(
+    model_path: Path,
+    num_threads: int | None = None,
+    default_steps: int = 20,
+    on_step: Callable[[int, int], None] | None = None,
+) -> ImagePipeline:
+    """All four engines in this process, no Ray."""
+    from deployments.denoiser import DenoiserEngine
+    from deployments.prompt_optimizer import PromptOptimizerEngine
+    from deployments.text_encoder import TextEncoderEngine
+    from deployments.vae_codec import VaeCodecEngine
+
+    denoise_kwargs = {"denoise": {"on_step": on_step}} if on_step else None
+    return ImagePipeline(
+        prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path)),
+        text_encoder=LocalHandle(TextEncoderEngine(model_path, num_threads)),
+        denoiser=LocalHandle(DenoiserEngine(model_path, num_threads), denoise_kwargs),
+        vae_codec=LocalHandle(VaeCodecEngine(model_path, num_threads)),
+        step_controller=StepController(default_steps),
+    )
