@@ -8,7 +8,7 @@ reproduces diffusers' StableDiffusionPipeline step for step, so images match it.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,6 @@ class DenoiseJob:
     seeds: list[int]  # one image per seed
     num_inference_steps: int
     guidance_scale: float
-    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
 
 
 def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -43,7 +42,7 @@ def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.
 
 class DenoiserEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None):
-        models.set_torch_threads(num_threads)
+        self.num_threads = num_threads
         model_path = Path(model_path)
         self.unet = models.load_unet(model_path)
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
@@ -55,8 +54,16 @@ class DenoiserEngine:
         return scheduler
 
     @torch.inference_mode()
-    def denoise(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Run the whole loop for one job; returns latents [len(seeds), 4, H/8, W/8]."""
+    def denoise(
+        self,
+        job: DenoiseJob,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> torch.Tensor:
+        """Run the whole loop for one job; returns latents [len(seeds), 4, H/8, W/8].
+
+        `cancelled` set from another thread stops the loop at the next step boundary.
+        """
         count = len(job.seeds)
         scheduler = self.new_scheduler(job.num_inference_steps)
         channels = self.unet.config.in_channels
@@ -70,8 +77,9 @@ class DenoiserEngine:
 
         timesteps = scheduler.timesteps
         with self._lock:
+            models.set_torch_threads(self.num_threads)
             for index, t in enumerate(timesteps):
-                if job.cancelled.is_set():
+                if cancelled is not None and cancelled.is_set():
                     raise JobCancelled()
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
@@ -96,10 +104,11 @@ def build_deployment():
             self.engine = DenoiserEngine(Path(model_path), num_threads)
 
         async def denoise(self, job: DenoiseJob) -> torch.Tensor:
+            cancelled = threading.Event()
             try:
-                return await asyncio.to_thread(self.engine.denoise, job)
+                return await asyncio.to_thread(self.engine.denoise, job, None, cancelled)
             except asyncio.CancelledError:
-                job.cancelled.set()  # the worker thread stops at the next step boundary
+                cancelled.set()  # client gone: the worker thread stops at the next step boundary
                 raise
 
     return Denoiser

@@ -76,11 +76,14 @@ def model_id(path: Path) -> str:
 
 
 def set_torch_threads(num_threads: int | None) -> None:
-    """Replicas with a fractional CPU get OMP_NUM_THREADS=1; set the count explicitly."""
+    """Ray gives a replica with a fractional CPU OMP_NUM_THREADS=1, which would run the
+    model on one core; set the count explicitly (default: every core of the node).
+
+    OpenMP keeps the count per OS thread: call this in the thread that runs the model
+    (engines do, under their lock), not only in the constructor."""
     import torch
 
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
+    torch.set_num_threads(int(num_threads or os.cpu_count() or 1))
 
 
 def load_tokenizer(path: Path):

@@ -15,7 +15,7 @@ from deployments import models
 
 class TextEncoderEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None):
-        models.set_torch_threads(num_threads)
+        self.num_threads = num_threads
         model_path = Path(model_path)
         self.tokenizer = models.load_tokenizer(model_path)
         self.model = models.load_text_encoder(model_path)
@@ -39,6 +39,7 @@ class TextEncoderEngine:
             raise ValueError("encode() needs at least one text")
         ids = self.token_ids(list(texts))
         with self._lock:
+            models.set_torch_threads(self.num_threads)
             return self.model(ids)[0]
 
 

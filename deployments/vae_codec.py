@@ -28,7 +28,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 class VaeCodecEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None):
-        models.set_torch_threads(num_threads)
+        self.num_threads = num_threads
         self.vae = models.load_vae(Path(model_path))
         self.scaling_factor = self.vae.config.scaling_factor
         self._lock = threading.Lock()
@@ -36,6 +36,7 @@ class VaeCodecEngine:
     @torch.inference_mode()
     def decode_pixels(self, latents: torch.Tensor) -> np.ndarray:
         with self._lock:
+            models.set_torch_threads(self.num_threads)
             decoded = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
         return to_uint8(decoded)
 

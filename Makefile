@@ -1,0 +1,35 @@
+# `make serve` and `make test` set everything up on a fresh machine (Python 3.11).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install model serve test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	# The real CLIP BPE vocabulary ships in this wheel; --no-deps keeps torchvision out.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps clip-anytorch==2.6.0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+model: install
+	$(VENV)/bin/fusionserve build-model tiny
+
+serve: model
+	$(VENV)/bin/fusionserve serve
+
+test: model
+	$(PY) -m pytest
+
+test-fast: model
+	$(PY) -m pytest -m "not slow"
+
+bench: model
+	$(PY) benchmarks/serving_overhead.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,204 @@
+"""HTTP routes and schemas: the OpenAI-compatible Images API.
+
+The FastAPI app is module-level. Ray Serve ships a copy of it to the ingress replica,
+so the pipeline is not kept on `app.state` (that would be the copy's) but installed
+with `install()` into this module, which the replica process imports by reference.
+Every error leaves as `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import __version__
+from serve_app.config import AppSettings, parse_size
+from serve_app.request import ImageRequest
+
+MAX_SEED = 2**63 - 1
+
+
+class ApiError(Exception):
+    """A request we refuse, with the parameter to fix."""
+
+    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None,
+                 error_type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status_code = status_code
+        self.code = code
+        self.error_type = error_type
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.message, self.param, self.code, self.error_type)
+
+
+def error_response(status_code: int, message: str, param: str | None = None, code: str | None = None,
+                   error_type: str = "invalid_request_error") -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status_code)
+
+
+class ImageGenerationBody(BaseModel):
+    """`POST /v1/images/generations`. Strict types: `"n": "2"` is an error, not a 2."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="What to draw. Whitespace is normalised; at most `limits.max_prompt_chars`.")
+    n: int = Field(1, ge=1, description="Number of images (1 to `limits.max_images`, 4 by default).")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT', sides multiples of 8 within the limits.")
+    response_format: Literal["b64_json"] = "b64_json"
+    model: str | None = Field(None, description="Accepted for OpenAI compatibility; the served model is fixed.")
+    user: str | None = None
+    # Extensions beyond the OpenAI schema.
+    negative_prompt: str = ""
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - 16, description="Same seed -> same image. Image i uses seed+i.")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (1 to `limits.max_steps`).")
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
+
+
+def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageRequest:
+    """Checks that depend on the configured limits, then the one internal request type."""
+    limits = settings.limits
+    prompt = body.prompt.strip()
+    if not prompt:
+        raise ApiError("prompt must not be empty or whitespace only", "prompt", code="empty_prompt")
+    if len(body.prompt) > limits.max_prompt_chars:
+        raise ApiError(
+            f"prompt is {len(body.prompt)} characters; the maximum is {limits.max_prompt_chars}",
+            "prompt", code="prompt_too_long",
+        )
+    if len(body.negative_prompt) > limits.max_prompt_chars:
+        raise ApiError(f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt")
+    if body.n > limits.max_images:
+        raise ApiError(f"n must be between 1 and {limits.max_images}, got {body.n}", "n")
+    width, height = _checked_size(body.size or settings.default_size, settings)
+    if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
+        raise ApiError(f"num_inference_steps must be between 1 and {limits.max_steps}", "num_inference_steps")
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt=body.negative_prompt,
+        width=width,
+        height=height,
+        n=body.n,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        guidance_scale=body.guidance_scale if body.guidance_scale is not None else settings.default_guidance_scale,
+        num_inference_steps=body.num_inference_steps,
+    )
+
+
+def _checked_size(size: str, settings: AppSettings) -> tuple[int, int]:
+    limits = settings.limits
+    try:
+        width, height = parse_size(size)
+    except ValueError as exc:
+        raise ApiError(str(exc), "size", code="invalid_size") from None
+    for side in (width, height):
+        if side % 8 or not limits.min_side <= side <= limits.max_side:
+            raise ApiError(
+                f"size {size!r}: width and height must be multiples of 8 between "
+                f"{limits.min_side} and {limits.max_side}",
+                "size", code="invalid_size",
+            )
+    return width, height
+
+
+@dataclass
+class ServingState:
+    pipeline: Any = None  # an ImagePipeline
+    settings: AppSettings = field(default_factory=AppSettings)
+    model_id: str = ""
+
+
+_serving = ServingState()
+
+
+def install(pipeline: Any, settings: AppSettings, model_id: str) -> None:
+    """Make this process's routes serve `pipeline` (called by the ingress constructor)."""
+    _serving.pipeline, _serving.settings, _serving.model_id = pipeline, settings, model_id
+
+
+app = FastAPI(
+    title="fusionserve",
+    version=__version__,
+    description="Portrait generation and face-fusion edits, OpenAI Images API compatible.",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return validation_error_response(exc.errors())
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(exc.status_code, str(exc.detail), error_type=error_type)
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, f"internal error: {type(exc).__name__}", error_type="server_error")
+
+
+def validation_error_response(errors: list[dict]) -> JSONResponse:
+    """FastAPI/pydantic validation errors -> one 400 naming the first bad parameter."""
+    first = errors[0] if errors else {"type": "invalid", "loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+        return error_response(400, message, None, "invalid_json")
+    if kind in ("model_attributes_type", "dict_type", "model_type") and param is None:
+        return error_response(400, "the request body must be a JSON object", None, "invalid_body")
+    if kind == "missing":
+        return error_response(400, f"missing required parameter: {param!r}", param, "missing_required_parameter")
+    if kind == "extra_forbidden":
+        return error_response(400, f"unknown parameter: {param!r}", param, "unknown_parameter")
+    if kind == "literal_error" and param == "response_format":
+        return error_response(400, "response_format must be 'b64_json' (URLs are not served)", param, "invalid_value")
+    message = f"invalid value for {param!r}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid")
+    return error_response(400, message, param, "invalid_value")
+
+
+@app.get("/healthz")
+async def healthz() -> dict:
+    if _serving.pipeline is None:
+        raise ApiError("the pipeline is not ready", status_code=503, error_type="server_error")
+    return {"status": "ok", "model": _serving.model_id}
+
+
+@app.post("/v1/images/generations")
+async def create_image(body: ImageGenerationBody) -> dict:
+    image_request = to_image_request(body, _serving.settings)
+    result = await _serving.pipeline.generate(image_request)
+    return {
+        "created": int(time.time()),
+        "data": [
+            {
+                "b64_json": base64.b64encode(png).decode("ascii"),
+                "revised_prompt": result.prompt.prompt,
+                "seed": seed,
+            }
+            for png, seed in zip(result.images_png, result.seeds)
+        ],
+        "output_format": "png",
+        "size": f"{image_request.width}x{image_request.height}",
+        "usage": result.usage,
+    }

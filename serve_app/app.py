@@ -1,0 +1,60 @@
+"""The Ray Serve application: four stage deployments behind one FastAPI ingress.
+
+`serve run serve_config.yaml` imports `serve_app.app:build_app` and calls it with the
+config's `args`; `fusionserve serve` reads the same file and calls `build_application`.
+"""
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments import denoiser, models, prompt_optimizer, text_encoder, vae_codec
+from serve_app import api
+from serve_app.config import AppSettings
+from serve_app.pipeline import ImagePipeline
+from serve_app.steps import StepController
+
+STAGE_NAMES = ("PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+@serve.ingress(api.app)
+class Ingress:
+    """Validates HTTP requests and drives them through the stages (one handle hop each)."""
+
+    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, settings: dict, model_id: str):
+        settings = AppSettings.model_validate(settings)
+        pipeline = ImagePipeline(
+            prompt_optimizer, text_encoder, denoiser, vae_codec, StepController(settings.steps.default_steps)
+        )
+        api.install(pipeline, settings, model_id)
+
+
+def build_application(settings: AppSettings, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """Bind the DAG. `deployment_options` (by deployment name) are applied on top of the
+    code defaults, as `serve run` applies a config file's `deployments:` entries."""
+    options = deployment_options or {}
+    unknown = set(options) - set(STAGE_NAMES) - {"Ingress"}
+    if unknown:
+        raise ValueError(f"unknown deployments in config: {sorted(unknown)}; known: {['Ingress', *STAGE_NAMES]}")
+    model_path = models.resolve_model(settings.model)  # builds the embedded model once, here
+    path = str(model_path)
+
+    def configured(deployment, name):
+        return deployment.options(**options[name]) if name in options else deployment
+
+    threads = settings.num_threads
+    return configured(Ingress, "Ingress").bind(
+        configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path),
+        configured(text_encoder.build_deployment(), "TextEncoder").bind(path, threads),
+        configured(denoiser.build_deployment(), "Denoiser").bind(path, threads),
+        configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads),
+        settings.model_dump(),
+        models.model_id(model_path),
+    )
+
+
+def build_app(args: AppSettings) -> Application:
+    """Application builder for `serve run` / `serve deploy` (Ray validates `args` into AppSettings)."""
+    return build_application(args)

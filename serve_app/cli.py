@@ -1,0 +1,191 @@
+"""The `fusionserve` command: serve, generate in-process, build model presets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = "serve_config.yaml"
+
+
+def load_serve_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"config file {path} not found (pass --config PATH)")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not config.get("applications"):
+        raise SystemExit(f"{path} has no `applications:` entry")
+    return config
+
+
+def split_app_config(config: dict, model: str | None = None):
+    """serve_config.yaml -> (AppSettings, deployment options by name, application entry)."""
+    from serve_app.config import AppSettings
+
+    application = config["applications"][0]
+    args = dict(application.get("args") or {})
+    if model:
+        args["model"] = model
+    deployment_options = {}
+    for entry in application.get("deployments") or []:
+        entry = dict(entry)
+        deployment_options[entry.pop("name")] = entry
+    return AppSettings.model_validate(args), deployment_options, application
+
+
+def cmd_serve(options: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_application
+
+    config = load_serve_config(options.config)
+    settings, deployment_options, application = split_app_config(config, options.model)
+    http_options = dict(config.get("http_options") or {})
+    if options.host:
+        http_options["host"] = options.host
+    if options.port:
+        http_options["port"] = options.port
+
+    print(f"fusionserve: model {settings.model!r}, config {options.config}", flush=True)
+    context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
+    serve.start(http_options=http_options, proxy_location=config.get("proxy_location", "HeadOnly"))
+    serve.run(
+        build_application(settings, deployment_options),
+        name=application.get("name", "fusionserve"),
+        route_prefix=application.get("route_prefix", "/"),
+    )
+    host, port = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
+    dashboard = context.dashboard_url or ""
+    if dashboard and not dashboard.startswith("http"):
+        dashboard = f"http://{dashboard}"
+    print(f"\nAPI:        http://{host}:{port}   (OpenAPI docs at http://{host}:{port}/docs)", flush=True)
+    print(f"Dashboard:  {dashboard or 'not running'}", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+
+    stop = False
+
+    def request_stop(*_):
+        nonlocal stop
+        stop = True
+
+    # Explicit handlers: a shell may start us with SIGINT ignored, and Ctrl-C must work.
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while not stop:
+        time.sleep(0.2)
+    print("\nstopping: shutting down Serve and Ray...", flush=True)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    print("stopped.", flush=True)
+    return 0
+
+
+def cmd_generate(options: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from deployments import models
+    from serve_app.api import ApiError, ImageGenerationBody, to_image_request
+    from serve_app.config import AppSettings
+    from serve_app.pipeline import local_pipeline
+
+    settings = AppSettings(model=options.model)
+    try:
+        body = ImageGenerationBody(
+            prompt=options.prompt,
+            n=options.n,
+            size=options.size,
+            negative_prompt=options.negative_prompt,
+            seed=options.seed,
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance_scale,
+        )
+        request = to_image_request(body, settings)
+    except ApiError as exc:
+        print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # pydantic's ValidationError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    model_path = models.resolve_model(settings.model)
+    bar = tqdm(desc="denoising", unit="step")
+
+    def on_step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step)
+    result = asyncio.run(pipeline.generate(request))
+    bar.close()
+
+    output = Path(options.output)
+    paths = [output] if len(result.images_png) == 1 else [
+        output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(result.images_png))
+    ]
+    for path, png in zip(paths, result.images_png):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        print(f"wrote {path}")
+    print(f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), "
+          f"seed {request.seed}, {result.steps.steps} steps")
+    return 0
+
+
+def cmd_build_model(options: argparse.Namespace) -> int:
+    from deployments import model_builder, models
+
+    target = Path(options.output) if options.output else models.preset_model_dir(options.preset)
+    if options.output or options.force or not (target / "model_index.json").is_file():
+        model_builder.build_model(options.preset, target)
+    print(target)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start Ray and the Serve application")
+    serve.add_argument("--model", help="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help="Ray Serve config file (default: %(default)s)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(run=cmd_serve)
+
+    generate = commands.add_parser("generate", help="generate an image in-process (no Ray)")
+    generate.add_argument("prompt")
+    generate.add_argument("-o", "--output", default="out.png")
+    generate.add_argument("--model", default="tiny")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--size", default="512x512")
+    generate.add_argument("-n", type=int, default=1)
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
+    generate.add_argument("--guidance-scale", type=float)
+    generate.add_argument("--negative-prompt", default="")
+    generate.set_defaults(run=cmd_generate)
+
+    build = commands.add_parser("build-model", help="build a model preset (tiny, sd15) and print its folder")
+    build.add_argument("preset", nargs="?", default="tiny")
+    build.add_argument("-o", "--output", help="folder to write (default: the model cache)")
+    build.add_argument("--force", action="store_true", help="rebuild even if present")
+    build.set_defaults(run=cmd_build_model)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parser().parse_args(argv)
+    return options.run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
