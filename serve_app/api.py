@@ -167,6 +167,8 @@ def validation_error_response(errors: list[dict]) -> JSONResponse:
         return error_response(400, message, None, "invalid_json")
     if kind in ("model_attributes_type", "dict_type", "model_type") and param is None:
         return error_response(400, "the request body must be a JSON object", None, "invalid_body")
+    if kind == "missing" and param is None:
+        return error_response(400, "the request body is empty: send a JSON object", None, "invalid_body")
     if kind == "missing":
         return error_response(400, f"missing required parameter: {param!r}", param, "missing_required_parameter")
     if kind == "extra_forbidden":

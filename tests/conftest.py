@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded tiny model (built once) and an in-process pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    from deployments.models import resolve_model
+
+    return resolve_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def local_pipe(tiny_model_path):
+    from serve_app.pipeline import local_pipeline
+
+    return local_pipeline(tiny_model_path)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+
+def max_pixel_diff(a, b) -> int:
+    a = a if isinstance(a, np.ndarray) else png_pixels(a)
+    b = b if isinstance(b, np.ndarray) else png_pixels(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())

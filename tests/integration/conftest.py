@@ -1,0 +1,49 @@
+"""One real Ray + Serve instance per test session, serving the app from serve_config.yaml
+on the embedded model, reached over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+PORT = int(os.environ.get("FUSIONSERVE_TEST_PORT", "8123"))
+
+
+@pytest.fixture(scope="session")
+def serve_settings(tiny_model_path):
+    from serve_app.cli import load_serve_config, split_app_config
+
+    settings, deployment_options, _ = split_app_config(load_serve_config("serve_config.yaml"), model="tiny")
+    return settings, deployment_options
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_settings):
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_application
+
+    settings, deployment_options = serve_settings
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT}, proxy_location="HeadOnly")
+        serve.run(build_application(settings, deployment_options), name="fusionserve", route_prefix="/")
+        url = f"http://127.0.0.1:{PORT}"
+        deadline = time.time() + 60
+        while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
+            assert time.time() < deadline, "the application did not become healthy"
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client

@@ -1,0 +1,83 @@
+"""The success path over real HTTP: OpenAI shape, determinism, n>1, parity with in-process."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+
+from serve_app.request import ImageRequest
+from tests.conftest import max_pixel_diff, png_pixels, run
+
+CURL_BODY = {"prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
+             "size": "256x256", "seed": 7}
+
+
+def generate(http, **body):
+    response = http.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def png_of(item) -> bytes:
+    return base64.b64decode(item["b64_json"])
+
+
+def test_healthz_and_docs(http):
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert http.get("/docs").status_code == 200
+    assert "/v1/images/generations" in http.get("/openapi.json").json()["paths"]
+
+
+def test_readme_curl_request(http, tiny_model_path):
+    body = generate(http, **CURL_BODY)
+    assert isinstance(body["created"], int)
+    assert len(body["data"]) == 1
+    png = png_of(body["data"][0])
+    assert png_pixels(png).shape == (256, 256, 3)
+    from deployments import models
+
+    tokenizer = models.load_tokenizer(tiny_model_path)
+    expected_tokens = len(tokenizer(CURL_BODY["prompt"], add_special_tokens=False).input_ids)
+    assert body["usage"]["input_tokens"] == expected_tokens
+    assert body["usage"]["total_tokens"] == expected_tokens
+    assert body["usage"]["num_inference_steps"] == 20
+
+
+def test_same_seed_gives_byte_identical_png(http):
+    body = {**CURL_BODY, "size": "64x64"}
+    assert png_of(generate(http, **body)["data"][0]) == png_of(generate(http, **body)["data"][0])
+
+
+def test_served_image_equals_in_process_image(http, local_pipe):
+    body = {"prompt": "a smiling woman, wearing glasses", "size": "96x64", "seed": 3, "num_inference_steps": 8,
+            "negative_prompt": "blurry", "guidance_scale": 6.0}
+    served = png_of(generate(http, **body)["data"][0])
+    request = ImageRequest(prompt=body["prompt"], negative_prompt="blurry", width=96, height=64, n=1, seed=3,
+                           guidance_scale=6.0, num_inference_steps=8)
+    assert served == run(local_pipe.generate(request)).images_png[0]
+
+
+def test_n_images_are_distinct_and_reproducible(http):
+    body = generate(http, prompt="portrait", size="64x64", seed=100, n=3, num_inference_steps=6)
+    pngs = [png_of(item) for item in body["data"]]
+    assert [item["seed"] for item in body["data"]] == [100, 101, 102]
+    assert len(set(pngs)) == 3
+    single = png_of(generate(http, prompt="portrait", size="64x64", seed=101, num_inference_steps=6)["data"][0])
+    assert max_pixel_diff(pngs[1], single) <= 1
+
+
+def test_default_size_comes_from_the_config(http, serve_settings):
+    settings, _ = serve_settings
+    body = generate(http, prompt="portrait", seed=1, num_inference_steps=2)
+    width, height = (int(side) for side in settings.default_size.split("x"))
+    assert png_pixels(png_of(body["data"][0])).shape == (height, width, 3)
+    assert body["size"] == settings.default_size
+
+
+def test_concurrent_requests_each_get_their_own_image(http):
+    bodies = [{"prompt": f"portrait number {i}", "size": "64x64", "seed": i, "num_inference_steps": 5}
+              for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: png_of(generate(http, **b)["data"][0]), bodies))
+    alone = [png_of(generate(http, **b)["data"][0]) for b in bodies]
+    assert together == alone
