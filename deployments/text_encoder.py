@@ -48,7 +48,7 @@ def build_deployment():
 
     from ray import serve
 
-    @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.5})
+    @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.2})
     class TextEncoder:
         def __init__(self, model_path: str, num_threads: int | None = None):
             self.engine = TextEncoderEngine(Path(model_path), num_threads)

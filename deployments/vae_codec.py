@@ -49,7 +49,7 @@ def build_deployment():
 
     from ray import serve
 
-    @serve.deployment(name="VaeCodec", ray_actor_options={"num_cpus": 0.3})
+    @serve.deployment(name="VaeCodec", ray_actor_options={"num_cpus": 0.2})
     class VaeCodec:
         def __init__(self, model_path: str, num_threads: int | None = None):
             self.engine = VaeCodecEngine(Path(model_path), num_threads)

@@ -1,0 +1,96 @@
+"""The `fusionserve` command in-process, and serve_config.yaml as Ray reads it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from serve_app import cli
+from serve_app.config import AppSettings
+from serve_app.request import ImageRequest
+from tests.conftest import max_pixel_diff, png_pixels, run
+
+
+def test_generate_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
+    out = tmp_path / "out.png"
+    status = cli.main(["generate", "portrait of a smiling man", "-o", str(out), "--seed", "7", "--size", "64x64",
+                       "--steps", "6"])
+    assert status == 0
+    request = ImageRequest(prompt="portrait of a smiling man", negative_prompt="", width=64, height=64, n=1, seed=7,
+                           guidance_scale=7.5, num_inference_steps=6)
+    assert out.read_bytes() == run(local_pipe.generate(request)).images_png[0]
+    captured = capsys.readouterr()
+    assert "denoising" in captured.err  # the tqdm progress bar
+    assert "6/6" in captured.err
+
+
+def test_generate_n_writes_numbered_files(tmp_path):
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "portrait", "-o", str(out), "--seed", "1", "--size", "64x64", "--steps", "2",
+                     "-n", "2"]) == 0
+    first, second = tmp_path / "img-0.png", tmp_path / "img-1.png"
+    assert png_pixels(first.read_bytes()).shape == (64, 64, 3)
+    assert max_pixel_diff(first.read_bytes(), second.read_bytes()) > 0
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["generate", "   ", "--size", "64x64"], "prompt"),
+    (["generate", "portrait", "--size", "65x64"], "multiples of 8"),
+    (["generate", "portrait", "--steps", "0"], "num_inference_steps"),
+])
+def test_generate_rejects_bad_input(argv, fragment, capsys, tmp_path):
+    assert cli.main([*argv, "-o", str(tmp_path / "x.png")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_build_model_prints_the_cached_folder(tiny_model_path, capsys):
+    assert cli.main(["build-model", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_model_path)
+
+
+def test_serve_config_is_a_valid_ray_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(open("serve_config.yaml"))
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "serve_app.app:build_app"
+    names = {d["name"] for d in config["applications"][0]["deployments"]}
+    assert names == {"Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec"}
+    for deployment in config["applications"][0]["deployments"]:
+        assert "ray_actor_options" in deployment and "max_ongoing_requests" in deployment
+        if deployment["name"] != "Ingress":
+            assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(deployment["autoscaling_config"])
+    total_cpus = sum(d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"]
+                     if "autoscaling_config" in d else d["ray_actor_options"]["num_cpus"]
+                     for d in config["applications"][0]["deployments"])
+    assert total_cpus <= 2  # the laptop profile must schedule on 2 cores
+
+
+def test_build_app_works_as_rays_application_builder(tiny_model_path):
+    """`serve run serve_config.yaml` calls build_app(args) through this Ray helper."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from serve_app.app import build_app
+
+    config = yaml.safe_load(open("serve_config.yaml"))
+    app = call_user_app_builder_with_args_if_necessary(build_app, config["applications"][0]["args"])
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match="max_images"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"limits": {"max_images": 0}})
+
+
+def test_split_app_config_applies_the_model_override():
+    settings, options, application = cli.split_app_config(cli.load_serve_config("serve_config.yaml"), model="sd15")
+    assert isinstance(settings, AppSettings) and settings.model == "sd15"
+    assert options["Denoiser"]["ray_actor_options"]["num_cpus"] > 0
+    assert application["name"] == "fusionserve"
+
+
+def test_unknown_deployment_in_config_is_refused(tiny_model_path):
+    from serve_app.app import build_application
+
+    with pytest.raises(ValueError, match="unknown deployments"):
+        build_application(AppSettings(), {"Denoyser": {"num_replicas": 2}})
