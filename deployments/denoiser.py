@@ -98,15 +98,18 @@ def build_deployment():
 
     from ray import serve
 
+    from deployments.serial_executor import SerialExecutor
+
     @serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1})
     class Denoiser:
         def __init__(self, model_path: str, num_threads: int | None = None):
             self.engine = DenoiserEngine(Path(model_path), num_threads)
+            self.executor = SerialExecutor("denoiser")
 
         async def denoise(self, job: DenoiseJob) -> torch.Tensor:
             cancelled = threading.Event()
             try:
-                return await asyncio.to_thread(self.engine.denoise, job, None, cancelled)
+                return await self.executor.run(self.engine.denoise, job, None, cancelled)
             except asyncio.CancelledError:
                 cancelled.set()  # client gone: the worker thread stops at the next step boundary
                 raise

@@ -44,16 +44,17 @@ class TextEncoderEngine:
 
 
 def build_deployment():
-    import asyncio
-
     from ray import serve
+
+    from deployments.serial_executor import SerialExecutor
 
     @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.2})
     class TextEncoder:
         def __init__(self, model_path: str, num_threads: int | None = None):
             self.engine = TextEncoderEngine(Path(model_path), num_threads)
+            self.executor = SerialExecutor("text-encoder")
 
         async def encode(self, texts: list[str]) -> torch.Tensor:
-            return await asyncio.to_thread(self.engine.encode, texts)
+            return await self.executor.run(self.engine.encode, texts)
 
     return TextEncoder

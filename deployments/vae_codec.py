@@ -45,16 +45,17 @@ class VaeCodecEngine:
 
 
 def build_deployment():
-    import asyncio
-
     from ray import serve
+
+    from deployments.serial_executor import SerialExecutor
 
     @serve.deployment(name="VaeCodec", ray_actor_options={"num_cpus": 0.2})
     class VaeCodec:
         def __init__(self, model_path: str, num_threads: int | None = None):
             self.engine = VaeCodecEngine(Path(model_path), num_threads)
+            self.executor = SerialExecutor("vae-codec")
 
         async def decode_png(self, latents: torch.Tensor) -> list[bytes]:
-            return await asyncio.to_thread(self.engine.decode_png, latents)
+            return await self.executor.run(self.engine.decode_png, latents)
 
     return VaeCodec

@@ -68,6 +68,10 @@ def cmd_serve(options: argparse.Namespace) -> int:
         dashboard = f"http://{dashboard}"
     print(f"\nAPI:        http://{host}:{port}   (OpenAPI docs at http://{host}:{port}/docs)", flush=True)
     print(f"Dashboard:  {dashboard or 'not running'}", flush=True)
+    token_file = Path.home() / ".ray" / "auth_token"
+    if dashboard and token_file.is_file():
+        print(f"            (Ray token auth is on: sign in with the token in {token_file}, "
+              "also printed by `ray get-auth-token`)", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
 
     stop = False

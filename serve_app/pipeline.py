@@ -7,43 +7,38 @@ a Ray Serve `DeploymentHandle` when served, a `LocalHandle` around the engine in
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from deployments.denoiser import DenoiseJob
 from deployments.prompt_optimizer import OptimizedPrompt
+from deployments.serial_executor import SerialExecutor
 from serve_app.request import ImageRequest
 from serve_app.steps import StepController, StepDecision
 
 
 class _LocalMethod:
-    def __init__(self, function: Callable, lock: threading.Lock, extra_kwargs: dict):
+    def __init__(self, function: Callable, executor: SerialExecutor, extra_kwargs: dict):
         self._function = function
-        self._lock = lock
+        self._executor = executor
         self._extra_kwargs = extra_kwargs
 
     def remote(self, *args, **kwargs):
-        def call():
-            with self._lock:
-                return self._function(*args, **kwargs, **self._extra_kwargs)
-
-        return asyncio.to_thread(call)
+        return self._executor.run(self._function, *args, **kwargs, **self._extra_kwargs)
 
 
 class LocalHandle:
-    """DeploymentHandle look-alike over an in-process engine: one call at a time, as one
-    replica serves them, run in a worker thread so the event loop stays free."""
+    """DeploymentHandle look-alike over an in-process engine: calls run one at a time in
+    arrival order on the engine's own thread, as one replica serves them."""
 
     def __init__(self, engine: Any, extra_kwargs: dict[str, dict] | None = None):
         self._engine = engine
-        self._lock = threading.Lock()
+        self._executor = SerialExecutor(type(engine).__name__)
         self._extra_kwargs = extra_kwargs or {}
 
     def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._engine, name), self._lock, self._extra_kwargs.get(name, {}))
+        return _LocalMethod(getattr(self._engine, name), self._executor, self._extra_kwargs.get(name, {}))
 
 
 @dataclass
