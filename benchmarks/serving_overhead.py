@@ -314,6 +314,9 @@ def check_port_free(port: int) -> None:
 
 
 def start_ray(num_cpus: int, port: int, serve_config: dict) -> None:
+    from serve_app.config import apply_ray_environment
+
+    apply_ray_environment()  # the environment `fusionserve serve` runs Ray with
     import ray
     from ray import serve
 

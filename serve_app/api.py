@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -186,10 +186,16 @@ async def healthz() -> dict:
     return {"status": "ok", "model": _serving.model_id}
 
 
+def server_timing(stage_ms: dict[str, float]) -> str:
+    """W3C Server-Timing header: browsers' dev tools and curl -v show where time went."""
+    return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in stage_ms.items())
+
+
 @app.post("/v1/images/generations")
-async def create_image(body: ImageGenerationBody) -> dict:
+async def create_image(body: ImageGenerationBody, response: Response) -> dict:
     image_request = to_image_request(body, _serving.settings)
     result = await _serving.pipeline.generate(image_request)
+    response.headers["Server-Timing"] = server_timing(result.stage_ms)
     return {
         "created": int(time.time()),
         "data": [

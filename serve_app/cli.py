@@ -41,6 +41,9 @@ def split_app_config(config: dict, model: str | None = None):
 
 
 def cmd_serve(options: argparse.Namespace) -> int:
+    from serve_app.config import apply_ray_environment
+
+    apply_ray_environment()
     import ray
     from ray import serve
 
@@ -72,6 +75,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
     if dashboard and token_file.is_file():
         print(f"            (Ray token auth is on: sign in with the token in {token_file}, "
               "also printed by `ray get-auth-token`)", flush=True)
+    print("Logs:       /tmp/ray/session_latest/logs/serve/", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
 
     stop = False

@@ -7,6 +7,8 @@ a Ray Serve `DeploymentHandle` when served, a `LocalHandle` around the engine in
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +50,14 @@ class GenerationResult:
     prompt: OptimizedPrompt
     steps: StepDecision
     usage: dict = field(default_factory=dict)
+    stage_ms: dict[str, float] = field(default_factory=dict)  # wall time per stage call, hop included
+
+
+@contextmanager
+def _timed(stage_ms: dict[str, float], stage: str):
+    start = time.perf_counter()
+    yield
+    stage_ms[stage] = (time.perf_counter() - start) * 1000.0
 
 
 def usage_of(prompt: OptimizedPrompt, steps: StepDecision) -> dict:
@@ -73,11 +83,14 @@ class ImagePipeline:
         self.step_controller = step_controller
 
     async def generate(self, request: ImageRequest) -> GenerationResult:
-        prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
-            request.prompt, request.negative_prompt, request.cache_namespace
-        )
+        stage_ms: dict[str, float] = {}
+        with _timed(stage_ms, "optimize"):
+            prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
+                request.prompt, request.negative_prompt, request.cache_namespace
+            )
         # One encoder call for both texts: [0] conditional, [1] unconditional / negative.
-        embeddings = await self.text_encoder.encode.remote([prompt.prompt, prompt.negative_prompt])
+        with _timed(stage_ms, "encode"):
+            embeddings = await self.text_encoder.encode.remote([prompt.prompt, prompt.negative_prompt])
         steps = self.step_controller.choose(request)
         job = DenoiseJob(
             prompt_embeds=embeddings[0:1],
@@ -88,9 +101,11 @@ class ImagePipeline:
             num_inference_steps=steps.steps,
             guidance_scale=request.guidance_scale,
         )
-        latents = await self.denoiser.denoise.remote(job)
-        images = await self.vae_codec.decode_png.remote(latents)
-        return GenerationResult(images, request.seeds, prompt, steps, usage_of(prompt, steps))
+        with _timed(stage_ms, "denoise"):
+            latents = await self.denoiser.denoise.remote(job)
+        with _timed(stage_ms, "decode"):
+            images = await self.vae_codec.decode_png.remote(latents)
+        return GenerationResult(images, request.seeds, prompt, steps, usage_of(prompt, steps), stage_ms)
 
 
 def local_pipeline(

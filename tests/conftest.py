@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.config import apply_ray_environment
+
+# Ray Serve reads its environment when first imported; unit tests import it too.
+apply_ray_environment()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path():

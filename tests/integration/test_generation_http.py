@@ -43,6 +43,13 @@ def test_readme_curl_request(http, tiny_model_path):
     assert body["usage"]["num_inference_steps"] == 20
 
 
+def test_server_timing_header_names_every_stage(http):
+    response = http.post("/v1/images/generations", json={**CURL_BODY, "size": "64x64"})
+    timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert list(timing) == ["optimize", "encode", "denoise", "decode"]
+    assert all(float(ms) >= 0 for ms in timing.values())
+
+
 def test_same_seed_gives_byte_identical_png(http):
     body = {**CURL_BODY, "size": "64x64"}
     assert png_of(generate(http, **body)["data"][0]) == png_of(generate(http, **body)["data"][0])
