@@ -28,8 +28,13 @@ test: model
 test-fast: model
 	$(PY) -m pytest -m "not slow"
 
+# Full run (~6 min on 2 cores): the 256x256 table, then the 64x64 / 1-step overhead probe;
+# both rewrite their README tables. `$(PY) benchmarks/serving_overhead.py --quick` is a <3 min check.
 bench: model
-	$(PY) benchmarks/serving_overhead.py --quick
+	$(PY) benchmarks/serving_overhead.py --update-readme README.md
+	$(PY) benchmarks/serving_overhead.py --size 64 --steps 1 --concurrency 1 --requests-per-level 40 \
+	  --json benchmarks/results/serving_overhead_probe.json --update-readme README.md \
+	  --readme-section serving_overhead_probe
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -55,8 +55,7 @@ APP_NAME = "fusionserve"
 BASELINE_NAME = "baseline"
 BASELINE_PREFIX = "/baseline"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "serving_overhead.json"
-README_START = "<!-- serving_overhead:start -->"
-README_END = "<!-- serving_overhead:end -->"
+README_SECTION = "serving_overhead"  # README markers: <!-- NAME:start --> ... <!-- NAME:end -->
 PROMPTS = (
     "portrait photo of a smiling woman with curly red hair, soft window light",
     "close-up portrait of an elderly man with a grey beard, studio lighting",
@@ -644,19 +643,20 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines + [""] + [f"{line}  " for line in summary_lines(results)] + ["", f"<sub>{note}</sub>"])
 
 
-def update_readme(path: Path, markdown: str) -> bool:
-    """Replace the text between the serving_overhead markers; warn (and change nothing) without them."""
+def update_readme(path: Path, markdown: str, section: str = README_SECTION) -> bool:
+    """Replace the text between the section's markers; warn (and change nothing) without them."""
+    readme_start, readme_end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     if not path.is_file():
         print(f"warning: {path} not found; README not updated", file=sys.stderr)
         return False
     text = path.read_text()
-    start = text.find(README_START)
-    end = text.find(README_END, start + len(README_START)) if start >= 0 else -1
+    start = text.find(readme_start)
+    end = text.find(readme_end, start + len(readme_start)) if start >= 0 else -1
     if start < 0 or end < 0:
-        print(f"warning: {path} lacks the markers {README_START} ... {README_END}; README not updated",
+        print(f"warning: {path} lacks the markers {readme_start} ... {readme_end}; README not updated",
               file=sys.stderr)
         return False
-    path.write_text(f"{text[:start + len(README_START)]}\n{markdown.strip()}\n{text[end:]}")
+    path.write_text(f"{text[:start + len(readme_start)]}\n{markdown.strip()}\n{text[end:]}")
     print(f"updated {path}")
     return True
 
@@ -711,7 +711,7 @@ def report(results: dict, options: argparse.Namespace, json_path: Path) -> None:
         print()
         print(markdown_table(results))
     if options.update_readme:
-        update_readme(Path(options.update_readme), markdown_table(results))
+        update_readme(Path(options.update_readme), markdown_table(results), options.readme_section)
 
 
 # --------------------------------------------------------------------------- command line
@@ -753,6 +753,8 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--plot", help="PNG plot (default: the JSON path with .png)")
     root.add_argument("--markdown", action="store_true", help="also print the README table (markdown)")
     root.add_argument("--update-readme", metavar="README", help="rewrite the table between the markers in this file")
+    root.add_argument("--readme-section", default=README_SECTION,
+                      help="marker name in the README (default: %(default)s)")
     root.add_argument("--from-json", metavar="PATH", help="no run: redraw plot and table from this results file")
     return root
 

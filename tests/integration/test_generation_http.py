@@ -64,6 +64,21 @@ def test_served_image_equals_in_process_image(http, local_pipe):
     assert served == run(local_pipe.generate(request)).images_png[0]
 
 
+def test_served_image_equals_diffusers_image(http, tiny_model_path):
+    """Parity through the whole served DAG with diffusers' StableDiffusionPipeline."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    body = {"prompt": "portrait of a man with a beard", "size": "64x64", "seed": 21, "num_inference_steps": 10}
+    served = png_of(generate(http, **body)["data"][0])
+    reference = StableDiffusionPipeline.from_pretrained(str(tiny_model_path))
+    reference.set_progress_bar_config(disable=True)
+    image = reference(body["prompt"], width=64, height=64, num_inference_steps=10, guidance_scale=7.5,
+                      generator=torch.Generator("cpu").manual_seed(21)).images[0]
+    assert max_pixel_diff(served, np.asarray(image)) <= 1
+
+
 def test_n_images_are_distinct_and_reproducible(http):
     body = generate(http, prompt="portrait", size="64x64", seed=100, n=3, num_inference_steps=6)
     pngs = [png_of(item) for item in body["data"]]
