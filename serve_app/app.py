@@ -44,12 +44,12 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
     def configured(deployment, name):
         return deployment.options(**options[name]) if name in options else deployment
 
-    threads = settings.num_threads
+    threads = settings.threads_for
     return configured(Ingress, "Ingress").bind(
         configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path),
-        configured(text_encoder.build_deployment(), "TextEncoder").bind(path, threads),
-        configured(denoiser.build_deployment(), "Denoiser").bind(path, threads),
-        configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads),
+        configured(text_encoder.build_deployment(), "TextEncoder").bind(path, threads("TextEncoder")),
+        configured(denoiser.build_deployment(), "Denoiser").bind(path, threads("Denoiser")),
+        configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),
         models.model_id(model_path),
     )

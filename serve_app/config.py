@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -32,10 +34,15 @@ class AppSettings(BaseModel):
 
     model: str = Field("tiny", description="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica; default: all cores")
+    stage_threads: dict[Literal["TextEncoder", "Denoiser", "VaeCodec"], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="per-stage torch threads, overriding num_threads")
     default_size: str = "512x512"
     default_guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     limits: Limits = Limits()
     steps: StepSettings = StepSettings()
+
+    def threads_for(self, stage: str) -> int | None:
+        return self.stage_threads.get(stage, self.num_threads)
 
     @field_validator("default_size")
     @classmethod

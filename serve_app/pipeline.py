@@ -113,8 +113,11 @@ def local_pipeline(
     num_threads: int | None = None,
     default_steps: int = 20,
     on_step: Callable[[int, int], None] | None = None,
+    stage_threads: dict[str, int] | None = None,
 ) -> ImagePipeline:
-    """All four engines in this process, no Ray."""
+    """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
+    per stage, as AppSettings.stage_threads does for the served replicas."""
+    stage_threads = stage_threads or {}
     from deployments.denoiser import DenoiserEngine
     from deployments.prompt_optimizer import PromptOptimizerEngine
     from deployments.text_encoder import TextEncoderEngine
@@ -123,8 +126,8 @@ def local_pipeline(
     denoise_kwargs = {"denoise": {"on_step": on_step}} if on_step else None
     return ImagePipeline(
         prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path)),
-        text_encoder=LocalHandle(TextEncoderEngine(model_path, num_threads)),
-        denoiser=LocalHandle(DenoiserEngine(model_path, num_threads), denoise_kwargs),
-        vae_codec=LocalHandle(VaeCodecEngine(model_path, num_threads)),
+        text_encoder=LocalHandle(TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads))),
+        denoiser=LocalHandle(DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads)), denoise_kwargs),
+        vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),
         step_controller=StepController(default_steps),
     )

@@ -94,3 +94,13 @@ def test_unknown_deployment_in_config_is_refused(tiny_model_path):
 
     with pytest.raises(ValueError, match="unknown deployments"):
         build_application(AppSettings(), {"Denoyser": {"num_replicas": 2}})
+
+
+def test_stage_threads_override_num_threads():
+    settings = AppSettings(num_threads=2, stage_threads={"VaeCodec": 1})
+    assert settings.threads_for("VaeCodec") == 1
+    assert settings.threads_for("Denoiser") == 2
+    with pytest.raises(ValueError, match="stage_threads"):
+        AppSettings(stage_threads={"Vae": 1})
+    with pytest.raises(ValueError, match="stage_threads"):
+        AppSettings(stage_threads={"VaeCodec": 0})
