@@ -9,6 +9,7 @@ Every error leaves as `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from serve_app.config import AppSettings, parse_size
 from serve_app.request import ImageRequest
 
 MAX_SEED = 2**63 - 1
+logger = logging.getLogger("ray.serve")
 
 
 class ApiError(Exception):
@@ -152,7 +154,9 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 @app.exception_handler(Exception)
-async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # The client gets the error's kind; the traceback goes to the ingress replica's log.
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(exc).__name__}", error_type="server_error")
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CONFIG = "serve_config.yaml"
+PROJECT_CONFIG = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
 
 
 def load_serve_config(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if str(path) == DEFAULT_CONFIG and not path.is_file() and PROJECT_CONFIG.is_file():
+        path = PROJECT_CONFIG  # run from another directory: the project's own config
     if not path.is_file():
         raise SystemExit(f"config file {path} not found (pass --config PATH)")
     config = yaml.safe_load(path.read_text()) or {}
