@@ -19,7 +19,6 @@ class TextEncoderEngine:
         model_path = Path(model_path)
         self.tokenizer = models.load_tokenizer(model_path)
         self.model = models.load_text_encoder(model_path)
-        self.hidden_size = self.model.config.hidden_size
         self._lock = threading.Lock()  # one forward at a time: torch already uses every thread
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:

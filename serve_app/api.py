@@ -81,7 +81,8 @@ def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageR
             "prompt", code="prompt_too_long",
         )
     if len(body.negative_prompt) > limits.max_prompt_chars:
-        raise ApiError(f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt")
+        raise ApiError(f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt",
+                       code="prompt_too_long")
     if body.n > limits.max_images:
         raise ApiError(f"n must be between 1 and {limits.max_images}, got {body.n}", "n")
     width, height = _checked_size(body.size or settings.default_size, settings)

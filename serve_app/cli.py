@@ -50,10 +50,16 @@ def cmd_serve(options: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from deployments import models
     from serve_app.app import build_application
 
     config = load_serve_config(options.config)
     settings, deployment_options, application = split_app_config(config, options.model)
+    try:
+        models.resolve_model(settings.model)  # fail (or build the preset) before Ray starts
+    except models.ModelNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     http_options = dict(config.get("http_options") or {})
     if options.host:
         http_options["host"] = options.host
@@ -61,7 +67,10 @@ def cmd_serve(options: argparse.Namespace) -> int:
         http_options["port"] = options.port
 
     print(f"fusionserve: model {settings.model!r}, config {options.config}", flush=True)
-    context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
+    if os.environ.get("RAY_ADDRESS"):  # an existing cluster (e.g. KubeRay): join it as it is
+        context = ray.init(logging_level="WARNING")
+    else:
+        context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
     serve.start(http_options=http_options, proxy_location=config.get("proxy_location", "HeadOnly"))
     serve.run(
         build_application(settings, deployment_options),
@@ -128,7 +137,11 @@ def cmd_generate(options: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    model_path = models.resolve_model(settings.model)
+    try:
+        model_path = models.resolve_model(settings.model)
+    except models.ModelNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     bar = tqdm(desc="denoising", unit="step")
 
     def on_step(done: int, total: int) -> None:

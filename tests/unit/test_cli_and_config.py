@@ -104,3 +104,11 @@ def test_stage_threads_override_num_threads():
         AppSettings(stage_threads={"Vae": 1})
     with pytest.raises(ValueError, match="stage_threads"):
         AppSettings(stage_threads={"VaeCodec": 0})
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_a_model_path_that_is_not_a_model_folder_is_a_clear_error(command, tmp_path, capsys):
+    argv = ["serve", "--model", str(tmp_path)] if command == "serve" else \
+        ["generate", "portrait", "--model", str(tmp_path), "-o", str(tmp_path / "x.png")]
+    assert cli.main(argv) == 2
+    assert "not a diffusers model folder" in capsys.readouterr().err
