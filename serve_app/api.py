@@ -191,6 +191,15 @@ async def healthz() -> dict:
     return {"status": "ok", "model": _serving.model_id}
 
 
+@app.get("/v1/models")
+async def list_models() -> dict:
+    """OpenAI `GET /v1/models`: the one model this server runs (`client.models.list()`)."""
+    if _serving.pipeline is None:
+        raise ApiError("the pipeline is not ready", status_code=503, error_type="server_error")
+    return {"object": "list", "data": [{"id": _serving.model_id, "object": "model", "created": 0,
+                                        "owned_by": "fusionserve"}]}
+
+
 def server_timing(stage_ms: dict[str, float]) -> str:
     """W3C Server-Timing header: browsers' dev tools and curl -v show where time went."""
     return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in stage_ms.items())

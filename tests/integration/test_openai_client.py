@@ -39,3 +39,9 @@ def test_bad_request_raises_with_param(client):
     assert caught.value.status_code == 400
     assert caught.value.body["param"] == "size"
     assert "multiples of 8" in caught.value.body["message"]
+
+
+def test_models_list_names_the_served_model(client, http):
+    models = client.models.list()
+    assert [model.id for model in models.data] == [http.get("/healthz").json()["model"]]
+    assert models.data[0].id.startswith("tiny-")
