@@ -1,18 +1,25 @@
-"""Stage 1 (CPU only): turn the user's prompt into what the text encoder will see.
+"""Stage 1 (CPU only): turn the user's instruction into a compact structured prompt.
 
-For now it normalises whitespace and counts tokens with the model's real CLIP
-tokenizer; the structured optimizer is a later issue and lands here.
+`Asian man, age:35, smiling expression, wearing glasses, soft lighting, photorealistic,
+sharp focus`: the namespace's template first (so prompts of one namespace share a token
+prefix the text encoder can cache), then identity, attributes in a fixed key order,
+anything not understood, style, and quality terms last (the first to go when the 77-token
+CLIP window is exceeded). Token counts use the model's own CLIP tokenizer.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployments import models
+from deployments.prompt_lexicon import Lexicon, load_lexicon
+from deployments.prompt_parser import parse_instruction
 
 CLIP_WINDOW = 77  # positions the CLIP text encoder sees, BOS and EOS included
+CONTENT_TOKENS = CLIP_WINDOW - 2
+DEFAULT_STYLE = "photorealistic"
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -20,34 +27,173 @@ _WHITESPACE = re.compile(r"\s+")
 class OptimizedPrompt:
     prompt: str
     negative_prompt: str
-    prompt_tokens: int  # CLIP tokens of the prompt, BOS/EOS excluded, before truncation
+    prompt_tokens: int  # CLIP tokens of `prompt`, BOS/EOS excluded, before truncation
     negative_prompt_tokens: int
     truncated_tokens: int  # prompt tokens that fall outside the 77-token window
     cache_namespace: str
+    original_tokens: int = 0  # CLIP tokens of the instruction as the user wrote it
+    prefix_tokens: int = 1  # leading positions (BOS included) identical for the whole namespace
+    attributes: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    optimized: bool = False
 
 
 def normalize_whitespace(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
+def _render_age(age) -> str:
+    text = str(age).strip()
+    return f"age:{text}" if text.isdigit() else text
+
+
+def optimize_prompt(
+    base_identity: str | None,
+    target_attributes: dict,
+    style_hint: str | None = DEFAULT_STYLE,
+    quality: list[str] | tuple[str, ...] = (),
+    extra: list[str] | tuple[str, ...] = (),
+    template: str = "",
+    lexicon: Lexicon | None = None,
+) -> str:
+    """Structured builder: fixed key order, no duplicates, whitespace normalised.
+
+    `target_attributes` keys: age (int or text), expression (omitted when neutral), glasses
+    (True or text), gender, hair, facial_hair, view (or pose), lighting, background,
+    accessories (text or list). `gender` is used only when `base_identity` lacks it.
+    """
+    lexicon = lexicon or load_lexicon()
+    attributes = dict(target_attributes)
+    if "pose" in attributes and "view" not in attributes:
+        attributes["view"] = attributes.pop("pose")
+    identity = normalize_whitespace(base_identity or "")
+    gender = attributes.pop("gender", None)
+    if gender and gender.lower() not in identity.lower().split():
+        identity = normalize_whitespace(f"{identity} {gender}")
+    terms = [normalize_whitespace(template)] if template else []
+    terms.append(identity)
+    for key in lexicon.key_order[1:]:
+        value = attributes.get(key)
+        if value is None or value is False or value == "":
+            continue
+        if key == "age":
+            terms.append(_render_age(value))
+        elif key == "expression":
+            text = str(value).strip()
+            if text.lower() not in ("neutral", "neutral expression"):
+                terms.append(text if text.lower().endswith("expression") else f"{text} expression")
+        elif key == "glasses":
+            terms.append("wearing glasses" if value is True else str(value))
+        elif key == "accessories":
+            terms.extend([value] if isinstance(value, str) else list(value))
+        else:
+            terms.append(str(value))
+    terms += list(extra)
+    if style_hint:
+        terms.append(style_hint)
+    terms += list(quality)
+    return _join_unique(terms)
+
+
+def _join_unique(terms: list[str]) -> str:
+    """Comma-join, dropping empty terms and any term already said (the template included)."""
+    seen: list[str] = []
+    for term in (normalize_whitespace(t) for t in terms):
+        if term and not any(term.lower() in earlier.lower() for earlier in seen):
+            seen.append(term)
+    return ", ".join(seen)
+
+
+def merge_negative_prompt(user_negative: str, defaults: tuple[str, ...]) -> str:
+    """The default negative terms first (stable, so the encoder's exact cache hits), then
+    the user's own, deduplicated case-insensitively."""
+    terms = [*defaults, *re.split(r"[,\n]", user_negative)]
+    unique = dict.fromkeys(normalize_whitespace(t) for t in terms)
+    kept, seen = [], set()
+    for term in unique:
+        if term and term.lower() not in seen:
+            seen.add(term.lower())
+            kept.append(term)
+    return ", ".join(kept)
+
+
 class PromptOptimizerEngine:
-    def __init__(self, model_path: Path):
+    def __init__(self, model_path: Path, templates: dict[str, str] | None = None,
+                 default_style: str = DEFAULT_STYLE, lexicon: Lexicon | None = None):
         self.tokenizer = models.load_tokenizer(Path(model_path))
+        self.templates = dict(templates or {})
+        self.default_style = default_style
+        self.lexicon = lexicon or load_lexicon()
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if not text:
+            return 0
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
-    def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default") -> OptimizedPrompt:
-        prompt = normalize_whitespace(prompt)
-        negative_prompt = normalize_whitespace(negative_prompt)
-        prompt_tokens = self.count_tokens(prompt)
+    def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default",
+                 enabled: bool = True) -> OptimizedPrompt:
+        original = normalize_whitespace(prompt)
+        original_tokens = self.count_tokens(original)
+        if not enabled:
+            negative = normalize_whitespace(negative_prompt)
+            return self._result(original, negative, original_tokens, cache_namespace, {}, [], False)
+        template = self.templates.get(cache_namespace, "")
+        parsed = parse_instruction(original, self.lexicon)
+        warnings = list(parsed.warnings)
+        if parsed.identity is None and not parsed.attributes and not parsed.extra:
+            # Nothing but filler words ("a portrait, please"): still a valid prompt, as written.
+            warnings.append("nothing to optimize: the prompt is all filler words; used as written")
+            negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default)
+            text = _join_unique([template, original]) if template else original
+            return self._result(text, negative, original_tokens, cache_namespace, {}, warnings, False, template)
+        attributes = {"identity": parsed.identity, **parsed.attributes} if parsed.identity else dict(parsed.attributes)
+        style = parsed.style or self.default_style
+        quality, extra = list(parsed.quality), list(parsed.extra)
+
+        def build(style_hint):
+            return optimize_prompt(parsed.identity, parsed.attributes, style_hint, quality, extra, template,
+                                   self.lexicon)
+
+        text = build(style)
+        # Never longer than what the user wrote (the namespace template aside): first drop a
+        # style the user did not ask for, then keep the user's own text.
+        template_tokens = self.count_tokens(template + ",") if template else 0
+        if self.count_tokens(text) - template_tokens > original_tokens and not parsed.style:
+            text = build(None)
+        if self.count_tokens(text) - template_tokens > original_tokens:
+            text = _join_unique([template, original]) if template else original
+        else:
+            # The 77-token window: drop the lowest-value terms first, never identity or attributes.
+            while self.count_tokens(text) > CONTENT_TOKENS and (quality or style or extra):
+                if quality:
+                    warnings.append(f"dropped quality term {quality.pop()!r} to fit CLIP's 77-token window")
+                elif style:
+                    warnings.append(f"dropped style {style!r} to fit CLIP's 77-token window")
+                    style = None
+                else:
+                    warnings.append(f"dropped {extra.pop()!r} to fit CLIP's 77-token window")
+                text = build(style)
+        negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default)
+        return self._result(text, negative, original_tokens, cache_namespace, attributes, warnings, True,
+                            template)
+
+    def _result(self, text, negative, original_tokens, namespace, attributes, warnings, optimized,
+                template: str = "") -> OptimizedPrompt:
+        tokens = self.count_tokens(text)
+        if tokens > CONTENT_TOKENS:
+            warnings = [*warnings, f"the prompt is {tokens} tokens; CLIP reads the first {CONTENT_TOKENS}"]
         return OptimizedPrompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_tokens=prompt_tokens,
-            negative_prompt_tokens=self.count_tokens(negative_prompt),
-            truncated_tokens=max(0, prompt_tokens - (CLIP_WINDOW - 2)),
-            cache_namespace=cache_namespace,
+            prompt=text,
+            negative_prompt=negative,
+            prompt_tokens=tokens,
+            negative_prompt_tokens=self.count_tokens(negative),
+            truncated_tokens=max(0, tokens - CONTENT_TOKENS),
+            cache_namespace=namespace,
+            original_tokens=original_tokens,
+            prefix_tokens=1 + (self.count_tokens(template + ",") if template and text.startswith(template) else 0),
+            attributes=attributes,
+            warnings=tuple(warnings),
+            optimized=optimized,
         )
 
 
@@ -56,10 +202,11 @@ def build_deployment():
 
     @serve.deployment(name="PromptOptimizer", ray_actor_options={"num_cpus": 0.1, "num_gpus": 0})
     class PromptOptimizer:
-        def __init__(self, model_path: str):
-            self.engine = PromptOptimizerEngine(Path(model_path))
+        def __init__(self, model_path: str, settings: dict | None = None):
+            self.engine = PromptOptimizerEngine(Path(model_path), **(settings or {}))
 
-        def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default") -> OptimizedPrompt:
-            return self.engine.optimize(prompt, negative_prompt, cache_namespace)
+        def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default",
+                     enabled: bool = True) -> OptimizedPrompt:
+            return self.engine.optimize(prompt, negative_prompt, cache_namespace, enabled)
 
     return PromptOptimizer

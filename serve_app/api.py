@@ -12,6 +12,7 @@ import base64
 import logging
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ from serve_app.config import AppSettings, parse_size
 from serve_app.request import ImageRequest
 
 MAX_SEED = 2**63 - 1
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAMESPACE_HELP = "Cache namespace (tenant or template id); its configured template is put first."
 logger = logging.getLogger("ray.serve")
 
 
@@ -67,22 +70,39 @@ class ImageGenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 16, description="Same seed -> same image. Image i uses seed+i.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (1 to `limits.max_steps`).")
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
+    optimize_prompt: bool = Field(True, description="Rewrite the prompt into the compact structured form.")
+    cache_namespace: str = Field("default", pattern=NAMESPACE_PATTERN, description=NAMESPACE_HELP)
+
+
+class PromptOptimizeBody(BaseModel):
+    """`POST /v1/prompts/optimize`: what the optimizer makes of a prompt, without generating."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    cache_namespace: str = Field("default", pattern=NAMESPACE_PATTERN, description=NAMESPACE_HELP)
+
+
+def check_text(value: str, param: str, settings: AppSettings) -> str:
+    """Empty, too long or control characters -> 400 naming `param`."""
+    limit = settings.limits.max_prompt_chars
+    if param == "prompt" and not value.strip():
+        raise ApiError("prompt must not be empty or whitespace only", "prompt", code="empty_prompt")
+    if len(value) > limit:
+        raise ApiError(f"{param} is {len(value)} characters; the maximum is {limit}", param, code="prompt_too_long")
+    bad = next((ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
+    if bad is not None:
+        raise ApiError(f"{param} contains the control character U+{ord(bad):04X}; remove it", param,
+                       code="control_character")
+    return value
 
 
 def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageRequest:
     """Checks that depend on the configured limits, then the one internal request type."""
     limits = settings.limits
-    prompt = body.prompt.strip()
-    if not prompt:
-        raise ApiError("prompt must not be empty or whitespace only", "prompt", code="empty_prompt")
-    if len(body.prompt) > limits.max_prompt_chars:
-        raise ApiError(
-            f"prompt is {len(body.prompt)} characters; the maximum is {limits.max_prompt_chars}",
-            "prompt", code="prompt_too_long",
-        )
-    if len(body.negative_prompt) > limits.max_prompt_chars:
-        raise ApiError(f"negative_prompt is longer than {limits.max_prompt_chars} characters", "negative_prompt",
-                       code="prompt_too_long")
+    prompt = check_text(body.prompt, "prompt", settings).strip()
+    check_text(body.negative_prompt, "negative_prompt", settings)
     if body.n > limits.max_images:
         raise ApiError(f"n must be between 1 and {limits.max_images}, got {body.n}", "n")
     width, height = _checked_size(body.size or settings.default_size, settings)
@@ -97,6 +117,8 @@ def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageR
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         guidance_scale=body.guidance_scale if body.guidance_scale is not None else settings.default_guidance_scale,
         num_inference_steps=body.num_inference_steps,
+        cache_namespace=body.cache_namespace,
+        optimize_prompt=body.optimize_prompt,
     )
 
 
@@ -223,4 +245,28 @@ async def create_image(body: ImageGenerationBody, response: Response) -> dict:
         "output_format": "png",
         "size": f"{image_request.width}x{image_request.height}",
         "usage": result.usage,
+        "warnings": list(result.prompt.warnings),
     }
+
+
+def optimized_prompt_body(prompt) -> dict:
+    original, optimized = prompt.original_tokens, prompt.prompt_tokens
+    return {
+        "prompt": prompt.prompt,
+        "negative_prompt": prompt.negative_prompt,
+        "attributes": prompt.attributes,
+        "original_tokens": original,
+        "optimized_tokens": optimized,
+        "saved_fraction": round(1 - optimized / original, 4) if original else 0.0,
+        "prefix_tokens": prompt.prefix_tokens,
+        "cache_namespace": prompt.cache_namespace,
+        "warnings": list(prompt.warnings),
+    }
+
+
+@app.post("/v1/prompts/optimize")
+async def optimize_prompt(body: PromptOptimizeBody) -> dict:
+    check_text(body.prompt, "prompt", _serving.settings)
+    check_text(body.negative_prompt, "negative_prompt", _serving.settings)
+    prompt = await _serving.pipeline.optimize_prompt(body.prompt, body.negative_prompt, body.cache_namespace)
+    return optimized_prompt_body(prompt)

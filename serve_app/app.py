@@ -46,7 +46,7 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
 
     threads = settings.threads_for
     return configured(Ingress, "Ingress").bind(
-        configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path),
+        configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path, settings.prompt.model_dump()),
         configured(text_encoder.build_deployment(), "TextEncoder").bind(path, threads("TextEncoder")),
         configured(denoiser.build_deployment(), "Denoiser").bind(path, threads("Denoiser")),
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),

@@ -128,6 +128,7 @@ def cmd_generate(options: argparse.Namespace) -> int:
             seed=options.seed,
             num_inference_steps=options.steps,
             guidance_scale=options.guidance_scale,
+            optimize_prompt=not options.no_optimize,
         )
         request = to_image_request(body, settings)
     except ApiError as exc:
@@ -148,7 +149,8 @@ def cmd_generate(options: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step)
+    pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step,
+                              prompt_settings=settings.prompt.model_dump())
     result = asyncio.run(pipeline.generate(request))
     bar.close()
 
@@ -162,6 +164,34 @@ def cmd_generate(options: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), "
           f"seed {request.seed}, {result.steps.steps} steps")
+    return 0
+
+
+def cmd_optimize(options: argparse.Namespace) -> int:
+    """What the prompt optimizer makes of a prompt (the /v1/prompts/optimize body), no Ray."""
+    import json
+
+    from deployments import models
+    from deployments.prompt_optimizer import PromptOptimizerEngine
+    from serve_app.api import ApiError, check_text, optimized_prompt_body
+
+    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    try:
+        check_text(options.prompt, "prompt", settings)
+        check_text(options.negative_prompt, "negative_prompt", settings)
+        engine = PromptOptimizerEngine(models.resolve_model(settings.model), **settings.prompt.model_dump())
+    except (ApiError, models.ModelNotFoundError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    body = optimized_prompt_body(engine.optimize(options.prompt, options.negative_prompt, options.namespace))
+    if options.json:
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+    else:
+        print(body["prompt"])
+        print(f"tokens: {body['original_tokens']} -> {body['optimized_tokens']} "
+              f"({body['saved_fraction']:.0%} saved), shared prefix {body['prefix_tokens']}", file=sys.stderr)
+        for warning in body["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -196,7 +226,17 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
     generate.add_argument("--guidance-scale", type=float)
     generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--no-optimize", action="store_true", help="use the prompt as written")
     generate.set_defaults(run=cmd_generate)
+
+    optimize = commands.add_parser("optimize", help="show what the prompt optimizer makes of a prompt (no Ray)")
+    optimize.add_argument("prompt")
+    optimize.add_argument("--json", action="store_true", help="print the /v1/prompts/optimize JSON body")
+    optimize.add_argument("--namespace", default="default", help="cache namespace (its template goes first)")
+    optimize.add_argument("--negative-prompt", default="")
+    optimize.add_argument("--model", help="model whose tokenizer counts tokens (default: the config's)")
+    optimize.add_argument("--config", default=DEFAULT_CONFIG)
+    optimize.set_defaults(run=cmd_optimize)
 
     build = commands.add_parser("build-model", help="build a model preset (tiny, sd15) and print its folder")
     build.add_argument("preset", nargs="?", default="tiny")

@@ -17,8 +17,19 @@ class Limits(BaseModel):
     min_side: int = Field(64, ge=8)
     max_side: int = Field(1024, ge=64)
     max_images: int = Field(4, ge=1, le=16)
-    max_prompt_chars: int = Field(2000, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
     max_steps: int = Field(150, ge=1)
+
+
+class PromptSettings(BaseModel):
+    """The prompt optimizer: per-namespace templates put first so prompts share a prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    templates: dict[str, str] = Field(default_factory=lambda: {
+        "studio-portrait": "portrait photo, front view, studio lighting",
+    })
+    default_style: str = "photorealistic"
 
 
 class StepSettings(BaseModel):
@@ -40,6 +51,7 @@ class AppSettings(BaseModel):
     default_guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     limits: Limits = Limits()
     steps: StepSettings = StepSettings()
+    prompt: PromptSettings = PromptSettings()
 
     def threads_for(self, stage: str) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)

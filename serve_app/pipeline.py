@@ -67,6 +67,8 @@ def usage_of(prompt: OptimizedPrompt, steps: StepDecision) -> dict:
         "input_tokens_details": {"text_tokens": prompt.prompt_tokens, "image_tokens": 0},
         "output_tokens": 0,
         "total_tokens": prompt.prompt_tokens,
+        "original_input_tokens": prompt.original_tokens,  # before the prompt optimizer
+        "prefix_tokens": prompt.prefix_tokens,
         "negative_prompt_tokens": prompt.negative_prompt_tokens,
         "truncated_tokens": prompt.truncated_tokens,
         "num_inference_steps": steps.steps,
@@ -82,11 +84,15 @@ class ImagePipeline:
         self.vae_codec = vae_codec
         self.step_controller = step_controller
 
+    async def optimize_prompt(self, prompt: str, negative_prompt: str = "",
+                              cache_namespace: str = "default") -> OptimizedPrompt:
+        return await self.prompt_optimizer.optimize.remote(prompt, negative_prompt, cache_namespace, True)
+
     async def generate(self, request: ImageRequest) -> GenerationResult:
         stage_ms: dict[str, float] = {}
         with _timed(stage_ms, "optimize"):
             prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
-                request.prompt, request.negative_prompt, request.cache_namespace
+                request.prompt, request.negative_prompt, request.cache_namespace, request.optimize_prompt
             )
         # One encoder call for both texts: [0] conditional, [1] unconditional / negative.
         with _timed(stage_ms, "encode"):
@@ -114,6 +120,7 @@ def local_pipeline(
     default_steps: int = 20,
     on_step: Callable[[int, int], None] | None = None,
     stage_threads: dict[str, int] | None = None,
+    prompt_settings: dict | None = None,
 ) -> ImagePipeline:
     """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
     per stage, as AppSettings.stage_threads does for the served replicas."""
@@ -125,7 +132,7 @@ def local_pipeline(
 
     denoise_kwargs = {"denoise": {"on_step": on_step}} if on_step else None
     return ImagePipeline(
-        prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path)),
+        prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path, **(prompt_settings or {}))),
         text_encoder=LocalHandle(TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads))),
         denoiser=LocalHandle(DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads)), denoise_kwargs),
         vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),

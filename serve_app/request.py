@@ -16,6 +16,7 @@ class ImageRequest:
     guidance_scale: float
     num_inference_steps: int | None  # None: the step controller decides
     cache_namespace: str = "default"
+    optimize_prompt: bool = True
 
     @property
     def seeds(self) -> list[int]:

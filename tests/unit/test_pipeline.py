@@ -51,18 +51,28 @@ def test_output_size_follows_the_request(local_pipe):
 
 def test_usage_counts_clip_tokens(local_pipe):
     result = run(local_pipe.generate(request(prompt="A  smiling Asian man\nwho is wearing glasses",
-                                             num_inference_steps=None)))
+                                             num_inference_steps=None, optimize_prompt=False)))
     assert result.prompt.prompt == "A smiling Asian man who is wearing glasses"  # whitespace normalised
     assert result.usage["input_tokens"] == 8  # 10 CLIP ids minus BOS/EOS
     assert result.usage["total_tokens"] == 8
+    assert result.usage["original_input_tokens"] == 8
     assert result.usage["num_inference_steps"] == 20 and result.usage["steps_reason"] == "default"
     assert result.usage["truncated_tokens"] == 0
+
+
+def test_optimized_prompt_and_its_usage(local_pipe):
+    result = run(local_pipe.generate(request(prompt="A smiling Asian man who is wearing glasses")))
+    # the default style would make it longer than the original: left out
+    assert result.prompt.prompt == "Asian man, smiling expression, wearing glasses"
+    assert result.usage["original_input_tokens"] == 8
+    assert result.usage["input_tokens"] == result.prompt.prompt_tokens
+    assert result.prompt.negative_prompt.startswith("blurry, deformed eyes, asymmetrical face")
 
 
 def test_tokens_beyond_the_clip_window_are_reported(tiny_model_path):
     optimizer = PromptOptimizerEngine(tiny_model_path)
     long_prompt = " ".join(["portrait"] * 100)
-    optimized = optimizer.optimize(long_prompt)
+    optimized = optimizer.optimize(long_prompt, enabled=False)
     assert optimized.prompt_tokens == 100
     assert optimized.truncated_tokens == 100 - 75
 

@@ -1,0 +1,92 @@
+"""The prompt optimizer's rules, loaded from `data/prompt_lexicon.yaml` and compiled once.
+
+Patterns are data (one YAML file); this module only turns them into regular expressions.
+English patterns get word boundaries; Chinese ones match as substrings (no spaces).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+LEXICON_FILE = Path(__file__).resolve().parent / "data" / "prompt_lexicon.yaml"
+
+
+def _english(patterns: list[str]) -> re.Pattern:
+    return re.compile(r"(?<![\w-])(?:" + "|".join(patterns) + r")(?![\w-])", re.IGNORECASE)
+
+
+def _chinese(patterns: list[str]) -> re.Pattern:
+    return re.compile("|".join(re.escape(p) for p in patterns))
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    key_order: tuple[str, ...]
+    ethnicity: dict[str, re.Pattern]
+    gender: dict[str, re.Pattern]
+    pronouns: dict[str, re.Pattern]
+    ethnicity_context: tuple[str, ...]
+    age_words: dict[str, int]
+    age_groups: re.Pattern
+    attributes: dict[str, dict[str, re.Pattern]]  # key -> canonical value -> pattern
+    hair_nouns: dict[str, re.Pattern]
+    hair_colors: dict[str, re.Pattern]
+    hair_styles: dict[str, re.Pattern]
+    styles: dict[str, re.Pattern]
+    quality: dict[str, re.Pattern]
+    filler: re.Pattern
+    intensifiers: re.Pattern
+    negative_default: tuple[str, ...]
+    zh_identity: dict[str, re.Pattern]
+    zh_gender: dict[str, re.Pattern]
+    zh_age: re.Pattern
+    zh_attributes: dict[str, dict[str, re.Pattern]]
+    zh_styles: dict[str, re.Pattern]
+    zh_quality: dict[str, re.Pattern]
+    zh_filler: re.Pattern
+
+
+def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: bool = False) -> dict[str, re.Pattern]:
+    """value -> one pattern. With `canonical`, the value's own text matches too, so an
+    already structured prompt ("smiling expression") parses to itself."""
+    return {
+        value: compile_patterns(([re.escape(value)] if canonical else []) + list(patterns))
+        for value, patterns in group.items()
+        if patterns or canonical
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    zh = data["chinese"]
+    return Lexicon(
+        key_order=tuple(data["key_order"]),
+        ethnicity=_compile_group(data["ethnicity"], _english),
+        gender=_compile_group(data["gender"], _english),
+        pronouns=_compile_group(data["pronouns"], _english),
+        ethnicity_context=tuple(data["ethnicity_context"]),
+        age_words=dict(data["age_words"]),
+        age_groups=_english([re.escape(word) for word in data["age_groups"]]),
+        attributes={key: _compile_group(values, _english, canonical=True) for key, values in data["attributes"].items()},
+        hair_nouns=_compile_group(data["hair_nouns"], _english),
+        hair_colors=_compile_group(data["hair_colors"], _english),
+        hair_styles=_compile_group(data["hair_styles"], _english),
+        styles=_compile_group(data["styles"], _english, canonical=True),
+        quality=_compile_group(data["quality"], _english, canonical=True),
+        filler=_english([re.escape(word) for word in data["filler"]]),
+        intensifiers=_english([re.escape(word) for word in data["intensifiers"]]),
+        negative_default=tuple(data["negative_default"]),
+        zh_identity=_compile_group(zh["identity"], _chinese),
+        zh_gender=_compile_group(zh["gender"], _chinese),
+        zh_age=re.compile(zh["age_pattern"]),
+        zh_attributes={key: _compile_group(values, _chinese) for key, values in zh["attributes"].items()},
+        zh_styles=_compile_group(zh["styles"], _chinese),
+        zh_quality=_compile_group(zh["quality"], _chinese),
+        zh_filler=_chinese(zh["filler"]),
+    )

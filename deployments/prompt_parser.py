@@ -1,0 +1,211 @@
+"""Free-text portrait instructions (English and Chinese) -> structured attributes.
+
+Rule- and lexicon-based (`data/prompt_lexicon.yaml`), no model calls. Every span the
+rules understand is consumed; what is left after dropping filler and intensifiers is
+kept as extra phrases (English) or reported as a warning (Chinese, which CLIP cannot
+read), so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from deployments.prompt_lexicon import Lexicon
+
+# Age grammar: number forms ("35 years old", "35-year-old", "aged 35", "age: 35") and
+# decades ("in his thirties", "in her 40s"). Vague ages come from the lexicon's age_groups.
+AGE_NUMBER = [
+    re.compile(r"(?<!\w)(?:age|aged)\s*[:=]?\s*(\d{1,3})(?!\d)", re.IGNORECASE),
+    re.compile(r"(?<!\d)(\d{1,3})\s*-?\s*(?:years?|yrs?|yo)(?:\s*-?\s*old)?(?!\w)", re.IGNORECASE),
+]
+AGE_DECADE = re.compile(r"in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?(\d0'?s|[a-z]+)(?!\w)",
+                        re.IGNORECASE)
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
+CONSUMED = " , "  # what a consumed span becomes: keeps phrase boundaries
+
+
+@dataclass
+class ParsedInstruction:
+    identity: str | None = None
+    attributes: dict[str, str | list[str]] = field(default_factory=dict)  # key -> canonical value
+    style: str | None = None
+    quality: list[str] = field(default_factory=list)  # canonical terms, in first-seen order
+    extra: list[str] = field(default_factory=list)  # English content the rules did not understand
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Text:
+    """The instruction with consumed spans blanked out."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def take(self, pattern: re.Pattern) -> re.Match | None:
+        match = pattern.search(self.text)
+        if match:
+            self.text = self.text[: match.start()] + CONSUMED + self.text[match.end():]
+        return match
+
+    def take_all(self, pattern: re.Pattern) -> int:
+        self.text, count = pattern.subn(CONSUMED, self.text)
+        return count
+
+
+def parse_instruction(text: str, lexicon: Lexicon) -> ParsedInstruction:
+    parsed = ParsedInstruction()
+    work = _Text(text)
+    if CJK.search(text):
+        _parse_chinese(work, lexicon, parsed)
+    _parse_age(work, lexicon, parsed)
+    _parse_attributes(work, lexicon, parsed)
+    for term, pattern in lexicon.quality.items():  # before styles: "realistic skin" is quality
+        if work.take_all(pattern) and term not in parsed.quality:
+            parsed.quality.append(term)
+    for style, pattern in lexicon.styles.items():
+        if work.take_all(pattern) and parsed.style is None:
+            parsed.style = style
+    _parse_identity(work, lexicon, parsed)
+    _collect_leftovers(work, lexicon, parsed)
+    return parsed
+
+
+def _set(parsed: ParsedInstruction, key: str, value: str) -> None:
+    if key == "accessories":
+        values = parsed.attributes.setdefault(key, [])
+        if value not in values:
+            values.append(value)
+    else:
+        parsed.attributes.setdefault(key, value)
+
+
+def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    match = work.take(lexicon.zh_age)
+    if match:
+        parsed.attributes["age"] = f"age:{int(match.group(1) or match.group(2))}"
+    for key, values in lexicon.zh_attributes.items():
+        for value, pattern in values.items():
+            if work.take_all(pattern):
+                if key == "hair" and "hair" in parsed.attributes and value != "bald":
+                    parsed.attributes["hair"] = _merge_zh_hair(parsed.attributes["hair"], value)
+                else:
+                    _set(parsed, key, value)
+    for style, pattern in lexicon.zh_styles.items():
+        if work.take_all(pattern) and parsed.style is None:
+            parsed.style = style
+    for term, pattern in lexicon.zh_quality.items():
+        if work.take_all(pattern) and term not in parsed.quality:
+            parsed.quality.append(term)
+    ethnicity = next((e for e, p in lexicon.zh_identity.items() if work.take_all(p)), None)
+    gender = next((g for g, p in lexicon.zh_gender.items() if work.take_all(p)), None)
+    if gender:
+        parsed.identity = f"{ethnicity} {gender}" if ethnicity else gender
+    work.take_all(lexicon.zh_filler)
+    unknown = "".join(CJK.findall(work.text))
+    if unknown:
+        parsed.warnings.append(f"untranslated Chinese text left out of the prompt: {unknown}")
+    work.text = CJK.sub(" ", work.text)
+
+
+def _merge_zh_hair(current: str, new: str) -> str:
+    """长发 + 黑发 -> 'long black hair'."""
+    words = current.removesuffix(" hair").split() + new.removesuffix(" hair").split()
+    return " ".join(dict.fromkeys(words)) + " hair"
+
+
+def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    if "age" in parsed.attributes:
+        return
+    for pattern in AGE_NUMBER:
+        match = work.take(pattern)
+        if match and 0 < int(match.group(1)) < 130:
+            parsed.attributes["age"] = f"age:{int(match.group(1))}"
+            work.take_all(lexicon.age_groups)  # "a young 25-year-old": the number says it
+            return
+    for match in AGE_DECADE.finditer(work.text):
+        word = match.group(1).lower()
+        decade = lexicon.age_words.get(word)
+        if decade is None and word[:2].isdigit():
+            decade = int(word[:2]) + 5  # "in her 40s" -> 45
+        if decade:
+            work.text = work.text[: match.start()] + CONSUMED + work.text[match.end():]
+            parsed.attributes["age"] = f"age:{decade}"
+            work.take_all(lexicon.age_groups)
+            return
+    match = work.take(lexicon.age_groups)
+    if match:
+        parsed.attributes["age"] = match.group(0).lower()
+
+
+def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    for key, values in lexicon.attributes.items():
+        if key == "hair":
+            _parse_hair(work, lexicon, parsed)
+        for value, pattern in values.items():
+            if work.take_all(pattern):
+                if key == "expression" and value == "neutral":
+                    parsed.attributes.setdefault(key, "neutral")
+                else:
+                    _set(parsed, key, value)
+
+
+HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,3})hair(?:\s*styles?|cut)?(?!\w)", re.IGNORECASE)
+
+
+def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    if "hair" in parsed.attributes:
+        return
+    for value, pattern in lexicon.hair_nouns.items():
+        if work.take_all(pattern):
+            parsed.attributes["hair"] = value
+            return
+    for match in HAIR.finditer(work.text):
+        words = re.split(r"[\s,]+", match.group(1).strip())
+        styles = [s for s, p in lexicon.hair_styles.items() if any(p.fullmatch(w) for w in words)]
+        color = next((c for c, p in lexicon.hair_colors.items() if any(p.fullmatch(w) for w in words)), None)
+        if styles or color:
+            parsed.attributes["hair"] = " ".join(styles + ([color] if color else []) + ["hair"])
+            # consume only the words that described the hair, then "hair"
+            kept = [w for w in words if not any(p.fullmatch(w) for p in
+                                                (*lexicon.hair_styles.values(), *lexicon.hair_colors.values()))]
+            replacement = f" {' '.join(kept)}{CONSUMED}"
+            work.text = work.text[: match.start()] + replacement + work.text[match.end():]
+            return
+
+
+def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    nouns = "|".join(p.pattern for p in lexicon.gender.values())
+    context = "|".join(lexicon.ethnicity_context)
+    ethnicity = None
+    for name, pattern in lexicon.ethnicity.items():
+        # An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
+        # woman") or with a context word ("of Asian descent"): "black suit" is not one.
+        near = re.compile(rf"(?:{pattern.pattern})(?=(?:[\s,]+[\w-]+){{0,2}}?[\s,]+(?:{nouns}|{context})(?![\w-]))",
+                          re.IGNORECASE)
+        if work.take(near):
+            ethnicity = name
+            break
+    gender = _first_match(work, lexicon.gender) or _first_match(work, lexicon.pronouns)
+    for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
+        work.take_all(pattern)
+    if ethnicity:
+        work.take_all(re.compile(rf"(?<!\w)(?:of\s+)?(?:{context})(?!\w)", re.IGNORECASE))
+    if parsed.identity is None and gender:
+        parsed.identity = f"{ethnicity} {gender}" if ethnicity else gender
+    elif parsed.identity is None and ethnicity:
+        parsed.identity = f"{ethnicity} person"
+
+
+def _first_match(work: _Text, group: dict[str, re.Pattern]) -> str | None:
+    found = [(m.start(), name) for name, p in group.items() if (m := p.search(work.text))]
+    return min(found)[1] if found else None
+
+
+def _collect_leftovers(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    work.take_all(lexicon.intensifiers)
+    work.take_all(lexicon.filler)
+    for phrase in PHRASE_BREAK.split(work.text):
+        phrase = " ".join(re.findall(r"[\w'&+-]+", phrase)).strip(" -'")
+        if phrase and re.search(r"[^\W\d_]", phrase) and phrase.lower() not in (e.lower() for e in parsed.extra):
+            parsed.extra.append(phrase)
