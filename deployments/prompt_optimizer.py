@@ -163,8 +163,10 @@ class PromptOptimizerEngine:
         if self.count_tokens(text) - template_tokens > original_tokens:
             text = _join_unique([template, original]) if template else original
         else:
-            # The 77-token window: drop the lowest-value terms first, never identity or attributes.
-            while self.count_tokens(text) > CONTENT_TOKENS and (quality or style or extra):
+            # The 77-token window: drop the lowest-value terms first, never identity or attributes,
+            # and never the last piece of content (CLIP then truncates it, with a warning).
+            keep_one = 0 if (parsed.identity or parsed.attributes) else 1
+            while self.count_tokens(text) > CONTENT_TOKENS and (quality or style or len(extra) > keep_one):
                 if quality:
                     warnings.append(f"dropped quality term {quality.pop()!r} to fit CLIP's 77-token window")
                 elif style:

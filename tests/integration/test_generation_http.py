@@ -104,3 +104,37 @@ def test_concurrent_requests_each_get_their_own_image(http):
         together = list(pool.map(lambda b: png_of(generate(http, **b)["data"][0]), bodies))
     alone = [png_of(generate(http, **b)["data"][0]) for b in bodies]
     assert together == alone
+
+
+def test_prompt_optimize_endpoint(http):
+    response = http.post("/v1/prompts/optimize", json={
+        "prompt": "A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
+                  "with soft lighting, highly detailed skin texture, sharp focus",
+        "cache_namespace": "studio-portrait"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) >= {"prompt", "negative_prompt", "attributes", "original_tokens", "optimized_tokens",
+                         "prefix_tokens", "warnings"}
+    assert body["prompt"].startswith("portrait photo, front view, studio lighting, Asian man, age:35")
+    assert body["attributes"]["identity"] == "Asian man"
+    assert body["prefix_tokens"] == 10  # BOS + the template's 8 tokens + its comma
+    assert body["negative_prompt"].startswith("blurry, deformed eyes")
+
+
+def test_prompt_optimize_rejects_bad_input(http):
+    for body, param in [({"prompt": "  "}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": "a\x07b"}, "prompt"),
+                        ({"prompt": "x" * 4001}, "prompt"), ({}, "prompt")]:
+        response = http.post("/v1/prompts/optimize", json=body)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param
+
+
+def test_generation_reports_the_optimized_prompt(http):
+    body = generate(http, prompt="A smiling Asian man who is wearing glasses", size="64x64", seed=1,
+                    num_inference_steps=2)
+    assert body["data"][0]["revised_prompt"] == "Asian man, smiling expression, wearing glasses"
+    assert body["usage"]["original_input_tokens"] == 8
+    raw = generate(http, prompt="A smiling Asian man who is wearing glasses", size="64x64", seed=1,
+                   num_inference_steps=2, optimize_prompt=False)
+    assert raw["data"][0]["revised_prompt"] == "A smiling Asian man who is wearing glasses"
+    assert raw["usage"]["input_tokens"] == 8
