@@ -31,6 +31,7 @@ test-fast: model
 # Full run (~6 min on 2 cores): the 256x256 table, then the 64x64 / 1-step overhead probe;
 # both rewrite their README tables. `$(PY) benchmarks/serving_overhead.py --quick` is a <3 min check.
 bench: model
+	$(PY) benchmarks/prompt_compression.py --update-readme README.md
 	$(PY) benchmarks/serving_overhead.py --update-readme README.md
 	$(PY) benchmarks/serving_overhead.py --size 64 --steps 1 --concurrency 1 --requests-per-level 40 \
 	  --json benchmarks/results/serving_overhead_probe.json --update-readme README.md \

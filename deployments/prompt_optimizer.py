@@ -155,12 +155,16 @@ class PromptOptimizerEngine:
                                    self.lexicon)
 
         text = build(style)
-        # Never longer than what the user wrote (the namespace template aside): first drop a
-        # style the user did not ask for, then keep the user's own text.
+        # An already compact prompt is never made longer (the namespace template aside):
+        # first drop a style the user did not ask for; if the user's text already says
+        # every attribute, keep it as written. A verbose one keeps the structured form.
         template_tokens = self.count_tokens(template + ",") if template else 0
         if self.count_tokens(text) - template_tokens > original_tokens and not parsed.style:
+            style = None
             text = build(None)
-        if self.count_tokens(text) - template_tokens > original_tokens:
+        values = [v for value in attributes.values() for v in (value if isinstance(value, list) else [value])]
+        already_compact = all(v.lower() in original.lower() for v in values)
+        if self.count_tokens(text) - template_tokens > original_tokens and already_compact:
             text = _join_unique([template, original]) if template else original
         else:
             # The 77-token window: drop the lowest-value terms first, never identity or attributes,

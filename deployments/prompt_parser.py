@@ -161,7 +161,11 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             parsed.attributes["hair"] = value
             return
     for match in HAIR.finditer(work.text):
-        words = re.split(r"[\s,]+", match.group(1).strip())
+        # Only the words of the same phrase describe the hair: "Black woman, gray hair" is gray.
+        head, _, phrase = match.group(1).rstrip(" ").rpartition(",")
+        words = [w for w in phrase.split() if w]
+        if not words:
+            continue
         styles = [s for s, p in lexicon.hair_styles.items() if any(p.fullmatch(w) for w in words)]
         color = next((c for c, p in lexicon.hair_colors.items() if any(p.fullmatch(w) for w in words)), None)
         if styles or color:
@@ -169,7 +173,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             # consume only the words that described the hair, then "hair"
             kept = [w for w in words if not any(p.fullmatch(w) for p in
                                                 (*lexicon.hair_styles.values(), *lexicon.hair_colors.values()))]
-            replacement = f" {' '.join(kept)}{CONSUMED}"
+            replacement = f"{head}{',' if head else ''} {' '.join(kept)}{CONSUMED}"
             work.text = work.text[: match.start()] + replacement + work.text[match.end():]
             return
 
@@ -183,7 +187,9 @@ def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) ->
         # woman") or with a context word ("of Asian descent"): "black suit" is not one.
         near = re.compile(rf"(?:{pattern.pattern})(?=(?:[\s,]+[\w-]+){{0,2}}?[\s,]+(?:{nouns}|{context})(?![\w-]))",
                           re.IGNORECASE)
-        if work.take(near):
+        # Or standing alone as its own phrase: "female software engineer, Asian, ...".
+        alone = re.compile(rf"(?:^|,)\s*(?:{pattern.pattern})\s*(?=,|$)", re.IGNORECASE)
+        if work.take(near) or work.take(alone):
             ethnicity = name
             break
     gender = _first_match(work, lexicon.gender) or _first_match(work, lexicon.pronouns)

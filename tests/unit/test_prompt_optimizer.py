@@ -1,0 +1,149 @@
+"""The prompt optimizer on hand-picked cases: each rule, each language, the 77-token
+window, namespace prefixes, and the labelled instruction set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deployments.prompt_optimizer import PromptOptimizerEngine, merge_negative_prompt, optimize_prompt
+
+EXAMPLE = ("A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
+           "with soft lighting, highly detailed skin texture, sharp focus")
+TEMPLATE = "portrait photo, front view, studio lighting"
+DATASET = Path(__file__).resolve().parents[1] / "data" / "portrait_instructions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    return PromptOptimizerEngine(tiny_model_path, templates={"studio-portrait": TEMPLATE})
+
+
+def test_issue_example_yields_the_core_attributes(engine):
+    result = engine.optimize(EXAMPLE)
+    assert result.attributes == {"identity": "Asian man", "age": "age:35", "expression": "smiling expression",
+                                 "glasses": "wearing glasses", "lighting": "soft lighting"}
+    assert result.prompt.startswith("Asian man, age:35, smiling expression, wearing glasses")
+    assert result.prompt_tokens < result.original_tokens
+
+
+def test_structured_builder_orders_keys_and_omits_neutral():
+    text = optimize_prompt("Asian", {"lighting": "soft lighting", "glasses": True, "expression": "neutral",
+                                     "age": 35, "gender": "man", "accessories": ["earrings", "hat"],
+                                     "pose": "side profile", "hair": "short black hair"},
+                           quality=["sharp focus"])
+    assert text == ("Asian man, age:35, wearing glasses, short black hair, side profile, soft lighting, earrings, "
+                    "hat, photorealistic, sharp focus")
+
+
+@pytest.mark.parametrize("phrase,key,value", [
+    ("a man about 35 years old", "age", "age:35"),
+    ("a 35-year-old man", "age", "age:35"),
+    ("a man in his thirties", "age", "age:35"),
+    ("a woman in her 40s", "age", "age:45"),
+    ("a woman aged 52", "age", "age:52"),
+    ("a grinning woman", "expression", "smiling expression"),
+    ("a man wearing spectacles", "glasses", "wearing glasses"),
+    ("a bespectacled man", "glasses", "wearing glasses"),
+    ("a woman in sunglasses", "glasses", "wearing sunglasses"),
+    ("a woman with curly red hair", "hair", "curly red hair"),
+    ("a Black woman, gray hair", "hair", "gray hair"),
+    ("a redhead woman", "hair", "red hair"),
+    ("a man with a thick beard", "facial_hair", "full beard"),
+    ("a woman looking at the camera", "view", "front view"),
+    ("a man under golden hour light", "lighting", "golden hour lighting"),
+    ("a woman, bokeh", "background", "blurred background"),
+])
+def test_english_phrasings_map_to_canonical_attributes(engine, phrase, key, value):
+    assert engine.optimize(phrase).attributes[key] == value
+
+
+@pytest.mark.parametrize("phrase,identity", [
+    ("an Asian man", "Asian man"),
+    ("a South Asian woman", "South Asian woman"),
+    ("a female engineer, Latina, smiling", "Hispanic woman"),
+    ("a man in a black suit", "man"),  # "black" describes the suit, not the man
+    ("she is smiling", "woman"),
+])
+def test_identity(engine, phrase, identity):
+    assert engine.optimize(phrase).attributes["identity"] == identity
+
+
+def test_filler_intensifiers_and_synonym_stacks_collapse(engine):
+    result = engine.optimize("please make a really very beautiful photo of a man, highly detailed, ultra detailed, "
+                             "intricate details, very clear, 8k, uhd")
+    assert result.prompt == "man, photorealistic, sharp focus, highly detailed, 4K UHD"
+
+
+def test_unknown_content_is_kept(engine):
+    result = engine.optimize("a smiling woman with freckles holding a red umbrella")
+    assert "freckles" in result.prompt and "red umbrella" in result.prompt
+
+
+def test_chinese_maps_to_the_same_structure(engine):
+    result = engine.optimize("一个35岁的亚洲男人，戴眼镜，微笑，黑发，白色背景，高清")
+    assert result.prompt.startswith("Asian man, age:35, smiling expression, wearing glasses, black hair, "
+                                    "white background")
+    assert result.warnings == ()
+
+
+def test_unknown_chinese_is_a_warning_not_dropped_silently(engine):
+    result = engine.optimize("一位微笑的女士，穿着红色毛衣")
+    assert result.attributes["identity"] == "woman"
+    assert any("红色毛衣" in warning for warning in result.warnings)
+
+
+def test_compact_prompt_is_not_made_longer(engine):
+    compact = "Asian man, age:35, smiling expression, wearing glasses"
+    result = engine.optimize(compact)
+    assert result.prompt_tokens <= result.original_tokens
+    assert result.prompt == compact
+
+
+def test_all_filler_still_gives_a_valid_prompt(engine):
+    result = engine.optimize("please make it")
+    assert result.prompt == "please make it" and result.warnings
+
+
+def test_window_drops_quality_before_attributes(engine):
+    long = EXAMPLE + ", " + ", ".join(f"{w} tattoo" for w in ("dragon", "rose", "anchor", "tiger", "skull",
+                                                               "eagle", "lotus", "compass", "wolf", "koi",
+                                                               "phoenix", "snake", "heart", "star", "moon",
+                                                               "sun", "owl", "fox", "bear", "crane"))
+    result = engine.optimize(long)
+    assert result.prompt_tokens <= 75
+    assert result.prompt.startswith("Asian man, age:35, smiling expression, wearing glasses, soft lighting")
+    assert any("dropped quality term" in warning for warning in result.warnings)
+
+
+def test_namespace_prompts_share_an_identical_token_prefix(engine):
+    first = engine.optimize("a smiling woman with red hair", cache_namespace="studio-portrait")
+    second = engine.optimize("an elderly man with a beard, side profile", cache_namespace="studio-portrait")
+    assert first.prefix_tokens == second.prefix_tokens > 1
+    ids_a = engine.tokenizer(first.prompt).input_ids
+    ids_b = engine.tokenizer(second.prompt).input_ids
+    assert ids_a[: first.prefix_tokens] == ids_b[: first.prefix_tokens]
+    assert ids_a[first.prefix_tokens] != ids_b[first.prefix_tokens]
+    assert engine.optimize("a smiling woman").prefix_tokens == 1  # no template: only BOS is shared
+
+
+def test_negative_prompt_merges_defaults_and_deduplicates():
+    merged = merge_negative_prompt("Blurry, ugly hands, ugly hands", ("blurry", "deformed eyes"))
+    assert merged == "blurry, deformed eyes, ugly hands"
+
+
+def test_disabled_optimizer_passes_the_prompt_through(engine):
+    result = engine.optimize("  A smiling\nman ", "blurry", enabled=False)
+    assert result.prompt == "A smiling man" and result.negative_prompt == "blurry"
+
+
+def test_labelled_set_keeps_every_attribute(engine):
+    rows = [json.loads(line) for line in DATASET.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 150 and sum(r["lang"] == "zh" for r in rows) >= 20
+    for row in rows:
+        text = engine.optimize(row["instruction"]).prompt.lower()
+        for value in row["expected"].values():
+            for term in value if isinstance(value, list) else [value]:
+                assert term.lower() in text, (row["id"], term, text)
