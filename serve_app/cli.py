@@ -115,10 +115,10 @@ def cmd_generate(options: argparse.Namespace) -> int:
 
     from deployments import models
     from serve_app.api import ApiError, ImageGenerationBody, to_image_request
-    from serve_app.config import AppSettings
     from serve_app.pipeline import local_pipeline
 
-    settings = AppSettings(model=options.model)
+    # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
+    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
     try:
         body = ImageGenerationBody(
             prompt=options.prompt,
@@ -150,7 +150,7 @@ def cmd_generate(options: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step,
-                              prompt_settings=settings.prompt.model_dump())
+                              stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump())
     result = asyncio.run(pipeline.generate(request))
     bar.close()
 
@@ -219,7 +219,8 @@ def parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate an image in-process (no Ray)")
     generate.add_argument("prompt")
     generate.add_argument("-o", "--output", default="out.png")
-    generate.add_argument("--model", default="tiny")
+    generate.add_argument("--model", help="preset or model folder (default: the config's, tiny)")
+    generate.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--size", default="512x512")
     generate.add_argument("-n", type=int, default=1)
