@@ -447,7 +447,8 @@ def run_benchmark(options: argparse.Namespace) -> dict:
             senders: dict[str, Send] = {}
             if "in_process" in modes:
                 pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps,
-                                          stage_threads=settings.stage_threads)
+                                          stage_threads=settings.stage_threads,
+                                          prompt_settings=settings.prompt.model_dump())
                 senders["in_process"] = in_process_sender(pipeline, settings)
             if "served" in modes:
                 phase = time.perf_counter()
