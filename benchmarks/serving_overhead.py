@@ -88,6 +88,9 @@ class Workload:
             "seed": self.seed_base + index,
             "num_inference_steps": self.steps,
             "guidance_scale": self.guidance_scale,
+            # The baseline renders prompts as written; so do we here, so all modes draw the
+            # same images (the PromptOptimizer stage and its hop still run).
+            "optimize_prompt": False,
         }
 
     def bodies(self, count: int) -> list[dict]:
