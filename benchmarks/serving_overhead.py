@@ -333,12 +333,10 @@ def start_ray(num_cpus: int, port: int, serve_config: dict) -> None:
 
 def stop_ray() -> None:
     import ray
-    from ray import serve
 
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    # The benchmark's own Ray instance: ray.shutdown() stops Serve with it, without Serve's
+    # graceful drain (~30 s for the direct-ingress replica).
+    ray.shutdown()
 
 
 def deploy_dag(settings, deployment_options: dict) -> None:

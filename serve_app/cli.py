@@ -67,7 +67,8 @@ def cmd_serve(options: argparse.Namespace) -> int:
         http_options["port"] = options.port
 
     print(f"fusionserve: model {settings.model!r}, config {options.config}", flush=True)
-    if os.environ.get("RAY_ADDRESS"):  # an existing cluster (e.g. KubeRay): join it as it is
+    joined_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if joined_cluster:  # an existing cluster (e.g. KubeRay): join it as it is
         context = ray.init(logging_level="WARNING")
     else:
         context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
@@ -103,7 +104,10 @@ def cmd_serve(options: argparse.Namespace) -> int:
         time.sleep(0.2)
     print("\nstopping: shutting down Serve and Ray...", flush=True)
     try:
-        serve.shutdown()
+        # On a Ray instance of our own, ray.shutdown() stops every process at once; Serve's
+        # graceful shutdown would wait ~30 s for the direct-ingress replica to drain.
+        if joined_cluster:
+            serve.shutdown()
     finally:
         ray.shutdown()
     print("stopped.", flush=True)
