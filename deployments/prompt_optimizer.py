@@ -35,7 +35,6 @@ class OptimizedPrompt:
     prefix_tokens: int = 1  # leading positions (BOS included) identical for the whole namespace
     attributes: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
-    optimized: bool = False
 
 
 def normalize_whitespace(text: str) -> str:
@@ -136,7 +135,7 @@ class PromptOptimizerEngine:
         original_tokens = self.count_tokens(original)
         if not enabled:
             negative = normalize_whitespace(negative_prompt)
-            return self._result(original, negative, original_tokens, cache_namespace, {}, [], False)
+            return self._result(original, negative, original_tokens, cache_namespace, {}, [])
         template = self.templates.get(cache_namespace, "")
         parsed = parse_instruction(original, self.lexicon)
         warnings = list(parsed.warnings)
@@ -145,7 +144,7 @@ class PromptOptimizerEngine:
             warnings.append("nothing to optimize: the prompt is all filler words; used as written")
             negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default)
             text = _join_unique([template, original]) if template else original
-            return self._result(text, negative, original_tokens, cache_namespace, {}, warnings, False, template)
+            return self._result(text, negative, original_tokens, cache_namespace, {}, warnings, template)
         attributes = {"identity": parsed.identity, **parsed.attributes} if parsed.identity else dict(parsed.attributes)
         style = parsed.style or self.default_style
         quality, extra = list(parsed.quality), list(parsed.extra)
@@ -180,10 +179,9 @@ class PromptOptimizerEngine:
                     warnings.append(f"dropped {extra.pop()!r} to fit CLIP's 77-token window")
                 text = build(style)
         negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default)
-        return self._result(text, negative, original_tokens, cache_namespace, attributes, warnings, True,
-                            template)
+        return self._result(text, negative, original_tokens, cache_namespace, attributes, warnings, template)
 
-    def _result(self, text, negative, original_tokens, namespace, attributes, warnings, optimized,
+    def _result(self, text, negative, original_tokens, namespace, attributes, warnings,
                 template: str = "") -> OptimizedPrompt:
         tokens = self.count_tokens(text)
         if tokens > CONTENT_TOKENS:
@@ -199,7 +197,6 @@ class PromptOptimizerEngine:
             prefix_tokens=1 + (self.count_tokens(template + ",") if template and text.startswith(template) else 0),
             attributes=attributes,
             warnings=tuple(warnings),
-            optimized=optimized,
         )
 
 
