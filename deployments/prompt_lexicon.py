@@ -30,7 +30,8 @@ class Lexicon:
     ethnicity: dict[str, re.Pattern]
     gender: dict[str, re.Pattern]
     pronouns: dict[str, re.Pattern]
-    ethnicity_context: tuple[str, ...]
+    ethnicity_in_context: dict[str, re.Pattern]  # ethnicity -> the word where it names a person
+    ethnicity_context: re.Pattern  # "(of) descent/origin/...", consumed with the ethnicity
     age_words: dict[str, int]
     age_groups: re.Pattern
     attributes: dict[str, dict[str, re.Pattern]]  # key -> canonical value -> pattern
@@ -61,6 +62,23 @@ def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: boo
     }
 
 
+def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
+    """An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
+    woman"), with a context word ("of Asian descent"), or as a phrase of its own
+    ("female software engineer, Asian, ..."): "black suit" is not one."""
+    nouns = "|".join(_english(words).pattern for words in data["gender"].values())
+    context = "|".join(data["ethnicity_context"])
+    patterns = {}
+    for name, words in data["ethnicity"].items():
+        word = _english(words).pattern
+        patterns[name] = re.compile(
+            rf"(?:{word})(?=(?:[\s,]+[\w-]+){{0,2}}?[\s,]+(?:{nouns}|{context})(?![\w-]))"
+            rf"|(?:^|,)\s*(?:{word})\s*(?=,|$)",
+            re.IGNORECASE,
+        )
+    return patterns
+
+
 @functools.lru_cache(maxsize=4)
 def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -70,7 +88,9 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         ethnicity=_compile_group(data["ethnicity"], _english),
         gender=_compile_group(data["gender"], _english),
         pronouns=_compile_group(data["pronouns"], _english),
-        ethnicity_context=tuple(data["ethnicity_context"]),
+        ethnicity_in_context=_ethnicity_in_context(data),
+        ethnicity_context=re.compile(rf"(?<!\w)(?:of\s+)?(?:{'|'.join(data['ethnicity_context'])})(?!\w)",
+                                     re.IGNORECASE),
         age_words=dict(data["age_words"]),
         age_groups=_english([re.escape(word) for word in data["age_groups"]]),
         attributes={key: _compile_group(values, _english, canonical=True) for key, values in data["attributes"].items()},

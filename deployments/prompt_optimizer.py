@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments import models
+from deployments import model_builder, models
 from deployments.prompt_lexicon import Lexicon, load_lexicon
 from deployments.prompt_parser import parse_instruction
 
-CLIP_WINDOW = 77  # positions the CLIP text encoder sees, BOS and EOS included
+CLIP_WINDOW = model_builder.CLIP_MAX_LENGTH  # positions CLIP sees, BOS and EOS included
 CONTENT_TOKENS = CLIP_WINDOW - 2
 DEFAULT_STYLE = "photorealistic"
 _WHITESPACE = re.compile(r"\s+")

@@ -45,8 +45,11 @@ class _Text:
     def take(self, pattern: re.Pattern) -> re.Match | None:
         match = pattern.search(self.text)
         if match:
-            self.text = self.text[: match.start()] + CONSUMED + self.text[match.end():]
+            self.replace(match)
         return match
+
+    def replace(self, match: re.Match, replacement: str = CONSUMED) -> None:
+        self.text = self.text[: match.start()] + replacement + self.text[match.end():]
 
     def take_all(self, pattern: re.Pattern) -> int:
         self.text, count = pattern.subn(CONSUMED, self.text)
@@ -129,7 +132,7 @@ def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None
         if decade is None and word[:2].isdigit():
             decade = int(word[:2]) + 5  # "in her 40s" -> 45
         if decade:
-            work.text = work.text[: match.start()] + CONSUMED + work.text[match.end():]
+            work.replace(match)
             parsed.attributes["age"] = f"age:{decade}"
             work.take_all(lexicon.age_groups)
             return
@@ -173,30 +176,18 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             # consume only the words that described the hair, then "hair"
             kept = [w for w in words if not any(p.fullmatch(w) for p in
                                                 (*lexicon.hair_styles.values(), *lexicon.hair_colors.values()))]
-            replacement = f"{head}{',' if head else ''} {' '.join(kept)}{CONSUMED}"
-            work.text = work.text[: match.start()] + replacement + work.text[match.end():]
+            work.replace(match, f"{head}{',' if head else ''} {' '.join(kept)}{CONSUMED}")
             return
 
 
 def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
-    nouns = "|".join(p.pattern for p in lexicon.gender.values())
-    context = "|".join(lexicon.ethnicity_context)
-    ethnicity = None
-    for name, pattern in lexicon.ethnicity.items():
-        # An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
-        # woman") or with a context word ("of Asian descent"): "black suit" is not one.
-        near = re.compile(rf"(?:{pattern.pattern})(?=(?:[\s,]+[\w-]+){{0,2}}?[\s,]+(?:{nouns}|{context})(?![\w-]))",
-                          re.IGNORECASE)
-        # Or standing alone as its own phrase: "female software engineer, Asian, ...".
-        alone = re.compile(rf"(?:^|,)\s*(?:{pattern.pattern})\s*(?=,|$)", re.IGNORECASE)
-        if work.take(near) or work.take(alone):
-            ethnicity = name
-            break
+    # First listed wins (South Asian before Asian); see Lexicon.ethnicity_in_context.
+    ethnicity = next((name for name, p in lexicon.ethnicity_in_context.items() if work.take(p)), None)
     gender = _first_match(work, lexicon.gender) or _first_match(work, lexicon.pronouns)
     for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
         work.take_all(pattern)
     if ethnicity:
-        work.take_all(re.compile(rf"(?<!\w)(?:of\s+)?(?:{context})(?!\w)", re.IGNORECASE))
+        work.take_all(lexicon.ethnicity_context)
     if parsed.identity is None and gender:
         parsed.identity = f"{ethnicity} {gender}" if ethnicity else gender
     elif parsed.identity is None and ethnicity:

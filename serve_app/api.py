@@ -206,18 +206,23 @@ def validation_error_response(errors: list[dict]) -> JSONResponse:
     return error_response(400, message, param, "invalid_value")
 
 
-@app.get("/healthz")
-async def healthz() -> dict:
+def ready_pipeline():
+    """The installed ImagePipeline, or a 503 while the ingress has not installed one."""
     if _serving.pipeline is None:
         raise ApiError("the pipeline is not ready", status_code=503, error_type="server_error")
+    return _serving.pipeline
+
+
+@app.get("/healthz")
+async def healthz() -> dict:
+    ready_pipeline()
     return {"status": "ok", "model": _serving.model_id}
 
 
 @app.get("/v1/models")
 async def list_models() -> dict:
     """OpenAI `GET /v1/models`: the one model this server runs (`client.models.list()`)."""
-    if _serving.pipeline is None:
-        raise ApiError("the pipeline is not ready", status_code=503, error_type="server_error")
+    ready_pipeline()
     return {"object": "list", "data": [{"id": _serving.model_id, "object": "model", "created": 0,
                                         "owned_by": "fusionserve"}]}
 
@@ -230,7 +235,7 @@ def server_timing(stage_ms: dict[str, float]) -> str:
 @app.post("/v1/images/generations")
 async def create_image(body: ImageGenerationBody, response: Response) -> dict:
     image_request = to_image_request(body, _serving.settings)
-    result = await _serving.pipeline.generate(image_request)
+    result = await ready_pipeline().generate(image_request)
     response.headers["Server-Timing"] = server_timing(result.stage_ms)
     return {
         "created": int(time.time()),
@@ -268,5 +273,5 @@ def optimized_prompt_body(prompt) -> dict:
 async def optimize_prompt(body: PromptOptimizeBody) -> dict:
     check_text(body.prompt, "prompt", _serving.settings)
     check_text(body.negative_prompt, "negative_prompt", _serving.settings)
-    prompt = await _serving.pipeline.optimize_prompt(body.prompt, body.negative_prompt, body.cache_namespace)
+    prompt = await ready_pipeline().optimize_prompt(body.prompt, body.negative_prompt, body.cache_namespace)
     return optimized_prompt_body(prompt)
