@@ -8,7 +8,7 @@ Reproduce (about two and a half minutes on the 2-core development machine):
 The same requests (tiny model, 256x256, 20 steps, guidance 7.5, fixed seeds, a few
 portrait prompts) run in three modes:
 
-- ``in_process``: ``local_pipeline()`` + ``ImagePipeline.generate()`` in this process, no Ray;
+- ``in_process``: ``local_pipeline_for()`` + ``ImagePipeline.generate()`` in this process, no Ray;
 - ``served``: the Serve DAG (Ingress + four stages, options from serve_config.yaml) over HTTP;
 - ``single_deployment``: the baseline, shaped like Ray Serve's official Stable Diffusion
   example: a FastAPI ``APIIngress`` and ONE ``StableDiffusion`` deployment holding a whole
@@ -419,7 +419,7 @@ def deploy_baseline(model_path: Path, settings, deployment_options: dict, total_
 def run_benchmark(options: argparse.Namespace) -> dict:
     from deployments import models
     from serve_app.cli import load_serve_config, split_app_config
-    from serve_app.pipeline import local_pipeline
+    from serve_app.pipeline import local_pipeline_for
 
     started = time.perf_counter()
     serve_config = load_serve_config(options.config)
@@ -447,9 +447,7 @@ def run_benchmark(options: argparse.Namespace) -> dict:
         try:
             senders: dict[str, Send] = {}
             if "in_process" in modes:
-                pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps,
-                                          stage_threads=settings.stage_threads,
-                                          prompt_settings=settings.prompt.model_dump())
+                pipeline = local_pipeline_for(model_path, settings)
                 senders["in_process"] = in_process_sender(pipeline, settings)
             if "served" in modes:
                 phase = time.perf_counter()

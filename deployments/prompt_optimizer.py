@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployments import model_builder, models
+from deployments.block_pool import hash_block
 from deployments.prompt_lexicon import Lexicon, load_lexicon
 from deployments.prompt_parser import parse_instruction
 
 CLIP_WINDOW = model_builder.CLIP_MAX_LENGTH  # positions CLIP sees, BOS and EOS included
 CONTENT_TOKENS = CLIP_WINDOW - 2
 DEFAULT_STYLE = "photorealistic"
+ROUTING_BLOCK_TOKENS = 16  # the text encoder's default block size
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -35,6 +37,9 @@ class OptimizedPrompt:
     prefix_tokens: int = 1  # leading positions (BOS included) identical for the whole namespace
     attributes: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    # Names the prompt's first 16-token window block in its namespace: the text encoder's
+    # router sends equal keys to the same replica, whose prefix cache holds that block.
+    routing_key: str = ""
 
 
 def normalize_whitespace(text: str) -> str:
@@ -124,6 +129,10 @@ class PromptOptimizerEngine:
         self.default_style = default_style
         self.lexicon = lexicon or load_lexicon()
 
+    def routing_key(self, text: str, namespace: str) -> str:
+        window = self.tokenizer(text, padding="max_length", max_length=CLIP_WINDOW, truncation=True).input_ids
+        return hash_block(None, window[:ROUTING_BLOCK_TOKENS], (namespace,)).hex()
+
     def count_tokens(self, text: str) -> int:
         if not text:
             return 0
@@ -197,6 +206,7 @@ class PromptOptimizerEngine:
             prefix_tokens=1 + (self.count_tokens(template + ",") if template and text.startswith(template) else 0),
             attributes=attributes,
             warnings=tuple(warnings),
+            routing_key=self.routing_key(text, namespace),
         )
 
 

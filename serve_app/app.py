@@ -47,7 +47,8 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
     threads = settings.threads_for
     return configured(Ingress, "Ingress").bind(
         configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path, settings.prompt.model_dump()),
-        configured(text_encoder.build_deployment(), "TextEncoder").bind(path, threads("TextEncoder")),
+        configured(text_encoder.build_deployment(), "TextEncoder").bind(
+            path, threads("TextEncoder"), settings.text_encoder.model_dump()),
         configured(denoiser.build_deployment(), "Denoiser").bind(path, threads("Denoiser")),
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),

@@ -119,7 +119,7 @@ def cmd_generate(options: argparse.Namespace) -> int:
 
     from deployments import models
     from serve_app.api import ApiError, ImageGenerationBody, to_image_request
-    from serve_app.pipeline import local_pipeline
+    from serve_app.pipeline import local_pipeline_for
 
     # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
@@ -153,8 +153,7 @@ def cmd_generate(options: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    pipeline = local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step,
-                              stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump())
+    pipeline = local_pipeline_for(model_path, settings, on_step=on_step)
     result = asyncio.run(pipeline.generate(request))
     bar.close()
 

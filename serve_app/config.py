@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.text_encoder import TextEncoderSettings
+
 
 class Limits(BaseModel):
     """What the API accepts; requests outside get a 400 naming the parameter."""
@@ -27,7 +29,7 @@ class PromptSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     templates: dict[str, str] = Field(default_factory=lambda: {
-        "studio-portrait": "portrait photo, front view, studio lighting",
+        "studio-portrait": "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background",
     })
     default_style: str = "photorealistic"
 
@@ -52,6 +54,7 @@ class AppSettings(BaseModel):
     limits: Limits = Limits()
     steps: StepSettings = StepSettings()
     prompt: PromptSettings = PromptSettings()
+    text_encoder: TextEncoderSettings = TextEncoderSettings()
 
     def threads_for(self, stage: str) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)

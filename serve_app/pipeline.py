@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from deployments.denoiser import DenoiseJob
 from deployments.prompt_optimizer import OptimizedPrompt
+from deployments.text_encoder import Encoding
 from deployments.serial_executor import SerialExecutor
 from serve_app.request import ImageRequest
 from serve_app.steps import StepController, StepDecision
@@ -60,11 +61,17 @@ def _timed(stage_ms: dict[str, float], stage: str):
     stage_ms[stage] = (time.perf_counter() - start) * 1000.0
 
 
-def usage_of(prompt: OptimizedPrompt, steps: StepDecision) -> dict:
+def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding) -> dict:
     """OpenAI Images `usage` shape, plus what we add (steps and why, truncation)."""
     return {
         "input_tokens": prompt.prompt_tokens,
-        "input_tokens_details": {"text_tokens": prompt.prompt_tokens, "image_tokens": 0},
+        "input_tokens_details": {
+            "text_tokens": prompt.prompt_tokens,
+            "image_tokens": 0,
+            # window positions (77 per text) the text encoder took from its cache: prompt, negative
+            "cached_tokens": encoding.cached_tokens[0],
+            "negative_prompt_cached_tokens": encoding.cached_tokens[1],
+        },
         "output_tokens": 0,
         "total_tokens": prompt.prompt_tokens,
         "original_input_tokens": prompt.original_tokens,  # before the prompt optimizer
@@ -96,7 +103,10 @@ class ImagePipeline:
             )
         # One encoder call for both texts: [0] conditional, [1] unconditional / negative.
         with _timed(stage_ms, "encode"):
-            embeddings = await self.text_encoder.encode.remote([prompt.prompt, prompt.negative_prompt])
+            encoding: Encoding = await self.text_encoder.encode.remote(
+                [prompt.prompt, prompt.negative_prompt], namespace=prompt.cache_namespace, routing_key=prompt.routing_key
+            )
+        embeddings = encoding.hidden
         steps = self.step_controller.choose(request)
         job = DenoiseJob(
             prompt_embeds=embeddings[0:1],
@@ -111,7 +121,7 @@ class ImagePipeline:
             latents = await self.denoiser.denoise.remote(job)
         with _timed(stage_ms, "decode"):
             images = await self.vae_codec.decode_png.remote(latents)
-        return GenerationResult(images, request.seeds, prompt, steps, usage_of(prompt, steps), stage_ms)
+        return GenerationResult(images, request.seeds, prompt, steps, usage_of(prompt, steps, encoding), stage_ms)
 
 
 def local_pipeline(
@@ -121,6 +131,7 @@ def local_pipeline(
     on_step: Callable[[int, int], None] | None = None,
     stage_threads: dict[str, int] | None = None,
     prompt_settings: dict | None = None,
+    encoder_cache: dict | None = None,
 ) -> ImagePipeline:
     """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
     per stage, as AppSettings.stage_threads does for the served replicas."""
@@ -133,8 +144,17 @@ def local_pipeline(
     denoise_kwargs = {"denoise": {"on_step": on_step}} if on_step else None
     return ImagePipeline(
         prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path, **(prompt_settings or {}))),
-        text_encoder=LocalHandle(TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads))),
+        text_encoder=LocalHandle(
+            TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads), encoder_cache)),
         denoiser=LocalHandle(DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads)), denoise_kwargs),
         vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),
         step_controller=StepController(default_steps),
     )
+
+
+def local_pipeline_for(model_path: Path, settings, on_step: Callable[[int, int], None] | None = None) -> ImagePipeline:
+    """`local_pipeline` configured as the served application is (an `AppSettings`): same
+    thread counts, so the same bytes; same prompt templates and encoder cache."""
+    return local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step,
+                          stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
+                          encoder_cache=settings.text_encoder.cache.model_dump())

@@ -27,11 +27,10 @@ def local_pipe(tiny_model_path):
     """In-process pipeline with the served settings. Torch thread counts change float
     summation order, so bytes match the served images only with the same stage_threads."""
     from serve_app.cli import load_serve_config, split_app_config
-    from serve_app.pipeline import local_pipeline
+    from serve_app.pipeline import local_pipeline_for
 
     settings, _, _ = split_app_config(load_serve_config("serve_config.yaml"))
-    return local_pipeline(tiny_model_path, settings.num_threads, settings.steps.default_steps,
-                          stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump())
+    return local_pipeline_for(tiny_model_path, settings)
 
 
 def run(coroutine):

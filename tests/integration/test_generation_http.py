@@ -115,7 +115,7 @@ def test_prompt_optimize_endpoint(http):
     body = response.json()
     assert set(body) >= {"prompt", "negative_prompt", "attributes", "original_tokens", "optimized_tokens",
                          "prefix_tokens", "warnings"}
-    assert body["prompt"].startswith("portrait photo, front view, studio lighting, Asian man, age:35")
+    assert body["prompt"].startswith("portrait photo, front view, head and shoulders, soft studio lighting, plain grey background, Asian man, age:35")
     assert body["attributes"]["identity"] == "Asian man"
     assert body["prefix_tokens"] == 10  # BOS + the template's 8 tokens + its comma
     assert body["negative_prompt"].startswith("blurry, deformed eyes")

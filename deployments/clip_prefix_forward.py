@@ -1,0 +1,119 @@
+"""CLIP text-transformer forward that starts after a cached prefix.
+
+CLIP's text encoder is causal with absolute positions, so the keys/values and outputs of
+positions [0, start) depend only on those tokens: with them cached, only [start, 77) has
+to run, each layer's queries attending to cached + new keys. This module is that
+forward, written with the very operations of transformers' `CLIPTextModel` (same
+projections, same `scaled_dot_product_attention` over all 77 key positions with the
+causal mask), so that a row computed from a cached prefix is bit-identical to the same
+row computed from scratch, and to `CLIPTextModel` itself (tests check both).
+
+Rows in one batch may start at different positions: the projections and MLPs run on
+all new rows of the batch at once; attention runs once per group of rows that share a
+start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CachedPrefix:
+    """What is known about positions [0, start) of one row."""
+
+    kv: torch.Tensor  # [layers, 2, heads, start, head_dim]: each layer's keys and values
+    hidden: torch.Tensor  # [start, hidden]: final hidden states (after the final layer norm)
+
+    @property
+    def start(self) -> int:
+        return self.hidden.shape[0]
+
+
+@dataclass
+class ForwardResult:
+    hidden: torch.Tensor  # [batch, 77, hidden]: the whole window, cached rows included
+    kv: list[torch.Tensor]  # per row: [layers, 2, heads, 77, head_dim] (a view; slice and clone to keep)
+
+
+class PrefixReuseForward:
+    def __init__(self, model):
+        """`model`: a transformers `CLIPTextModel` (in eval mode)."""
+        self.model = model
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.hidden_size = config.hidden_size
+        self.head_dim = self.hidden_size // self.num_heads
+        self.window = config.max_position_embeddings
+        self.dtype = model.final_layer_norm.weight.dtype
+        # Additive causal mask; query rows [start, 77) take rows [start, 77) of it.
+        self.mask = torch.full((self.window, self.window), float("-inf"), dtype=self.dtype).triu(1)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.hidden_size * torch.finfo(self.dtype).bits // 8
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: torch.Tensor, prefixes: list[CachedPrefix | None]) -> ForwardResult:
+        batch, window = token_ids.shape
+        if window != self.window or len(prefixes) != batch:
+            raise ValueError(f"expected [batch, {self.window}] token ids and one prefix entry per row")
+        starts = [p.start if p is not None else 0 for p in prefixes]
+        if any(s >= window for s in starts):
+            raise ValueError("a cached prefix must leave at least one position to compute")
+
+        # Group rows by start; each group's new rows are contiguous in the flat [rows, hidden] layout.
+        groups: dict[int, list[int]] = {}
+        for row, start in enumerate(starts):
+            groups.setdefault(start, []).append(row)
+        plan = []  # (start, rows, first flat row, last flat row, kv buffer)
+        embedded = []
+        offset = 0
+        embeddings = self.model.embeddings
+        for start, rows in groups.items():
+            new = window - start
+            positions = torch.arange(start, window).unsqueeze(0)
+            embedded.append(embeddings(input_ids=token_ids[rows, start:], position_ids=positions).reshape(-1, self.hidden_size))
+            kv = torch.empty(self.num_layers, 2, len(rows), self.num_heads, window, self.head_dim, dtype=self.dtype)
+            for i, row in enumerate(rows):
+                if start:
+                    kv[:, :, i, :, :start] = prefixes[row].kv
+            plan.append((start, rows, offset, offset + len(rows) * new, kv))
+            offset += len(rows) * new
+        hidden = embedded[0] if len(embedded) == 1 else torch.cat(embedded)
+
+        for layer_index, layer in enumerate(self.model.encoder.layers):
+            hidden = self._layer(layer, layer_index, hidden, plan)
+        hidden = self.model.final_layer_norm(hidden)
+
+        out = torch.empty(batch, window, self.hidden_size, dtype=self.dtype)
+        kv_rows: list[torch.Tensor] = [None] * batch  # type: ignore[list-item]
+        for start, rows, first, last, kv in plan:
+            out[rows, start:] = hidden[first:last].view(len(rows), window - start, self.hidden_size)
+            for i, row in enumerate(rows):
+                if start:
+                    out[row, :start] = prefixes[row].hidden
+                kv_rows[row] = kv[:, :, i]
+        return ForwardResult(out, kv_rows)
+
+    def _layer(self, layer, layer_index: int, hidden: torch.Tensor, plan) -> torch.Tensor:
+        attention = layer.self_attn
+        residual = hidden
+        x = layer.layer_norm1(hidden)
+        queries, keys, values = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+        outputs = []
+        for start, rows, first, last, kv in plan:
+            shape = (len(rows), self.window - start, self.num_heads, self.head_dim)
+            q = queries[first:last].view(shape).transpose(1, 2)
+            kv[layer_index, 0, :, :, start:] = keys[first:last].view(shape).transpose(1, 2)
+            kv[layer_index, 1, :, :, start:] = values[first:last].view(shape).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                q, kv[layer_index, 0], kv[layer_index, 1], attn_mask=self.mask[start:], scale=attention.scale
+            )
+            outputs.append(attended.transpose(1, 2).reshape(-1, self.hidden_size))
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        hidden = residual + attention.out_proj(attended)
+        return hidden + layer.mlp(layer.layer_norm2(hidden))
