@@ -7,7 +7,10 @@ to be computed (exact hits excluded: the default negative prompt would hide ever
 and a small frequency sketch of block hashes (Space-Saving: a fixed number of counters,
 the least counted one replaced by a newcomer). When the rolling rate stays below the
 threshold for a whole window, it asks for a rebuild: the engine drops the namespace's
-stale free blocks and re-warms and pins the most frequent recent prefixes.
+stale free blocks and re-warms and pins the most frequent recent prefixes. Counts are
+halved every window, so "frequent" means frequent lately; a rebuild that does not lift
+the rate doubles the wait before the next one (up to 8 windows), so a workload with no
+reuse to find does not rebuild over and over.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ class SpaceSavingSketch:
             if not self.entries[key].count:
                 del self.entries[key]
 
-    def top_prefixes(self, limit: int) -> list[SketchEntry]:
-        """The most counted prefixes, deepest first among equals, skipping any prefix that
-        a chosen deeper one already contains."""
+    def top_prefixes(self, limit: int, min_count: int = 2) -> list[SketchEntry]:
+        """The most counted prefixes (seen at least `min_count` times: once is not a pattern),
+        deepest first among equals, skipping any prefix a chosen deeper one contains."""
         chosen: list[SketchEntry] = []
         covered: set[bytes] = set()
         for entry in sorted(self.entries.values(), key=lambda e: (-e.count, -len(e.chain))):
+            if entry.count < min_count:
+                break
             if entry.chain[-1] in covered:
                 continue
             chosen.append(entry)
@@ -70,6 +75,9 @@ class NamespaceWindow:
     hit_tokens: deque = field(default_factory=deque)
     total_tokens: deque = field(default_factory=deque)
     sketch: SpaceSavingSketch | None = None
+    observed: int = 0
+    since_rebuild: int = 0
+    patience: int = 1  # windows to wait between rebuilds
 
     def rate(self) -> float:
         total = sum(self.total_tokens)
@@ -102,10 +110,19 @@ class HitRateWatchdog:
         state = self._state(namespace)
         state.hit_tokens.append(hit_tokens)
         state.total_tokens.append(total_tokens)
+        state.observed += 1
+        state.since_rebuild += 1
         ids = tuple(token_ids)
         for depth in range(1, len(chain) + 1):
             state.sketch.add(chain[depth - 1], tuple(chain[:depth]), ids)
-        return len(state.total_tokens) >= self.window and state.rate() < self.min_hit_rate
+        if state.observed % self.window == 0:
+            state.sketch.decay()
+        if len(state.total_tokens) < self.window:
+            return False
+        if state.rate() >= self.min_hit_rate:
+            state.patience = 1
+            return False
+        return state.since_rebuild >= self.window * state.patience
 
     def rate(self, namespace: str) -> float:
         state = self._namespaces.get(namespace)
@@ -116,8 +133,10 @@ class HitRateWatchdog:
         return state.sketch.top_prefixes(limit) if state else []
 
     def rebuilt(self, namespace: str) -> None:
-        """Start a fresh window (the next rebuild needs a whole window of evidence) and fade the sketch."""
+        """Start a fresh window; if the last rebuild did not help, wait longer for the next."""
         state = self._state(namespace)
+        if state.since_rebuild <= self.window * state.patience and state.observed > state.since_rebuild:
+            state.patience = min(2 * state.patience, 8)  # straight after the previous one: it did not help
         state.hit_tokens.clear()
         state.total_tokens.clear()
-        state.sketch.decay()
+        state.since_rebuild = 0
