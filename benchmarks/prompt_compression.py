@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.readme_table import update_readme  # noqa: E402
+
 DATASET = REPO_ROOT / "tests" / "data" / "portrait_instructions.jsonl"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "prompt_compression.json"
 SECTION = "prompt_compression"
@@ -143,17 +145,6 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_readme(path: Path, text: str) -> None:
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    content = path.read_text()
-    if start not in content or end not in content:
-        print(f"warning: {path} lacks the {SECTION} markers; not updated", file=sys.stderr)
-        return
-    head, rest = content.split(start, 1)
-    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
-    print(f"updated {path}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="model whose tokenizer counts (default: %(default)s)")
@@ -173,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print(f"\nattributes missing in: {', '.join(failures)}", file=sys.stderr)
     if options.update_readme:
-        update_readme(Path(options.update_readme), table)
+        update_readme(Path(options.update_readme), table, SECTION)
     return 0
 
 

@@ -50,6 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
 
+from benchmarks.readme_table import update_readme  # noqa: E402
+
 MODES = ("in_process", "served", "single_deployment")
 APP_NAME = "fusionserve"
 BASELINE_NAME = "baseline"
@@ -642,24 +644,6 @@ def markdown_table(results: dict) -> str:
             f"torch {config.get('torch', '?')}, Ray {config.get('ray', '?')}; {config.get('date', '?')}; "
             f"`{config.get('command', '')}`")
     return "\n".join(lines + [""] + [f"{line}  " for line in summary_lines(results)] + ["", f"<sub>{note}</sub>"])
-
-
-def update_readme(path: Path, markdown: str, section: str = README_SECTION) -> bool:
-    """Replace the text between the section's markers; warn (and change nothing) without them."""
-    readme_start, readme_end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    if not path.is_file():
-        print(f"warning: {path} not found; README not updated", file=sys.stderr)
-        return False
-    text = path.read_text()
-    start = text.find(readme_start)
-    end = text.find(readme_end, start + len(readme_start)) if start >= 0 else -1
-    if start < 0 or end < 0:
-        print(f"warning: {path} lacks the markers {readme_start} ... {readme_end}; README not updated",
-              file=sys.stderr)
-        return False
-    path.write_text(f"{text[:start + len(readme_start)]}\n{markdown.strip()}\n{text[end:]}")
-    print(f"updated {path}")
-    return True
 
 
 def plot(results: dict, path: Path) -> None:

@@ -23,14 +23,15 @@ import torch.nn.functional as F
 
 @dataclass
 class CachedPrefix:
-    """What is known about positions [0, start) of one row."""
+    """What is known about positions [0, start) of one row, as consecutive pieces (cache
+    blocks), copied straight into the forward's buffers."""
 
-    kv: torch.Tensor  # [layers, 2, heads, start, head_dim]: each layer's keys and values
-    hidden: torch.Tensor  # [start, hidden]: final hidden states (after the final layer norm)
+    kv: list[torch.Tensor]  # each [layers, 2, heads, piece, head_dim]: every layer's keys and values
+    hidden: list[torch.Tensor]  # each [piece, hidden]: final hidden states (after the final layer norm)
 
     @property
     def start(self) -> int:
-        return self.hidden.shape[0]
+        return sum(piece.shape[0] for piece in self.hidden)
 
 
 @dataclass
@@ -79,8 +80,10 @@ class PrefixReuseForward:
             embedded.append(embeddings(input_ids=token_ids[rows, start:], position_ids=positions).reshape(-1, self.hidden_size))
             kv = torch.empty(self.num_layers, 2, len(rows), self.num_heads, window, self.head_dim, dtype=self.dtype)
             for i, row in enumerate(rows):
-                if start:
-                    kv[:, :, i, :, :start] = prefixes[row].kv
+                position = 0
+                for piece in prefixes[row].kv if start else ():
+                    kv[:, :, i, :, position:position + piece.shape[3]] = piece
+                    position += piece.shape[3]
             plan.append((start, rows, offset, offset + len(rows) * new, kv))
             offset += len(rows) * new
         hidden = embedded[0] if len(embedded) == 1 else torch.cat(embedded)
@@ -94,8 +97,10 @@ class PrefixReuseForward:
         for start, rows, first, last, kv in plan:
             out[rows, start:] = hidden[first:last].view(len(rows), window - start, self.hidden_size)
             for i, row in enumerate(rows):
-                if start:
-                    out[row, :start] = prefixes[row].hidden
+                position = 0
+                for piece in prefixes[row].hidden if start else ():
+                    out[row, position:position + piece.shape[0]] = piece
+                    position += piece.shape[0]
                 kv_rows[row] = kv[:, :, i]
         return ForwardResult(out, kv_rows)
 

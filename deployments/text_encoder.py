@@ -95,11 +95,24 @@ class _Row:
 class TextEncoderEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None,
                  cache: EncoderCacheSettings | dict | None = None):
-        self.num_threads = num_threads
         model_path = Path(model_path)
-        self.model_id = models.model_id(model_path)
-        self.tokenizer = models.load_tokenizer(model_path)
-        self.model = models.load_text_encoder(model_path)
+        self._setup(models.load_text_encoder(model_path), models.load_tokenizer(model_path),
+                    models.model_id(model_path), num_threads, cache)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, model_id: str, num_threads: int | None = None,
+                   cache: EncoderCacheSettings | dict | None = None) -> "TextEncoderEngine":
+        """Around an already loaded `CLIPTextModel` (the benchmark's SD-1.5-shaped encoder)."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, model_id, num_threads, cache)
+        return engine
+
+    def _setup(self, model, tokenizer, model_id: str, num_threads: int | None,
+               cache: EncoderCacheSettings | dict | None) -> None:
+        self.num_threads = num_threads
+        self.model_id = model_id
+        self.tokenizer = tokenizer
+        self.model = model
         self.forward = PrefixReuseForward(self.model)
         self.settings = EncoderCacheSettings.model_validate(cache or {})
         self.pool = BlockPool(int(self.settings.max_mib * 2**20),
@@ -220,9 +233,7 @@ class TextEncoderEngine:
     def _cached_prefix(self, chain: list[CacheEntry]) -> CachedPrefix | None:
         if not chain:
             return None
-        kv = torch.cat([entry.tensors[0] for entry in chain], dim=3)
-        hidden = torch.cat([entry.tensors[1] for entry in chain], dim=0)
-        return CachedPrefix(kv, hidden)
+        return CachedPrefix([entry.tensors[0] for entry in chain], [entry.tensors[1] for entry in chain])
 
     def _write_back(self, row: _Row, kv: torch.Tensor, hidden: torch.Tensor) -> None:
         size = self.settings.block_size

@@ -49,7 +49,7 @@ def test_prefix_forward_is_bit_identical_to_clip_text_model():
     full = forward(ids, [None] * 5)
     assert torch.equal(full.hidden, expected)
     starts = [0, 16, 32, 64, 32]
-    prefixes = [None if s == 0 else CachedPrefix(full.kv[i][:, :, :, :s].clone(), full.hidden[i, :s].clone())
+    prefixes = [None if s == 0 else CachedPrefix([full.kv[i][:, :, :, :s].clone()], [full.hidden[i, :s].clone()])
                 for i, s in enumerate(starts)]
     resumed = forward(ids, prefixes)
     assert torch.equal(resumed.hidden, expected)
