@@ -117,7 +117,7 @@ def test_prompt_optimize_endpoint(http):
                          "prefix_tokens", "warnings"}
     assert body["prompt"].startswith("portrait photo, front view, head and shoulders, soft studio lighting, plain grey background, Asian man, age:35")
     assert body["attributes"]["identity"] == "Asian man"
-    assert body["prefix_tokens"] == 10  # BOS + the template's 8 tokens + its comma
+    assert body["prefix_tokens"] == 19  # BOS + the template's 17 tokens + its comma: a full first block
     assert body["negative_prompt"].startswith("blurry, deformed eyes")
 
 

@@ -1,0 +1,57 @@
+"""The text encoder's prefix cache through the served DAG: hits are visible, images exact."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from serve_app.request import ImageRequest
+from tests.conftest import run
+from tests.integration.test_generation_http import generate, png_of
+
+NAMESPACE = "studio-portrait"  # its template (>= 15 tokens) fills the first 16-token block
+
+
+def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tiny_model_path, serve_settings):
+    from serve_app.pipeline import local_pipeline
+
+    settings, _ = serve_settings
+    common = {"size": "64x64", "seed": 5, "num_inference_steps": 4, "cache_namespace": NAMESPACE}
+    generate(http, prompt="a smiling Asian man, about 35, wearing glasses", **common)  # the template's block
+    second = generate(http, prompt="an elderly woman with long red hair, side view", **common)
+    again = generate(http, prompt="an elderly woman with long red hair, side view", **common)
+    details = second["usage"]["input_tokens_details"]
+    assert details["cached_tokens"] == 16  # the template block, not a token of the woman
+    assert details["negative_prompt_cached_tokens"] == 77  # the default negative prompt: exact hit
+    assert again["usage"]["input_tokens_details"]["cached_tokens"] == 77
+    assert png_of(second["data"][0]) == png_of(again["data"][0])
+
+    uncached = local_pipeline(tiny_model_path, settings.num_threads, settings.steps.default_steps,
+                              stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
+                              encoder_cache={"enabled": False})
+    request = ImageRequest(prompt="an elderly woman with long red hair, side view", negative_prompt="", width=64,
+                           height=64, n=1, seed=5, guidance_scale=settings.default_guidance_scale,
+                           num_inference_steps=4, cache_namespace=NAMESPACE)
+    result = run(uncached.generate(request))
+    assert result.usage["input_tokens_details"]["cached_tokens"] == 0
+    assert png_of(second["data"][0]) == result.images_png[0]
+
+
+def test_cache_counters_reach_rays_metrics_endpoint(http):
+    import ray
+
+    generate(http, prompt="portrait of a bald man", size="64x64", seed=1, num_inference_steps=2,
+             cache_namespace="metrics-check")
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.time() + 40  # Ray exports custom metrics every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines()
+                 if line.startswith("ray_fusionserve_encoder_window_tokens") and 'namespace="metrics-check"' in line]
+        if lines or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert lines, "ray_fusionserve_encoder_window_tokens{namespace=metrics-check} not exported"
+    assert float(lines[0].rsplit(" ", 1)[1]) >= 154  # prompt + negative prompt, 77 positions each
+    assert "ray_fusionserve_encoder_cache_bytes" in text
