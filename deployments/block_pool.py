@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 BlockHash = bytes  # 16-byte digest: stable across processes (routing keys depend on it)
@@ -33,22 +34,36 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: S
 
     blake2b rather than Python's hash(): the same prefix must hash alike in every replica
     and in the router that picks a replica for it."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent or b"\x00" * 16)
-    digest.update(b"|".join(key.encode() for key in extra_keys))
-    digest.update(b"#")
-    digest.update(",".join(map(str, token_ids)).encode())
-    return digest.digest()
+    return _hash(parent, _token_bytes(token_ids), _extra_bytes(extra_keys))
 
 
 def chain_hashes(token_ids: Sequence[int], block_size: int, extra_keys: Sequence[str] = ()) -> list[BlockHash]:
     """Hashes of the full blocks of a token sequence, in order (a partial tail has none)."""
+    data, extra = _token_bytes(token_ids), _extra_bytes(extra_keys)
+    step = 4 * block_size
     hashes: list[BlockHash] = []
     parent: BlockHash | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start:start + block_size], extra_keys)
+    for start in range(0, len(data) - step + 1, step):
+        parent = _hash(parent, data[start:start + step], extra)
         hashes.append(parent)
     return hashes
+
+
+def _token_bytes(token_ids) -> bytes:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.numpy()
+    return np.asarray(token_ids, dtype="<i4").tobytes()
+
+
+def _extra_bytes(extra_keys: Sequence[str]) -> bytes:
+    return b"|".join(key.encode() for key in extra_keys) + b"#"
+
+
+def _hash(parent: BlockHash | None, token_bytes: bytes, extra: bytes) -> BlockHash:
+    digest = hashlib.blake2b(parent or b"\x00" * 16, digest_size=16)
+    digest.update(extra)
+    digest.update(token_bytes)
+    return digest.digest()
 
 
 @dataclass(eq=False)

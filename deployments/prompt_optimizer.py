@@ -121,6 +121,11 @@ def merge_negative_prompt(user_negative: str, defaults: tuple[str, ...]) -> str:
     return ", ".join(kept)
 
 
+def routing_key_for(window_ids, namespace: str) -> str:
+    """Names the first 16-token block of a padded window in its namespace (hex)."""
+    return hash_block(None, window_ids[:ROUTING_BLOCK_TOKENS], (namespace,)).hex()
+
+
 class PromptOptimizerEngine:
     def __init__(self, model_path: Path, templates: dict[str, str] | None = None,
                  default_style: str = DEFAULT_STYLE, lexicon: Lexicon | None = None):
@@ -131,7 +136,7 @@ class PromptOptimizerEngine:
 
     def routing_key(self, text: str, namespace: str) -> str:
         window = self.tokenizer(text, padding="max_length", max_length=CLIP_WINDOW, truncation=True).input_ids
-        return hash_block(None, window[:ROUTING_BLOCK_TOKENS], (namespace,)).hex()
+        return routing_key_for(window, namespace)
 
     def count_tokens(self, text: str) -> int:
         if not text:

@@ -179,11 +179,11 @@ class TextEncoderEngine:
         # A prefix hit must leave at least one position to compute.
         max_blocks = (window - 1) // cache.block_size
         rows: list[_Row] = []  # to compute
-        unique: dict[tuple, _Row] = {}  # identical (ids, namespace) rows in one batch run once
+        unique: dict[tuple[bytes, str], _Row] = {}  # identical (ids, namespace) rows in one batch run once
         order: list[_Row] = []
         cached_tokens: list[int] = []
         for ids, namespace in zip(token_ids, namespaces):
-            key = (tuple(ids.tolist()), namespace)
+            key = (ids.numpy().tobytes(), namespace)
             stats = self._namespace_stats(namespace)
             stats.texts += 1
             stats.window_tokens += window
@@ -194,10 +194,10 @@ class TextEncoderEngine:
                 cached_tokens.append(window)
                 continue
             extra = self._keys(namespace)
-            chain = chain_hashes(key[0], cache.block_size, extra)[:max_blocks] if cache.enabled else []
+            chain = chain_hashes(ids, cache.block_size, extra)[:max_blocks] if cache.enabled else []
             exact_key = None
             if cache.enabled and cache.exact_prompts:
-                exact_key = hash_block(chain[-1] if chain else None, key[0], (*extra, "window"))
+                exact_key = hash_block(chain[-1] if chain else None, ids, (*extra, "window"))
             row = _Row(ids, namespace, chain, exact_key)
             unique[key] = row
             order.append(row)
