@@ -37,21 +37,25 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterable, List, Optional
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional
 
 from ray.serve.request_router import (
     PendingRequest,
+    ReplicaID,
     RequestRouter,
     RunningReplica,
 )
 
 # Default spill-over point, in requests in flight on the preferred replica (as this
 # caller sees them: its own sends since the last probe, plus the probed queue length).
-# The TextEncoder runs one forward at a time, so each request queued ahead costs a
-# whole encode, while a prefix-cache hit saves only the prefix's share of one
-# (P/77 of the tokens; about half for a 40-token prefix). Waiting behind the one
-# request in progress is roughly break-even; waiting behind two is a loss. A miss on
-# another replica is cheap: that replica caches the prefix too. So spill at 2.
+# The TextEncoder runs one (batched) forward at a time and on CPU it is compute-bound,
+# so each request queued ahead costs about one request's encode, while a prefix-cache
+# hit saves only the prefix's share of one (P/77 of the tokens; about half for a
+# 40-token prefix). Waiting behind the one request in progress is roughly break-even;
+# waiting behind two is a loss. A miss on another replica is cheap: that replica
+# caches the prefix too. So spill at 2. On a GPU, where a batch of up to
+# max_batch_size requests costs about as much as one, raise it toward max_batch_size.
 DEFAULT_BUSY_THRESHOLD = 2
 DEFAULT_ROUTING_KEY_KWARG = "routing_key"
 
@@ -96,8 +100,9 @@ class PrefixAffinityRouter(RequestRouter):
 
     Subclasses ``RequestRouter`` directly, deliberately without ``FIFOMixin``: with it,
     a replica found for request A is handed to the *oldest* pending request, which
-    would send B's prompt to A's replica and break affinity. The base class gives the
-    replica to exactly the request it was chosen for.
+    would send B's prompt to A's replica and break affinity. Two private hooks of the
+    base class are overridden (see ``_fulfill_next_pending_request``): the hand-off
+    matches the exact request, and a replica's load is counted when it is picked.
 
     ``request_router_kwargs`` (see ``initialize_state``):
       - ``busy_threshold`` (int >= 1, default 2): the preferred replica is busy at this
@@ -111,6 +116,12 @@ class PrefixAffinityRouter(RequestRouter):
     # router constructed by hand (tests) that never calls it.
     _busy_threshold: int = DEFAULT_BUSY_THRESHOLD
     _routing_key_kwarg: str = DEFAULT_ROUTING_KEY_KWARG
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Picks already added to the queue-length cache whose on_send_request has not
+        # come yet (per replica), so that it is not counted twice.
+        self._counted_before_send: Dict[ReplicaID, int] = defaultdict(int)
 
     def initialize_state(
         self,
@@ -185,3 +196,38 @@ class PrefixAffinityRouter(RequestRouter):
         # Busy: least loaded of the preferred replica and two others; the preferred one
         # goes first so that it keeps the request on a tie.
         return [[preferred] + self._power_of_two(others)]
+
+    # ------------------------------------------------ overrides of private base hooks
+    # Checked against Ray 2.60 (ray/serve/_private/request_router/request_router.py);
+    # tests/unit/test_encoder_router.py fails if either behaviour regresses.
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Give ``replica`` to the request it was chosen for, and count it now.
+
+        1. The base class finds that request by ``internal_request_id``, but every call
+           that one replica makes while serving one request shares that id (the ingress
+           encoding several prompts at once, for example). Its index keeps only the
+           first, so the others are never handed a replica and their calls hang. The
+           metadata object itself is distinct per call, so match on identity.
+        2. Serve counts a request against the replica's queue length only once it is
+           sent (``on_send_request``), after this hand-off. A burst routed in one go
+           would then see the same, stale load, and every same-key request would pass
+           the busy check. Count it here instead; ``on_send_request`` skips it later.
+        """
+        for pr in self._pending_requests_to_fulfill:
+            if pr.metadata is request_metadata and not pr.future.done():
+                self._cancel_routing_task_for_pending_request(pr)
+                self._record_queue_wait_time(pr)
+                pr.future.set_result(replica)
+                if self._pending_requests_by_id.get(request_metadata.internal_request_id) is pr:
+                    self._remove_pending_request_from_indices(pr)
+                if self._use_replica_queue_len_cache:
+                    super().on_send_request(replica.replica_id)
+                    self._counted_before_send[replica.replica_id] += 1
+                return
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        if self._counted_before_send.get(replica_id, 0) > 0:
+            self._counted_before_send[replica_id] -= 1  # counted when it was picked
+            return
+        super().on_send_request(replica_id)

@@ -142,7 +142,7 @@ class FakeReplica(RunningReplica):
         pass
 
 
-def _request(routing_key=None) -> PendingRequest:
+def _request(routing_key=None, internal_request_id=None) -> PendingRequest:
     kwargs = {"namespace": "studio-portrait"}
     if routing_key is not None:
         kwargs["routing_key"] = routing_key
@@ -150,7 +150,9 @@ def _request(routing_key=None) -> PendingRequest:
     return PendingRequest(
         args=[["a portrait"]],
         kwargs=kwargs,
-        metadata=RequestMetadata(request_id=rid, internal_request_id=rid, call_method="encode"),
+        metadata=RequestMetadata(
+            request_id=rid, internal_request_id=internal_request_id or rid, call_method="encode"
+        ),
     )
 
 
@@ -187,7 +189,11 @@ def test_idle_preferred_replica_gets_its_keys():
         a, b = FakeReplica("a"), FakeReplica("b")
         router = await _router([a, b])
         keys = KEYS[:40]
-        routed = [await _route(router, _request(k)) for k in keys]
+        routed = []
+        for k in keys:
+            routed.append(await _route(router, _request(k)))
+            _set_load(router, a, 0)  # the request completed
+            _set_load(router, b, 0)
         assert routed == [rendezvous_choice(k, ["a", "b"]) for k in keys]
         assert set(routed) == {"a", "b"}  # both owners occur, so this is not luck
 
@@ -291,6 +297,41 @@ def test_concurrent_requests_each_get_their_own_owner():
         keys = KEYS[:64]
         routed = await asyncio.gather(*(_route(router, _request(k)) for k in keys))
         assert list(routed) == [rendezvous_choice(k, "abcd") for k in keys]
+
+    asyncio.run(main())
+
+
+def test_concurrent_calls_sharing_an_internal_request_id_all_get_a_replica():
+    # Calls that one replica makes while serving one request share its
+    # internal_request_id. Serve's exact-match hand-off keeps one of them in its index,
+    # so with the base class the others never get a replica (the caller hangs).
+    async def main():
+        replicas = [FakeReplica(x) for x in "ab"]
+        router = await _router(replicas, busy_threshold=1000)
+        keys = KEYS[:6] + [None, None]
+        routed = await asyncio.gather(*(_route(router, _request(k, "parent-1")) for k in keys))
+        assert list(routed[:6]) == [rendezvous_choice(k, "ab") for k in keys[:6]]
+
+    asyncio.run(main())
+
+
+def test_same_key_burst_spills_once_the_owner_has_threshold_requests():
+    # A burst is routed before any of it is sent; each pick must count against the
+    # replica at once, or every request of the burst sees the owner idle.
+    async def main():
+        replicas = [FakeReplica(x) for x in "ab"]
+        router = await _router(replicas, busy_threshold=2)
+        key = KEYS[0]
+        owner = rendezvous_choice(key, "ab")
+        routed = await asyncio.gather(*(_route(router, _request(key)) for _ in range(4)))
+        assert Counter(routed) == {owner: 2, ("b" if owner == "a" else "a"): 2}
+        # The framework's own count on send does not add a second time.
+        for rid in routed:
+            router.on_send_request(router.curr_replicas[ReplicaID(rid, DEPLOYMENT)].replica_id)
+        cache = router.replica_queue_len_cache
+        assert [cache.get(r.replica_id) for r in replicas] == [2, 2]
+        router.on_send_request(replicas[0].replica_id)  # a send it did not pick: counted
+        assert cache.get(replicas[0].replica_id) == 3
 
     asyncio.run(main())
 
