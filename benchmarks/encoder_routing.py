@@ -91,7 +91,8 @@ def run(options) -> dict:
         for router in ("default", "affinity"):
             options_ = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}, "max_ongoing_requests": 16}
             if router == "affinity":
-                options_["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER)
+                options_["request_router_config"] = RequestRouterConfig(
+                    request_router_class=ROUTER, request_router_kwargs={"busy_threshold": options.busy_threshold})
             app = text_encoder.build_deployment().options(**options_).bind(str(model_path), 1, settings)
             handle = serve.run(app, name=f"routing-{router}", route_prefix=None)
             asyncio.run(drive(handle, requests[:8], options.concurrency))  # start-up costs, not counted
@@ -110,7 +111,7 @@ def run(options) -> dict:
         ray.shutdown()
     return {"rows": rows, "config": {
         "templates": options.templates, "requests": options.requests, "concurrency": options.concurrency,
-        "max_mib_per_replica": options.max_mib, "replicas": 2,
+        "max_mib_per_replica": options.max_mib, "replicas": 2, "busy_threshold": options.busy_threshold,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "benchmarks/encoder_routing.py " + " ".join(sys.argv[1:])}}
 
@@ -123,7 +124,8 @@ def markdown(results: dict) -> str:
                      f"| {r['template_hit_share']:.0%} | {r['rps']:.1f} |")
     c = results["config"]
     lines += ["", f"2 TextEncoder replicas (tiny model), {c['max_mib_per_replica']} MiB cache each, {c['templates']} "
-              f"namespace templates (skewed), concurrency {c['concurrency']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+              f"namespace templates (skewed), concurrency {c['concurrency']}, affinity spill at "
+              f"{c['busy_threshold']} in flight; {c['date'][:10]}; `{c['command'].strip()}`."]
     return "\n".join(lines)
 
 
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--templates", type=int, default=48)
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-mib", type=float, default=2.0, help="cache budget per replica")
+    parser.add_argument("--max-mib", type=float, default=4.0, help="cache budget per replica")
+    parser.add_argument("--busy-threshold", type=int, default=8, help="the affinity router's spill point")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)

@@ -258,7 +258,10 @@ class TextEncoderEngine:
         watchdog = self.settings.watchdog
         if self.settings.enabled and watchdog.enabled:
             if self.watchdog.observe(row.namespace, cached, window, row.chain, row.token_ids.tolist()):
-                self._rebuild(row.namespace)
+                try:
+                    self._rebuild(row.namespace)
+                except Exception:  # the cache stays correct either way; the request must not fail for it
+                    logger.exception("text encoder cache rebuild for namespace %r failed", row.namespace)
 
     # -- watchdog rebuild ---------------------------------------------------------------------
     def _rebuild(self, namespace: str) -> None:
