@@ -55,3 +55,43 @@ def test_cache_counters_reach_rays_metrics_endpoint(http):
     assert lines, "ray_fusionserve_encoder_window_tokens{namespace=metrics-check} not exported"
     assert float(lines[0].rsplit(" ", 1)[1]) >= 154  # prompt + negative prompt, 77 positions each
     assert "ray_fusionserve_encoder_cache_bytes" in text
+
+
+def test_affinity_router_keeps_a_prefix_on_the_replica_that_cached_it(base_url, tiny_model_path):
+    """Two TextEncoder replicas behind PrefixAffinityRouter (as serve_config.yaml configures
+    it): every request after a key's first finds the key's blocks cached. With Serve's
+    default router half of the keys' second requests would land on the other replica."""
+    import asyncio
+
+    from ray import serve
+
+    from deployments import text_encoder
+    from deployments.prompt_optimizer import routing_key_for
+    from deployments.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    app = text_encoder.build_deployment().options(
+        num_replicas=2, ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=1,
+        request_router_config={"request_router_class": "serve_app.encoder_router:PrefixAffinityRouter",
+                               "request_router_kwargs": {"busy_threshold": 8}},
+    ).bind(str(tiny_model_path), 1, {})
+    handle = serve.run(app, name="routing-check", route_prefix=None)
+    templates = [f"template number {i}: a studio portrait with soft light and a plain background, sharp"
+                 for i in range(8)]
+
+    async def send_all():
+        cached = {}
+        for round_ in range(3):
+            for i, template in enumerate(templates):
+                prompt = f"{template}, person {round_}"
+                ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+                encoding = await handle.encode.remote([prompt], namespace="routing",
+                                                      routing_key=routing_key_for(ids, "routing"))
+                cached.setdefault(i, []).append(encoding.cached_tokens[0])
+        return cached
+
+    try:
+        cached = asyncio.run(send_all())
+    finally:
+        serve.delete("routing-check", _blocking=False)  # its replicas go away in the background
+    assert all(counts[0] == 0 and min(counts[1:]) >= 16 for counts in cached.values()), cached
