@@ -1,26 +1,36 @@
-"""Stage 3: the UNet denoising loop with classifier-free guidance.
+"""Stage 3: the UNet denoising loop with classifier-free guidance, step-level batched.
 
-Each job carries its own scheduler instance, so jobs with different step counts can run
-on one replica; step-level continuous batching is a later issue and lands here. The loop
+Each job carries its own scheduler instance and state, so jobs with different step
+counts (and schedulers) share one UNet forward per step (`step_batcher`). A job alone
 reproduces diffusers' StableDiffusionPipeline step for step, so images match it.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import models
+from deployments.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
+
+__all__ = ["DenoiseJob", "DenoiserEngine", "DenoiserSettings", "JobCancelled", "LoadSnapshot"]
 
 VAE_SCALE = 8  # SD 1.x VAEs downscale 8x; latents are (4, H/8, W/8)
 
 
-class JobCancelled(Exception):
-    """The caller went away; the job stopped at a step boundary."""
+class DenoiserSettings(BaseModel):
+    """The Denoiser stage (serve_config.yaml: args.denoiser)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, le=64, description="images per UNet forward (x2 rows with guidance)")
+    admit_between_steps: bool = Field(True, description="false: request-level batching (for comparison)")
 
 
 @dataclass
@@ -32,6 +42,7 @@ class DenoiseJob:
     seeds: list[int]  # one image per seed
     num_inference_steps: int
     guidance_scale: float
+    scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
 
 
 def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -41,56 +52,58 @@ def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.
 
 
 class DenoiserEngine:
-    def __init__(self, model_path: Path, num_threads: int | None = None):
+    def __init__(self, model_path: Path, num_threads: int | None = None,
+                 settings: DenoiserSettings | dict | None = None):
         self.num_threads = num_threads
+        self.settings = DenoiserSettings.model_validate(settings or {})
         model_path = Path(model_path)
         self.unet = models.load_unet(model_path)
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
-        self._lock = threading.Lock()
+        self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
+                                   self.settings.max_batch_size, self.settings.admit_between_steps)
 
-    def new_scheduler(self, num_inference_steps: int):
-        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+    def new_scheduler(self, num_inference_steps: int, name: str | None = None):
+        scheduler_cls = self.scheduler_cls
+        if name is not None and name != scheduler_cls.__name__:
+            import diffusers
+
+            scheduler_cls = getattr(diffusers, name, None)
+            if scheduler_cls is None or not name.endswith("Scheduler"):
+                raise ValueError(f"unknown scheduler {name!r}")
+        scheduler = scheduler_cls.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
         return scheduler
 
-    @torch.inference_mode()
-    def denoise(
-        self,
-        job: DenoiseJob,
-        on_step: Callable[[int, int], None] | None = None,
-        cancelled: threading.Event | None = None,
-    ) -> torch.Tensor:
-        """Run the whole loop for one job; returns latents [len(seeds), 4, H/8, W/8].
-
-        `cancelled` set from another thread stops the loop at the next step boundary.
-        """
+    def prepare(self, job: DenoiseJob) -> ActiveJob:
+        """The job's starting state: its scheduler, noise and text context."""
         count = len(job.seeds)
-        scheduler = self.new_scheduler(job.num_inference_steps)
+        scheduler = self.new_scheduler(job.num_inference_steps, job.scheduler)
         channels = self.unet.config.in_channels
         latents = torch.cat([initial_latents(s, channels, job.height, job.width) for s in job.seeds])
-        latents = latents * scheduler.init_noise_sigma
-
-        guided = job.guidance_scale > 1.0  # diffusers skips the unconditional half at <= 1
         context = job.prompt_embeds.expand(count, -1, -1)
-        if guided:
+        if job.guidance_scale > 1.0:
             context = torch.cat([job.negative_prompt_embeds.expand(count, -1, -1), context])
+        return ActiveJob(scheduler, latents * scheduler.init_noise_sigma, context, job.guidance_scale,
+                         scheduler.timesteps)
 
-        timesteps = scheduler.timesteps
-        with self._lock:
-            models.set_torch_threads(self.num_threads)
-            for index, t in enumerate(timesteps):
-                if cancelled is not None and cancelled.is_set():
-                    raise JobCancelled()
-                model_input = torch.cat([latents] * 2) if guided else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                noise = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
-                if guided:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + job.guidance_scale * (cond - uncond)
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                if on_step is not None:
-                    on_step(index + 1, len(timesteps))
-        return latents
+    def submit(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
+               cancelled: threading.Event | None = None) -> Future:
+        """Queue the job for the step loop; the future gets latents [len(seeds), 4, H/8, W/8]."""
+        if job.height % VAE_SCALE or job.width % VAE_SCALE:
+            raise ValueError(f"height and width must be multiples of {VAE_SCALE}")
+        latent_shape = (job.height // VAE_SCALE, job.width // VAE_SCALE)
+        return self.batcher.submit(lambda: self.prepare(job), len(job.seeds), latent_shape,
+                                   job.num_inference_steps, on_step, cancelled)
+
+    def denoise(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
+                cancelled: threading.Event | None = None) -> torch.Tensor:
+        """Run the job (batched with whatever else is running) and wait for its latents.
+
+        `cancelled` set from another thread stops it at the next step boundary (JobCancelled)."""
+        return self.submit(job, on_step, cancelled).result()
+
+    def load(self) -> LoadSnapshot:
+        return self.batcher.snapshot()
 
 
 def build_deployment():
@@ -98,20 +111,34 @@ def build_deployment():
 
     from ray import serve
 
-    from deployments.serial_executor import SerialExecutor
+    from deployments.denoiser_metrics import DenoiserMetrics
 
     @serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1})
     class Denoiser:
-        def __init__(self, model_path: str, num_threads: int | None = None):
-            self.engine = DenoiserEngine(Path(model_path), num_threads)
-            self.executor = SerialExecutor("denoiser")
+        def __init__(self, model_path: str, num_threads: int | None = None, settings: dict | None = None):
+            self.engine = DenoiserEngine(Path(model_path), num_threads, settings)
+            self.metrics = DenoiserMetrics()
+            self._export: asyncio.Task | None = None
 
         async def denoise(self, job: DenoiseJob) -> torch.Tensor:
+            if self._export is None:  # the replica's event loop runs by now
+                self._export = asyncio.get_running_loop().create_task(self._export_metrics())
             cancelled = threading.Event()
+            future = self.engine.submit(job, cancelled=cancelled)
             try:
-                return await self.executor.run(self.engine.denoise, job, None, cancelled)
+                return await asyncio.wrap_future(future)
             except asyncio.CancelledError:
-                cancelled.set()  # client gone: the worker thread stops at the next step boundary
+                cancelled.set()  # client gone: the job leaves the batch at the next step boundary
+                self.engine.batcher.wake()
                 raise
+
+        def load(self) -> LoadSnapshot:
+            """Live figures for the step controller and autoscaling."""
+            return self.engine.load()
+
+        async def _export_metrics(self) -> None:
+            while True:
+                self.metrics.update(self.engine.load())
+                await asyncio.sleep(1.0)
 
     return Denoiser

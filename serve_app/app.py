@@ -49,7 +49,8 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
         configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path, settings.prompt.model_dump()),
         configured(text_encoder.build_deployment(), "TextEncoder").bind(
             path, threads("TextEncoder"), settings.text_encoder.model_dump()),
-        configured(denoiser.build_deployment(), "Denoiser").bind(path, threads("Denoiser")),
+        configured(denoiser.build_deployment(), "Denoiser").bind(
+            path, threads("Denoiser"), settings.denoiser.model_dump()),
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),
         models.model_id(model_path),

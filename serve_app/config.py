@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.denoiser import DenoiserSettings
 from deployments.text_encoder import TextEncoderSettings
 
 
@@ -55,6 +56,7 @@ class AppSettings(BaseModel):
     steps: StepSettings = StepSettings()
     prompt: PromptSettings = PromptSettings()
     text_encoder: TextEncoderSettings = TextEncoderSettings()
+    denoiser: DenoiserSettings = DenoiserSettings()
 
     def threads_for(self, stage: str) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)

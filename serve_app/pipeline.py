@@ -132,6 +132,7 @@ def local_pipeline(
     stage_threads: dict[str, int] | None = None,
     prompt_settings: dict | None = None,
     encoder_cache: dict | None = None,
+    denoiser_settings: dict | None = None,
 ) -> ImagePipeline:
     """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
     per stage, as AppSettings.stage_threads does for the served replicas."""
@@ -146,7 +147,8 @@ def local_pipeline(
         prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path, **(prompt_settings or {}))),
         text_encoder=LocalHandle(
             TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads), encoder_cache)),
-        denoiser=LocalHandle(DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads)), denoise_kwargs),
+        denoiser=LocalHandle(DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads), denoiser_settings),
+                            denoise_kwargs),
         vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),
         step_controller=StepController(default_steps),
     )
@@ -157,4 +159,5 @@ def local_pipeline_for(model_path: Path, settings, on_step: Callable[[int, int],
     thread counts, so the same bytes; same prompt templates and encoder cache."""
     return local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step,
                           stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
-                          encoder_cache=settings.text_encoder.cache.model_dump())
+                          encoder_cache=settings.text_encoder.cache.model_dump(),
+                          denoiser_settings=settings.denoiser.model_dump())

@@ -1,0 +1,37 @@
+"""The Denoiser's live load as Ray Serve metrics (Prometheus, so Ray's dashboard)."""
+
+from __future__ import annotations
+
+from deployments.step_batcher import LoadSnapshot
+
+
+class DenoiserMetrics:
+    def __init__(self):
+        from ray.serve import metrics
+
+        self._gauges = {
+            "waiting_jobs": metrics.Gauge("fusionserve_denoiser_waiting_jobs", description="jobs queued for the step loop"),
+            "active_jobs": metrics.Gauge("fusionserve_denoiser_active_jobs", description="jobs in the running batch"),
+            "active_images": metrics.Gauge("fusionserve_denoiser_active_images", description="images in the running batch"),
+            "queued_steps": metrics.Gauge("fusionserve_denoiser_queued_steps",
+                                          description="image-steps left, waiting and running jobs"),
+            "queued_work": metrics.Gauge("fusionserve_denoiser_queued_work",
+                                         description="latent pixels x steps left, waiting and running jobs"),
+        }
+        self._step_ms = metrics.Gauge("fusionserve_denoiser_step_ms", description="moving average ms of one UNet "
+                                      "forward, by images in the batch", tag_keys=("occupancy",))
+        self._steps = metrics.Counter("fusionserve_denoiser_steps", description="UNet forwards run")
+        self._cancelled = metrics.Counter("fusionserve_denoiser_cancelled_jobs", description="jobs whose client left")
+        self._last = (0, 0)
+
+    def update(self, load: LoadSnapshot) -> None:
+        for name, gauge in self._gauges.items():
+            gauge.set(getattr(load, name))
+        for occupancy, ms in load.ms_per_step.items():
+            self._step_ms.set(ms, tags={"occupancy": str(occupancy)})
+        steps, cancelled = self._last
+        if load.steps_run > steps:
+            self._steps.inc(load.steps_run - steps)
+        if load.cancelled_jobs > cancelled:
+            self._cancelled.inc(load.cancelled_jobs - cancelled)
+        self._last = (load.steps_run, load.cancelled_jobs)

@@ -1,0 +1,151 @@
+"""Step-level continuous batching in the Denoiser: invariance, mixing, cancellation, fairness.
+
+Tolerance: a job's image batched with others equals its image alone within 1/255 per
+pixel (the UNet's float sums change with the batch size: ~3e-6 in the noise prediction).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.denoiser import DenoiseJob, DenoiserEngine, JobCancelled
+from deployments.vae_codec import VaeCodecEngine
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_model_path):
+    return VaeCodecEngine(tiny_model_path, num_threads=2)
+
+
+def engine_for(path, **settings) -> DenoiserEngine:
+    return DenoiserEngine(path, num_threads=2, settings=settings)
+
+
+def job(seed: int, steps: int = 8, scheduler: str | None = None, guidance: float = 7.5, size: int = SIZE,
+        images: int = 1) -> DenoiseJob:
+    generator = torch.Generator().manual_seed(1000 + seed)
+    cond, uncond = torch.randn(2, 1, 77, 64, generator=generator)
+    return DenoiseJob(cond, uncond, size, size, [seed + i for i in range(images)], steps, guidance, scheduler)
+
+
+def alone(path, jobs: list[DenoiseJob]) -> list[torch.Tensor]:
+    engine = engine_for(path, max_batch_size=1)
+    return [engine.denoise(j) for j in jobs]
+
+
+def together(engine: DenoiserEngine, jobs: list[DenoiseJob], **kwargs) -> list:
+    """Submit every job before the loop can finish one step, then collect."""
+    futures = [engine.submit(j, **kwargs) for j in jobs]
+    return [f.result(timeout=120) for f in futures]
+
+
+def assert_same_images(vae, batched: torch.Tensor, single: torch.Tensor) -> None:
+    a, b = vae.decode_pixels(batched), vae.decode_pixels(single)
+    assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
+
+
+def test_a_job_batched_with_others_renders_its_image_alone(tiny_model_path, vae):
+    jobs = [job(seed) for seed in range(4)]
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    batched = together(engine, jobs)
+    load = engine.load()
+    assert max(load.ms_per_step) > 1  # they did share forwards
+    assert load.steps_run < sum(j.num_inference_steps for j in jobs)
+    for got, expected in zip(batched, alone(tiny_model_path, jobs)):
+        assert (got - expected).abs().max().item() < 1e-3
+        assert_same_images(vae, got, expected)
+
+
+def test_mixed_step_counts_schedulers_and_guidance_in_one_batch(tiny_model_path, vae):
+    jobs = [job(1, steps=5), job(2, steps=12, scheduler="EulerDiscreteScheduler"), job(3, steps=9, guidance=1.0),
+            job(4, steps=7, images=2)]
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    batched = together(engine, jobs)
+    assert engine.load().steps_run <= 12 + 2  # all ran side by side: about as many forwards as the longest job
+    for got, expected in zip(batched, alone(tiny_model_path, jobs)):
+        assert got.shape == expected.shape
+        assert_same_images(vae, got, expected)
+
+
+def test_a_cancelled_job_leaves_the_batch_and_the_others_finish(tiny_model_path, vae):
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    cancelled = threading.Event()
+    steps_of_cancelled = []
+
+    def on_step(done, total):
+        steps_of_cancelled.append(done)
+        if done == 3:
+            cancelled.set()
+
+    jobs = [job(10, steps=10), job(11, steps=10), job(12, steps=10)]
+    futures = [engine.submit(jobs[0]), engine.submit(jobs[1], on_step=on_step, cancelled=cancelled),
+               engine.submit(jobs[2])]
+    with pytest.raises(JobCancelled):
+        futures[1].result(timeout=120)
+    assert steps_of_cancelled == [1, 2, 3]
+    survivors = [futures[0].result(timeout=120), futures[2].result(timeout=120)]
+    for got, expected in zip(survivors, alone(tiny_model_path, [jobs[0], jobs[2]])):
+        assert_same_images(vae, got, expected)
+    assert engine.load().cancelled_jobs == 1
+
+
+def test_a_bad_job_fails_alone(tiny_model_path):
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    good = engine.submit(job(20, steps=4))
+    bad = engine.submit(job(21, steps=4, scheduler="NoSuchScheduler"))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        bad.result(timeout=120)
+    assert good.result(timeout=120).shape == (1, 4, SIZE // 8, SIZE // 8)
+
+
+def first_step_order(engine: DenoiserEngine, jobs: list[DenoiseJob], gap_s: float = 0.0) -> list[int]:
+    """Submit jobs in order (optionally spaced out); return job indices in the order they first stepped."""
+    order, lock = [], threading.Lock()
+
+    def recorder(index):
+        def on_step(done, total):
+            if done == 1:
+                with lock:
+                    order.append(index)
+        return on_step
+
+    futures = []
+    for index, j in enumerate(jobs):
+        futures.append(engine.submit(j, on_step=recorder(index)))
+        time.sleep(gap_s)
+    for future in futures:
+        future.result(timeout=120)
+    return order
+
+
+def test_admission_is_fifo_and_a_different_size_is_not_starved(tiny_model_path):
+    """With room for 2 images: jobs start in arrival order, and a 96x96 job waiting at the head
+    is not overtaken by 64x64 jobs that could have joined the running 64x64 batch."""
+    engine = engine_for(tiny_model_path, max_batch_size=2)
+    # Job 1 ends first and frees a slot while job 0 still runs: job 3 would fit, job 2 (the head) not.
+    jobs = [job(30, steps=8), job(31, steps=3), job(32, steps=3, size=96), job(33, steps=3), job(34, steps=3)]
+    order = first_step_order(engine, jobs)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_step_level_admission_joins_a_running_batch_request_level_waits(tiny_model_path):
+    """A job arriving while a long one runs starts at the next step with step-level batching
+    (and finishes first), but only after the long one ends with request-level batching."""
+    for step_level in (True, False):
+        engine = engine_for(tiny_model_path, max_batch_size=8, admit_between_steps=step_level)
+        finished = []
+        long_job = engine.submit(job(40, steps=30))
+        while engine.load().steps_run < 2:
+            time.sleep(0.01)
+        short_job = engine.submit(job(41, steps=3))
+        for name, future in (("short", short_job), ("long", long_job)):
+            future.add_done_callback(lambda _, name=name: finished.append(name))
+        long_job.result(timeout=120), short_job.result(timeout=120)
+        assert finished == (["short", "long"] if step_level else ["long", "short"])
