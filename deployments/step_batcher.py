@@ -18,7 +18,7 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +29,18 @@ logger = logging.getLogger(__name__)
 
 class JobCancelled(Exception):
     """The caller went away; the job stopped at a step boundary."""
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve a job's future unless its caller cancelled it meanwhile (asyncio.wrap_future
+    cancels it when the awaiting request is cancelled): that must not kill the loop."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 @dataclass
@@ -142,28 +154,34 @@ class StepBatcher:
     def _run(self) -> None:
         self._set_threads()  # OpenMP keeps its thread count per OS thread: set it in this one
         while True:
-            with self._condition:
+            try:
+                self._iteration()
+            except Exception:  # never let the loop die: every later job would hang
+                logger.exception("denoiser step loop iteration failed")
+
+    def _iteration(self) -> None:
+        with self._condition:
+            self._drop_cancelled()
+            while not self._active and not self._waiting:
+                self._condition.wait()
                 self._drop_cancelled()
-                while not self._active and not self._waiting:
-                    self._condition.wait()
-                    self._drop_cancelled()
-                admitted = self._admit()
-            for ticket in admitted:
-                try:
-                    ticket.state = ticket.prepare()
-                except Exception as error:  # a bad job fails alone
-                    ticket.future.set_exception(error)
-                    with self._condition:
-                        self._active.remove(ticket)
-            if self._active:
-                self._step()
+            admitted = self._admit()
+        for ticket in admitted:
+            try:
+                ticket.state = ticket.prepare()
+            except Exception as error:  # a bad job fails alone
+                _settle(ticket.future, error=error)
+                with self._condition:
+                    self._active.remove(ticket)
+        if self._active:
+            self._step()
 
     def _drop_cancelled(self) -> None:
         for queue in (self._waiting, self._active):
-            for ticket in [t for t in queue if t.cancelled is not None and t.cancelled.is_set()]:
+            for ticket in [t for t in queue if t.future.cancelled() or (t.cancelled is not None and t.cancelled.is_set())]:
                 queue.remove(ticket)
                 self._cancelled += 1
-                ticket.future.set_exception(JobCancelled())
+                _settle(ticket.future, error=JobCancelled())
 
     def _admit(self) -> list[_Ticket]:
         """FIFO: only the head of the queue may join, so nothing overtakes a waiting job."""
@@ -205,7 +223,7 @@ class StepBatcher:
             with self._condition:
                 for ticket in active:
                     self._active.remove(ticket)
-                    ticket.future.set_exception(error)
+                    _settle(ticket.future, error=error)
             return
         images = sum(state.images for state in states)
         elapsed = (time.perf_counter() - start) * 1000.0
@@ -235,4 +253,4 @@ class StepBatcher:
             for ticket in finished:
                 self._active.remove(ticket)
         for ticket in finished:
-            ticket.future.set_result(ticket.state.latents)
+            _settle(ticket.future, ticket.state.latents)

@@ -55,6 +55,7 @@ def test_cache_counters_reach_rays_metrics_endpoint(http):
     assert lines, "ray_fusionserve_encoder_window_tokens{namespace=metrics-check} not exported"
     assert float(lines[0].rsplit(" ", 1)[1]) >= 154  # prompt + negative prompt, 77 positions each
     assert "ray_fusionserve_encoder_cache_bytes" in text
+    assert "ray_fusionserve_denoiser_step_ms" in text and "ray_fusionserve_denoiser_queued_steps" in text
 
 
 def test_affinity_router_keeps_a_prefix_on_the_replica_that_cached_it(base_url, tiny_model_path):

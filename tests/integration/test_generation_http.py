@@ -103,7 +103,10 @@ def test_concurrent_requests_each_get_their_own_image(http):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda b: png_of(generate(http, **b)["data"][0]), bodies))
     alone = [png_of(generate(http, **b)["data"][0]) for b in bodies]
-    assert together == alone
+    # Concurrent requests share UNet forwards (step-level batching); the batch size moves
+    # float sums by ~3e-6, so a pixel may differ by 1/255, never more.
+    assert all(max_pixel_diff(t, a) <= 1 for t, a in zip(together, alone))
+    assert len(set(together)) == 4
 
 
 def test_prompt_optimize_endpoint(http):

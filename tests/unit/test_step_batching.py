@@ -149,3 +149,16 @@ def test_step_level_admission_joins_a_running_batch_request_level_waits(tiny_mod
             future.add_done_callback(lambda _, name=name: finished.append(name))
         long_job.result(timeout=120), short_job.result(timeout=120)
         assert finished == (["short", "long"] if step_level else ["long", "short"])
+
+
+def test_a_future_cancelled_by_its_caller_leaves_and_the_loop_keeps_serving(tiny_model_path):
+    """asyncio.wrap_future cancels the job's future when the awaiting request is cancelled;
+    settling a cancelled future raises, which once killed the loop and hung every later job."""
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    running = engine.submit(job(50, steps=20))
+    while engine.load().steps_run < 1:
+        time.sleep(0.01)
+    assert running.cancel() or running.done()
+    later = engine.submit(job(51, steps=3))
+    assert later.result(timeout=60).shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert engine.load().cancelled_jobs == 1 and engine.load().active_jobs == 0
