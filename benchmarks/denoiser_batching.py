@@ -100,7 +100,7 @@ def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, thread
     runs = []
     for size in sizes:
         engines = {mode: DenoiserEngine(model_path, threads, settings) for mode, settings in MODES.items()}
-        hidden = engines["single"].unet.config.cross_attention_dim
+        hidden = engines["single"].unet_config["cross_attention_dim"]
         for engine in engines.values():  # first-call costs
             engine.denoise(make_jobs(1, size, hidden, seed=99)[0])
         for concurrency in levels:

@@ -7,6 +7,7 @@ reproduces diffusers' StableDiffusionPipeline step for step, so images match it.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import models
 from deployments.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
+from deployments.unet_backends import BackendSpec, FallbackUNet
 
 __all__ = ["DenoiseJob", "DenoiserEngine", "DenoiserSettings", "JobCancelled", "LoadSnapshot"]
 
@@ -31,6 +33,9 @@ class DenoiserSettings(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=64, description="images per UNet forward (x2 rows with guidance)")
     admit_between_steps: bool = Field(True, description="false: request-level batching (for comparison)")
+    backends: list[BackendSpec] = Field(
+        default_factory=lambda: [BackendSpec()],
+        description="UNet backends, first that works wins; a failing one falls back to the next")
 
 
 @dataclass
@@ -53,12 +58,14 @@ def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.
 
 class DenoiserEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None,
-                 settings: DenoiserSettings | dict | None = None):
+                 settings: DenoiserSettings | dict | None = None, unet_loaders: dict | None = None):
+        """`unet_loaders` replaces the backend loaders (backend name -> loader): fault injection in tests."""
         self.num_threads = num_threads
         self.settings = DenoiserSettings.model_validate(settings or {})
         model_path = Path(model_path)
-        self.unet = models.load_unet(model_path)
+        self.unet_config = models.load_unet_config(model_path)
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
+        self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
         self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
                                    self.settings.max_batch_size, self.settings.admit_between_steps)
 
@@ -78,7 +85,7 @@ class DenoiserEngine:
         """The job's starting state: its scheduler, noise and text context."""
         count = len(job.seeds)
         scheduler = self.new_scheduler(job.num_inference_steps, job.scheduler)
-        channels = self.unet.config.in_channels
+        channels = self.unet_config["in_channels"]
         latents = torch.cat([initial_latents(s, channels, job.height, job.width) for s in job.seeds])
         context = job.prompt_embeds.expand(count, -1, -1)
         if job.guidance_scale > 1.0:
@@ -103,7 +110,8 @@ class DenoiserEngine:
         return self.submit(job, on_step, cancelled).result()
 
     def load(self) -> LoadSnapshot:
-        return self.batcher.snapshot()
+        return dataclasses.replace(self.batcher.snapshot(), backend=self.unet.active.name,
+                                   backend_fallbacks=len(self.unet.fallbacks))
 
 
 def build_deployment():

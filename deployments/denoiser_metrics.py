@@ -22,16 +22,20 @@ class DenoiserMetrics:
                                       "forward, by images in the batch", tag_keys=("occupancy",))
         self._steps = metrics.Counter("fusionserve_denoiser_steps", description="UNet forwards run")
         self._cancelled = metrics.Counter("fusionserve_denoiser_cancelled_jobs", description="jobs whose client left")
-        self._last = (0, 0)
+        self._fallbacks = metrics.Counter("fusionserve_denoiser_backend_fallbacks",
+                                          description="UNet backends given up (load or run-time failure)")
+        self._last = (0, 0, 0)
 
     def update(self, load: LoadSnapshot) -> None:
         for name, gauge in self._gauges.items():
             gauge.set(getattr(load, name))
         for occupancy, ms in load.ms_per_step.items():
             self._step_ms.set(ms, tags={"occupancy": str(occupancy)})
-        steps, cancelled = self._last
+        steps, cancelled, fallbacks = self._last
         if load.steps_run > steps:
             self._steps.inc(load.steps_run - steps)
         if load.cancelled_jobs > cancelled:
             self._cancelled.inc(load.cancelled_jobs - cancelled)
-        self._last = (load.steps_run, load.cancelled_jobs)
+        if load.backend_fallbacks > fallbacks:
+            self._fallbacks.inc(load.backend_fallbacks - fallbacks)
+        self._last = (load.steps_run, load.cancelled_jobs, load.backend_fallbacks)

@@ -106,6 +106,10 @@ def load_unet(path: Path, dtype=None):
     return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype or torch.float32).eval()
 
 
+def load_unet_config(path: Path) -> dict:
+    return json.loads((Path(path) / "unet" / "config.json").read_text())
+
+
 def load_vae(path: Path, dtype=None):
     import torch
     from diffusers import AutoencoderKL

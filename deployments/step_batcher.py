@@ -96,14 +96,17 @@ class LoadSnapshot:
     ms_per_step: dict[int, float]  # images in the batch -> moving average of a forward's ms
     steps_run: int
     cancelled_jobs: int
+    backend: str = ""  # the UNet backend now in use (filled in by the engine)
+    backend_fallbacks: int = 0
 
 
 class StepBatcher:
-    def __init__(self, unet, num_threads_setter: Callable[[], None], max_batch_size: int = 8,
-                 admit_between_steps: bool = True):
+    def __init__(self, run_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 num_threads_setter: Callable[[], None], max_batch_size: int = 8, admit_between_steps: bool = True):
+        """`run_unet(sample, timesteps, context) -> noise`: one UNet forward (any backend)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        self.unet = unet
+        self.run_unet = run_unet
         self.max_batch_size = max_batch_size
         self.admit_between_steps = admit_between_steps
         self._set_threads = num_threads_setter
@@ -216,8 +219,7 @@ class StepBatcher:
             contexts.append(state.context)
         start = time.perf_counter()
         try:
-            noise = self.unet(torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(contexts),
-                              return_dict=False)[0]
+            noise = self.run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
         except Exception as error:  # e.g. out of memory: the jobs of this batch fail, the loop goes on
             logger.exception("UNet forward failed for a batch of %d jobs", len(active))
             with self._condition:

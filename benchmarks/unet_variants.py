@@ -1,0 +1,148 @@
+"""UNet variants on this machine: speed vs torch fp32, and what they cost in image quality.
+
+For each variant (backend x precision x layout), in one run on the same prompts and seeds:
+ms per UNet step (a guided step at batch 2, the median of timed forwards), the speed-up
+over torch fp32, and the PSNR of the final image against the torch fp32 image (full
+pipeline: the same text encoder and VAE, only the UNet differs). A variant is *allowed*
+when its mean PSNR is at least `--min-psnr` dB (the quality guard's 32 dB).
+
+    .venv/bin/python benchmarks/unet_variants.py [--size 256] [--steps 20] [--update-readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
+
+from benchmarks.readme_table import update_readme  # noqa: E402
+
+SECTION = "unet_variants"
+DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "unet_variants.json"
+PROMPTS = ["Asian man, age:35, smiling expression, wearing glasses, photorealistic",
+           "elderly woman, long red hair, side view, soft lighting",
+           "young man, short black hair, beard, studio lighting, plain grey background",
+           "woman, age:28, neutral expression, earrings, sharp focus"]
+VARIANTS = [
+    {"backend": "torch", "precision": "fp32"},
+    {"backend": "torch", "precision": "fp32", "channels_last": True},
+    {"backend": "torch", "precision": "bf16"},
+    {"backend": "torch", "precision": "bf16", "channels_last": True},
+    {"backend": "onnxruntime", "precision": "fp32"},
+    {"backend": "onnxruntime", "precision": "int8"},
+]
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dict:
+    import torch
+
+    from deployments import models
+    from deployments.denoiser import DenoiseJob, DenoiserEngine
+    from deployments.text_encoder import TextEncoderEngine
+    from deployments.unet_backends import BackendSpec
+    from deployments.vae_codec import VaeCodecEngine
+
+    torch.set_num_threads(threads)
+    path = models.resolve_model("tiny")
+    encoder = TextEncoderEngine(path, threads)
+    vae = VaeCodecEngine(path, threads)
+    negative = "blurry, deformed eyes, asymmetrical face"
+    contexts = [encoder.encode([prompt, negative]).hidden for prompt in PROMPTS]
+    jobs = [DenoiseJob(c[0:1], c[1:2], size, size, [seed], steps, 7.5) for c in contexts for seed in range(seeds)]
+    config = models.load_unet_config(path)
+    sample = torch.randn(2, config["in_channels"], size // 8, size // 8)
+    timestep, context = torch.tensor([500, 500]), contexts[0].clone()
+
+    reference, rows = None, []
+    for variant in VARIANTS:
+        spec = BackendSpec(**variant)
+        try:
+            engine = DenoiserEngine(path, threads, {"max_batch_size": 1, "backends": [spec.model_dump()]})
+        except Exception as error:
+            print(f"{spec.name}: unavailable ({error})", flush=True)
+            continue
+        run_unet = engine.unet
+        run_unet(sample, timestep, context)  # warm-up (and ONNX export on first use)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            run_unet(sample, timestep, context)
+            times.append((time.perf_counter() - start) * 1000.0)
+        images = [vae.decode_pixels(engine.denoise(job))[0] for job in jobs]
+        if reference is None:
+            reference = images
+        scores = [psnr(a, b) for a, b in zip(images, reference)]
+        finite = [s for s in scores if math.isfinite(s)]
+        mean_psnr = statistics.mean(finite) if finite else math.inf
+        row = {"name": spec.name, "backend": spec.backend, "precision": spec.precision,
+               "channels_last": spec.channels_last, "params_reduction": 0.0,
+               "ms_per_step": round(statistics.median(times), 2), "psnr_db": round(mean_psnr, 2),
+               "min_psnr_db": round(min(scores), 2)}
+        rows.append(row)
+    base = rows[0]["ms_per_step"]
+    for row in rows:
+        row["speedup"] = round(base / row["ms_per_step"], 3)
+        row["allowed"] = row["psnr_db"] >= min_psnr
+        print(json.dumps(row), flush=True)
+    return {"variants": rows, "config": {
+        "size": size, "steps": steps, "images": len(jobs), "min_psnr_db": min_psnr, "threads": threads,
+        "command": "benchmarks/unet_variants.py " + " ".join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "torch": torch.__version__}}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| variant | ms per step | speed-up vs fp32 | PSNR vs fp32 (mean / min) | allowed (≥ 32 dB) |",
+             "|---|---:|---:|---:|---|"]
+    for r in results["variants"]:
+        mean = "identical" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f} dB"
+        low = "identical" if math.isinf(r["min_psnr_db"]) else f"{r['min_psnr_db']:.1f} dB"
+        lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['speedup']:.2f}x | {mean} / {low} "
+                     f"| {'yes' if r['allowed'] else 'no'} |")
+    c = results["config"]
+    lines += ["", f"tiny model, {c['size']}x{c['size']}, {c['steps']} steps, {c['images']} images, a guided step at batch "
+              f"2; {c['threads']} threads, {c['machine']}, torch {c['torch']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=1, help="images per prompt")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--min-psnr", type=float, default=32.0)
+    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument("--update-readme", metavar="README")
+    options = parser.parse_args(argv)
+    results = run(options.size, options.steps, options.seeds, options.threads, options.min_psnr)
+    path = Path(options.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    print(table)
+    if options.update_readme:
+        update_readme(Path(options.update_readme), table, SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""UNet backends behind one call: `runner(sample, timesteps, context) -> noise` (float32).
+
+- torch: fp32; bf16 (CPU) or fp16 (GPU) weights and activations; channels-last;
+  optional `torch.compile`.
+- onnxruntime: the UNet exported once per model to ONNX with dynamic batch and latent
+  size axes, cached on disk under the model's identity; fp32, or INT8 weights through
+  ONNX Runtime's dynamic quantization.
+- tensorrt: GPU only and optional; import-guarded, so it reports itself unavailable here.
+
+`FallbackUNet` tries a configured chain (e.g. tensorrt -> onnxruntime -> torch): a backend
+that fails to load is skipped, one that fails at run time is replaced by the next for the
+same forward, so no request in flight fails for it; both are logged and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments import models
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run here (library missing, no GPU, build failed)."""
+
+
+class BackendSpec(BaseModel):
+    """One link of the chain (serve_config.yaml: args.denoiser.backends[i])."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (torch backend)")
+
+    @property
+    def name(self) -> str:
+        extras = "+channels_last" if self.channels_last else ""
+        extras += "+compile" if self.compile else ""
+        return f"{self.backend}-{self.precision}{extras}"
+
+
+def cache_root() -> Path:
+    return models.cache_dir() / "onnx"
+
+
+def model_fingerprint(model_path: Path) -> str:
+    """Identity of a UNet's weights: names the exported ONNX files."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted((Path(model_path) / "unet").glob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return f"{Path(model_path).name}-{digest.hexdigest()}"
+
+
+# --------------------------------------------------------------------------- torch
+def torch_runner(model_path: Path, spec: BackendSpec, device: str = "cpu") -> Runner:
+    if spec.precision == "int8":
+        raise BackendUnavailable("int8 runs on the onnxruntime backend")
+    if spec.precision == "fp16" and device == "cpu":
+        raise BackendUnavailable("fp16 needs a GPU; use bf16 on CPU")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
+    unet = models.load_unet(model_path, dtype=dtype).to(device)
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+    if spec.channels_last:
+        unet = unet.to(memory_format=memory_format)
+    forward = torch.compile(unet) if spec.compile else unet
+
+    def run(sample, timesteps, context):
+        sample = sample.to(device, dtype).contiguous(memory_format=memory_format)
+        noise = forward(sample, timesteps.to(device), encoder_hidden_states=context.to(device, dtype),
+                        return_dict=False)[0]
+        return noise.float().cpu().contiguous()
+
+    run.unet = unet  # for callers that need the module's config
+    return run
+
+
+# --------------------------------------------------------------------------- onnxruntime
+def export_onnx(model_path: Path, target: Path) -> Path:
+    """Export the UNet with dynamic batch and latent size (once; later calls reuse the file)."""
+    if target.is_file():
+        return target
+    unet = models.load_unet(model_path)
+    config = unet.config
+    sample = torch.randn(2, config.in_channels, 8, 8)
+    timesteps = torch.tensor([999, 999])
+    context = torch.randn(2, 77, config.cross_attention_dim)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timesteps, context):
+            return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial.onnx")
+    with torch.inference_mode():
+        torch.onnx.export(
+            Wrapper(unet).eval(), (sample, timesteps, context), str(partial),
+            input_names=["sample", "timesteps", "context"], output_names=["noise"],
+            dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"}, "timesteps": {0: "batch"},
+                          "context": {0: "batch"}, "noise": {0: "batch", 2: "height", 3: "width"}},
+            opset_version=17, dynamo=False,
+        )
+    partial.replace(target)
+    return target
+
+
+def onnx_model_file(model_path: Path, precision: str) -> Path:
+    folder = cache_root() / model_fingerprint(model_path)
+    fp32 = export_onnx(model_path, folder / "unet-fp32.onnx")
+    if precision == "fp32":
+        return fp32
+    if precision != "int8":
+        raise BackendUnavailable(f"onnxruntime backend: precision {precision} is not offered (fp32, int8)")
+    int8 = folder / "unet-int8.onnx"
+    if not int8.is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        partial = int8.with_suffix(".partial.onnx")
+        quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8)
+        partial.replace(int8)
+    return int8
+
+
+def onnxruntime_runner(model_path: Path, spec: BackendSpec, num_threads: int | None = None) -> Runner:
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise BackendUnavailable(f"onnxruntime is not installed: {error}") from error
+    path = onnx_model_file(model_path, spec.precision)
+    options = onnxruntime.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(sample, timesteps, context):
+        (noise,) = session.run(None, {"sample": sample.float().numpy(), "timesteps": timesteps.long().numpy(),
+                                      "context": context.float().numpy()})
+        return torch.from_numpy(noise)
+
+    return run
+
+
+# --------------------------------------------------------------------------- tensorrt
+def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
+    """TensorRT engine from the same ONNX (fp16, profiles for batch 1-16). Needs a GPU
+    and the `tensorrt` package, neither of which this project's CPU machines have."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as error:
+        raise BackendUnavailable("tensorrt is not installed (GPU machines only)") from error
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("tensorrt needs a CUDA GPU")
+    raise BackendUnavailable("the TensorRT engine builder is not written yet")  # see the issue's closing note
+
+
+# --------------------------------------------------------------------------- the chain
+class FallbackUNet:
+    """The first backend of `specs` that loads; on a run-time error, the next one."""
+
+    def __init__(self, model_path: Path, specs: list[BackendSpec], num_threads: int | None = None,
+                 loaders: dict[str, Callable[[Path, BackendSpec], Runner]] | None = None):
+        self.model_path = Path(model_path)
+        self.specs = list(specs) or [BackendSpec()]
+        self.num_threads = num_threads
+        self.loaders = loaders or {
+            "torch": torch_runner,
+            "onnxruntime": lambda path, spec: onnxruntime_runner(path, spec, num_threads),
+            "tensorrt": tensorrt_runner,
+        }
+        self.fallbacks: list[tuple[str, str]] = []  # (backend name, why) in the order they happened
+        self._index = -1
+        self.runner: Runner | None = None
+        self._advance("start")
+
+    @property
+    def active(self) -> BackendSpec:
+        return self.specs[self._index]
+
+    def _advance(self, reason: str) -> None:
+        while self._index + 1 < len(self.specs):
+            self._index += 1
+            spec = self.specs[self._index]
+            try:
+                self.runner = self.loaders[spec.backend](self.model_path, spec)
+                logger.info("denoiser backend: %s", spec.name)
+                return
+            except Exception as error:
+                self.fallbacks.append((spec.name, f"load: {error}"))
+                logger.warning("denoiser backend %s unavailable (%s); trying the next", spec.name, error)
+        raise BackendUnavailable(f"no denoiser backend could load ({reason}); tried {[s.name for s in self.specs]}")
+
+    def __call__(self, sample, timesteps, context) -> torch.Tensor:
+        while True:
+            try:
+                return self.runner(sample, timesteps, context)
+            except Exception as error:
+                if self._index + 1 >= len(self.specs):
+                    raise
+                failed = self.active.name
+                self.fallbacks.append((failed, f"run: {error}"))
+                logger.warning("denoiser backend %s failed at run time (%s); falling back", failed, error)
+                self._advance(f"{failed} failed")
