@@ -40,6 +40,7 @@ class BackendSpec(BaseModel):
 
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend: where the UNet runs")
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (torch backend)")
 
@@ -65,7 +66,10 @@ def model_fingerprint(model_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- torch
-def torch_runner(model_path: Path, spec: BackendSpec, device: str = "cpu") -> Runner:
+def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
+    device = spec.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA GPU here")
     if spec.precision == "int8":
         raise BackendUnavailable("int8 runs on the onnxruntime backend")
     if spec.precision == "fp16" and device == "cpu":

@@ -95,3 +95,12 @@ def test_a_backend_failing_mid_batch_falls_back_without_failing_requests(tiny_mo
     assert "out of memory" in engine.unet.fallbacks[0][1]
     for a, b in zip(got, reference):
         assert np.abs(a - b).max() <= 1  # both links compute torch fp32
+
+
+@pytest.mark.gpu
+def test_torch_fp16_on_gpu_stays_close(tiny_model_path, vae, jobs, reference):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    got = images(tiny_model_path, vae, jobs, [{"backend": "torch", "precision": "fp16", "device": "cuda"}])
+    for a, b in zip(got, reference):
+        assert psnr(a, b) >= 30
