@@ -41,6 +41,8 @@ VARIANTS = [
     {"backend": "torch", "precision": "bf16", "channels_last": True},
     {"backend": "onnxruntime", "precision": "fp32"},
     {"backend": "onnxruntime", "precision": "int8"},
+    {"backend": "torch", "precision": "fp32", "prune": 0.3},
+    {"backend": "torch", "precision": "fp32", "prune": 0.5},
 ]
 
 
@@ -58,6 +60,7 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
     from deployments.denoiser import DenoiseJob, DenoiserEngine
     from deployments.text_encoder import TextEncoderEngine
     from deployments.unet_backends import BackendSpec
+    from deployments.unet_pruning import save_pruned_variant
     from deployments.vae_codec import VaeCodecEngine
 
     torch.set_num_threads(threads)
@@ -73,9 +76,16 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
 
     reference, rows = None, []
     for variant in VARIANTS:
+        variant = dict(variant)
+        prune = variant.pop("prune", 0.0)
         spec = BackendSpec(**variant)
+        model_path, name, reduction = path, spec.name, 0.0
+        if prune:  # a pruned variant folder, written next to the model (rebuilt each run: cheap)
+            model_path = path.with_name(f"{path.name}-pruned{round(prune * 100)}")
+            reduction = save_pruned_variant(path, model_path, prune)["params_reduction"]
+            name = f"{spec.name}, pruned {prune:.0%}"
         try:
-            engine = DenoiserEngine(path, threads, {"max_batch_size": 1, "backends": [spec.model_dump()]})
+            engine = DenoiserEngine(model_path, threads, {"max_batch_size": 1, "backends": [spec.model_dump()]})
         except Exception as error:
             print(f"{spec.name}: unavailable ({error})", flush=True)
             continue
@@ -92,8 +102,8 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
         scores = [psnr(a, b) for a, b in zip(images, reference)]
         finite = [s for s in scores if math.isfinite(s)]
         mean_psnr = statistics.mean(finite) if finite else math.inf
-        row = {"name": spec.name, "backend": spec.backend, "precision": spec.precision,
-               "channels_last": spec.channels_last, "params_reduction": 0.0,
+        row = {"name": name, "backend": spec.backend, "precision": spec.precision,
+               "channels_last": spec.channels_last, "params_reduction": reduction,
                "ms_per_step": round(statistics.median(times), 2), "psnr_db": round(mean_psnr, 2),
                "min_psnr_db": round(min(scores), 2)}
         rows.append(row)
@@ -110,12 +120,12 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
 
 
 def markdown(results: dict) -> str:
-    lines = ["| variant | ms per step | speed-up vs fp32 | PSNR vs fp32 (mean / min) | allowed (≥ 32 dB) |",
-             "|---|---:|---:|---:|---|"]
+    lines = ["| variant | UNet parameters removed | ms per step | speed-up vs fp32 | PSNR vs fp32 (mean / min) "
+             "| allowed (≥ 32 dB) |", "|---|---:|---:|---:|---:|---|"]
     for r in results["variants"]:
         mean = "identical" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f} dB"
         low = "identical" if math.isinf(r["min_psnr_db"]) else f"{r['min_psnr_db']:.1f} dB"
-        lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['speedup']:.2f}x | {mean} / {low} "
+        lines.append(f"| {r['name']} | {r['params_reduction']:.0%} | {r['ms_per_step']:.1f} | {r['speedup']:.2f}x | {mean} / {low} "
                      f"| {'yes' if r['allowed'] else 'no'} |")
     c = results["config"]
     lines += ["", f"tiny model, {c['size']}x{c['size']}, {c['steps']} steps, {c['images']} images, a guided step at batch "

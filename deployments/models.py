@@ -103,6 +103,11 @@ def load_unet(path: Path, dtype=None):
     import torch
     from diffusers import UNet2DConditionModel
 
+    from deployments import unet_pruning
+
+    if (Path(path) / "unet" / unet_pruning.PRUNING_FILE).is_file():  # a pruned variant folder
+        return unet_pruning.load_pruned_unet(Path(path), dtype)
+
     return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype or torch.float32).eval()
 
 

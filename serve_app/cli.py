@@ -208,6 +208,22 @@ def cmd_build_model(options: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune_unet(options: argparse.Namespace) -> int:
+    from deployments import models
+    from deployments.unet_pruning import save_pruned_variant
+
+    if not 0.0 < options.fraction < 1.0:
+        print("error: --fraction must be between 0 and 1 (exclusive)", file=sys.stderr)
+        return 2
+    source = models.resolve_model(options.model)
+    target = Path(options.output) if options.output else \
+        source.with_name(f"{source.name}-pruned{round(options.fraction * 100)}")
+    summary = save_pruned_variant(source, target, options.fraction)
+    print(f"{target}  (UNet parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,}, "
+          f"-{summary['params_reduction']:.0%}); serve it with --model {target}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -247,6 +263,12 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", help="folder to write (default: the model cache)")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(run=cmd_build_model)
+
+    prune = commands.add_parser("prune-unet", help="write a model variant with the UNet's inner channels pruned")
+    prune.add_argument("--model", default="tiny", help="preset or model folder (default: %(default)s)")
+    prune.add_argument("--fraction", type=float, default=0.3, help="share of prunable channels removed")
+    prune.add_argument("-o", "--output", help="variant folder (default: next to the model, -prunedNN)")
+    prune.set_defaults(run=cmd_prune_unet)
     return root
 
 
