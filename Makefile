@@ -28,14 +28,18 @@ test: model
 test-fast: model
 	$(PY) -m pytest -m "not slow"
 
-# Full run (~6 min on 2 cores): the 256x256 table, then the 64x64 / 1-step overhead probe;
-# both rewrite their README tables. `$(PY) benchmarks/serving_overhead.py --quick` is a <3 min check.
+# Every benchmark, each rewriting its README table (~20 min on 2 cores); each script has
+# --quick for a short check.
 bench: model
 	$(PY) benchmarks/prompt_compression.py --update-readme README.md
 	$(PY) benchmarks/serving_overhead.py --update-readme README.md
 	$(PY) benchmarks/serving_overhead.py --size 64 --steps 1 --concurrency 1 --requests-per-level 40 \
 	  --json benchmarks/results/serving_overhead_probe.json --update-readme README.md \
 	  --readme-section serving_overhead_probe
+	$(PY) benchmarks/text_encoder_cache.py --update-readme README.md
+	$(PY) benchmarks/encoder_routing.py --update-readme README.md
+	$(PY) benchmarks/denoiser_batching.py --update-readme README.md
+	$(PY) benchmarks/unet_variants.py --update-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

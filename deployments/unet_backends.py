@@ -14,6 +14,8 @@ same forward, so no request in flight fails for it; both are logged and counted.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 from pathlib import Path
@@ -124,14 +126,25 @@ def export_onnx(model_path: Path, target: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Replicas starting together export once: the others wait, then reuse the file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def onnx_model_file(model_path: Path, precision: str) -> Path:
-    folder = cache_root() / model_fingerprint(model_path)
-    fp32 = export_onnx(model_path, folder / "unet-fp32.onnx")
-    if precision == "fp32":
-        return fp32
-    if precision != "int8":
+    if precision not in ("fp32", "int8"):
         raise BackendUnavailable(f"onnxruntime backend: precision {precision} is not offered (fp32, int8)")
-    int8 = folder / "unet-int8.onnx"
+    folder = cache_root() / model_fingerprint(model_path)
+    with _folder_lock(folder):
+        fp32 = export_onnx(model_path, folder / "unet-fp32.onnx")
+        return fp32 if precision == "fp32" else _quantized(fp32, folder / "unet-int8.onnx")
+
+
+def _quantized(fp32: Path, int8: Path) -> Path:
     if not int8.is_file():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
