@@ -50,24 +50,20 @@ def wait_healthy(process, url: str, log_path: Path, timeout_s: float = 180) -> N
         time.sleep(1)
 
 
-def stop(process, command) -> tuple[int, bool]:
-    """Wait for the server to exit after Ctrl-C. `serve run` waits 30 s for the direct-ingress
-    drain and up to 30 s more for the controller (~35 s alone), but in the full suite on a
-    fresh CI machine it twice sat in `serve.shutdown()` for minutes (not understood: README,
-    Known issues); a second Ctrl-C, as a user would press, ends it.
-    Returns the exit status and whether a second Ctrl-C was needed."""
+def stop(process) -> int:
+    """`serve run` waits 30 s for the direct-ingress drain, then up to 30 s for the controller
+    (~35 s in all here); `fusionserve serve` ~5 s."""
     try:
-        return process.wait(timeout=120), False
-    except subprocess.TimeoutExpired:
-        if command is fusionserve_serve:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    process.send_signal(signal.SIGINT)
-    try:
-        return process.wait(timeout=60), True
+        return process.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
+
+
+def default_sigint() -> None:
+    """A shell runs background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    ignored: under `bash .ci/run &`, `serve run` never saw the Ctrl-C. Reset it in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("command", [fusionserve_serve, ray_serve_run], ids=["fusionserve serve", "serve run"])
@@ -76,7 +72,8 @@ def test_start_serve_and_stop_on_ctrl_c(command, tmp_path):
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command(tmp_path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the log survives a kill
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log survives a kill
+                                   preexec_fn=default_sigint)
     url = f"http://127.0.0.1:{PORT}"
     try:
         wait_healthy(process, url, log_path)
@@ -91,13 +88,9 @@ def test_start_serve_and_stop_on_ctrl_c(command, tmp_path):
                 time.sleep(0.5)
     finally:
         process.send_signal(signal.SIGINT)
-        status, pressed_twice = stop(process, command)
+        status = stop(process)
     output = log_path.read_text()
-    if command is fusionserve_serve:
-        assert status == 0, output
-    else:
-        assert "Got KeyboardInterrupt, shutting down" in output
-        assert status == 0 or pressed_twice, output
+    assert status == 0, output
     if command is fusionserve_serve:
         assert f"API:        http://127.0.0.1:{PORT}" in output
         assert "Dashboard:  http://" in output
