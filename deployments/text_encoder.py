@@ -15,6 +15,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from collections import OrderedDict
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,7 +59,8 @@ class EncoderCacheSettings(BaseModel):
     max_mib: float = Field(1024, ge=0, description="byte budget of blocks + exact-prompt outputs")
     exact_prompts: bool = Field(True, description="a repeated window returns its stored output")
     isolate_namespaces: bool = Field(True, description="equal text in two namespaces shares no block")
-    namespace_shares: dict[str, float] = Field(default_factory=dict, description="namespace -> max fraction of the budget")
+    namespace_shares: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=dict, description="namespace -> max fraction of the budget")
     watchdog: WatchdogSettings = WatchdogSettings()
 
 
