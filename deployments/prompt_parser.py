@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 
 from deployments.prompt_lexicon import Lexicon
 
-# Age grammar: number forms ("35 years old", "35-year-old", "aged 35", "age: 35") and
+# Age grammar: number forms ("35 years old", "35-year-old", "aged 35", "age: 35", "around 35") and
 # decades ("in his thirties", "in her 40s"). Vague ages come from the lexicon's age_groups.
 AGE_NUMBER = [
     re.compile(r"(?<!\w)(?:age|aged)\s*[:=]?\s*(\d{1,3})(?!\d)", re.IGNORECASE),
     re.compile(r"(?<!\d)(\d{1,3})\s*-?\s*(?:years?|yrs?|yo)(?:\s*-?\s*old)?(?!\w)", re.IGNORECASE),
+    # "around 25", "roughly 40": a hedged bare number, unless a unit follows ("about 85mm")
+    re.compile(r"(?<!\w)(?:around|about|roughly|approximately|circa)\s+(\d{1,3})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
+               r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))", re.IGNORECASE),
 ]
 AGE_DECADE = re.compile(r"in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?(\d0'?s|[a-z]+)(?!\w)",
                         re.IGNORECASE)

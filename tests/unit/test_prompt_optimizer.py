@@ -44,6 +44,8 @@ def test_structured_builder_orders_keys_and_omits_neutral():
     ("a man in his thirties", "age", "age:35"),
     ("a woman in her 40s", "age", "age:45"),
     ("a woman aged 52", "age", "age:52"),
+    ("a woman around 25 with red hair", "age", "age:25"),
+    ("a man, roughly 60, side view", "age", "age:60"),
     ("a grinning woman", "expression", "smiling expression"),
     ("a man wearing spectacles", "glasses", "wearing glasses"),
     ("a bespectacled man", "glasses", "wearing glasses"),
@@ -58,6 +60,11 @@ def test_structured_builder_orders_keys_and_omits_neutral():
 ])
 def test_english_phrasings_map_to_canonical_attributes(engine, phrase, key, value):
     assert engine.optimize(phrase).attributes[key] == value
+
+
+def test_a_hedged_number_with_a_unit_is_not_an_age(engine):
+    optimized = engine.optimize("portrait shot at about 85mm, a woman")
+    assert "age" not in optimized.attributes and "85mm" in optimized.prompt
 
 
 @pytest.mark.parametrize("phrase,identity", [
