@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
 
-from benchmarks.readme_table import update_readme  # noqa: E402
+from benchmarks.readme_table import publish  # noqa: E402
 
 SECTION = "denoiser_batching"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "denoiser_batching.json"
@@ -147,13 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.quick:
         sizes, levels, per_level, rounds = [256], [1, 8], 3, 1
     results = run(sizes, levels, per_level, rounds, options.threads)
-    path = Path(options.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    print(table)
-    if options.update_readme:
-        update_readme(Path(options.update_readme), table, SECTION)
+    publish(results, options.json, markdown(results), options.update_readme, SECTION)
     return 0
 
 

@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.readme_table import update_readme  # noqa: E402
+from benchmarks.readme_table import publish  # noqa: E402
 
 DATASET = REPO_ROOT / "tests" / "data" / "portrait_instructions.jsonl"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "prompt_compression.json"
@@ -154,17 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="accepted for symmetry; the run takes seconds anyway")
     options = parser.parse_args(argv)
     results = run(options.model)
-    json_path = Path(options.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    json_path = publish(results, options.json, markdown(results), options.update_readme, SECTION)
     plot(results, Path(options.plot) if options.plot else json_path.with_suffix(".png"))
-    table = markdown(results)
-    print(table)
     failures = [r["id"] for r in results["rows"] if r["missing"]]
     if failures:
         print(f"\nattributes missing in: {', '.join(failures)}", file=sys.stderr)
-    if options.update_readme:
-        update_readme(Path(options.update_readme), table, SECTION)
     return 0
 
 

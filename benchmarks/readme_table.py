@@ -1,9 +1,21 @@
-"""Write a benchmark's markdown table between its markers in the README."""
+"""Publish a benchmark's results: the JSON file, the table on stdout, the README section."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+
+def publish(results: dict, json_path: str | Path, table: str, readme: str | None, section: str) -> Path:
+    """Write `results` to `json_path`, print `table`, and put it in `readme` (if given)."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(table)
+    if readme:
+        update_readme(Path(readme), table, section)
+    return json_path
 
 
 def update_readme(path: Path, markdown: str, section: str) -> bool:

@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
 
-from benchmarks.readme_table import update_readme  # noqa: E402
+from benchmarks.readme_table import publish  # noqa: E402
 
 SECTION = "text_encoder_cache"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "text_encoder_cache.json"
@@ -195,14 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         prefixes, repeats = [32, 64], 2
     results = run(options.models.split(","), prefixes, [int(b) for b in options.batches.split(",")], repeats,
                   options.threads)
-    json_path = Path(options.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2))
+    json_path = publish(results, options.json, markdown(results), options.update_readme, SECTION)
     plot(results, Path(options.plot) if options.plot else json_path.with_suffix(".png"))
-    table = markdown(results)
-    print(table)
-    if options.update_readme:
-        update_readme(Path(options.update_readme), table, SECTION)
     return 0
 
 

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
 
-from benchmarks.readme_table import update_readme  # noqa: E402
+from benchmarks.readme_table import publish  # noqa: E402
 
 SECTION = "unet_variants"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "unet_variants.json"
@@ -144,13 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
     results = run(options.size, options.steps, options.seeds, options.threads, options.min_psnr)
-    path = Path(options.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    print(table)
-    if options.update_readme:
-        update_readme(Path(options.update_readme), table, SECTION)
+    publish(results, options.json, markdown(results), options.update_readme, SECTION)
     return 0
 
 

@@ -214,23 +214,28 @@ class TextEncoderEngine:
                 rows.append(row)
 
         if rows:
-            try:
-                prefixes = []
-                for row in rows:
-                    row.prefix = self.pool.acquire_chain(row.chain) if cache.enabled else []
-                    prefixes.append(self._cached_prefix(row.prefix))
-                result = self.forward(torch.stack([row.token_ids for row in rows]), prefixes)
-                for i, row in enumerate(rows):
-                    row.output = result.hidden[i]
-                    if cache.enabled:
-                        self._write_back(row, result.kv[i], result.hidden[i])
-            finally:
-                for row in rows:
-                    self.pool.release(row.prefix)
+            self._compute(rows)
             for row in rows:
                 self._account(row, window)
         cached_tokens = [row.cached_tokens if n < 0 else n for row, n in zip(order, cached_tokens)]
         return torch.stack([row.output for row in order]), cached_tokens
+
+    def _compute(self, rows: list[_Row]) -> None:
+        """One forward for `rows`, each from its longest cached prefix; new blocks written back."""
+        enabled = self.settings.enabled
+        try:
+            prefixes = []
+            for row in rows:
+                row.prefix = self.pool.acquire_chain(row.chain) if enabled else []
+                prefixes.append(self._cached_prefix(row.prefix))
+            result = self.forward(torch.stack([row.token_ids for row in rows]), prefixes)
+            for i, row in enumerate(rows):
+                row.output = result.hidden[i]
+                if enabled:
+                    self._write_back(row, result.kv[i], result.hidden[i])
+        finally:
+            for row in rows:
+                self.pool.release(row.prefix)
 
     def _cached_prefix(self, chain: list[CacheEntry]) -> CachedPrefix | None:
         if not chain:
@@ -280,17 +285,10 @@ class TextEncoderEngine:
         pinned_elsewhere = sum(e.nbytes for chains in self._pinned.values() for chain in chains for e in chain)
         budget = settings.max_pinned_fraction * self.pool.max_bytes - pinned_elsewhere
         for entry in frequent:
-            ids = torch.tensor(entry.token_ids).unsqueeze(0)
             chain = self.pool.acquire_chain(entry.chain)
             if len(chain) < len(entry.chain):  # not cached: compute it (writes its blocks back)
                 self.pool.release(chain)
-                row = _Row(ids[0], namespace, list(entry.chain), None)
-                row.prefix = self.pool.acquire_chain(row.chain)
-                try:
-                    result = self.forward(ids, [self._cached_prefix(row.prefix)])
-                    self._write_back(row, result.kv[0], result.hidden[0])
-                finally:
-                    self.pool.release(row.prefix)
+                self._compute([_Row(torch.tensor(entry.token_ids), namespace, list(entry.chain), None)])
                 chain = self.pool.acquire_chain(entry.chain)
             size = sum(e.nbytes for e in chain)
             if pinned_bytes + size > budget:
