@@ -7,6 +7,7 @@ reproduces diffusers' StableDiffusionPipeline step for step, so images match it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from concurrent.futures import Future
@@ -36,6 +37,9 @@ class DenoiserSettings(BaseModel):
     backends: list[BackendSpec] = Field(
         default_factory=lambda: [BackendSpec()],
         description="UNet backends, first that works wins; a failing one falls back to the next")
+    baseline_backends: list[BackendSpec] = Field(
+        default_factory=lambda: [BackendSpec()],
+        description="the quality guard's full-precision baseline (shadow renders, switch-back); loaded on first use")
 
 
 @dataclass
@@ -48,6 +52,10 @@ class DenoiseJob:
     num_inference_steps: int
     guidance_scale: float
     scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
+    variant: str = "production"  # "baseline": the quality guard's full-precision UNet
+    background: bool = False  # a shadow render: runs only when no user job runs or waits
+    early_stop: float | None = None  # convergence early stop threshold (None: run every step)
+    early_stop_min_steps: int = 0
 
 
 def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -66,8 +74,19 @@ class DenoiserEngine:
         self.unet_config = models.load_unet_config(model_path)
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
+        self._baseline_unet: FallbackUNet | None = None
+        self._unet_args = (model_path, num_threads, unet_loaders)
         self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
-                                   self.settings.max_batch_size, self.settings.admit_between_steps)
+                                   self.settings.max_batch_size, self.settings.admit_between_steps,
+                                   self.unet_for_variant)
+
+    def unet_for_variant(self, variant: str) -> FallbackUNet:
+        if variant != "baseline":
+            raise ValueError(f"unknown UNet variant {variant!r}; known: production, baseline")
+        if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
+            model_path, num_threads, loaders = self._unet_args
+            self._baseline_unet = FallbackUNet(model_path, self.settings.baseline_backends, num_threads, loaders)
+        return self._baseline_unet
 
     def new_scheduler(self, num_inference_steps: int, name: str | None = None):
         scheduler_cls = self.scheduler_cls
@@ -91,7 +110,7 @@ class DenoiserEngine:
         if job.guidance_scale > 1.0:
             context = torch.cat([job.negative_prompt_embeds.expand(count, -1, -1), context])
         return ActiveJob(scheduler, latents * scheduler.init_noise_sigma, context, job.guidance_scale,
-                         scheduler.timesteps)
+                         scheduler.timesteps, early_stop=job.early_stop, early_stop_min_steps=job.early_stop_min_steps)
 
     def submit(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                cancelled: threading.Event | None = None) -> Future:
@@ -99,8 +118,10 @@ class DenoiserEngine:
         if job.height % VAE_SCALE or job.width % VAE_SCALE:
             raise ValueError(f"height and width must be multiples of {VAE_SCALE}")
         latent_shape = (job.height // VAE_SCALE, job.width // VAE_SCALE)
+        if job.variant not in ("production", "baseline"):
+            raise ValueError(f"unknown UNet variant {job.variant!r}; known: production, baseline")
         return self.batcher.submit(lambda: self.prepare(job), len(job.seeds), latent_shape,
-                                   job.num_inference_steps, on_step, cancelled)
+                                   job.num_inference_steps, on_step, cancelled, job.variant, job.background)
 
     def denoise(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                 cancelled: threading.Event | None = None) -> torch.Tensor:
@@ -109,14 +130,24 @@ class DenoiserEngine:
         `cancelled` set from another thread stops it at the next step boundary (JobCancelled)."""
         return self.submit(job, on_step, cancelled).result()
 
+    async def denoise_async(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """`denoise` for an event loop: jobs awaited together batch; a cancelled await
+        (client gone) makes the job leave the batch at the next step boundary."""
+        cancelled = threading.Event()
+        future = self.submit(job, on_step, cancelled)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancelled.set()
+            self.batcher.wake()
+            raise
+
     def load(self) -> LoadSnapshot:
         return dataclasses.replace(self.batcher.snapshot(), backend=self.unet.active.name,
                                    backend_fallbacks=len(self.unet.fallbacks))
 
 
 def build_deployment():
-    import asyncio
-
     from ray import serve
 
     from deployments.denoiser_metrics import DenoiserMetrics
@@ -131,14 +162,7 @@ def build_deployment():
         async def denoise(self, job: DenoiseJob) -> torch.Tensor:
             if self._export is None:  # the replica's event loop runs by now
                 self._export = asyncio.get_running_loop().create_task(self._export_metrics())
-            cancelled = threading.Event()
-            future = self.engine.submit(job, cancelled=cancelled)
-            try:
-                return await asyncio.wrap_future(future)
-            except asyncio.CancelledError:
-                cancelled.set()  # client gone: the job leaves the batch at the next step boundary
-                self.engine.batcher.wake()
-                raise
+            return await self.engine.denoise_async(job)
 
         def load(self) -> LoadSnapshot:
             """Live figures for the step controller and autoscaling."""

@@ -7,6 +7,14 @@ timestep), advances each job's own scheduler, and retires the jobs that are done
 therefore waits for at most one step of the others, never for their whole loops; a
 cancelled job leaves at the next step boundary and its slots go to the next in line.
 
+Background jobs (the quality guard's shadow renders) run only while no foreground job runs
+or waits: they pause at the next step boundary when one arrives, keeping their state, so a
+user's request waits at most one background step. A batch holds one UNet variant too
+(the served one, or the quality guard's baseline).
+
+Convergence early stop (per job, off by default): a job ends when its predicted clean
+latent x0 changes by less than a threshold between two steps, and returns that x0.
+
 `admit_between_steps=False` turns the same loop into request-level batching (what
 `@serve.batch` gives: a batch is formed while the loop is idle and runs until its slowest
 job ends) so that benchmarks compare the two policies on the same code.
@@ -53,6 +61,10 @@ class ActiveJob:
     guidance_scale: float
     timesteps: torch.Tensor
     step: int = 0
+    early_stop: float | None = None  # relative change of predicted x0 under which the job ends
+    early_stop_min_steps: int = 0
+    previous_x0: torch.Tensor | None = None
+    stopped_early: bool = False
 
     @property
     def guided(self) -> bool:
@@ -80,8 +92,19 @@ class _Ticket:
     future: Future
     on_step: Callable[[int, int], None] | None
     cancelled: threading.Event | None
+    variant: str = "production"  # which UNet runs it
+    background: bool = False  # runs only when no foreground job runs or waits
     submitted: float = field(default_factory=time.perf_counter)
     state: ActiveJob | None = None
+
+    @property
+    def group(self) -> tuple:
+        """Jobs of one batch share a latent size and a UNet."""
+        return self.latent_shape, self.variant
+
+    @property
+    def steps_left(self) -> int:
+        return self.state.steps_left if self.state is not None else self.steps
 
 
 @dataclass
@@ -93,39 +116,55 @@ class LoadSnapshot:
     active_images: int
     queued_steps: int  # steps still to run, waiting and active jobs, per image
     queued_work: float  # the same in latent pixels x steps (a 512x512 step = 4096)
-    ms_per_step: dict[int, float]  # images in the batch -> moving average of a forward's ms
+    ms_per_step: dict[int, float]  # images in the batch -> moving average of a forward's ms (any size)
     steps_run: int
     cancelled_jobs: int
+    waiting_images: int = 0
+    max_batch_size: int = 1
+    # latent size "HxW" -> images in the batch -> moving average ms of a forward: the step
+    # controller's cost model (serve_app/steps.py)
+    step_ms_by_shape: dict[str, dict[int, float]] = field(default_factory=dict)
+    background_jobs: int = 0  # shadow renders, not counted above: they never delay foreground work
+    early_stops: int = 0
     backend: str = ""  # the UNet backend now in use (filled in by the engine)
     backend_fallbacks: int = 0
 
 
 class StepBatcher:
     def __init__(self, run_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 num_threads_setter: Callable[[], None], max_batch_size: int = 8, admit_between_steps: bool = True):
-        """`run_unet(sample, timesteps, context) -> noise`: one UNet forward (any backend)."""
+                 num_threads_setter: Callable[[], None], max_batch_size: int = 8, admit_between_steps: bool = True,
+                 unet_for_variant: Callable[[str], Callable] | None = None):
+        """`run_unet(sample, timesteps, context) -> noise`: one UNet forward (any backend);
+        `unet_for_variant(name)` gives the forward of a job's other variant."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.run_unet = run_unet
+        self.unet_for_variant = unet_for_variant
         self.max_batch_size = max_batch_size
         self.admit_between_steps = admit_between_steps
         self._set_threads = num_threads_setter
         self._waiting: collections.deque[_Ticket] = collections.deque()
+        self._background: collections.deque[_Ticket] = collections.deque()
         self._active: list[_Ticket] = []
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
         self._ms_per_step: dict[int, float] = {}
+        self._ms_by_shape: dict[str, dict[int, float]] = {}
         self._steps_run = 0
         self._cancelled = 0
+        self._early_stops = 0
 
     # -- the callers' side ---------------------------------------------------------------
     def submit(self, prepare: Callable[[], ActiveJob], images: int, latent_shape: tuple[int, int], steps: int,
                on_step: Callable[[int, int], None] | None = None,
-               cancelled: threading.Event | None = None) -> Future:
+               cancelled: threading.Event | None = None, variant: str = "production",
+               background: bool = False) -> Future:
         """Queue a job; the future gets its final latents, or the job's own error."""
-        ticket = _Ticket(prepare, images, latent_shape, steps, Future(), on_step, cancelled)
+        if variant != "production" and self.unet_for_variant is None:
+            raise ValueError(f"no UNet variant {variant!r} here")
+        ticket = _Ticket(prepare, images, latent_shape, steps, Future(), on_step, cancelled, variant, background)
         with self._condition:
-            self._waiting.append(ticket)
+            (self._background if background else self._waiting).append(ticket)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="denoiser-steps", daemon=True)
                 self._thread.start()
@@ -139,18 +178,23 @@ class StepBatcher:
 
     def snapshot(self) -> LoadSnapshot:
         with self._condition:
-            tickets = [*self._waiting, *self._active]
-            left = [t.state.steps_left if t.state else t.steps for t in tickets]
+            active = [t for t in self._active if not t.background]
+            tickets = [*self._waiting, *active]
             return LoadSnapshot(
                 waiting_jobs=len(self._waiting),
-                active_jobs=len(self._active),
-                active_images=sum(t.images for t in self._active),
-                queued_steps=sum(n * t.images for n, t in zip(left, tickets)),
-                queued_work=float(sum(n * t.images * t.latent_shape[0] * t.latent_shape[1]
-                                      for n, t in zip(left, tickets))),
+                active_jobs=len(active),
+                active_images=sum(t.images for t in active),
+                queued_steps=sum(t.steps_left * t.images for t in tickets),
+                queued_work=float(sum(t.steps_left * t.images * t.latent_shape[0] * t.latent_shape[1]
+                                      for t in tickets)),
                 ms_per_step=dict(self._ms_per_step),
                 steps_run=self._steps_run,
                 cancelled_jobs=self._cancelled,
+                waiting_images=sum(t.images for t in self._waiting),
+                max_batch_size=self.max_batch_size,
+                step_ms_by_shape={shape: dict(table) for shape, table in self._ms_by_shape.items()},
+                background_jobs=len(self._background) + len(self._active) - len(active),
+                early_stops=self._early_stops,
             )
 
     # -- the loop ------------------------------------------------------------------------
@@ -165,11 +209,13 @@ class StepBatcher:
     def _iteration(self) -> None:
         with self._condition:
             self._drop_cancelled()
-            while not self._active and not self._waiting:
+            while not self._active and not self._waiting and not self._background:
                 self._condition.wait()
                 self._drop_cancelled()
             admitted = self._admit()
         for ticket in admitted:
+            if ticket.state is not None:
+                continue  # a paused background job resumes where it stopped
             try:
                 ticket.state = ticket.prepare()
             except Exception as error:  # a bad job fails alone
@@ -180,30 +226,36 @@ class StepBatcher:
             self._step()
 
     def _drop_cancelled(self) -> None:
-        for queue in (self._waiting, self._active):
+        for queue in (self._waiting, self._background, self._active):
             for ticket in [t for t in queue if t.future.cancelled() or (t.cancelled is not None and t.cancelled.is_set())]:
                 queue.remove(ticket)
                 self._cancelled += 1
                 _settle(ticket.future, error=JobCancelled())
 
     def _admit(self) -> list[_Ticket]:
-        """FIFO: only the head of the queue may join, so nothing overtakes a waiting job."""
+        """FIFO: only the head of the queue may join, so nothing overtakes a waiting job.
+        Background jobs pause while foreground ones wait and run when none do."""
+        paused = [t for t in self._active if t.background] if self._waiting else []
+        for ticket in reversed(paused):
+            self._active.remove(ticket)
+            self._background.appendleft(ticket)  # keeps its state: resumes at the same step
         if self._active and not self.admit_between_steps:
             return []
+        queue = self._waiting if self._waiting or any(not t.background for t in self._active) else self._background
         admitted = []
         used = sum(t.images for t in self._active)
-        shape = self._active[0].latent_shape if self._active else None
-        while self._waiting:
-            head = self._waiting[0]
-            if shape is not None and head.latent_shape != shape:
-                break  # the next batch will be of its size
+        group = self._active[0].group if self._active else None
+        while queue:
+            head = queue[0]
+            if group is not None and head.group != group:
+                break  # the next batch will be of its size and UNet
             if used and used + head.images > self.max_batch_size:
                 break  # a job larger than the batch runs alone rather than never
-            self._waiting.popleft()
+            queue.popleft()
             self._active.append(head)
             admitted.append(head)
             used += head.images
-            shape = head.latent_shape
+            group = head.group
         return admitted
 
     @torch.inference_mode()
@@ -217,9 +269,11 @@ class StepBatcher:
             inputs.append(state.scheduler.scale_model_input(model_input, t))
             timesteps.append(t.reshape(1).expand(state.rows))
             contexts.append(state.context)
+        variant = active[0].variant
+        run_unet = self.run_unet if variant == "production" else self.unet_for_variant(variant)
         start = time.perf_counter()
         try:
-            noise = self.run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
+            noise = run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
         except Exception as error:  # e.g. out of memory: the jobs of this batch fail, the loop goes on
             logger.exception("UNet forward failed for a batch of %d jobs", len(active))
             with self._condition:
@@ -229,8 +283,11 @@ class StepBatcher:
             return
         images = sum(state.images for state in states)
         elapsed = (time.perf_counter() - start) * 1000.0
-        previous = self._ms_per_step.get(images)
-        self._ms_per_step[images] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+        if variant == "production":  # the cost model is about the served UNet
+            shape = "{}x{}".format(*active[0].latent_shape)
+            for table in (self._ms_per_step, self._ms_by_shape.setdefault(shape, {})):
+                previous = table.get(images)
+                table[images] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
         self._steps_run += 1
 
         offset = 0
@@ -241,9 +298,14 @@ class StepBatcher:
             if state.guided:
                 uncond, cond = part.chunk(2)
                 part = uncond + state.guidance_scale * (cond - uncond)
-            state.latents = state.scheduler.step(part, state.timesteps[state.step], state.latents,
-                                                 return_dict=False)[0]
-            state.step += 1
+            if state.early_stop is not None and self._converged(state, part):
+                state.latents, state.stopped_early = state.previous_x0, True
+                state.step = len(state.timesteps)
+                self._early_stops += 1
+            else:
+                state.latents = state.scheduler.step(part, state.timesteps[state.step], state.latents,
+                                                     return_dict=False)[0]
+                state.step += 1
             if ticket.on_step is not None:
                 try:
                     ticket.on_step(state.step, len(state.timesteps))
@@ -256,3 +318,19 @@ class StepBatcher:
                 self._active.remove(ticket)
         for ticket in finished:
             _settle(ticket.future, ticket.state.latents)
+
+    @staticmethod
+    def _converged(state: ActiveJob, noise: torch.Tensor) -> bool:
+        """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) for epsilon-predicting DDPM-family
+        schedulers (PNDM, DDIM, DPM-Solver: they keep `alphas_cumprod` and unscaled x_t);
+        True when it moved less than `early_stop` (relative L2) since the previous step."""
+        alphas = getattr(state.scheduler, "alphas_cumprod", None)
+        if alphas is None or float(getattr(state.scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            return False  # sigma-parameterised schedulers (Euler...): not supported, run every step
+        alpha = alphas[int(state.timesteps[state.step])].to(noise.dtype)
+        x0 = (state.latents - (1 - alpha).sqrt() * noise) / alpha.sqrt()
+        previous, state.previous_x0 = state.previous_x0, x0
+        if previous is None or state.step + 1 < state.early_stop_min_steps:
+            return False
+        change = float((x0 - previous).norm() / x0.norm().clamp_min(1e-12))
+        return change < state.early_stop

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
-from serve_app.config import AppSettings, parse_size
+from serve_app.config import AppSettings, QualityTier, StepPolicy, parse_size
 from serve_app.request import ImageRequest
 
 MAX_SEED = 2**63 - 1
@@ -72,6 +72,12 @@ class ImageGenerationBody(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     optimize_prompt: bool = Field(True, description="Rewrite the prompt into the compact structured form.")
     cache_namespace: str = Field("default", pattern=NAMESPACE_PATTERN, description=NAMESPACE_HELP)
+    step_policy: StepPolicy | None = Field(None, description="fixed | complexity | slo (default: the server's; "
+                                           "slo when deadline_ms is given). num_inference_steps overrides it.")
+    deadline_ms: float | None = Field(None, gt=0, le=3_600_000, allow_inf_nan=False, description="Latency target "
+                                      "in ms for the slo policy: the most steps that still meet it.")
+    quality: QualityTier | None = Field(None, description="fast | balanced | best: the step range the policies "
+                                        "choose in (15-20, 15-30, 25-40 by default).")
 
 
 class PromptOptimizeBody(BaseModel):
@@ -119,6 +125,9 @@ def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageR
         num_inference_steps=body.num_inference_steps,
         cache_namespace=body.cache_namespace,
         optimize_prompt=body.optimize_prompt,
+        step_policy=body.step_policy,
+        deadline_ms=body.deadline_ms,
+        quality=body.quality,
     )
 
 

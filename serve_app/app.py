@@ -13,6 +13,8 @@ from deployments import denoiser, models, prompt_optimizer, text_encoder, vae_co
 from serve_app import api
 from serve_app.config import AppSettings
 from serve_app.pipeline import ImagePipeline
+from serve_app.pipeline_metrics import PipelineMetrics
+from serve_app.quality_guard import LiveQualityGuard
 from serve_app.steps import StepController
 
 STAGE_NAMES = ("PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
@@ -25,9 +27,8 @@ class Ingress:
 
     def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, settings: dict, model_id: str):
         settings = AppSettings.model_validate(settings)
-        pipeline = ImagePipeline(
-            prompt_optimizer, text_encoder, denoiser, vae_codec, StepController(settings.steps.default_steps)
-        )
+        pipeline = ImagePipeline(prompt_optimizer, text_encoder, denoiser, vae_codec, StepController(settings.steps),
+                                 LiveQualityGuard(settings.quality_guard), PipelineMetrics())
         api.install(pipeline, settings, model_id)
 
 

@@ -7,6 +7,9 @@ a Ray Serve `DeploymentHandle` when served, a `LocalHandle` around the engine in
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,8 +20,12 @@ from deployments.denoiser import DenoiseJob
 from deployments.prompt_optimizer import OptimizedPrompt
 from deployments.text_encoder import Encoding
 from deployments.serial_executor import SerialExecutor
+from serve_app.config import QualityGuardSettings, StepSettings
+from serve_app.quality_guard import LiveQualityGuard
 from serve_app.request import ImageRequest
 from serve_app.steps import StepController, StepDecision
+
+logger = logging.getLogger("ray.serve")
 
 
 class _LocalMethod:
@@ -29,6 +36,24 @@ class _LocalMethod:
 
     def remote(self, *args, **kwargs):
         return self._executor.run(self._function, *args, **kwargs, **self._extra_kwargs)
+
+
+class _LocalCall:
+    def __init__(self, coroutine_function: Callable):
+        self.remote = coroutine_function
+
+
+class LocalDenoiserHandle:
+    """The Denoiser in-process as its deployment runs it: `denoise` queues the job on the
+    step loop and awaits it (requests awaited together batch), `load` answers at once."""
+
+    def __init__(self, engine, on_step: Callable[[int, int], None] | None = None):
+        self._engine = engine
+        self.denoise = _LocalCall(lambda job: engine.denoise_async(job, on_step))
+        self.load = _LocalCall(self._load)
+
+    async def _load(self):
+        return self._engine.load()
 
 
 class LocalHandle:
@@ -61,8 +86,9 @@ def _timed(stage_ms: dict[str, float], stage: str):
     stage_ms[stage] = (time.perf_counter() - start) * 1000.0
 
 
-def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding) -> dict:
+def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding, total_ms: float) -> dict:
     """OpenAI Images `usage` shape, plus what we add (steps and why, truncation)."""
+    deadline = steps.deadline_ms
     return {
         "input_tokens": prompt.prompt_tokens,
         "input_tokens_details": {
@@ -80,22 +106,34 @@ def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding) -
         "truncated_tokens": prompt.truncated_tokens,
         "num_inference_steps": steps.steps,
         "steps_reason": steps.reason,
+        "steps_policy": steps.policy,
+        "steps_complexity": steps.complexity,  # the complexity score behind the choice, 0..1
+        "deadline_ms": deadline,
+        "deadline_met": None if deadline is None else total_ms <= deadline,
+        "predicted_ms": steps.predicted_ms,
+        "elapsed_ms": round(total_ms, 1),  # ingress to images, as judged against the deadline
     }
 
 
 class ImagePipeline:
-    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, step_controller: StepController):
+    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, step_controller: StepController,
+                 quality_guard: LiveQualityGuard | None = None, metrics=None):
+        """`metrics`: a `PipelineMetrics` when served (Ray metrics), None in-process."""
         self.prompt_optimizer = prompt_optimizer
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae_codec = vae_codec
         self.step_controller = step_controller
+        self.quality_guard = quality_guard or LiveQualityGuard()
+        self.metrics = metrics
+        self._shadows: set[asyncio.Task] = set()
 
     async def optimize_prompt(self, prompt: str, negative_prompt: str = "",
                               cache_namespace: str = "default") -> OptimizedPrompt:
         return await self.prompt_optimizer.optimize.remote(prompt, negative_prompt, cache_namespace, True)
 
     async def generate(self, request: ImageRequest) -> GenerationResult:
+        start = time.perf_counter()
         stage_ms: dict[str, float] = {}
         with _timed(stage_ms, "optimize"):
             prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
@@ -107,7 +145,9 @@ class ImagePipeline:
                 [prompt.prompt, prompt.negative_prompt], namespace=prompt.cache_namespace, routing_key=prompt.routing_key
             )
         embeddings = encoding.hidden
-        steps = self.step_controller.choose(request)
+        steps = await self.choose_steps(request, prompt, start, stage_ms)
+        guard = self.quality_guard
+        low_steps = self.step_controller.settings.ranges[request.quality or self.step_controller.settings.default_quality][0]
         job = DenoiseJob(
             prompt_embeds=embeddings[0:1],
             negative_prompt_embeds=embeddings[1:2],
@@ -116,23 +156,69 @@ class ImagePipeline:
             seeds=request.seeds,
             num_inference_steps=steps.steps,
             guidance_scale=request.guidance_scale,
+            variant="baseline" if guard.tripped else "production",
+            early_stop=None if guard.tripped else self.step_controller.settings.early_stop_threshold,
+            early_stop_min_steps=low_steps,
         )
         with _timed(stage_ms, "denoise"):
             latents = await self.denoiser.denoise.remote(job)
         with _timed(stage_ms, "decode"):
             images = await self.vae_codec.decode_png.remote(latents)
-        return GenerationResult(images, request.seeds, prompt, steps, usage_of(prompt, steps, encoding), stage_ms)
+        self.step_controller.observe_decode(stage_ms["decode"], request.n * request.width * request.height)
+        total_ms = (time.perf_counter() - start) * 1000.0
+        usage = usage_of(prompt, steps, encoding, total_ms)
+        if self.metrics is not None:
+            self.metrics.record_request(steps, usage["deadline_met"])
+        if guard.should_shadow():
+            task = asyncio.get_running_loop().create_task(self._shadow(job, images))
+            self._shadows.add(task)
+            task.add_done_callback(self._shadows.discard)
+        return GenerationResult(images, request.seeds, prompt, steps, usage, stage_ms)
+
+    async def choose_steps(self, request: ImageRequest, prompt: OptimizedPrompt, start: float,
+                           stage_ms: dict[str, float]) -> StepDecision:
+        controller, guard = self.step_controller, self.quality_guard
+        if guard.tripped and guard.settings.baseline_steps and request.num_inference_steps is None:
+            return StepDecision(guard.settings.baseline_steps, "quality-guard", "fixed")
+        load = None
+        if controller.needs_load(request):  # the live cost per step and the queue ahead
+            with _timed(stage_ms, "load"):
+                load = await self.denoiser.load.remote()
+        return controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0)
+
+    async def _shadow(self, job: DenoiseJob, served_png: list[bytes]) -> None:
+        """Render `job` again with the baseline, in the background, and judge the served images."""
+        from serve_app.quality import psnr_db
+
+        steps = self.quality_guard.settings.baseline_steps or job.num_inference_steps
+        baseline_job = dataclasses.replace(job, variant="baseline", background=True, num_inference_steps=steps,
+                                           early_stop=None)
+        try:
+            baseline_png = await self.vae_codec.decode_png.remote(await self.denoiser.denoise.remote(baseline_job))
+            for served, baseline in zip(served_png, baseline_png):
+                self.quality_guard.record(await asyncio.to_thread(psnr_db, served, baseline))
+        except Exception:  # a failed shadow must never touch the served path
+            logger.exception("quality guard shadow render failed")
+            return
+        if self.metrics is not None:
+            self.metrics.record_shadow(self.quality_guard)
+
+    async def wait_for_shadows(self) -> None:
+        """Tests and benchmarks: let the background renders finish."""
+        while self._shadows:
+            await asyncio.gather(*list(self._shadows), return_exceptions=True)
 
 
 def local_pipeline(
     model_path: Path,
     num_threads: int | None = None,
-    default_steps: int = 20,
+    step_settings: dict | None = None,
     on_step: Callable[[int, int], None] | None = None,
     stage_threads: dict[str, int] | None = None,
     prompt_settings: dict | None = None,
     encoder_cache: dict | None = None,
     denoiser_settings: dict | None = None,
+    quality_guard: dict | None = None,
 ) -> ImagePipeline:
     """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
     per stage, as AppSettings.stage_threads does for the served replicas."""
@@ -142,22 +228,23 @@ def local_pipeline(
     from deployments.text_encoder import TextEncoderEngine
     from deployments.vae_codec import VaeCodecEngine
 
-    denoise_kwargs = {"denoise": {"on_step": on_step}} if on_step else None
     return ImagePipeline(
         prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path, **(prompt_settings or {}))),
         text_encoder=LocalHandle(
             TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads), encoder_cache)),
-        denoiser=LocalHandle(DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads), denoiser_settings),
-                            denoise_kwargs),
+        denoiser=LocalDenoiserHandle(
+            DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads), denoiser_settings), on_step),
         vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),
-        step_controller=StepController(default_steps),
+        step_controller=StepController(StepSettings.model_validate(step_settings or {})),
+        quality_guard=LiveQualityGuard(QualityGuardSettings.model_validate(quality_guard or {})),
     )
 
 
 def local_pipeline_for(model_path: Path, settings, on_step: Callable[[int, int], None] | None = None) -> ImagePipeline:
     """`local_pipeline` configured as the served application is (an `AppSettings`): same
     thread counts, so the same bytes; same prompt templates and encoder cache."""
-    return local_pipeline(model_path, settings.num_threads, settings.steps.default_steps, on_step=on_step,
+    return local_pipeline(model_path, settings.num_threads, settings.steps.model_dump(), on_step=on_step,
                           stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
                           encoder_cache=settings.text_encoder.cache.model_dump(),
-                          denoiser_settings=settings.denoiser.model_dump())
+                          denoiser_settings=settings.denoiser.model_dump(),
+                          quality_guard=settings.quality_guard.model_dump())

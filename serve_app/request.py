@@ -17,6 +17,9 @@ class ImageRequest:
     num_inference_steps: int | None  # None: the step controller decides
     cache_namespace: str = "default"
     optimize_prompt: bool = True
+    step_policy: str | None = None  # fixed | complexity | slo; None: deadline_ms given -> slo, else the config's
+    deadline_ms: float | None = None  # latency target for the slo policy
+    quality: str | None = None  # fast | balanced | best: the step range; None: the config's
 
     @property
     def seeds(self) -> list[int]:

@@ -27,7 +27,7 @@ def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tin
     assert again["usage"]["input_tokens_details"]["cached_tokens"] == 77
     assert png_of(second["data"][0]) == png_of(again["data"][0])
 
-    uncached = local_pipeline(tiny_model_path, settings.num_threads, settings.steps.default_steps,
+    uncached = local_pipeline(tiny_model_path, settings.num_threads, settings.steps.model_dump(),
                               stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
                               encoder_cache={"enabled": False})
     request = ImageRequest(prompt="an elderly woman with long red hair, side view", negative_prompt="", width=64,

@@ -7,6 +7,7 @@ pixel (the UNet's float sums change with the batch size: ~3e-6 in the noise pred
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -163,3 +164,61 @@ def test_a_future_cancelled_by_its_caller_leaves_and_the_loop_keeps_serving(tiny
     later = engine.submit(job(51, steps=3))
     assert later.result(timeout=60).shape == (1, 4, SIZE // 8, SIZE // 8)
     assert engine.load().cancelled_jobs == 1 and engine.load().active_jobs == 0
+
+
+def test_a_background_job_pauses_while_user_jobs_run_and_resumes_where_it_stopped(tiny_model_path, vae):
+    """Shadow renders never share a forward with, nor run ahead of, a user's job: the user's
+    steps are all consecutive forwards; the background job still ends with its own image."""
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    log: list[str] = []
+    shadow = engine.submit(dataclasses.replace(job(60, steps=12), background=True),
+                           on_step=lambda done, total: log.append("shadow"))
+    while engine.load().steps_run < 2:
+        time.sleep(0.005)
+    user = engine.submit(job(61, steps=5), on_step=lambda done, total: log.append("user"))
+    user_latents = user.result(timeout=120)
+    shadow_latents = shadow.result(timeout=120)
+    first_user = log.index("user")
+    assert log[first_user:first_user + 5] == ["user"] * 5  # no shadow step in between
+    assert log.count("shadow") == 12 and 2 <= first_user < 12  # paused mid-way, then finished
+    load = engine.load()
+    assert load.background_jobs == 0 and load.queued_steps == 0
+    assert_same_images(vae, shadow_latents, alone(tiny_model_path, [job(60, steps=12)])[0])
+    assert_same_images(vae, user_latents, alone(tiny_model_path, [job(61, steps=5)])[0])
+
+
+def test_background_work_is_not_counted_as_load(tiny_model_path):
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    gate = threading.Event()
+    engine.batcher.run_unet = lambda *args, original=engine.batcher.run_unet: (gate.wait(), original(*args))[1]
+    shadow = engine.submit(dataclasses.replace(job(62, steps=3), background=True))
+    load = engine.load()
+    assert load.background_jobs == 1 and load.queued_steps == 0 and load.waiting_jobs == 0
+    gate.set()
+    shadow.result(timeout=60)
+
+
+def test_baseline_variant_jobs_run_on_the_baseline_unet(tiny_model_path, vae):
+    """The production UNet here is bf16; a baseline job gets the fp32 image, a production
+    job the bf16 one, even when both are queued together (they never share a forward)."""
+    engine = engine_for(tiny_model_path, max_batch_size=8, backends=[{"backend": "torch", "precision": "bf16"}])
+    production, baseline = together(engine, [job(63), dataclasses.replace(job(63), variant="baseline")])
+    fp32 = alone(tiny_model_path, [job(63)])[0]
+    assert_same_images(vae, baseline, fp32)
+    assert not torch.equal(production, baseline)
+    with pytest.raises(ValueError, match="unknown UNet variant"):
+        engine.submit(dataclasses.replace(job(64), variant="nope"))
+
+
+def test_early_stop_ends_a_converged_job_with_its_clean_latent(tiny_model_path, vae):
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    steps_run = []
+    full = engine.denoise(job(65, steps=40))
+    early = engine.denoise(dataclasses.replace(job(65, steps=40), early_stop=0.05, early_stop_min_steps=10),
+                           on_step=lambda done, total: steps_run.append(done))
+    assert 10 <= len(steps_run) < 40 and steps_run[-1] == 40  # stopped early; progress reports completion
+    assert engine.load().early_stops == 1
+    a, b = vae.decode_pixels(early).astype(np.float64), vae.decode_pixels(full).astype(np.float64)
+    assert 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) > 25  # close to the full run, not the noise
+    never = engine.denoise(dataclasses.replace(job(65, steps=40), early_stop=1e-9, early_stop_min_steps=10))
+    assert torch.equal(never, full)  # a threshold nothing meets: every step, the same latents

@@ -1,0 +1,37 @@
+"""The ingress's view of requests as Ray Serve metrics: steps chosen, deadlines, quality guard."""
+
+from __future__ import annotations
+
+STEP_BUCKETS = [5, 10, 15, 18, 21, 24, 27, 30, 40, 50, 100]
+
+
+class PipelineMetrics:
+    def __init__(self):
+        from ray.serve import metrics
+
+        self._steps = metrics.Histogram("fusionserve_steps_chosen", description="denoising steps given to a "
+                                        "request", boundaries=STEP_BUCKETS, tag_keys=("policy", "reason"))
+        self._judged = metrics.Counter("fusionserve_deadline_requests", description="requests with a latency "
+                                       "target", tag_keys=("policy",))
+        self._missed = metrics.Counter("fusionserve_deadline_misses", description="requests that ended after "
+                                       "their latency target", tag_keys=("policy",))
+        self._rolling_psnr = metrics.Gauge("fusionserve_quality_guard_rolling_psnr_db",
+                                           description="rolling PSNR of served images vs the baseline's")
+        self._comparisons = metrics.Counter("fusionserve_quality_guard_comparisons",
+                                            description="shadow renders compared with the served image")
+        self._tripped = metrics.Gauge("fusionserve_quality_guard_tripped",
+                                      description="1 once the guard switched to the baseline variant")
+        self._tripped.set(0)
+
+    def record_request(self, decision, deadline_met: bool | None) -> None:
+        self._steps.observe(decision.steps, tags={"policy": decision.policy, "reason": decision.reason})
+        if deadline_met is not None:
+            self._judged.inc(tags={"policy": decision.policy})
+            if not deadline_met:
+                self._missed.inc(tags={"policy": decision.policy})
+
+    def record_shadow(self, guard) -> None:
+        self._comparisons.inc()
+        if guard.rolling_psnr_db is not None:
+            self._rolling_psnr.set(guard.rolling_psnr_db)
+        self._tripped.set(1 if guard.tripped else 0)

@@ -1,0 +1,134 @@
+"""The step controller's choices in constructed situations (no model, no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from deployments.prompt_optimizer import OptimizedPrompt
+from deployments.step_batcher import LoadSnapshot
+from serve_app.config import StepSettings
+from serve_app.request import ImageRequest
+from serve_app.steps import StepController, image_detail, predict_denoise_ms, step_ms
+
+SIMPLE = OptimizedPrompt("portrait", "", prompt_tokens=1, negative_prompt_tokens=0, truncated_tokens=0,
+                         cache_namespace="default", attributes={})
+BUSY = OptimizedPrompt("Asian man, age:35, ...", "", prompt_tokens=60, negative_prompt_tokens=0, truncated_tokens=0,
+                       cache_namespace="default",
+                       attributes={"identity": "Asian man", "age": 35, "expression": "smiling", "glasses": "wearing "
+                                   "glasses", "hair": ["black", "short"], "facial_hair": "beard", "lighting": "soft"})
+MEDIUM = dataclasses.replace(BUSY, prompt_tokens=30, attributes={"identity": "man", "age": 35, "glasses": "glasses"})
+
+
+def request(**overrides) -> ImageRequest:
+    fields = dict(prompt="p", negative_prompt="", width=128, height=128, n=1, seed=1, guidance_scale=7.5,
+                  num_inference_steps=None)
+    fields.update(overrides)
+    return ImageRequest(**fields)
+
+
+def load(active_images=0, waiting_images=0, queued_steps=0, batch=8, table=None) -> LoadSnapshot:
+    """A replica whose 16x16-latent forward costs 20 ms + 10 ms per image."""
+    table = table if table is not None else {1: 30.0, 2: 40.0, 4: 60.0, 8: 100.0}
+    return LoadSnapshot(waiting_jobs=0, active_jobs=0, active_images=active_images, queued_steps=queued_steps,
+                        queued_work=float(queued_steps * 16 * 16), ms_per_step={}, steps_run=0, cancelled_jobs=0,
+                        waiting_images=waiting_images, max_batch_size=batch, step_ms_by_shape={"16x16": table})
+
+
+def slo(deadline_ms, **kwargs):
+    return StepController(StepSettings(policy="slo", deadline_ms=deadline_ms)).choose(request(), BUSY, load(**kwargs))
+
+
+def test_complexity_maps_the_prompt_onto_the_range():
+    controller = StepController(StepSettings(policy="complexity"))
+    simple, medium, busy = (controller.choose(request(), p) for p in (SIMPLE, MEDIUM, BUSY))
+    assert simple.steps == 15 and simple.reason == "complexity"  # 1 token, nothing recognised
+    assert busy.steps == 30  # 8 attribute values and 60 tokens: full score
+    assert 15 < medium.steps < 30
+    assert medium.complexity == pytest.approx(0.6 * 3 / 8 + 0.4 * 30 / 60)
+
+
+def test_the_template_prefix_does_not_count_as_complexity():
+    with_template = dataclasses.replace(SIMPLE, prompt_tokens=21, prefix_tokens=21)  # 20 template tokens + 1
+    controller = StepController(StepSettings(policy="complexity"))
+    assert controller.choose(request(), with_template).steps == controller.choose(request(), SIMPLE).steps
+
+
+def test_an_edit_image_adds_its_detail():
+    controller = StepController(StepSettings(policy="complexity"))
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    checkerboard = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    assert image_detail(flat) == 0.0 and image_detail(checkerboard) == 1.0
+    assert controller.choose(request(), SIMPLE, detail=1.0).steps > controller.choose(request(), SIMPLE, detail=0.0).steps
+
+
+def test_slo_at_no_load_gives_the_complexity_choice():
+    decision = slo(deadline_ms=10_000)
+    assert (decision.steps, decision.reason) == (30, "slo")
+    assert decision.predicted_ms == pytest.approx(30 * 30.0)  # alone: 30 steps of a 1-image forward
+
+
+def test_slo_under_a_deep_queue_takes_fewer_steps_but_never_below_the_minimum():
+    # A full batch (8 images) and 400 image-steps queued: at 100 ms per full forward they
+    # drain in 5000 ms, and each of our steps adds 100/8 ms: (400 + s) * 12.5 <= 5200 -> s = 16.
+    decision = slo(deadline_ms=5_200, active_images=8, queued_steps=400)
+    assert (decision.steps, decision.reason) == (16, "slo:reduced")
+    assert decision.predicted_ms == pytest.approx((400 + 16) * 12.5)
+    deeper = slo(deadline_ms=5_200, active_images=8, queued_steps=800)
+    assert (deeper.steps, deeper.reason) == (15, "slo:infeasible")  # the minimum, and counted as such
+
+
+def test_slo_that_cannot_be_met_serves_the_minimum_and_says_so():
+    decision = slo(deadline_ms=200, active_images=8, queued_steps=400)
+    assert (decision.steps, decision.reason) == (15, "slo:infeasible")
+    assert decision.predicted_ms > 200 and decision.deadline_ms == 200
+
+
+def test_slo_counts_time_already_spent_and_the_decode_estimate():
+    controller = StepController(StepSettings(policy="slo", deadline_ms=1_000))
+    assert controller.choose(request(), BUSY, load()).steps == 30  # 900 ms
+    assert controller.choose(request(), BUSY, load(), elapsed_ms=300).steps == 23  # 700 ms left: 23 x 30 ms
+    controller.observe_decode(ms=100.0, pixels=128 * 128)
+    assert controller.choose(request(), BUSY, load(), elapsed_ms=300).steps == 20  # and 100 ms for the decode
+
+
+def test_without_timings_slo_falls_back_to_the_complexity_choice():
+    decision = StepController(StepSettings(policy="slo")).choose(request(), BUSY, load(table={}))
+    assert (decision.steps, decision.reason) == (30, "slo:no-timings")
+
+
+def test_explicit_steps_always_win():
+    controller = StepController(StepSettings(policy="slo", deadline_ms=1))
+    decision = controller.choose(request(num_inference_steps=7, quality="best"), BUSY, load(active_images=8,
+                                                                                            queued_steps=10_000))
+    assert (decision.steps, decision.reason) == (7, "explicit")
+
+
+def test_quality_tiers_shift_the_range():
+    controller = StepController(StepSettings(policy="complexity"))
+    assert [controller.choose(request(quality=q), SIMPLE).steps for q in ("fast", "balanced", "best")] == [15, 15, 25]
+    assert [controller.choose(request(quality=q), BUSY).steps for q in ("fast", "balanced", "best")] == [20, 30, 40]
+
+
+def test_fixed_policy_and_per_request_policy_override():
+    controller = StepController(StepSettings(policy="fixed", fixed_steps=22))
+    assert controller.choose(request(), BUSY).steps == 22
+    assert controller.choose(request(step_policy="complexity"), BUSY).steps == 30
+    assert controller.policy_for(request(deadline_ms=500)) == "slo"  # a deadline asks for the slo policy
+    assert not controller.needs_load(request()) and controller.needs_load(request(deadline_ms=500))
+
+
+def test_step_cost_interpolates_and_extrapolates_pessimistically():
+    snapshot = load()
+    assert step_ms(snapshot, (16, 16), 3) == pytest.approx(50.0)  # between 2 (40) and 4 (60)
+    assert step_ms(snapshot, (16, 16), 16) == pytest.approx(200.0)  # beyond 8: linear in images
+    assert step_ms(snapshot, (32, 32), 1) == pytest.approx(120.0)  # another size: scaled by pixels
+    sparse = load(table={4: 60.0})
+    assert step_ms(sparse, (16, 16), 1) == 60.0  # below the smallest measured: its time
+
+
+def test_ranges_are_validated():
+    with pytest.raises(ValueError, match="min 30 > max 15"):
+        StepSettings(ranges={"fast": (30, 15), "balanced": (15, 30), "best": (25, 40)})
