@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import statistics
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -130,6 +131,33 @@ class LoadSnapshot:
     backend_fallbacks: int = 0
 
 
+class StepTimings:
+    """ms of one UNet forward by latent size and images in the batch: the median of the
+    last few forwards, robust to the seconds-long stalls a shared CPU (or the first
+    forwards' one-time set-up) throws in, which a moving average would carry for dozens of
+    steps."""
+
+    SAMPLES = 9
+
+    def __init__(self):
+        self._samples: dict[tuple[str, int], collections.deque[float]] = {}
+        self._latest_shape = ""
+
+    def record(self, shape: str, images: int, ms: float) -> None:
+        self._samples.setdefault((shape, images), collections.deque(maxlen=self.SAMPLES)).append(ms)
+        self._latest_shape = shape
+
+    def by_shape(self) -> dict[str, dict[int, float]]:
+        table: dict[str, dict[int, float]] = {}
+        for (shape, images), samples in list(self._samples.items()):
+            table.setdefault(shape, {})[images] = statistics.median(samples)
+        return table
+
+    def by_images(self) -> dict[int, float]:
+        """The latest latent size's table (what the per-occupancy gauge shows)."""
+        return self.by_shape().get(self._latest_shape, {})
+
+
 class StepBatcher:
     def __init__(self, run_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                  num_threads_setter: Callable[[], None], max_batch_size: int = 8, admit_between_steps: bool = True,
@@ -148,8 +176,7 @@ class StepBatcher:
         self._active: list[_Ticket] = []
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._ms_per_step: dict[int, float] = {}
-        self._ms_by_shape: dict[str, dict[int, float]] = {}
+        self._timings = StepTimings()
         self._steps_run = 0
         self._cancelled = 0
         self._early_stops = 0
@@ -187,12 +214,12 @@ class StepBatcher:
                 queued_steps=sum(t.steps_left * t.images for t in tickets),
                 queued_work=float(sum(t.steps_left * t.images * t.latent_shape[0] * t.latent_shape[1]
                                       for t in tickets)),
-                ms_per_step=dict(self._ms_per_step),
+                ms_per_step=self._timings.by_images(),
                 steps_run=self._steps_run,
                 cancelled_jobs=self._cancelled,
                 waiting_images=sum(t.images for t in self._waiting),
                 max_batch_size=self.max_batch_size,
-                step_ms_by_shape={shape: dict(table) for shape, table in self._ms_by_shape.items()},
+                step_ms_by_shape=self._timings.by_shape(),
                 background_jobs=len(self._background) + len(self._active) - len(active),
                 early_stops=self._early_stops,
             )
@@ -284,10 +311,7 @@ class StepBatcher:
         images = sum(state.images for state in states)
         elapsed = (time.perf_counter() - start) * 1000.0
         if variant == "production":  # the cost model is about the served UNet
-            shape = "{}x{}".format(*active[0].latent_shape)
-            for table in (self._ms_per_step, self._ms_by_shape.setdefault(shape, {})):
-                previous = table.get(images)
-                table[images] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+            self._timings.record("{}x{}".format(*active[0].latent_shape), images, elapsed)
         self._steps_run += 1
 
         offset = 0

@@ -224,6 +224,60 @@ def cmd_prune_unet(options: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ab_test(options: argparse.Namespace) -> int:
+    """Quality guard: render the prompts x seeds with a baseline and a candidate variant in-process;
+    exit 1 when the mean PSNR falls under --min-psnr."""
+    import json
+    import textwrap
+
+    from tqdm import tqdm
+
+    from deployments import models
+    from deployments.unet_backends import BackendUnavailable
+    from serve_app.api import ApiError, ImageGenerationBody, to_image_request
+    from serve_app.quality import VariantSpec, read_prompts, run_ab_test
+
+    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    try:
+        baseline, candidate = VariantSpec.parse(options.baseline), VariantSpec.parse(options.candidate)
+        if options.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {options.seeds}")
+        # the API's own checks (text, size limits, multiples of 8) on every prompt
+        requests = [to_image_request(ImageGenerationBody(prompt=prompt, size=options.size, seed=0), settings)
+                    for prompt in read_prompts(options.prompts)]
+    except ApiError as exc:
+        print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # spec, prompts file, pydantic's ValidationError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    prompts, size = [r.prompt for r in requests], (requests[0].width, requests[0].height)
+    bar = tqdm(total=2 * len(prompts) * options.seeds, desc="rendering", unit="image")
+    try:
+        result = run_ab_test(baseline, candidate, prompts, options.seeds, settings, size=size,
+                             seed_base=options.seed_base, min_psnr_db=options.min_psnr, on_image=bar.update)
+    except (models.ModelNotFoundError, BackendUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+
+    print(f"baseline:  {result.baseline}\ncandidate: {result.candidate}\nsize: {size[0]}x{size[1]}\n")
+    print(f"{'prompt':<44} {'seed':>5} {'steps b/c':>9} {'PSNR dB':>8} {'SSIM':>7}")
+    for pair in result.pairs:
+        steps = f"{pair.baseline_steps}/{pair.candidate_steps}"
+        print(f"{textwrap.shorten(pair.prompt, 44, placeholder='...'):<44} {pair.seed:>5} {steps:>9} "
+              f"{pair.psnr_db:>8.2f} {pair.ssim:>7.4f}")
+    verdict = "PASS" if result.passed else "FAIL"
+    print(f"\nmean PSNR {result.mean_psnr_db:.2f} dB over the {result.differing} of {len(result.pairs)} images that "
+          f"differ, mean SSIM {result.mean_ssim:.4f}; threshold {result.min_psnr_db:g} dB: {verdict}")
+    if options.json:
+        Path(options.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return 0 if result.passed else 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -269,6 +323,22 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--fraction", type=float, default=0.3, help="share of prunable channels removed")
     prune.add_argument("-o", "--output", help="variant folder (default: next to the model, -prunedNN)")
     prune.set_defaults(run=cmd_prune_unet)
+
+    ab_test = commands.add_parser("ab-test", help="quality guard: PSNR/SSIM of a candidate variant against a baseline")
+    spec_help = ("variant spec key=value,...: backend (torch|onnxruntime|tensorrt), precision (fp32|bf16|fp16|int8), "
+                 "model, steps, policy (fixed|complexity|slo), encoder_cache (on|off), early_stop (0..1|off)")
+    ab_test.add_argument("--baseline", default="default", help=f"{spec_help} (default: %(default)s, torch fp32)")
+    ab_test.add_argument("--candidate", required=True, help="variant spec, as --baseline")
+    ab_test.add_argument("--prompts", required=True, help="text file, one prompt per line (# comments)")
+    ab_test.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: %(default)s)")
+    ab_test.add_argument("--seed-base", type=int, default=0, help="first seed (default: %(default)s)")
+    ab_test.add_argument("--size", default="128x128", help="WIDTHxHEIGHT (default: %(default)s)")
+    ab_test.add_argument("--min-psnr", type=float, help="mean PSNR to pass, dB (default: the config's "
+                         "quality_guard.min_psnr_db, 32)")
+    ab_test.add_argument("--json", help="also write the whole result to this file")
+    ab_test.add_argument("--model", help="model of variants that name none (default: the config's)")
+    ab_test.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
+    ab_test.set_defaults(run=cmd_ab_test)
     return root
 
 

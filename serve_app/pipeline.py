@@ -182,7 +182,7 @@ class ImagePipeline:
             return StepDecision(guard.settings.baseline_steps, "quality-guard", "fixed")
         load = None
         if controller.needs_load(request):  # the live cost per step and the queue ahead
-            with _timed(stage_ms, "load"):
+            with _timed(stage_ms, "steps"):  # the step controller asks the denoiser its load
                 load = await self.denoiser.load.remote()
         return controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0)
 

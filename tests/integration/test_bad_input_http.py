@@ -45,6 +45,10 @@ BAD_BODIES = [
     ("response_format url", {**OK, "response_format": "url"}, "response_format", "b64_json"),
     ("response_format unknown", {**OK, "response_format": "png"}, "response_format", "b64_json"),
     ("unknown parameter", {**OK, "styl": "vivid"}, "styl", "unknown parameter"),
+    ("deadline zero", {**OK, "deadline_ms": 0}, "deadline_ms", "greater than 0"),
+    ("deadline string", {**OK, "deadline_ms": "fast"}, "deadline_ms", "number"),
+    ("quality unknown", {**OK, "quality": "ultra"}, "quality", "'fast', 'balanced' or 'best'"),
+    ("step policy unknown", {**OK, "step_policy": "magic"}, "step_policy", "'fixed', 'complexity' or 'slo'"),
     ("negative prompt not a string", {**OK, "negative_prompt": ["blurry"]}, "negative_prompt", "string"),
 ]
 

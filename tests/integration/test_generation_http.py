@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 
 from serve_app.request import ImageRequest
+from serve_app.steps import steps_for_score
 from tests.conftest import max_pixel_diff, png_pixels, run
 
 CURL_BODY = {"prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
@@ -40,13 +41,17 @@ def test_readme_curl_request(http, tiny_model_path):
     expected_tokens = len(tokenizer(CURL_BODY["prompt"], add_special_tokens=False).input_ids)
     assert body["usage"]["input_tokens"] == expected_tokens
     assert body["usage"]["total_tokens"] == expected_tokens
-    assert body["usage"]["num_inference_steps"] == 20
+    # The default slo policy with an idle server: the complexity choice in 15-30
+    usage = body["usage"]
+    assert usage["steps_policy"] == "slo" and usage["steps_reason"] in ("slo", "slo:no-timings")
+    assert usage["num_inference_steps"] == steps_for_score(usage["steps_complexity"], 15, 30)
+    assert usage["deadline_ms"] == 30000 and usage["deadline_met"] is True
 
 
 def test_server_timing_header_names_every_stage(http):
     response = http.post("/v1/images/generations", json={**CURL_BODY, "size": "64x64"})
     timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
-    assert list(timing) == ["optimize", "encode", "denoise", "decode"]
+    assert list(timing) == ["optimize", "encode", "steps", "denoise", "decode"]  # steps: the controller's load query
     assert all(float(ms) >= 0 for ms in timing.values())
 
 

@@ -1,0 +1,272 @@
+"""Step policies under open-loop load: SLO attainment, goodput, latency and PSNR, in one run.
+
+The in-process pipeline with the served settings (the four engines, step-level batching in
+the Denoiser, the step controller reading the Denoiser's live load; no Ray, no HTTP: the
+policy is what is measured) on the embedded model. First the capacity of `fixed 30`
+(closed loop, as many clients as the Denoiser's batch) and the latency of one `fixed 30`
+request alone; the latency target is `--target-factor` x that latency. Then, for every
+load factor, the same Poisson arrival times and requests (prompts of varied complexity,
+fixed seeds) through every policy:
+
+- fixed 30 / fixed 15: explicit steps;
+- complexity: the prompt's complexity score mapped onto 15-30;
+- slo: the most steps in [15, complexity choice] predicted to meet the target.
+
+Reported per run: SLO attainment (share of requests done within the target, counted from
+their scheduled arrival), goodput (requests within the target per second of the run), p50 /
+p95 latency, mean steps, and mean PSNR of each image against a 50-step render of the same
+prompt and seed (identical images count as 100 dB).
+
+    .venv/bin/python benchmarks/adaptive_steps.py                   # ~10 min
+    .venv/bin/python benchmarks/adaptive_steps.py --quick           # < 3 min
+    .venv/bin/python benchmarks/adaptive_steps.py --update-readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
+
+from benchmarks.readme_table import publish  # noqa: E402
+
+SECTION = "adaptive_steps"
+DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "adaptive_steps.json"
+DEFAULT_PLOT = REPO_ROOT / "benchmarks" / "results" / "adaptive_steps.png"
+POLICIES = ("fixed 30", "fixed 15", "complexity", "slo")
+IDENTICAL_DB = 100.0
+# From a bare word to a busy portrait: the complexity policy spreads them over 15-30 steps.
+PROMPTS = [
+    "portrait",
+    "a woman, side view",
+    "A smiling Asian man wearing glasses, about 35 years old",
+    "old man with a grey beard and short white hair, studio lighting",
+    "A young woman with long curly red hair and freckles, smiling, wearing earrings and a green scarf, "
+    "soft window light, bokeh background, highly detailed skin texture",
+    "A bald middle-aged man with a thick black mustache, wearing a suit and tie and round glasses, "
+    "serious expression, three-quarter view, dramatic rim lighting, dark background, sharp focus, 4k",
+]
+
+
+def request_for(index: int, policy: str, size: int, target_ms: float, seeds: int):
+    from serve_app.request import ImageRequest
+
+    prompt = PROMPTS[index % len(PROMPTS)]
+    seed = index % seeds
+    steps = {"fixed 30": 30, "fixed 15": 15}.get(policy)
+    return ImageRequest(prompt=prompt, negative_prompt="", width=size, height=size, n=1, seed=seed,
+                        guidance_scale=7.5, num_inference_steps=steps,
+                        step_policy=None if steps else policy, deadline_ms=target_ms if policy == "slo" else None)
+
+
+async def closed_loop(pipeline, size: int, clients: int, requests: int, target_ms: float, seeds: int) -> float:
+    """Throughput (requests/s) of fixed 30 with `clients` back-to-back clients."""
+    queue = list(range(requests))
+
+    async def client():
+        while queue:
+            index = queue.pop()
+            await pipeline.generate(request_for(index, "fixed 30", size, target_ms, seeds))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return requests / (time.perf_counter() - start)
+
+
+async def open_loop(pipeline, policy: str, arrivals: list[float], size: int, target_ms: float, seeds: int):
+    """Send request i at arrivals[i] seconds; latency from its scheduled arrival."""
+    start = time.perf_counter()
+
+    async def one(index: int, at: float):
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        result = await pipeline.generate(request_for(index, policy, size, target_ms, seeds))
+        done = time.perf_counter()
+        return index, (done - start - at) * 1000.0, result.steps.steps, result.steps.reason, result.images_png[0], done
+
+    outcomes = await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
+    return outcomes, max(o[5] for o in outcomes) - start
+
+
+def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    times, now = [], 0.0
+    for _ in range(count):
+        now += rng.expovariate(rate)
+        times.append(now)
+    return times
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
+
+
+def run(size: int, load_factors: list[float], policies: list[str], requests: int, seeds: int,
+        target_factor: float, capacity_requests: int) -> dict:
+    from deployments import models
+    from serve_app.cli import load_serve_config, split_app_config
+    from serve_app.pipeline import local_pipeline_for
+    from serve_app.quality import psnr_db
+
+    settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
+    pipeline = local_pipeline_for(models.resolve_model("tiny"), settings)
+    batch = settings.denoiser.max_batch_size
+
+    async def measure():
+        for policy in policies:  # warm-up: threads, kernels, the encoder cache for every prompt
+            for index in range(len(PROMPTS)):
+                await pipeline.generate(request_for(index, policy, size, 1e9, seeds))
+        alone = []
+        for index in range(3):
+            t0 = time.perf_counter()
+            await pipeline.generate(request_for(index + 2, "fixed 30", size, 1e9, seeds))
+            alone.append((time.perf_counter() - t0) * 1000.0)
+        capacity = await closed_loop(pipeline, size, batch, capacity_requests, 1e9, seeds)
+        target_ms = target_factor * statistics.median(alone)
+        runs = []
+        for factor in load_factors:
+            arrivals = poisson_arrivals(factor * capacity, requests, seed=round(factor * 1000))
+            for policy in policies:
+                outcomes, duration = await open_loop(pipeline, policy, arrivals, size, target_ms, seeds)
+                runs.append({"policy": policy, "load_factor": factor, "outcomes": outcomes, "duration_s": duration})
+                print(f"  load {factor:.1f}x {policy:10s} done in {duration:.1f} s", file=sys.stderr, flush=True)
+        references = {}
+        for index in range(min(requests, len(PROMPTS) * seeds)):  # the 50-step image of each prompt and seed
+            request = request_for(index, "fixed 30", size, 1e9, seeds)
+            key = (request.prompt, request.seed)
+            if key not in references:
+                references[key] = (await pipeline.generate(
+                    request.__class__(**{**request.__dict__, "num_inference_steps": 50}))).images_png[0]
+        return statistics.median(alone), capacity, target_ms, runs, references
+
+    alone_ms, capacity, target_ms, raw_runs, references = asyncio.run(measure())
+    rows = []
+    for raw in raw_runs:
+        latencies, steps, psnrs, within = [], [], [], 0
+        for index, latency, chosen, _, png, _ in raw["outcomes"]:
+            request = request_for(index, "fixed 30", size, target_ms, seeds)
+            score = psnr_db(png, references[(request.prompt, request.seed)])
+            psnrs.append(IDENTICAL_DB if math.isinf(score) else score)
+            latencies.append(latency)
+            steps.append(chosen)
+            within += latency <= target_ms
+        reasons = statistics.multimode([o[3] for o in raw["outcomes"]])
+        rows.append({
+            "policy": raw["policy"], "load_factor": raw["load_factor"],
+            "slo_attainment": round(within / len(latencies), 4),
+            "goodput_rps": round(within / raw["duration_s"], 4),
+            "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
+            "mean_steps": round(statistics.fmean(steps), 2), "mean_psnr_db": round(statistics.fmean(psnrs), 2),
+            "steps": steps, "main_reason": reasons[0],
+        })
+    same = {}
+    for factor in load_factors:
+        by_policy = {r["policy"]: r["steps"] for r in rows if r["load_factor"] == factor}
+        if "slo" in by_policy and "complexity" in by_policy:
+            pairs = list(zip(by_policy["slo"], by_policy["complexity"]))
+            same[str(factor)] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
+    return {
+        "config": {
+            "size": size, "requests_per_run": requests, "seeds": seeds, "max_batch_size": batch,
+            "fixed30_alone_ms": round(alone_ms, 1), "capacity_rps": round(capacity, 3),
+            "target_ms": round(target_ms, 1), "target_factor": target_factor,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:]),
+        },
+        "runs": rows,
+        "slo_same_steps_as_complexity": same,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for policy in dict.fromkeys(r["policy"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["policy"] == policy]
+        loads = [r["load_factor"] for r in runs]
+        axes[0].plot(loads, [100 * r["slo_attainment"] for r in runs], marker="o", label=policy)
+        axes[1].plot(loads, [r["p95_ms"] / 1000 for r in runs], marker="o", label=policy)
+        axes[2].plot(loads, [r["mean_psnr_db"] for r in runs], marker="o", label=policy)
+    axes[0].set_ylabel("within target (%)")
+    axes[1].set_ylabel("p95 latency (s)")
+    axes[1].axhline(results["config"]["target_ms"] / 1000, color="grey", linestyle="--", linewidth=1)
+    axes[2].set_ylabel("mean PSNR vs 50 steps (dB)")
+    for axis in axes:
+        axis.set_xlabel("load (x capacity of fixed 30)")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    c = results["config"]
+    figure.suptitle(f"Step policies, {c['size']}x{c['size']}, target {c['target_ms'] / 1000:.1f} s "
+                    f"({c['machine']})", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def markdown(results: dict) -> str:
+    lines = ["| load | policy | within target | goodput rps | p50 ms | p95 ms | mean steps | mean PSNR vs 50 steps |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['load_factor']:.1f}x | {r['policy']} | {r['slo_attainment']:.0%} | {r['goodput_rps']:.2f} "
+                     f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {r['mean_steps']:.1f} | {r['mean_psnr_db']:.1f} dB |")
+    c = results["config"]
+    same = ", ".join(f"{float(k):.1f}x: {v:.0%}" for k, v in results["slo_same_steps_as_complexity"].items())
+    lines += ["", f"Embedded model, {c['size']}x{c['size']}, {c['requests_per_run']} Poisson arrivals per run; "
+              f"capacity of fixed 30 = {c['capacity_rps']:.2f} requests/s (closed loop, {c['max_batch_size']} clients); "
+              f"target = {c['target_factor']:g} x one fixed-30 request alone ({c['fixed30_alone_ms']:,.0f} ms) = "
+              f"{c['target_ms']:,.0f} ms. slo chose the complexity policy's steps for {same} of requests. "
+              f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="0.5x and 2x load, 16 requests per run (< 3 min)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--loads", default="0.5,1,1.5,2", help="load factors (x capacity of fixed 30)")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--requests", type=int, default=36, help="Poisson arrivals per run")
+    parser.add_argument("--seeds", type=int, default=4, help="distinct seeds (x prompts = 50-step references)")
+    parser.add_argument("--target-factor", type=float, default=3.0,
+                        help="latency target = this x one fixed-30 request alone")
+    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument("--plot", default=str(DEFAULT_PLOT))
+    parser.add_argument("--update-readme", metavar="README")
+    options = parser.parse_args(argv)
+    loads = [float(v) for v in options.loads.split(",")]
+    policies = [p.strip() for p in options.policies.split(",")]
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        parser.error(f"unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
+    requests, seeds, capacity_requests = options.requests, options.seeds, 24
+    if options.quick:
+        loads, requests, seeds, capacity_requests = [0.5, 2.0], 16, 2, 16
+    results = run(options.size, loads, policies, requests, seeds, options.target_factor, capacity_requests)
+    plot(results, Path(options.plot))
+    for row in results["runs"]:
+        row.pop("steps")  # per-request detail: only for the comparison above
+    publish(results, options.json, markdown(results), options.update_readme, SECTION)
+    print(f"plot: {options.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
