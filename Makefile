@@ -40,6 +40,8 @@ bench: model
 	$(PY) benchmarks/encoder_routing.py --update-readme README.md
 	$(PY) benchmarks/denoiser_batching.py --update-readme README.md
 	$(PY) benchmarks/unet_variants.py --update-readme README.md
+	$(PY) benchmarks/adaptive_steps.py --update-readme README.md
+	$(PY) benchmarks/adaptive_steps.py --early-stop --update-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

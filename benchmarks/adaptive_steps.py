@@ -93,7 +93,8 @@ async def open_loop(pipeline, policy: str, arrivals: list[float], size: int, tar
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         result = await pipeline.generate(request_for(index, policy, size, target_ms, seeds))
         done = time.perf_counter()
-        return index, (done - start - at) * 1000.0, result.steps.steps, result.steps.reason, result.images_png[0], done
+        return (index, (done - start - at) * 1000.0, result.steps.steps, result.steps.reason, result.images_png[0], done,
+                result.steps.predicted_ms, result.usage["elapsed_ms"])
 
     outcomes = await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
     return outcomes, max(o[5] for o in outcomes) - start
@@ -155,7 +156,8 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
     rows = []
     for raw in raw_runs:
         latencies, steps, psnrs, within = [], [], [], 0
-        for index, latency, chosen, _, png, _ in raw["outcomes"]:
+        errors = [o[7] / o[6] for o in raw["outcomes"] if o[6]]  # actual / predicted, where the slo policy predicted
+        for index, latency, chosen, _, png, *_ in raw["outcomes"]:
             request = request_for(index, "fixed 30", size, target_ms, seeds)
             score = psnr_db(png, references[(request.prompt, request.seed)])
             psnrs.append(IDENTICAL_DB if math.isinf(score) else score)
@@ -170,6 +172,7 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
             "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
             "mean_steps": round(statistics.fmean(steps), 2), "mean_psnr_db": round(statistics.fmean(psnrs), 2),
             "steps": steps, "main_reason": reasons[0],
+            "actual_over_predicted": round(statistics.median(errors), 3) if errors else None,
         })
     same = {}
     for factor in load_factors:
@@ -189,6 +192,68 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
         "runs": rows,
         "slo_same_steps_as_complexity": same,
     }
+
+
+def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int = 30) -> dict:
+    """Each prompt x seed at `steps` steps, one at a time, with convergence early stop at each
+    threshold: steps actually run, time, and PSNR against the same request run to the end
+    and against 50 steps."""
+    from deployments import models
+    from serve_app.cli import load_serve_config, split_app_config
+    from serve_app.pipeline import local_pipeline_for
+    from serve_app.quality import psnr_db
+
+    settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
+    counted = []
+    requests = [request_for(i, "fixed 30", size, 1e9, seeds) for i in range(len(PROMPTS) * seeds)]
+    requests = [r.__class__(**{**r.__dict__, "num_inference_steps": steps}) for r in requests]
+
+    def render(threshold: float | None, step_count: int | None = None):
+        settings.steps.early_stop_threshold = threshold
+        pipeline = local_pipeline_for(models.resolve_model("tiny"), settings, on_step=lambda *_: counted.append(1))
+        rows = []
+        for request in requests:
+            if step_count is not None:
+                request = request.__class__(**{**request.__dict__, "num_inference_steps": step_count})
+            counted.clear()
+            start = time.perf_counter()
+            png = asyncio.run(pipeline.generate(request)).images_png[0]
+            rows.append((png, len(counted), (time.perf_counter() - start) * 1000.0))
+        return rows
+
+    render(None, 2)  # warm-up
+    full, fifty = render(None), render(None, 50)
+    base_ms = statistics.fmean(r[2] for r in full)
+
+    def summary(threshold, rows):
+        vs_full = [psnr_db(r[0], f[0]) for r, f in zip(rows, full)]
+        vs_fifty = [psnr_db(r[0], f[0]) for r, f in zip(rows, fifty)]
+        mean_ms = statistics.fmean(r[2] for r in rows)
+        return {"threshold": threshold, "mean_steps_run": round(statistics.fmean(r[1] for r in rows), 2),
+                "mean_ms": round(mean_ms, 1), "speedup": round(base_ms / mean_ms, 3),
+                "psnr_vs_full_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_full), 2),
+                "min_psnr_vs_full_db": round(min(min(v, IDENTICAL_DB) for v in vs_full), 2),
+                "psnr_vs_50_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_fifty), 2)}
+
+    rows = [summary(None, full)] + [summary(t, render(t)) for t in thresholds]
+    return {"config": {"size": size, "steps": steps, "requests": len(requests),
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:])},
+            "runs": rows}
+
+
+def early_stop_markdown(results: dict) -> str:
+    lines = ["| early stop threshold | mean steps run | mean ms | speed-up | PSNR vs run to the end (mean / min) "
+             "| PSNR vs 50 steps |", "|---|---:|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        name = "off" if r["threshold"] is None else f"{r['threshold']:g}"
+        lines.append(f"| {name} | {r['mean_steps_run']:.1f} | {r['mean_ms']:,.0f} | {r['speedup']:.2f}x "
+                     f"| {r['psnr_vs_full_db']:.1f} / {r['min_psnr_vs_full_db']:.1f} dB | {r['psnr_vs_50_db']:.1f} dB |")
+    c = results["config"]
+    lines += ["", f"Embedded model, {c['size']}x{c['size']}, {c['steps']} steps requested, {c['requests']} requests "
+              f"one at a time (100 dB = identical); {c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -243,11 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--loads", default="0.5,1,1.5,2", help="load factors (x capacity of fixed 30)")
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--requests", type=int, default=36, help="Poisson arrivals per run")
+    parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per run")
     parser.add_argument("--seeds", type=int, default=4, help="distinct seeds (x prompts = 50-step references)")
-    parser.add_argument("--target-factor", type=float, default=3.0,
+    parser.add_argument("--target-factor", type=float, default=2.0,
                         help="latency target = this x one fixed-30 request alone")
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument("--early-stop", action="store_true",
+                        help="instead: what convergence early stop saves and costs, per threshold")
+    parser.add_argument("--thresholds", default="0.005,0.01,0.02,0.05")
+    parser.add_argument("--json", default=None, help=f"default: {DEFAULT_JSON.name} (early_stop.json with --early-stop)")
     parser.add_argument("--plot", default=str(DEFAULT_PLOT))
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
@@ -256,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(policies) - set(POLICIES)
     if unknown:
         parser.error(f"unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
+    if options.early_stop:
+        thresholds = [float(t) for t in options.thresholds.split(",")]
+        results = early_stop_study(options.size, thresholds, 1 if options.quick else 2)
+        publish(results, options.json or DEFAULT_JSON.with_name("early_stop.json"), early_stop_markdown(results),
+                options.update_readme, "early_stop")
+        return 0
     requests, seeds, capacity_requests = options.requests, options.seeds, 24
     if options.quick:
         loads, requests, seeds, capacity_requests = [0.5, 2.0], 16, 2, 16
@@ -263,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, Path(options.plot))
     for row in results["runs"]:
         row.pop("steps")  # per-request detail: only for the comparison above
-    publish(results, options.json, markdown(results), options.update_readme, SECTION)
+    publish(results, options.json or DEFAULT_JSON, markdown(results), options.update_readme, SECTION)
     print(f"plot: {options.plot}")
     return 0
 

@@ -18,7 +18,7 @@ class DenoiserMetrics:
             "queued_work": metrics.Gauge("fusionserve_denoiser_queued_work",
                                          description="latent pixels x steps left, waiting and running jobs"),
         }
-        self._step_ms = metrics.Gauge("fusionserve_denoiser_step_ms", description="moving average ms of one UNet "
+        self._step_ms = metrics.Gauge("fusionserve_denoiser_step_ms", description="median ms of one batched UNet "
                                       "forward, by images in the batch", tag_keys=("occupancy",))
         self._steps = metrics.Counter("fusionserve_denoiser_steps", description="UNet forwards run")
         self._cancelled = metrics.Counter("fusionserve_denoiser_cancelled_jobs", description="jobs whose client left")

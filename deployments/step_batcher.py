@@ -117,35 +117,45 @@ class LoadSnapshot:
     active_images: int
     queued_steps: int  # steps still to run, waiting and active jobs, per image
     queued_work: float  # the same in latent pixels x steps (a 512x512 step = 4096)
-    ms_per_step: dict[int, float]  # images in the batch -> moving average of a forward's ms (any size)
+    ms_per_step: dict[int, float]  # images in the batch -> median ms of a step, latest latent size
     steps_run: int
     cancelled_jobs: int
     waiting_images: int = 0
     max_batch_size: int = 1
-    # latent size "HxW" -> images in the batch -> moving average ms of a forward: the step
+    # latent size "HxW" -> images in the batch -> median ms of a step: the step
     # controller's cost model (serve_app/steps.py)
     step_ms_by_shape: dict[str, dict[int, float]] = field(default_factory=dict)
     background_jobs: int = 0  # shadow renders, not counted above: they never delay foreground work
     early_stops: int = 0
+    recent_occupancy: float = 0.0  # mean images per step lately (0 when idle)
     backend: str = ""  # the UNet backend now in use (filled in by the engine)
     backend_fallbacks: int = 0
 
 
 class StepTimings:
-    """ms of one UNet forward by latent size and images in the batch: the median of the
+    """ms of one batched step (inputs, UNet forward, the jobs' scheduler steps) by latent
+    size and images in the batch: the median of the
     last few forwards, robust to the seconds-long stalls a shared CPU (or the first
     forwards' one-time set-up) throws in, which a moving average would carry for dozens of
     steps."""
 
     SAMPLES = 9
+    OCCUPANCY_STEPS = 32
 
     def __init__(self):
         self._samples: dict[tuple[str, int], collections.deque[float]] = {}
         self._latest_shape = ""
+        self._occupancy: collections.deque[int] = collections.deque(maxlen=self.OCCUPANCY_STEPS)
 
     def record(self, shape: str, images: int, ms: float) -> None:
         self._samples.setdefault((shape, images), collections.deque(maxlen=self.SAMPLES)).append(ms)
         self._latest_shape = shape
+        self._occupancy.append(images)
+
+    def recent_occupancy(self) -> float:
+        """Mean images per step over the last OCCUPANCY_STEPS steps: under steady load, how full
+        the batch a new job joins will be while it runs (not just at the moment it arrives)."""
+        return statistics.fmean(self._occupancy) if self._occupancy else 0.0
 
     def by_shape(self) -> dict[str, dict[int, float]]:
         table: dict[str, dict[int, float]] = {}
@@ -222,6 +232,7 @@ class StepBatcher:
                 step_ms_by_shape=self._timings.by_shape(),
                 background_jobs=len(self._background) + len(self._active) - len(active),
                 early_stops=self._early_stops,
+                recent_occupancy=self._timings.recent_occupancy() if active or self._waiting else 0.0,
             )
 
     # -- the loop ------------------------------------------------------------------------
@@ -287,6 +298,7 @@ class StepBatcher:
 
     @torch.inference_mode()
     def _step(self) -> None:
+        start = time.perf_counter()  # a step's cost: inputs, the forward, every job's scheduler
         active = list(self._active)
         states = [t.state for t in active]
         inputs, timesteps, contexts = [], [], []
@@ -298,7 +310,6 @@ class StepBatcher:
             contexts.append(state.context)
         variant = active[0].variant
         run_unet = self.run_unet if variant == "production" else self.unet_for_variant(variant)
-        start = time.perf_counter()
         try:
             noise = run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
         except Exception as error:  # e.g. out of memory: the jobs of this batch fail, the loop goes on
@@ -308,10 +319,6 @@ class StepBatcher:
                     self._active.remove(ticket)
                     _settle(ticket.future, error=error)
             return
-        images = sum(state.images for state in states)
-        elapsed = (time.perf_counter() - start) * 1000.0
-        if variant == "production":  # the cost model is about the served UNet
-            self._timings.record("{}x{}".format(*active[0].latent_shape), images, elapsed)
         self._steps_run += 1
 
         offset = 0
@@ -337,6 +344,10 @@ class StepBatcher:
                     logger.exception("on_step callback failed")
             if state.steps_left == 0:
                 finished.append(ticket)
+        if variant == "production":  # the cost model is about the served UNet
+            images = sum(state.images for state in states)
+            self._timings.record("{}x{}".format(*active[0].latent_shape), images,
+                                 (time.perf_counter() - start) * 1000.0)
         with self._condition:
             for ticket in finished:
                 self._active.remove(ticket)

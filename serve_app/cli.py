@@ -133,6 +133,9 @@ def cmd_generate(options: argparse.Namespace) -> int:
             num_inference_steps=options.steps,
             guidance_scale=options.guidance_scale,
             optimize_prompt=not options.no_optimize,
+            step_policy=options.step_policy,
+            deadline_ms=options.deadline_ms,
+            quality=options.quality,
         )
         request = to_image_request(body, settings)
     except ApiError as exc:
@@ -166,7 +169,7 @@ def cmd_generate(options: argparse.Namespace) -> int:
         path.write_bytes(png)
         print(f"wrote {path}")
     print(f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), "
-          f"seed {request.seed}, {result.steps.steps} steps")
+          f"seed {request.seed}, {result.steps.steps} steps ({result.steps.reason})")
     return 0
 
 
@@ -298,6 +301,9 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--size", default="512x512")
     generate.add_argument("-n", type=int, default=1)
     generate.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
+    generate.add_argument("--quality", choices=["fast", "balanced", "best"], help="the step range (default: the config's)")
+    generate.add_argument("--step-policy", choices=["fixed", "complexity", "slo"], help="default: the config's")
+    generate.add_argument("--deadline-ms", type=float, help="latency target for the slo policy")
     generate.add_argument("--guidance-scale", type=float)
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--no-optimize", action="store_true", help="use the prompt as written")

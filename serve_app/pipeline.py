@@ -164,6 +164,7 @@ class ImagePipeline:
             latents = await self.denoiser.denoise.remote(job)
         with _timed(stage_ms, "decode"):
             images = await self.vae_codec.decode_png.remote(latents)
+        self.step_controller.observe_denoise(steps, stage_ms["denoise"])
         self.step_controller.observe_decode(stage_ms["decode"], request.n * request.width * request.height)
         total_ms = (time.perf_counter() - start) * 1000.0
         usage = usage_of(prompt, steps, encoding, total_ms)

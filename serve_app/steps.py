@@ -47,6 +47,7 @@ class StepDecision:
     complexity: float | None = None
     deadline_ms: float | None = None  # the latency target the request is judged against (slo)
     predicted_ms: float | None = None  # what the cost model expected for the whole request
+    predicted_denoise_ms: float | None = None  # the denoise part, before calibration (observe_denoise)
 
 
 def prompt_complexity(prompt: OptimizedPrompt) -> float:
@@ -124,7 +125,9 @@ def predict_denoise_ms(load: LoadSnapshot, steps: int, images: int, latent_shape
     queued ahead of it plus its own at full-batch throughput (FIFO: with the batch full,
     it waits for slots)."""
     capacity = max(load.max_batch_size, images)
-    occupancy = min(capacity, load.active_images + load.waiting_images + images)
+    # as full as the batch is now with this job, or as it has been lately: jobs arriving
+    # after this one join its batch too
+    occupancy = min(capacity, max(load.active_images + load.waiting_images + images, round(load.recent_occupancy)))
     per_step, full_batch = step_ms(load, latent_shape, occupancy), step_ms(load, latent_shape, capacity)
     if per_step is None or full_batch is None:
         return None
@@ -137,6 +140,7 @@ class StepController:
     def __init__(self, settings: StepSettings | None = None):
         self.settings = settings or StepSettings()
         self._decode_ms_per_pixel: float | None = None  # moving average, learned from served requests
+        self.calibration = 1.0  # actual / predicted denoise time, moving average (observe_denoise)
 
     def policy_for(self, request: ImageRequest) -> str:
         if request.step_policy is not None:
@@ -170,17 +174,29 @@ class StepController:
         if load is None:
             return StepDecision(target, "slo:no-timings", policy, score, deadline)
         latent_shape = (request.height // VAE_SCALE, request.width // VAE_SCALE)
-        budget = deadline - elapsed_ms - self.decode_estimate_ms(request)
-        predicted = None
+        spent = elapsed_ms + self.decode_estimate_ms(request)
+        raw = None
         for steps in range(target, low - 1, -1):  # the cost grows with the steps: first fit is the largest
-            predicted = predict_denoise_ms(load, steps, request.n, latent_shape)
-            if predicted is None:
+            raw = predict_denoise_ms(load, steps, request.n, latent_shape)
+            if raw is None:
                 return StepDecision(target, "slo:no-timings", policy, score, deadline)
-            if predicted <= budget:
+            if spent + raw * self.calibration <= deadline:
                 reason = "slo" if steps == target else "slo:reduced"
                 return StepDecision(steps, reason, policy, score, deadline,
-                                    round(deadline - budget + predicted, 1))
-        return StepDecision(low, "slo:infeasible", policy, score, deadline, round(deadline - budget + predicted, 1))
+                                    round(spent + raw * self.calibration, 1), raw)
+        return StepDecision(low, "slo:infeasible", policy, score, deadline, round(spent + raw * self.calibration, 1),
+                            raw)
+
+    def observe_denoise(self, decision: StepDecision, actual_ms: float) -> None:
+        """Learn how far the cost model is off on this machine (CPU shared with the other
+        stages, steps of other sizes interleaved, ...): predictions are scaled by the moving
+        average of actual / predicted, kept within [0.5, 4]. It rises fast and falls slowly:
+        a missed deadline costs more than a step given away."""
+        if not decision.predicted_denoise_ms:
+            return
+        ratio = min(4.0, max(0.5, actual_ms / decision.predicted_denoise_ms))
+        weight = 0.5 if ratio > self.calibration else 0.1
+        self.calibration = (1 - weight) * self.calibration + weight * ratio
 
     def decode_estimate_ms(self, request: ImageRequest) -> float:
         rate = self._decode_ms_per_pixel

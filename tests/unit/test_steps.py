@@ -11,7 +11,7 @@ from deployments.prompt_optimizer import OptimizedPrompt
 from deployments.step_batcher import LoadSnapshot
 from serve_app.config import StepSettings
 from serve_app.request import ImageRequest
-from serve_app.steps import StepController, image_detail, predict_denoise_ms, step_ms
+from serve_app.steps import StepController, StepDecision, image_detail, predict_denoise_ms, step_ms
 
 SIMPLE = OptimizedPrompt("portrait", "", prompt_tokens=1, negative_prompt_tokens=0, truncated_tokens=0,
                          cache_namespace="default", attributes={})
@@ -132,3 +132,25 @@ def test_step_cost_interpolates_and_extrapolates_pessimistically():
 def test_ranges_are_validated():
     with pytest.raises(ValueError, match="min 30 > max 15"):
         StepSettings(ranges={"fast": (30, 15), "balanced": (15, 30), "best": (25, 40)})
+
+
+def test_a_recently_full_batch_counts_even_when_the_queue_is_empty_now():
+    """Jobs arriving after this one will join its batch: under steady load the recent
+    occupancy, not the instant one, prices its steps."""
+    busy_lately = dataclasses.replace(load(), recent_occupancy=8.0)
+    assert predict_denoise_ms(load(), 20, 1, (16, 16)) == pytest.approx(20 * 30.0)
+    assert predict_denoise_ms(busy_lately, 20, 1, (16, 16)) == pytest.approx(20 * 100.0)
+
+
+def test_the_cost_model_calibrates_itself_from_served_requests():
+    controller = StepController(StepSettings(policy="slo", deadline_ms=900))
+    first = controller.choose(request(), BUSY, load())
+    assert (first.steps, first.predicted_denoise_ms) == (30, pytest.approx(900.0))
+    controller.observe_denoise(first, actual_ms=1800.0)  # twice as slow as predicted: rises fast
+    assert controller.calibration == pytest.approx(1.5)
+    second = controller.choose(request(), BUSY, load())
+    assert second.steps == 20 and second.predicted_ms == pytest.approx(20 * 30.0 * 1.5)
+    controller.observe_denoise(second, actual_ms=600.0 * 0.5)  # then faster: falls slowly, never under 0.5
+    assert controller.calibration == pytest.approx(0.9 * 1.5 + 0.1 * 0.5)
+    controller.observe_denoise(StepDecision(7, "explicit"), actual_ms=1e6)  # no prediction: nothing learned
+    assert controller.calibration == pytest.approx(1.4)
