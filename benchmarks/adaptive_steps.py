@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency target = this x one fixed-30 request alone")
     parser.add_argument("--early-stop", action="store_true",
                         help="instead: what convergence early stop saves and costs, per threshold")
-    parser.add_argument("--thresholds", default="0.005,0.01,0.02,0.05")
+    parser.add_argument("--thresholds", default="0.0002,0.0005,0.001,0.002,0.005,0.02")
     parser.add_argument("--json", default=None, help=f"default: {DEFAULT_JSON.name} (early_stop.json with --early-stop)")
     parser.add_argument("--plot", default=str(DEFAULT_PLOT))
     parser.add_argument("--update-readme", metavar="README")
