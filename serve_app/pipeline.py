@@ -147,7 +147,6 @@ class ImagePipeline:
         embeddings = encoding.hidden
         steps = await self.choose_steps(request, prompt, start, stage_ms)
         guard = self.quality_guard
-        low_steps = self.step_controller.settings.ranges[request.quality or self.step_controller.settings.default_quality][0]
         job = DenoiseJob(
             prompt_embeds=embeddings[0:1],
             negative_prompt_embeds=embeddings[1:2],
@@ -158,7 +157,7 @@ class ImagePipeline:
             guidance_scale=request.guidance_scale,
             variant="baseline" if guard.tripped else "production",
             early_stop=None if guard.tripped else self.step_controller.settings.early_stop_threshold,
-            early_stop_min_steps=low_steps,
+            early_stop_min_steps=self.step_controller.range_for(request)[0],  # never below the tier's minimum
         )
         with _timed(stage_ms, "denoise"):
             latents = await self.denoiser.denoise.remote(job)

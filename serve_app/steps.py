@@ -9,12 +9,14 @@ Policies (serve_config.yaml `steps.policy`, per request `step_policy`):
   excluded; 60 or more count as 1), averaged half and half with the input image's edge
   density for edits. Why: every attribute is a constraint the image must satisfy and a
   long prompt asks for detail, and detail is what the late, low-noise steps refine; a bare
-  "portrait" is as good at 15 steps as at 30 (on the embedded model 15 steps already reach
-  30-33 dB PSNR against 50, see README), a busy prompt is not.
+  "portrait" has little of it (on the embedded model 15 steps already reach 30-33 dB PSNR
+  against 50, see README). A heuristic: the embedded model's random weights cannot show
+  that busy prompts need more steps; a real checkpoint can (ab-test per tier).
 - `slo`: the largest step count in [min, complexity choice] whose predicted latency meets
   the deadline (request `deadline_ms`, else `steps.deadline_ms`), from the denoiser's live
   load (`LoadSnapshot`): ms per step at the batch occupancy this request would join, and
-  the queued work ahead of it. With capacity to spare it equals the `complexity` choice;
+  the queued work ahead of it, scaled by a factor learned from served requests (actual /
+  predicted). With capacity to spare it equals the `complexity` choice;
   when even `min` cannot make it, the request gets `min` and reason `slo:infeasible`.
 
 An explicit `num_inference_steps` always wins; `quality` (fast | balanced | best) picks the
@@ -147,6 +149,10 @@ class StepController:
             return request.step_policy
         return "slo" if request.deadline_ms is not None else self.settings.policy
 
+    def range_for(self, request: ImageRequest) -> tuple[int, int]:
+        """[min, max] steps of the request's quality tier."""
+        return self.settings.ranges[request.quality or self.settings.default_quality]
+
     def needs_load(self, request: ImageRequest) -> bool:
         """Whether `choose` would use the denoiser's live load (worth a call to fetch it)."""
         return request.num_inference_steps is None and self.policy_for(request) == "slo"
@@ -166,7 +172,7 @@ class StepController:
         policy = self.policy_for(request)
         if policy == "fixed":
             return StepDecision(self.settings.fixed_steps, "fixed", policy)
-        low, high = self.settings.ranges[request.quality or self.settings.default_quality]
+        low, high = self.range_for(request)
         score = round(complexity_score(prompt, detail), 4)
         target = steps_for_score(score, low, high)
         if policy == "complexity":
