@@ -168,6 +168,12 @@ def build_deployment():
             """Live figures for the step controller and autoscaling."""
             return self.engine.load()
 
+        async def record_autoscaling_stats(self) -> dict[str, float]:
+            """Ray Serve calls this every `metrics_interval_s` for custom autoscaling
+            policies (serve_app/autoscaling.py: scale on queued work)."""
+            load = self.engine.load()
+            return {"queued_work": float(load.queued_work), "jobs": float(load.waiting_jobs + load.active_jobs)}
+
         async def _export_metrics(self) -> None:
             while True:
                 self.metrics.update(self.engine.load())
