@@ -295,6 +295,31 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_status(options: argparse.Namespace) -> int:
+    """Replicas per stage, queues, cache hit rate and latency of the running application."""
+    import json
+
+    import ray
+
+    from serve_app import status
+
+    try:
+        ray.init(address=options.address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as exc:
+        print(f"error: no running Ray cluster to connect to ({exc}); start one with `fusionserve serve`",
+              file=sys.stderr)
+        return 2
+    try:
+        report = status.collect(options.app)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()  # disconnects this driver only
+    print(json.dumps(report, indent=2) if options.json else status.render(report), end="" if not options.json else "\n")
+    return 0
+
+
 def cmd_export_config(options: argparse.Namespace) -> int:
     """The config with a profile applied, for Ray's own `serve run` / `serve deploy`."""
     config = load_serve_config(options.config, options.profile)
@@ -379,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
     optimize.add_argument("--model", help="model whose tokenizer counts tokens (default: the config's)")
     optimize.add_argument("--config", default=DEFAULT_CONFIG)
     optimize.set_defaults(run=cmd_optimize)
+
+    status_cmd = commands.add_parser("status", help="replicas, queues, cache hit rate of the running application")
+    status_cmd.add_argument("--address", default="auto", help="Ray cluster to connect to (default: the local one)")
+    status_cmd.add_argument("--app", default="fusionserve", help="Serve application name")
+    status_cmd.add_argument("--json", action="store_true")
+    status_cmd.set_defaults(run=cmd_status)
 
     export = commands.add_parser("export-config", help="write the config with a profile applied (for serve deploy)")
     export.add_argument("--profile", required=True, help="laptop, single-gpu, cluster, or a path")

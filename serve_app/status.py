@@ -1,0 +1,106 @@
+"""`fusionserve status`: the running application in a terminal, for people without a browser.
+
+Replicas per stage come from Serve's status API; queue depths, the encoder cache's hit rate
+and latency from the Prometheus text on each Ray node's metrics export port (what the
+dashboard's metrics views and Grafana read). Custom metrics reach that port ~10 s after
+they change.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections import defaultdict
+
+from prometheus_client.parser import text_string_to_metric_families
+
+STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
+LATENCY_METRIC = "ray_serve_deployment_processing_latency_ms"
+
+
+def scrape(urls: list[str], timeout_s: float = 5.0) -> list:
+    """Every sample on the given metrics endpoints (prometheus_client Sample tuples)."""
+    samples = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                text = response.read().decode()
+        except OSError:
+            continue  # a node going away while we look
+        for family in text_string_to_metric_families(text):
+            samples.extend(family.samples)
+    return samples
+
+
+def metrics_urls() -> list[str]:
+    import ray
+
+    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
+
+
+def _sum(samples, name: str, **labels) -> float:
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _mean_latency_ms(samples, deployment: str) -> float | None:
+    """Mean processing latency of a deployment since start (histogram sum / count)."""
+    total = _sum(samples, LATENCY_METRIC + "_sum", deployment=deployment)
+    count = _sum(samples, LATENCY_METRIC + "_count", deployment=deployment)
+    return total / count if count else None
+
+
+def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dict:
+    """The status as a JSON-able dict (what `fusionserve status --json` prints)."""
+    from ray import serve
+
+    status = serve.status()
+    application = status.applications.get(app_name)
+    if application is None:
+        raise LookupError(f"no application {app_name!r} is running (running: {sorted(status.applications) or 'none'})")
+    samples = scrape(metrics_urls() if urls is None else urls)
+    stages = {}
+    for name, deployment in application.deployments.items():
+        replicas = defaultdict(int)
+        for state, count in deployment.replica_states.items():
+            replicas[getattr(state, "value", str(state))] += count
+        stages[name] = {"status": getattr(deployment.status, "value", str(deployment.status)),
+                        "replicas": dict(replicas), "running": replicas.get("RUNNING", 0),
+                        "mean_latency_ms": _mean_latency_ms(samples, name)}
+    window = _sum(samples, "ray_fusionserve_encoder_window_tokens_total")
+    cached = _sum(samples, "ray_fusionserve_encoder_cached_tokens_total")
+    return {
+        "application": app_name,
+        "status": getattr(application.status, "value", str(application.status)),
+        "stages": stages,
+        "denoiser": {name: _sum(samples, f"ray_fusionserve_denoiser_{name}")
+                     for name in ("waiting_jobs", "active_jobs", "active_images", "queued_steps")},
+        "encoder_cache_hit_rate": cached / window if window else None,
+        "encoder_cache_bytes": _sum(samples, "ray_fusionserve_encoder_cache_bytes"),
+        "deadline_misses": _sum(samples, "ray_fusionserve_deadline_misses_total"),
+        "metrics_endpoints": len(urls) if urls is not None else None,
+    }
+
+
+def render(report: dict) -> str:
+    """The report as a rich table, rendered to text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['application']}: {report['status']}")
+    for column in ("stage", "status", "replicas running", "other replica states", "mean latency"):
+        table.add_column(column)
+    ordered = sorted(report["stages"], key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES))
+    for name in ordered:
+        stage = report["stages"][name]
+        others = ", ".join(f"{k.lower()} {v}" for k, v in stage["replicas"].items() if k != "RUNNING") or "-"
+        latency = "-" if stage["mean_latency_ms"] is None else f"{stage['mean_latency_ms']:.0f} ms"
+        table.add_row(name, stage["status"], str(stage["running"]), others, latency)
+    denoiser = report["denoiser"]
+    hit = report["encoder_cache_hit_rate"]
+    console = Console(record=True, width=100)
+    console.print(table)
+    console.print(f"denoiser: {denoiser['active_images']:.0f} images in the batch, {denoiser['waiting_jobs']:.0f} jobs "
+                  f"waiting, {denoiser['queued_steps']:.0f} image-steps queued")
+    console.print(f"text encoder cache: hit rate {'-' if hit is None else f'{hit:.0%}'} of window tokens, "
+                  f"{report['encoder_cache_bytes'] / 2**20:.1f} MiB; deadline misses: {report['deadline_misses']:.0f}")
+    return console.export_text()
