@@ -218,13 +218,27 @@ class PromptOptimizerEngine:
 def build_deployment():
     from ray import serve
 
+    from ray.serve import metrics
+
     @serve.deployment(name="PromptOptimizer", ray_actor_options={"num_cpus": 0.1, "num_gpus": 0})
     class PromptOptimizer:
         def __init__(self, model_path: str, settings: dict | None = None):
             self.engine = PromptOptimizerEngine(Path(model_path), **(settings or {}))
+            # tokens saved = original - optimized (Grafana: configs/grafana/fusionserve.json)
+            self._original = metrics.Counter("fusionserve_prompt_original_tokens",
+                                             description="CLIP tokens of prompts as written", tag_keys=("namespace",))
+            self._optimized = metrics.Counter("fusionserve_prompt_optimized_tokens",
+                                              description="CLIP tokens of prompts as sent to the encoder",
+                                              tag_keys=("namespace",))
 
         def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default",
                      enabled: bool = True) -> OptimizedPrompt:
-            return self.engine.optimize(prompt, negative_prompt, cache_namespace, enabled)
+            optimized = self.engine.optimize(prompt, negative_prompt, cache_namespace, enabled)
+            tags = {"namespace": cache_namespace}
+            if optimized.original_tokens:
+                self._original.inc(optimized.original_tokens, tags=tags)
+            if optimized.prompt_tokens:
+                self._optimized.inc(optimized.prompt_tokens, tags=tags)
+            return optimized
 
     return PromptOptimizer

@@ -66,6 +66,8 @@ def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dic
         stages[name] = {"status": getattr(deployment.status, "value", str(deployment.status)),
                         "replicas": dict(replicas), "running": replicas.get("RUNNING", 0),
                         "mean_latency_ms": _mean_latency_ms(samples, name)}
+    original = _sum(samples, "ray_fusionserve_prompt_original_tokens_total")
+    optimized = _sum(samples, "ray_fusionserve_prompt_optimized_tokens_total")
     window = _sum(samples, "ray_fusionserve_encoder_window_tokens_total")
     cached = _sum(samples, "ray_fusionserve_encoder_cached_tokens_total")
     return {
@@ -74,6 +76,7 @@ def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dic
         "stages": stages,
         "denoiser": {name: _sum(samples, f"ray_fusionserve_denoiser_{name}")
                      for name in ("waiting_jobs", "active_jobs", "active_images", "queued_steps")},
+        "prompt_tokens_saved": 1 - optimized / original if original else None,
         "encoder_cache_hit_rate": cached / window if window else None,
         "encoder_cache_bytes": _sum(samples, "ray_fusionserve_encoder_cache_bytes"),
         "deadline_misses": _sum(samples, "ray_fusionserve_deadline_misses_total"),
@@ -101,6 +104,8 @@ def render(report: dict) -> str:
     console.print(table)
     console.print(f"denoiser: {denoiser['active_images']:.0f} images in the batch, {denoiser['waiting_jobs']:.0f} jobs "
                   f"waiting, {denoiser['queued_steps']:.0f} image-steps queued")
+    saved = report["prompt_tokens_saved"]
+    console.print(f"prompt optimizer: {'-' if saved is None else f'{saved:.0%}'} of prompt tokens saved")
     console.print(f"text encoder cache: hit rate {'-' if hit is None else f'{hit:.0%}'} of window tokens, "
                   f"{report['encoder_cache_bytes'] / 2**20:.1f} MiB; deadline misses: {report['deadline_misses']:.0f}")
     return console.export_text()

@@ -16,13 +16,15 @@ def test_status_reports_every_stage_and_the_live_figures(http):
     deadline = time.time() + 40  # custom metrics reach the port every few seconds
     while True:
         report = status.collect("fusionserve")
-        if report["encoder_cache_hit_rate"] is not None or time.time() > deadline:
+        exported = report["encoder_cache_hit_rate"] is not None and report["prompt_tokens_saved"] is not None
+        if exported or time.time() > deadline:
             break
         time.sleep(2)
     assert report["status"] == "RUNNING"
     assert set(report["stages"]) == {"Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec"}
     assert all(stage["running"] >= 1 and stage["status"] == "HEALTHY" for stage in report["stages"].values())
     assert 0.0 <= report["encoder_cache_hit_rate"] <= 1.0
+    assert report["prompt_tokens_saved"] < 1.0  # the optimizer's token counters reached the metrics port
     assert report["stages"]["Denoiser"]["mean_latency_ms"] > 0
     text = status.render(report)
     assert "Denoiser" in text and "text encoder cache: hit rate" in text
