@@ -42,6 +42,7 @@ bench: model
 	$(PY) benchmarks/unet_variants.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --early-stop --update-readme README.md
+	$(PY) benchmarks/autoscaling.py --update-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

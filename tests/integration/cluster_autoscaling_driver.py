@@ -38,6 +38,9 @@ if str(ROOT) not in sys.path:
 from serve_app.config import apply_ray_environment  # noqa: E402
 
 apply_ray_environment()  # before Ray starts: the cluster's processes inherit it
+# `ray start` turns token auth on by default in Ray 2.60 while a driver that connects does
+# not: one mode for both (a throwaway localhost cluster; set RAY_AUTH_MODE=token to test it).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
@@ -139,7 +142,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         return config
 
     def start(self, _system_config=None, override_env=None):
-        self.node_ip = ray.util.get_node_ip_address()
+        self.node_ip = ray._private.services.get_node_ip_address()
         self.gcs_port = free_port()
         self.address = f"{self.node_ip}:{self.gcs_port}"
         # The fake provider starts worker raylets against provider.gcs_address (default :6379).
@@ -196,6 +199,17 @@ class LocalAutoscalingCluster(AutoscalingCluster):
                 pids.append(int(entry))
         return pids
 
+    def rss_mib(self) -> int:
+        """Resident memory of all the cluster's processes (shared pages counted per process)."""
+        total_kib = 0
+        for pid in self.session_pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total_kib += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            except OSError:
+                continue
+        return total_kib // 1024
+
     def shutdown(self, keep_temp: bool = False):
         session = getattr(self, "session_id", None)
         if session is not None:
@@ -216,11 +230,23 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def merge(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`: dicts merge recursively, other values replace, None deletes."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_app():
     from serve_app.app import build_application
     from serve_app.cli import load_serve_config, split_app_config
     from serve_app.config import AppSettings
-    from serve_app.profiles import merge
 
     settings, options, _ = split_app_config(load_serve_config(ROOT / "serve_config.yaml"), model="tiny")
     settings = AppSettings.model_validate(merge(settings.model_dump(), SETTINGS_OVERRIDES))
@@ -231,8 +257,9 @@ def build_app():
 class Observer:
     """Samples Denoiser replicas (serve.status) and alive worker nodes (ray.nodes)."""
 
-    def __init__(self, t0: float):
+    def __init__(self, t0: float, cluster: "LocalAutoscalingCluster"):
         self.t0 = t0
+        self.cluster = cluster
         self.timeline: list[dict] = []
 
     def sample(self, phase: str) -> dict:
@@ -253,6 +280,7 @@ class Observer:
             "replicas": sum(v for k, v in states.items() if k != "error"),  # every state (starting, stopping...)
             "states": states,
             "worker_nodes": len(workers),
+            "rss_mib": self.cluster.rss_mib(),
         }
         if not self.timeline or any(point[k] != self.timeline[-1][k] for k in ("phase", "states", "worker_nodes")):
             print(f"[{point['t']:6.1f}s] {phase:9s} denoiser {states}  worker nodes {len(workers)}", flush=True)
@@ -279,6 +307,7 @@ class Load:
         self.results: list[dict] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        self.unfinished = 0
 
     def _client(self):
         with httpx.Client(timeout=180) as client:
@@ -300,40 +329,59 @@ class Load:
             thread.start()
         return self
 
-    def stop(self, timeout_s: float = 180):
+    def stop(self, timeout_s: float = 90):
+        """Stop sending; wait (bounded) for the requests in flight to answer."""
         self.stop_event.set()
+        deadline = time.monotonic() + timeout_s
         for thread in self.threads:
-            thread.join(timeout=timeout_s)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            self.unfinished = sum(thread.is_alive() for thread in self.threads)
 
 
 def first_time(timeline, predicate):
     return next((p["t"] for p in timeline if predicate(p)), None)
 
 
-def run(args) -> dict:
+def run(args, report: dict) -> dict:
     from ray import serve
 
     t0 = time.monotonic()
-    report: dict = {"ok": False, "port": args.port, "clients": args.clients, "deployment_options": None}
+    report.update({"ok": False, "port": args.port, "clients": args.clients, "deployment_options": None})
     cluster = LocalAutoscalingCluster(HEAD_RESOURCES, WORKER_NODE_TYPES, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
-    observer = Observer(t0)
+    observer = Observer(t0, cluster)
     load = probes = None
     try:
         application, options = build_app()
         report["deployment_options"] = options
         cluster.start()
+        if args.session_file:  # for the caller's clean-up if this process gets killed
+            Path(args.session_file).write_text(str(cluster.session_id))
         report["cluster"] = {"gcs_address": cluster.address, "temp_dir": cluster.temp_dir,
                              "head_resources": HEAD_RESOURCES, "worker_node_types": WORKER_NODE_TYPES,
                              "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES}
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         report["t_cluster_up"] = round(time.monotonic() - t0, 1)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, proxy_location="HeadOnly")
-        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{args.port}"
 
-        # (1) one Denoiser replica, on the one worker node launched for it.
-        ok = observer.wait("start", lambda p: p["running"] == 1 and p["replicas"] == 1 and p["worker_nodes"] == 1,
-                           args.start_timeout)
+        # (1) one Denoiser replica, on the one worker node launched for it. serve.run waits
+        # for the application: in a thread, so the timeline shows the node coming up.
+        deploy_error: list[BaseException] = []
+
+        def deploy():
+            try:
+                serve.run(application, name=APP_NAME, route_prefix="/")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                deploy_error.append(exc)
+
+        deployer = threading.Thread(target=deploy, daemon=True)
+        deployer.start()
+        ok = observer.wait("start", lambda p: bool(deploy_error) or (
+            not deployer.is_alive() and p["running"] == 1 and p["replicas"] == 1 and p["worker_nodes"] == 1),
+            args.start_timeout)
+        if deploy_error:
+            raise RuntimeError(f"serve.run failed: {deploy_error[0]!r}") from deploy_error[0]
         deadline = time.monotonic() + 30
         while ok:
             try:
@@ -355,6 +403,7 @@ def run(args) -> dict:
         load_start = time.monotonic()
         report["t_load_start"] = round(load_start - t0, 1)
         reached = observer.wait("load", lambda p: p["running"] >= 3 and p["worker_nodes"] >= 3, args.load_timeout)
+        report["reached_max"] = reached
         if reached and args.hold_s:  # a little load on the grown deployment: new replicas serve
             observer.wait("load", lambda p: False, args.hold_s)
         report["t_load_stop"] = round(time.monotonic() - t0, 1)
@@ -385,9 +434,11 @@ def run(args) -> dict:
         report["requests"] = (load.results if load else []) + (probes.results if probes else [])
         report["load_requests"] = len(load.results) if load else 0
         report["probe_requests"] = len(probes.results) if probes else 0
+        report["unanswered_requests"] = sum(c.unfinished for c in (load, probes) if c is not None)
         report["peak_running_replicas"] = max((p["running"] for p in timeline), default=0)
         report["peak_replicas"] = max((p["replicas"] for p in timeline), default=0)
         report["peak_worker_nodes"] = max((p["worker_nodes"] for p in timeline), default=0)
+        report["peak_rss_mib"] = max((p["rss_mib"] for p in timeline), default=0)
         report["final_running_replicas"] = timeline[-1]["running"] if timeline else None
         report["final_replicas"] = timeline[-1]["replicas"] if timeline else None
         report["final_worker_nodes"] = timeline[-1]["worker_nodes"] if timeline else None
@@ -415,10 +466,16 @@ def main(argv=None) -> int:
     parser.add_argument("--hold-s", type=float, default=3, help="load kept on after the max is reached")
     parser.add_argument("--down-timeout", type=float, default=120)
     parser.add_argument("--keep-temp", action="store_true", help="keep the cluster's temp dir (logs)")
+    parser.add_argument("--session-file", help="write the cluster's session id (all its processes) here")
     args = parser.parse_args(argv)
+
+    def terminate(signum, frame):  # SIGTERM runs the clean-up in `finally` too
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
     report: dict = {}
     try:
-        report = run(args)
+        run(args, report)
     finally:
         if args.json and report:
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
