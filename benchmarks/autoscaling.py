@@ -59,8 +59,9 @@ def deployment_options(base: dict, autoscaling: dict) -> dict:
         entry.pop("request_router_config", None)
         entry.update(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=1)
     options["Denoiser"].pop("num_replicas")
+    # a replica scaled down finishes the jobs it holds (a 1 s grace failed them with 500s)
     options["Denoiser"].update(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4,
-                               autoscaling_config=autoscaling)
+                               autoscaling_config=autoscaling, graceful_shutdown_timeout_s=120)
     return options
 
 
