@@ -10,6 +10,7 @@ CLIP window is exceeded). Token counts use the model's own CLIP tokenizer.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,21 +131,30 @@ class PromptOptimizerEngine:
     def __init__(self, model_path: Path, templates: dict[str, str] | None = None,
                  default_style: str = DEFAULT_STYLE, lexicon: Lexicon | None = None):
         self.tokenizer = models.load_tokenizer(Path(model_path))
+        # The fast tokenizer keeps padding/truncation settings as state between calls, and
+        # Serve runs this sync stage on a thread pool: one call at a time.
+        self._lock = threading.RLock()
         self.templates = dict(templates or {})
         self.default_style = default_style
         self.lexicon = lexicon or load_lexicon()
 
     def routing_key(self, text: str, namespace: str) -> str:
-        window = self.tokenizer(text, padding="max_length", max_length=CLIP_WINDOW, truncation=True).input_ids
+        with self._lock:
+            window = self.tokenizer(text, padding="max_length", max_length=CLIP_WINDOW, truncation=True).input_ids
         return routing_key_for(window, namespace)
 
     def count_tokens(self, text: str) -> int:
         if not text:
             return 0
-        return len(self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+        with self._lock:
+            return len(self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
     def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default",
                  enabled: bool = True) -> OptimizedPrompt:
+        with self._lock:  # the whole decision sees one consistent tokenizer
+            return self._optimize(prompt, negative_prompt, cache_namespace, enabled)
+
+    def _optimize(self, prompt: str, negative_prompt: str, cache_namespace: str, enabled: bool) -> OptimizedPrompt:
         original = normalize_whitespace(prompt)
         original_tokens = self.count_tokens(original)
         if not enabled:

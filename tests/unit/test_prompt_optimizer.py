@@ -154,3 +154,22 @@ def test_labelled_set_keeps_every_attribute(engine):
         for value in row["expected"].values():
             for term in value if isinstance(value, list) else [value]:
                 assert term.lower() in text, (row["id"], term, text)
+
+
+def test_concurrent_calls_give_the_sequential_results(tiny_model_path):
+    """The served PromptOptimizer runs its sync method on Serve's thread pool. The fast
+    CLIP tokenizer keeps padding/truncation as state between calls (routing_key pads to
+    77), so unguarded concurrent calls miscounted tokens and returned a different prompt
+    (seen as a 32/255 image difference between concurrent and sequential requests)."""
+    import concurrent.futures
+
+    from deployments.prompt_optimizer import PromptOptimizerEngine
+
+    engine = PromptOptimizerEngine(tiny_model_path)
+    prompts = [f"portrait number {i} round {i % 3}" for i in range(8)] + [
+        "A smiling Asian man who is wearing glasses and looks about 35 years old"]
+    expected = {p: engine.optimize(p) for p in prompts}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: (p, engine.optimize(p)), prompts * 40))
+    wrong = [(p, r.prompt, expected[p].prompt) for p, r in results if r != expected[p]]
+    assert not wrong, wrong[:3]
