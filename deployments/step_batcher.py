@@ -133,7 +133,7 @@ class LoadSnapshot:
 
 
 class StepTimings:
-    """ms of one batched step (inputs, UNet forward, the jobs' scheduler steps) by latent
+    """(Not thread-safe: the StepBatcher uses it under its condition lock.) ms of one batched step (inputs, UNet forward, the jobs' scheduler steps) by latent
     size and images in the batch: the median of the
     last few forwards, robust to the seconds-long stalls a shared CPU (or the first
     forwards' one-time set-up) throws in, which a moving average would carry for dozens of
@@ -344,11 +344,11 @@ class StepBatcher:
                     logger.exception("on_step callback failed")
             if state.steps_left == 0:
                 finished.append(ticket)
-        if variant == "production":  # the cost model is about the served UNet
-            images = sum(state.images for state in states)
-            self._timings.record("{}x{}".format(*active[0].latent_shape), images,
-                                 (time.perf_counter() - start) * 1000.0)
-        with self._condition:
+        with self._condition:  # snapshot() reads the timings from other threads
+            if variant == "production":  # the cost model is about the served UNet
+                images = sum(state.images for state in states)
+                self._timings.record("{}x{}".format(*active[0].latent_shape), images,
+                                     (time.perf_counter() - start) * 1000.0)
             for ticket in finished:
                 self._active.remove(ticket)
         for ticket in finished:
