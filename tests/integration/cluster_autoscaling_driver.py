@@ -230,21 +230,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def merge(base: dict, overlay: dict) -> dict:
-    """`overlay` over `base`: dicts merge recursively, other values replace, None deletes."""
-    merged = dict(base)
-    for key, value in overlay.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def build_app():
     from serve_app.app import build_application
+    from serve_app.profiles import merge  # the profiles' semantics: dicts merge, None deletes
     from serve_app.cli import load_serve_config, split_app_config
     from serve_app.config import AppSettings
 

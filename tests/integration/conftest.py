@@ -46,3 +46,19 @@ def base_url(serve_settings):
 def http(base_url):
     with httpx.Client(base_url=base_url, timeout=120) as client:
         yield client
+
+
+def metric_lines(prefix: str, label: str = "", timeout_s: float = 40.0) -> tuple[list[str], str]:
+    """Lines of Ray's metrics endpoint starting with `prefix` (and containing `label`),
+    polled until some appear: custom metrics are exported every few seconds. Returns the
+    lines (possibly none, after the timeout) and the whole text of the last scrape."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.time() + timeout_s
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith(prefix) and label in line]
+        if lines or time.time() > deadline:
+            return lines, text
+        time.sleep(2)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
-import httpx
-
 from serve_app.request import ImageRequest
 from tests.conftest import run
+from tests.integration.conftest import metric_lines
 from tests.integration.test_generation_http import generate, png_of
 
 NAMESPACE = "studio-portrait"  # its template (>= 15 tokens) fills the first 16-token block
@@ -39,19 +36,9 @@ def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tin
 
 
 def test_cache_counters_reach_rays_metrics_endpoint(http):
-    import ray
-
     generate(http, prompt="portrait of a bald man", size="64x64", seed=1, num_inference_steps=2,
              cache_namespace="metrics-check")
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline = time.time() + 40  # Ray exports custom metrics every few seconds
-    while True:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        lines = [line for line in text.splitlines()
-                 if line.startswith("ray_fusionserve_encoder_window_tokens") and 'namespace="metrics-check"' in line]
-        if lines or time.time() > deadline:
-            break
-        time.sleep(2)
+    lines, text = metric_lines("ray_fusionserve_encoder_window_tokens", 'namespace="metrics-check"')
     assert lines, "ray_fusionserve_encoder_window_tokens{namespace=metrics-check} not exported"
     assert float(lines[0].rsplit(" ", 1)[1]) >= 154  # prompt + negative prompt, 77 positions each
     assert "ray_fusionserve_encoder_cache_bytes" in text

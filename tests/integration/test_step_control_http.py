@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-import httpx
-
+from tests.integration.conftest import metric_lines
 from tests.integration.test_generation_http import generate
 
 BUSY = ("A young woman with long curly red hair and freckles, smiling, wearing earrings and a green scarf, "
@@ -42,17 +39,7 @@ def test_a_deadline_selects_slo_and_explicit_steps_win(http):
 
 
 def test_steps_and_deadline_misses_reach_rays_metrics_endpoint(http):
-    import ray
-
     usage(http, prompt="portrait", deadline_ms=1)  # a miss
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline = time.time() + 40  # Ray exports custom metrics every few seconds
-    while True:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        misses = [line for line in text.splitlines()
-                  if line.startswith("ray_fusionserve_deadline_misses") and 'policy="slo"' in line]
-        if misses or time.time() > deadline:
-            break
-        time.sleep(2)
+    misses, text = metric_lines("ray_fusionserve_deadline_misses", 'policy="slo"')
     assert misses and float(misses[0].rsplit(" ", 1)[1]) >= 1
     assert 'ray_fusionserve_steps_chosen_bucket' in text and 'reason="slo:infeasible"' in text
