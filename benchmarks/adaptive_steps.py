@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import platform
@@ -149,7 +150,7 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
             key = (request.prompt, request.seed)
             if key not in references:
                 references[key] = (await pipeline.generate(
-                    request.__class__(**{**request.__dict__, "num_inference_steps": 50}))).images_png[0]
+                    dataclasses.replace(request, num_inference_steps=50))).images_png[0]
         return statistics.median(alone), capacity, target_ms, runs, references
 
     alone_ms, capacity, target_ms, raw_runs, references = asyncio.run(measure())
@@ -206,7 +207,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
     counted = []
     requests = [request_for(i, "fixed 30", size, 1e9, seeds) for i in range(len(PROMPTS) * seeds)]
-    requests = [r.__class__(**{**r.__dict__, "num_inference_steps": steps}) for r in requests]
+    requests = [dataclasses.replace(r, num_inference_steps=steps) for r in requests]
 
     def render(threshold: float | None, step_count: int | None = None):
         settings.steps.early_stop_threshold = threshold
@@ -214,7 +215,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
         rows = []
         for request in requests:
             if step_count is not None:
-                request = request.__class__(**{**request.__dict__, "num_inference_steps": step_count})
+                request = dataclasses.replace(request, num_inference_steps=step_count)
             counted.clear()
             start = time.perf_counter()
             png = asyncio.run(pipeline.generate(request)).images_png[0]
