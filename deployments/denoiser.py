@@ -19,12 +19,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import models
+from deployments.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
 from deployments.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
-from deployments.unet_backends import BackendSpec, FallbackUNet
+from deployments.unet_backends import BackendSpec, FallbackUNet, ip_adapter_runner
 
 __all__ = ["DenoiseJob", "DenoiserEngine", "DenoiserSettings", "JobCancelled", "LoadSnapshot"]
 
 VAE_SCALE = 8  # SD 1.x VAEs downscale 8x; latents are (4, H/8, W/8)
+VARIANTS = ("production", "baseline", "ip_adapter")
 
 
 class DenoiserSettings(BaseModel):
@@ -56,6 +58,20 @@ class DenoiseJob:
     background: bool = False  # a shadow render: runs only when no user job runs or waits
     early_stop: float | None = None  # convergence early stop threshold (None: run every step)
     early_stop_min_steps: int = 0
+    # Edits (deployments/edit_latents.py): start from this image's latents at `strength`,
+    # keep it outside `mask` ([1, 1, H/8, W/8], 1 = repaint); `image_embeds` ([1, dim]): the
+    # reference image's embedding for the image-prompt adapter (the "ip_adapter" UNet).
+    init_image: ImageLatentDistribution | None = None
+    strength: float = 1.0
+    mask: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+
+    @property
+    def steps_to_run(self) -> int:
+        """UNet steps this job takes: an edit runs only the last strength x steps."""
+        if self.init_image is None:
+            return self.num_inference_steps
+        return denoising_steps(self.num_inference_steps, self.strength)
 
 
 def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -75,14 +91,19 @@ class DenoiserEngine:
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
         self._baseline_unet: FallbackUNet | None = None
+        self._ip_adapter_unet = None
         self._unet_args = (model_path, num_threads, unet_loaders)
         self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
                                    self.settings.max_batch_size, self.settings.admit_between_steps,
                                    self.unet_for_variant)
 
-    def unet_for_variant(self, variant: str) -> FallbackUNet:
+    def unet_for_variant(self, variant: str) -> Callable:
+        if variant == "ip_adapter":  # on the step loop's thread, when the first reference-image job runs
+            if self._ip_adapter_unet is None:
+                self._ip_adapter_unet = ip_adapter_runner(self._unet_args[0])
+            return self._ip_adapter_unet
         if variant != "baseline":
-            raise ValueError(f"unknown UNet variant {variant!r}; known: production, baseline")
+            raise ValueError(f"unknown UNet variant {variant!r}; known: {', '.join(VARIANTS)}")
         if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
             model_path, num_threads, loaders = self._unet_args
             self._baseline_unet = FallbackUNet(model_path, self.settings.baseline_backends, num_threads, loaders)
@@ -105,12 +126,25 @@ class DenoiserEngine:
         count = len(job.seeds)
         scheduler = self.new_scheduler(job.num_inference_steps, job.scheduler)
         channels = self.unet_config["in_channels"]
-        latents = torch.cat([initial_latents(s, channels, job.height, job.width) for s in job.seeds])
+        timesteps, inpaint = scheduler.timesteps, None
+        if job.init_image is not None:
+            timesteps = edit_timesteps(scheduler, job.num_inference_steps, job.strength)
+            latents, inpaint = edit_start(scheduler, job.init_image, job.seeds, timesteps, job.strength, job.mask)
+        else:
+            latents = torch.cat([initial_latents(s, channels, job.height, job.width) for s in job.seeds])
+            latents = latents * scheduler.init_noise_sigma
+        guided = job.guidance_scale > 1.0
         context = job.prompt_embeds.expand(count, -1, -1)
-        if job.guidance_scale > 1.0:
+        if guided:
             context = torch.cat([job.negative_prompt_embeds.expand(count, -1, -1), context])
-        return ActiveJob(scheduler, latents * scheduler.init_noise_sigma, context, job.guidance_scale,
-                         scheduler.timesteps, early_stop=job.early_stop, early_stop_min_steps=job.early_stop_min_steps)
+        image_embeds = None
+        if job.image_embeds is not None:  # diffusers' prepare_ip_adapter_image_embeds: zeros for the unconditional half
+            image_embeds = job.image_embeds[None].expand(count, -1, -1)
+            if guided:
+                image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+        early_stop = None if inpaint is not None else job.early_stop  # x0 would overwrite the kept region
+        return ActiveJob(scheduler, latents, context, job.guidance_scale, timesteps, early_stop=early_stop,
+                         early_stop_min_steps=job.early_stop_min_steps, inpaint=inpaint, image_embeds=image_embeds)
 
     def submit(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                cancelled: threading.Event | None = None) -> Future:
@@ -118,10 +152,19 @@ class DenoiserEngine:
         if job.height % VAE_SCALE or job.width % VAE_SCALE:
             raise ValueError(f"height and width must be multiples of {VAE_SCALE}")
         latent_shape = (job.height // VAE_SCALE, job.width // VAE_SCALE)
-        if job.variant not in ("production", "baseline"):
-            raise ValueError(f"unknown UNet variant {job.variant!r}; known: production, baseline")
+        if job.variant not in VARIANTS:
+            raise ValueError(f"unknown UNet variant {job.variant!r}; known: {', '.join(VARIANTS)}")
+        if job.init_image is not None:
+            if not 0.0 < job.strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {job.strength}")
+            if job.steps_to_run < 1:
+                raise ValueError(f"{job.num_inference_steps} steps at strength {job.strength} run no step")
+            if tuple(job.init_image.mean.shape[-2:]) != latent_shape:
+                raise ValueError(f"the image's latents are {tuple(job.init_image.mean.shape[-2:])}, not {latent_shape}")
+        if (job.image_embeds is not None) != (job.variant == "ip_adapter"):
+            raise ValueError("image_embeds go with the ip_adapter variant, and only with it")
         return self.batcher.submit(lambda: self.prepare(job), len(job.seeds), latent_shape,
-                                   job.num_inference_steps, on_step, cancelled, job.variant, job.background)
+                                   job.steps_to_run, on_step, cancelled, job.variant, job.background)
 
     def denoise(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                 cancelled: threading.Event | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from deployments.clip_vocab import write_tokenizer_files
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 # Bump when the builder's code changes what it writes, so cached folders are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: image-prompt adapter (image_encoder/, feature_extractor/, ip_adapter/)
 CLIP_MAX_LENGTH = 77
 
 
@@ -61,6 +61,31 @@ def _calibrate_unet(unet, text_hidden_size: int, seed: int) -> None:
         unet.conv_out.bias.mul_(1.0 / std)
 
 
+def _ip_adapter_weights(unet, projection_dim: int, seed: int) -> dict:
+    """IP-Adapter weights in h94's file layout for `unet`: an image projection to 4 context
+    tokens, and per cross-attention layer `to_k_ip`/`to_v_ip` initialised from the layer's
+    own `to_k`/`to_v` (as IP-Adapter training starts), numbered 1, 3, 5, ... in diffusers'
+    `attn_processors` order (loaders/unet.py: _convert_ip_adapter_attn_to_diffusers)."""
+    import torch
+
+    torch.manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    projection = torch.nn.Linear(projection_dim, cross * 4)
+    norm = torch.nn.LayerNorm(cross)
+    weights = {f"image_proj.proj.{k}": v for k, v in projection.state_dict().items()}
+    weights.update({f"image_proj.norm.{k}": v for k, v in norm.state_dict().items()})
+    modules = dict(unet.named_modules())
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        attention = modules[name.removesuffix(".processor")]
+        weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
+        weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
+        key_id += 2
+    return {key: value.contiguous() for key, value in weights.items()}
+
+
 def build_model(preset_name: str, destination: Path) -> Path:
     """Build the preset into `destination` (atomically: a half-written folder is never seen)."""
     import torch
@@ -98,6 +123,19 @@ def build_model(preset_name: str, destination: Path) -> Path:
         scheduler_cls = getattr(diffusers, scheduler_config.pop("class"))
         scheduler = scheduler_cls(**scheduler_config)
 
+        # The optional image-prompt adapter: built last, from its own seed, so presets
+        # without it (and the parts above) are unchanged by it.
+        image_encoder = feature_extractor = None
+        if "image_encoder" in preset:
+            from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            torch.manual_seed(seed + 30)
+            vision_config = CLIPVisionConfig(**preset["image_encoder"])
+            image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
+            side = vision_config.image_size
+            feature_extractor = CLIPImageProcessor(size={"shortest_edge": side},
+                                                   crop_size={"height": side, "width": side})
+
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -105,11 +143,20 @@ def build_model(preset_name: str, destination: Path) -> Path:
             unet=unet,
             scheduler=scheduler,
             safety_checker=None,
-            feature_extractor=None,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
             requires_safety_checker=False,
         )
         model_dir = staging / "model"
         pipe.save_pretrained(model_dir, safe_serialization=True)
+        if image_encoder is not None:
+            from safetensors.torch import save_file
+
+            from deployments.models import IP_ADAPTER_FILE
+
+            (model_dir / IP_ADAPTER_FILE).parent.mkdir(parents=True)
+            save_file(_ip_adapter_weights(unet, image_encoder.config.projection_dim, seed + 40),
+                      str(model_dir / IP_ADAPTER_FILE))
         (model_dir / "fusionserve_preset.yaml").write_text(preset_path(preset_name).read_text())
         if destination.exists():
             shutil.rmtree(destination)

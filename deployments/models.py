@@ -129,3 +129,45 @@ def load_scheduler_config(path: Path) -> tuple[type, dict]:
     config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_cls = getattr(diffusers, config["_class_name"])
     return scheduler_cls, config
+
+
+# -- the image-prompt adapter (IP-Adapter), optional -------------------------------------
+# Layout: `image_encoder/` (CLIPVisionModelWithProjection) and `feature_extractor/`
+# (CLIPImageProcessor) as pipeline components, and the adapter's weights as in h94/IP-Adapter:
+# one safetensors file with `image_proj.*` and `ip_adapter.*` keys.
+IP_ADAPTER_FILE = Path("ip_adapter") / "ip-adapter.safetensors"
+
+
+def has_image_prompt_adapter(path: Path) -> bool:
+    path = Path(path)
+    return ((path / IP_ADAPTER_FILE).is_file() and (path / "image_encoder" / "config.json").is_file()
+            and (path / "feature_extractor").is_dir())
+
+
+def load_ip_adapter_state_dict(path: Path) -> dict[str, dict]:
+    """{"image_proj": {...}, "ip_adapter": {...}}, split as diffusers' `load_ip_adapter` splits it."""
+    from safetensors.torch import load_file
+
+    state = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in load_file(str(Path(path) / IP_ADAPTER_FILE)).items():
+        group, _, rest = key.partition(".")
+        if group in state:
+            state[group][rest] = tensor
+    return state
+
+
+def load_ip_adapter_unet(path: Path):
+    """The UNet with the adapter's projection and cross-attention processors, fp32.
+
+    `_load_ip_adapter_weights` is what the pipelines' public `load_ip_adapter` calls; the
+    Denoiser holds a bare UNet, not a pipeline, so it calls it directly."""
+    unet = load_unet(path)
+    unet._load_ip_adapter_weights([load_ip_adapter_state_dict(path)], low_cpu_mem_usage=False)
+    return unet.eval()
+
+
+def load_image_encoder(path: Path):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(str(path), subfolder="image_encoder").eval()
+    return encoder, CLIPImageProcessor.from_pretrained(str(path), subfolder="feature_extractor")

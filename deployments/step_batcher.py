@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import torch
 
+from deployments.edit_latents import InpaintState
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,6 +68,8 @@ class ActiveJob:
     early_stop_min_steps: int = 0
     previous_x0: torch.Tensor | None = None
     stopped_early: bool = False
+    inpaint: InpaintState | None = None  # edits with a mask: keep the image outside it after each step
+    image_embeds: torch.Tensor | None = None  # [rows, 1, dim]: the image-prompt adapter's input
 
     @property
     def guided(self) -> bool:
@@ -301,17 +305,20 @@ class StepBatcher:
         start = time.perf_counter()  # a step's cost: inputs, the forward, every job's scheduler
         active = list(self._active)
         states = [t.state for t in active]
-        inputs, timesteps, contexts = [], [], []
+        inputs, timesteps, contexts, image_embeds = [], [], [], []
         for state in states:
             t = state.timesteps[state.step]
             model_input = torch.cat([state.latents] * 2) if state.guided else state.latents
             inputs.append(state.scheduler.scale_model_input(model_input, t))
             timesteps.append(t.reshape(1).expand(state.rows))
             contexts.append(state.context)
+            if state.image_embeds is not None:
+                image_embeds.append(state.image_embeds)
         variant = active[0].variant
-        run_unet = self.run_unet if variant == "production" else self.unet_for_variant(variant)
+        extra = [torch.cat(image_embeds)] if image_embeds else []  # one variant per batch: all or none have them
         try:
-            noise = run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts))
+            run_unet = self.run_unet if variant == "production" else self.unet_for_variant(variant)
+            noise = run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts), *extra)
         except Exception as error:  # e.g. out of memory: the jobs of this batch fail, the loop goes on
             logger.exception("UNet forward failed for a batch of %d jobs", len(active))
             with self._condition:
@@ -337,6 +344,9 @@ class StepBatcher:
                 state.latents = state.scheduler.step(part, state.timesteps[state.step], state.latents,
                                                      return_dict=False)[0]
                 state.step += 1
+                if state.inpaint is not None:
+                    following = state.timesteps[state.step] if state.step < len(state.timesteps) else None
+                    state.latents = state.inpaint.blend(state.scheduler, state.latents, following)
             if ticket.on_step is not None:
                 try:
                     ticket.on_step(state.step, len(state.timesteps))

@@ -346,12 +346,15 @@ class TextEncoderSettings(BaseModel):
 
     cache: EncoderCacheSettings = EncoderCacheSettings()
     batch: EncoderBatchSettings = EncoderBatchSettings()
+    image_prompt_cache_entries: int = Field(
+        256, ge=1, description="reference-image embeddings kept (LRU, by pixel hash); each is a few KB")
 
 
 def build_deployment():
     from ray import serve
 
     from deployments.cache_metrics import CacheMetrics
+    from deployments.image_prompt_encoder import LazyImagePromptEncoder
     from deployments.serial_executor import SerialExecutor
 
     @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.2})
@@ -363,6 +366,13 @@ def build_deployment():
             self.metrics = CacheMetrics()
             self._encode_batch.set_max_batch_size(settings.batch.max_batch_size)
             self._encode_batch.set_batch_wait_timeout_s(settings.batch.batch_wait_timeout_s)
+            self.image_prompts = LazyImagePromptEncoder(Path(model_path), num_threads,
+                                                        settings.image_prompt_cache_entries)
+
+        async def encode_image_prompt(self, image, routing_key: str | None = None):
+            """A reference image's IP-Adapter embedding (deployments/image_prompt_encoder.py).
+            `routing_key` (the image's hash) sends one face to one replica, where it is cached."""
+            return await self.executor.run(self.image_prompts.encode_image_prompt, image)
 
         async def encode(self, texts: list[str], namespace: str = "default", routing_key: str | None = None) -> Encoding:
             """`routing_key` is read by the request router (prefix affinity), not here."""

@@ -186,6 +186,21 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
     raise BackendUnavailable("the TensorRT engine builder is not written yet")  # see the issue's closing note
 
 
+def ip_adapter_runner(model_path: Path) -> Runner:
+    """The UNet with the image-prompt adapter, torch fp32: run(sample, timesteps, context, image_embeds).
+
+    Its own module, not the production backend's: the adapter adds cross-attention to every
+    image of a batch, so reference-image jobs batch only with each other (a UNet variant)."""
+    unet = models.load_ip_adapter_unet(model_path)
+
+    def run(sample, timesteps, context, image_embeds):
+        return unet(sample, timesteps, encoder_hidden_states=context,
+                    added_cond_kwargs={"image_embeds": [image_embeds]}, return_dict=False)[0]
+
+    run.unet = unet
+    return run
+
+
 # --------------------------------------------------------------------------- the chain
 class FallbackUNet:
     """The first backend of `specs` that loads; on a run-time error, the next one."""

@@ -1,4 +1,7 @@
-"""Stage 4: latents -> pixels -> PNG bytes (image -> latents for edits is a later issue)."""
+"""Stage 4: latents -> pixels -> PNG bytes; and for edits, image (and mask) -> latents.
+
+Pre- and post-processing are diffusers' own `VaeImageProcessor` settings, so an edit's
+starting latents are the ones diffusers' Img2Img / Inpaint pipelines compute."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from PIL import Image
 
 from deployments import models
+from deployments.edit_latents import ImageLatentDistribution, latent_mask
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
@@ -28,10 +32,31 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 class VaeCodecEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None):
+        from diffusers.image_processor import VaeImageProcessor
+
         self.num_threads = num_threads
         self.vae = models.load_vae(Path(model_path))
         self.scaling_factor = self.vae.config.scaling_factor
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=scale, do_normalize=False, do_binarize=True,
+                                                do_convert_grayscale=True)
         self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image, width: int, height: int,
+                     mask: Image.Image | None = None) -> tuple[ImageLatentDistribution, torch.Tensor | None]:
+        """An RGB image resized to width x height -> its latent distribution; a mask (L, white
+        = repaint) -> binarised on the latent grid [1, 1, h, w]."""
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        with self._lock:
+            models.set_torch_threads(self.num_threads)
+            distribution = self.vae.encode(pixels).latent_dist
+        encoded = ImageLatentDistribution(distribution.mean.clone(), distribution.std.clone(), self.scaling_factor)
+        if mask is None:
+            return encoded, None
+        mask_pixels = self.mask_processor.preprocess(mask, height=height, width=width)
+        return encoded, latent_mask(mask_pixels, tuple(encoded.mean.shape[-2:]))
 
     @torch.inference_mode()
     def decode_pixels(self, latents: torch.Tensor) -> np.ndarray:
@@ -40,8 +65,19 @@ class VaeCodecEngine:
             decoded = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
         return to_uint8(decoded)
 
-    def decode_png(self, latents: torch.Tensor) -> list[bytes]:
-        return [encode_png(pixels) for pixels in self.decode_pixels(latents)]
+    def decode_png(self, latents: torch.Tensor, overlay: tuple[Image.Image, Image.Image] | None = None) -> list[bytes]:
+        """`overlay` (image, mask; white = repainted): outside the mask, the image's own
+        pixels are pasted back (diffusers' `apply_overlay`): the VAE decoder's group norms
+        and attention are global, so latent blending alone moves every pixel a little."""
+        pixels = self.decode_pixels(latents)
+        if overlay is None:
+            return [encode_png(image) for image in pixels]
+        target, mask = overlay
+        size = (pixels.shape[2], pixels.shape[1])
+        target = target if target.size == size else target.resize(size, Image.Resampling.LANCZOS)
+        mask = mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
+        return [encode_png(np.asarray(self.image_processor.apply_overlay(mask, target, Image.fromarray(image))))
+                for image in pixels]
 
 
 def build_deployment():
@@ -55,7 +91,10 @@ def build_deployment():
             self.engine = VaeCodecEngine(Path(model_path), num_threads)
             self.executor = SerialExecutor("vae-codec")
 
-        async def decode_png(self, latents: torch.Tensor) -> list[bytes]:
-            return await self.executor.run(self.engine.decode_png, latents)
+        async def decode_png(self, latents: torch.Tensor, overlay=None) -> list[bytes]:
+            return await self.executor.run(self.engine.decode_png, latents, overlay)
+
+        async def encode_image(self, image, width: int, height: int, mask=None):
+            return await self.executor.run(self.engine.encode_image, image, width, height, mask)
 
     return VaeCodec

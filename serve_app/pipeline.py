@@ -86,7 +86,8 @@ def _timed(stage_ms: dict[str, float], stage: str):
     stage_ms[stage] = (time.perf_counter() - start) * 1000.0
 
 
-def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding, total_ms: float) -> dict:
+def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding, total_ms: float,
+             job: DenoiseJob | None = None, reference_cached: bool | None = None) -> dict:
     """OpenAI Images `usage` shape, plus what we add (steps and why, truncation)."""
     deadline = steps.deadline_ms
     return {
@@ -112,15 +113,22 @@ def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding, t
         "deadline_met": None if deadline is None else total_ms <= deadline,
         "predicted_ms": steps.predicted_ms,
         "elapsed_ms": round(total_ms, 1),  # ingress to images, as judged against the deadline
+        # UNet steps run: num_inference_steps, or an edit's last strength x num_inference_steps
+        "denoising_steps": job.steps_to_run if job is not None else steps.steps,
+        "strength": job.strength if job is not None and job.init_image is not None else None,
+        "reference_image_cached": reference_cached,  # edits with a reference: its embedding came from the cache
     }
 
 
 class ImagePipeline:
     def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, step_controller: StepController,
-                 quality_guard: LiveQualityGuard | None = None, metrics=None):
-        """`metrics`: a `PipelineMetrics` when served (Ray metrics), None in-process."""
+                 quality_guard: LiveQualityGuard | None = None, metrics=None, image_prompt_encoder=None):
+        """`metrics`: a `PipelineMetrics` when served (Ray metrics), None in-process.
+        `image_prompt_encoder`: whatever has `encode_image_prompt` (the TextEncoder
+        deployment when served); default: `text_encoder`."""
         self.prompt_optimizer = prompt_optimizer
         self.text_encoder = text_encoder
+        self.image_prompt_encoder = image_prompt_encoder or text_encoder
         self.denoiser = denoiser
         self.vae_codec = vae_codec
         self.step_controller = step_controller
@@ -133,8 +141,50 @@ class ImagePipeline:
         return await self.prompt_optimizer.optimize.remote(prompt, negative_prompt, cache_namespace, True)
 
     async def generate(self, request: ImageRequest) -> GenerationResult:
+        """A generation, or an edit when `request.image` is set (the same flow: the edit's
+        image and reference are encoded while the prompt is)."""
         start = time.perf_counter()
         stage_ms: dict[str, float] = {}
+        image_inputs = None
+        if request.is_edit:
+            image_inputs = asyncio.ensure_future(self._encode_edit_inputs(request, stage_ms))
+        try:
+            return await self._generate(request, start, stage_ms, image_inputs)
+        finally:
+            if image_inputs is not None and not image_inputs.done():
+                image_inputs.cancel()
+
+    async def _encode_edit_inputs(self, request: ImageRequest, stage_ms: dict[str, float]):
+        """(latent distribution, latent mask, reference embedding or None, image detail)."""
+        async def reference():
+            if request.reference_image is None:
+                return None
+            from deployments.image_prompt_encoder import image_hash
+
+            with _timed(stage_ms, "reference"):
+                key = await asyncio.to_thread(image_hash, request.reference_image)
+                return await self.image_prompt_encoder.encode_image_prompt.remote(request.reference_image,
+                                                                                  routing_key=key)
+
+        async def image():
+            with _timed(stage_ms, "encode_image"):
+                return await self.vae_codec.encode_image.remote(request.image, request.width, request.height,
+                                                                request.mask)
+
+        async def detail():
+            if request.num_inference_steps is not None:
+                return None  # only the step controller's complexity score reads it
+            import numpy as np
+
+            from serve_app.steps import image_detail
+
+            return await asyncio.to_thread(lambda: image_detail(np.asarray(request.image)))
+
+        (distribution, mask), embedding, image_detail_score = await asyncio.gather(image(), reference(), detail())
+        return distribution, mask, embedding, image_detail_score
+
+    async def _generate(self, request: ImageRequest, start: float, stage_ms: dict[str, float],
+                        image_inputs: asyncio.Future | None) -> GenerationResult:
         with _timed(stage_ms, "optimize"):
             prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
                 request.prompt, request.negative_prompt, request.cache_namespace, request.optimize_prompt
@@ -145,7 +195,14 @@ class ImagePipeline:
                 [prompt.prompt, prompt.negative_prompt], namespace=prompt.cache_namespace, routing_key=prompt.routing_key
             )
         embeddings = encoding.hidden
-        steps = await self.choose_steps(request, prompt, start, stage_ms)
+        edit = {}
+        detail = embedding = None
+        if image_inputs is not None:
+            distribution, mask, embedding, detail = await image_inputs
+            edit = {"init_image": distribution, "mask": mask, "strength": request.strength}
+            if embedding is not None:
+                edit.update(image_embeds=embedding.embeds, variant="ip_adapter")
+        steps = await self.choose_steps(request, prompt, start, stage_ms, detail)
         guard = self.quality_guard
         job = DenoiseJob(
             prompt_embeds=embeddings[0:1],
@@ -159,24 +216,26 @@ class ImagePipeline:
             early_stop=None if guard.tripped else self.step_controller.settings.early_stop_threshold,
             early_stop_min_steps=self.step_controller.range_for(request)[0],  # never below the tier's minimum
         )
+        job = dataclasses.replace(job, **edit)
         with _timed(stage_ms, "denoise"):
             latents = await self.denoiser.denoise.remote(job)
+        overlay = (request.image, request.mask) if request.mask is not None and request.keep_unmasked else None
         with _timed(stage_ms, "decode"):
-            images = await self.vae_codec.decode_png.remote(latents)
+            images = await self.vae_codec.decode_png.remote(latents, overlay)
         self.step_controller.observe_denoise(steps, stage_ms["denoise"])
         self.step_controller.observe_decode(stage_ms["decode"], request.n * request.width * request.height)
         total_ms = (time.perf_counter() - start) * 1000.0
-        usage = usage_of(prompt, steps, encoding, total_ms)
+        usage = usage_of(prompt, steps, encoding, total_ms, job, None if embedding is None else embedding.cache_hit)
         if self.metrics is not None:
             self.metrics.record_request(steps, usage["deadline_met"])
-        if guard.should_shadow():
+        if job.variant != "ip_adapter" and guard.should_shadow():  # the baseline UNet has no image-prompt adapter
             task = asyncio.get_running_loop().create_task(self._shadow(job, images))
             self._shadows.add(task)
             task.add_done_callback(self._shadows.discard)
         return GenerationResult(images, request.seeds, prompt, steps, usage, stage_ms)
 
     async def choose_steps(self, request: ImageRequest, prompt: OptimizedPrompt, start: float,
-                           stage_ms: dict[str, float]) -> StepDecision:
+                           stage_ms: dict[str, float], detail: float | None = None) -> StepDecision:
         controller, guard = self.step_controller, self.quality_guard
         if guard.tripped and guard.settings.baseline_steps and request.num_inference_steps is None:
             return StepDecision(guard.settings.baseline_steps, "quality-guard", "fixed")
@@ -184,7 +243,7 @@ class ImagePipeline:
         if controller.needs_load(request):  # the live cost per step and the queue ahead
             with _timed(stage_ms, "steps"):  # the step controller asks the denoiser its load
                 load = await self.denoiser.load.remote()
-        return controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0)
+        return controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0, detail)
 
     async def _shadow(self, job: DenoiseJob, served_png: list[bytes]) -> None:
         """Render `job` again with the baseline, in the background, and judge the served images."""
@@ -219,11 +278,13 @@ def local_pipeline(
     encoder_cache: dict | None = None,
     denoiser_settings: dict | None = None,
     quality_guard: dict | None = None,
+    image_prompt_cache_entries: int | None = None,
 ) -> ImagePipeline:
     """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
     per stage, as AppSettings.stage_threads does for the served replicas."""
     stage_threads = stage_threads or {}
     from deployments.denoiser import DenoiserEngine
+    from deployments.image_prompt_encoder import LazyImagePromptEncoder
     from deployments.prompt_optimizer import PromptOptimizerEngine
     from deployments.text_encoder import TextEncoderEngine
     from deployments.vae_codec import VaeCodecEngine
@@ -237,6 +298,9 @@ def local_pipeline(
         vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),
         step_controller=StepController(StepSettings.model_validate(step_settings or {})),
         quality_guard=LiveQualityGuard(QualityGuardSettings.model_validate(quality_guard or {})),
+        image_prompt_encoder=LocalHandle(LazyImagePromptEncoder(
+            model_path, stage_threads.get("TextEncoder", num_threads),
+            **({"cache_entries": image_prompt_cache_entries} if image_prompt_cache_entries else {}))),
     )
 
 
@@ -247,4 +311,5 @@ def local_pipeline_for(model_path: Path, settings, on_step: Callable[[int, int],
                           stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
                           encoder_cache=settings.text_encoder.cache.model_dump(),
                           denoiser_settings=settings.denoiser.model_dump(),
-                          quality_guard=settings.quality_guard.model_dump())
+                          quality_guard=settings.quality_guard.model_dump(),
+                          image_prompt_cache_entries=settings.text_encoder.image_prompt_cache_entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,16 @@ class ImageRequest:
     step_policy: str | None = None  # fixed | complexity | slo; None: deadline_ms given -> slo, else the config's
     deadline_ms: float | None = None  # latency target for the slo policy
     quality: str | None = None  # fast | balanced | best: the step range; None: the config's
+    # Edits (/v1/images/edits): decoded and checked at the ingress (serve_app/uploads.py).
+    image: Any = None  # PIL RGB: the target; its latents start the denoising at `strength`
+    mask: Any = None  # PIL L, white = repaint (same size as `image`)
+    reference_image: Any = None  # PIL RGB: the source face for the image-prompt adapter
+    strength: float = 1.0
+    keep_unmasked: bool = True  # paste the target's pixels back outside the mask after decoding
+
+    @property
+    def is_edit(self) -> bool:
+        return self.image is not None
 
     @property
     def seeds(self) -> list[int]:

@@ -19,6 +19,10 @@ Policies (serve_config.yaml `steps.policy`, per request `step_policy`):
   predicted). With capacity to spare it equals the `complexity` choice;
   when even `min` cannot make it, the request gets `min` and reason `slo:infeasible`.
 
+Edits run only the last `strength` x steps (deployments/edit_latents.py): the cost model
+counts those, so at strength 0.3 the slo policy affords the tier's top count where a
+generation would be cut; and an edit always gets at least the steps that make one run.
+
 An explicit `num_inference_steps` always wins; `quality` (fast | balanced | best) picks the
 range. Plain Python: the ingress calls it between the encoder and the denoiser.
 """
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deployments.denoiser import VAE_SCALE, LoadSnapshot
+from deployments.edit_latents import denoising_steps
 from deployments.prompt_optimizer import OptimizedPrompt
 from serve_app.config import StepSettings
 from serve_app.request import ImageRequest
@@ -171,8 +176,8 @@ class StepController:
             return StepDecision(request.num_inference_steps, "explicit", "explicit", deadline_ms=deadline)
         policy = self.policy_for(request)
         if policy == "fixed":
-            return StepDecision(self.settings.fixed_steps, "fixed", policy)
-        low, high = self.range_for(request)
+            return StepDecision(self.at_least_one_step(self.settings.fixed_steps, request), "fixed", policy)
+        low, high = (self.at_least_one_step(steps, request) for steps in self.range_for(request))
         score = round(complexity_score(prompt, detail), 4)
         target = steps_for_score(score, low, high)
         if policy == "complexity":
@@ -183,7 +188,7 @@ class StepController:
         spent = elapsed_ms + self.decode_estimate_ms(request)
         raw = None
         for steps in range(target, low - 1, -1):  # the cost grows with the steps: first fit is the largest
-            raw = predict_denoise_ms(load, steps, request.n, latent_shape)
+            raw = predict_denoise_ms(load, self.steps_run(steps, request), request.n, latent_shape)
             if raw is None:
                 return StepDecision(target, "slo:no-timings", policy, score, deadline)
             if spent + raw * self.calibration <= deadline:
@@ -192,6 +197,17 @@ class StepController:
                                     round(spent + raw * self.calibration, 1), raw)
         return StepDecision(low, "slo:infeasible", policy, score, deadline, round(spent + raw * self.calibration, 1),
                             raw)
+
+    @staticmethod
+    def steps_run(num_inference_steps: int, request: ImageRequest) -> int:
+        """UNet steps the request costs: all of them, or an edit's strength x steps."""
+        return denoising_steps(num_inference_steps, request.strength) if request.is_edit else num_inference_steps
+
+    def at_least_one_step(self, num_inference_steps: int, request: ImageRequest) -> int:
+        """A schedule long enough that an edit at its strength runs at least one step."""
+        while self.steps_run(num_inference_steps, request) < 1:
+            num_inference_steps += 1
+        return num_inference_steps
 
     def observe_denoise(self, decision: StepDecision, actual_ms: float) -> None:
         """Learn how far the cost model is off on this machine (CPU shared with the other

@@ -1,0 +1,134 @@
+"""Edits must produce diffusers' images: StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+and, with a reference face, the same pipelines with the model's IP-Adapter loaded
+(`load_ip_adapter`). Same model folder, inputs, seed, steps -> max pixel difference <= 1/255.
+The prompt optimizer is off: diffusers gets the prompt as written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serve_app.request import ImageRequest
+from tests.conftest import max_pixel_diff, png_pixels, run
+
+
+def portrait(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth synthetic 'photo': gradients and a disc, so the VAE sees structure."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cx, cy = width * rng.uniform(0.3, 0.7), height * rng.uniform(0.3, 0.7)
+    disc = ((x - cx) ** 2 + (y - cy) ** 2 < (min(width, height) * 0.3) ** 2).astype(np.float32)
+    pixels = np.stack([x / width, y / height, disc], axis=-1) * 0.8 + 0.1
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def box_mask(width: int, height: int) -> Image.Image:
+    """White (repaint) in the middle half, black (keep) around it."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return Image.fromarray(mask, "L")
+
+
+def edit_request(image, prompt="portrait of a smiling woman", mask=None, reference=None, strength=0.6,
+                 steps=20, seed=3, guidance=7.5, n=1, keep_unmasked=True):
+    return ImageRequest(prompt=prompt, negative_prompt="", width=image.width, height=image.height, n=n, seed=seed,
+                        guidance_scale=guidance, num_inference_steps=steps, optimize_prompt=False, image=image,
+                        mask=mask, reference_image=reference, strength=strength, keep_unmasked=keep_unmasked)
+
+
+@pytest.fixture(scope="module")
+def img2img(tiny_model_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_model_path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inpaint(tiny_model_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(tiny_model_path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def with_adapter(pipe, model_path):
+    pipe.load_ip_adapter(str(model_path), subfolder="ip_adapter", weight_name="ip-adapter.safetensors",
+                         image_encoder_folder=None)  # the model folder's own image_encoder/ is loaded already
+    return pipe
+
+
+@pytest.mark.parametrize("strength,steps,guidance", [(0.3, 20, 7.5), (0.75, 12, 5.0), (1.0, 10, 7.5),
+                                                     (0.5, 10, 1.0)])
+def test_img2img_matches_diffusers(local_pipe, img2img, strength, steps, guidance):
+    image = portrait(96, 64)
+    request = edit_request(image, strength=strength, steps=steps, guidance=guidance)
+    result = run(local_pipe.generate(request))
+    reference = img2img(request.prompt, image=image, strength=strength, num_inference_steps=steps,
+                        guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    assert max_pixel_diff(result.images_png[0], np.asarray(reference)) <= 1
+    assert result.usage["denoising_steps"] == min(int(steps * strength), steps)
+
+
+@pytest.mark.parametrize("strength,keep_unmasked", [(1.0, False), (0.6, False), (0.6, True)])
+def test_inpaint_matches_diffusers(local_pipe, inpaint, strength, keep_unmasked):
+    """keep_unmasked=False: diffusers' latent blending as is; True: then its `apply_overlay`."""
+    image, mask = portrait(64, 80, seed=1), box_mask(64, 80)
+    request = edit_request(image, mask=mask, strength=strength, steps=12, keep_unmasked=keep_unmasked)
+    ours = run(local_pipe.generate(request)).images_png[0]
+    reference = inpaint(request.prompt, image=image, mask_image=mask, strength=strength, num_inference_steps=12,
+                        height=80, width=64, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    if keep_unmasked:
+        reference = inpaint.image_processor.apply_overlay(mask, image, reference)
+    assert max_pixel_diff(ours, np.asarray(reference)) <= 1
+
+
+def test_n_images_equal_single_requests_with_successive_seeds(local_pipe):
+    image = portrait(64, 64, seed=2)
+    both = run(local_pipe.generate(edit_request(image, n=2, seed=11, steps=10)))
+    for i, seed in enumerate((11, 12)):
+        alone = run(local_pipe.generate(edit_request(image, seed=seed, steps=10))).images_png[0]
+        assert max_pixel_diff(both.images_png[i], alone) <= 1
+
+
+def test_reference_image_matches_diffusers_ip_adapter(local_pipe, tiny_model_path, img2img):
+    pipe = with_adapter(img2img, tiny_model_path)
+    try:
+        image, face = portrait(64, 64, seed=4), portrait(80, 96, seed=5)
+        request = edit_request(image, reference=face, strength=0.8, steps=10)
+        ours = run(local_pipe.generate(request))
+        reference = pipe(request.prompt, image=image, ip_adapter_image=face, strength=0.8, num_inference_steps=10,
+                         generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+        assert max_pixel_diff(ours.images_png[0], np.asarray(reference)) <= 1
+        # the reference changes the image (the adapter is not a no-op) ...
+        plain = run(local_pipe.generate(edit_request(image, strength=0.8, steps=10))).images_png[0]
+        assert max_pixel_diff(ours.images_png[0], plain) > 8
+        # ... and the second use of the same face is a cache hit with the same result
+        again = run(local_pipe.generate(request))
+        assert (ours.usage["reference_image_cached"], again.usage["reference_image_cached"]) == (False, True)
+        assert again.images_png[0] == ours.images_png[0]
+    finally:
+        pipe.unload_ip_adapter()
+
+
+def test_inpaint_keeps_the_unmasked_region(local_pipe):
+    """Outside the mask the target's pixels are kept exactly (tolerance 0: pasted back after
+    decoding); inside, the image is repainted. Latent blending alone (keep_unmasked=False, what
+    StableDiffusionInpaintPipeline returns) cannot promise that: the VAE decoder's group norms
+    and mid-block attention are global, and on the embedded random-weight VAE the pixels
+    outside the mask then differ from the target's VAE round trip by 30-50/255 on average."""
+    image, mask = portrait(96, 96, seed=6), box_mask(96, 96)
+    target = np.asarray(image).astype(np.int16)
+    keep = np.asarray(mask) == 0
+    kept = png_pixels(run(local_pipe.generate(edit_request(image, mask=mask, strength=1.0, steps=12))).images_png[0])
+    assert np.abs(kept - target)[keep].max() == 0
+    assert np.abs(kept - target)[~keep].mean() > 10  # the masked region was repainted
+    blended = png_pixels(run(local_pipe.generate(
+        edit_request(image, mask=mask, strength=1.0, steps=12, keep_unmasked=False))).images_png[0])
+    assert np.array_equal(blended[~keep], kept[~keep])  # the overlay touches nothing inside the mask
+    assert np.abs(blended - target)[keep].mean() > 5  # and is what keeps the outside
