@@ -8,7 +8,9 @@ Every error leaves as `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import logging
 import secrets
 import time
@@ -19,7 +21,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
@@ -54,10 +56,8 @@ def error_response(status_code: int, message: str, param: str | None = None, cod
     return JSONResponse(body, status_code=status_code)
 
 
-class ImageGenerationBody(BaseModel):
-    """`POST /v1/images/generations`. Strict types: `"n": "2"` is an error, not a 2."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ImageOptions(BaseModel):
+    """The fields generations and edits share."""
 
     prompt: str = Field(description="What to draw. Whitespace is normalised; at most `limits.max_prompt_chars`.")
     n: int = Field(1, ge=1, description="Number of images (1 to `limits.max_images`, 4 by default).")
@@ -78,6 +78,28 @@ class ImageGenerationBody(BaseModel):
                                       "in ms for the slo policy: the most steps that still meet it.")
     quality: QualityTier | None = Field(None, description="fast | balanced | best: the step range the policies "
                                         "choose in (15-20, 15-30, 25-40 by default).")
+
+
+class ImageGenerationBody(ImageOptions):
+    """`POST /v1/images/generations`. Strict types: `"n": "2"` is an error, not a 2."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+EDIT_FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask", "reference_image": "reference_image"}
+
+
+class ImageEditForm(ImageOptions):
+    """`POST /v1/images/edits`, the form fields besides the files. Multipart sends text, so
+    numbers and booleans are parsed from it ("2", "0.5", "true")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description=(
+        "How much of the target is redrawn: the last strength x steps run. Default 0.8, with a mask 1.0."))
+    keep_unmasked: bool = Field(True, description="With a mask: outside it, the output is the target's pixels.")
+    reference_image: str | None = Field(None, description="The source face as base64 (or a data: URL), for "
+                                        "clients that send only image and mask as files; or send it as a file.")
 
 
 class PromptOptimizeBody(BaseModel):
@@ -104,14 +126,18 @@ def check_text(value: str, param: str, settings: AppSettings) -> str:
     return value
 
 
-def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageRequest:
-    """Checks that depend on the configured limits, then the one internal request type."""
+def to_image_request(body: ImageOptions, settings: AppSettings, **edit) -> ImageRequest:
+    """Checks that depend on the configured limits, then the one internal request type.
+    `edit`: the edit's fields (image, mask, reference_image, strength, keep_unmasked, and
+    its default width/height when `size` is not given)."""
     limits = settings.limits
     prompt = check_text(body.prompt, "prompt", settings).strip()
     check_text(body.negative_prompt, "negative_prompt", settings)
     if body.n > limits.max_images:
         raise ApiError(f"n must be between 1 and {limits.max_images}, got {body.n}", "n")
-    width, height = _checked_size(body.size or settings.default_size, settings)
+    default_size = edit.pop("default_size", None)
+    width, height = _checked_size(body.size, settings) if body.size else (
+        default_size or _checked_size(settings.default_size, settings))
     if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
         raise ApiError(f"num_inference_steps must be between 1 and {limits.max_steps}", "num_inference_steps")
     return ImageRequest(
@@ -128,6 +154,7 @@ def to_image_request(body: ImageGenerationBody, settings: AppSettings) -> ImageR
         step_policy=body.step_policy,
         deadline_ms=body.deadline_ms,
         quality=body.quality,
+        **edit,
     )
 
 
@@ -152,14 +179,16 @@ class ServingState:
     pipeline: Any = None  # an ImagePipeline
     settings: AppSettings = field(default_factory=AppSettings)
     model_id: str = ""
+    features: dict = field(default_factory=dict)  # what the model folder has, e.g. image_prompt_adapter
 
 
 _serving = ServingState()
 
 
-def install(pipeline: Any, settings: AppSettings, model_id: str) -> None:
+def install(pipeline: Any, settings: AppSettings, model_id: str, features: dict | None = None) -> None:
     """Make this process's routes serve `pipeline` (called by the ingress constructor)."""
     _serving.pipeline, _serving.settings, _serving.model_id = pipeline, settings, model_id
+    _serving.features = features or {}
 
 
 app = FastAPI(
@@ -243,7 +272,10 @@ def server_timing(stage_ms: dict[str, float]) -> str:
 
 @app.post("/v1/images/generations")
 async def create_image(body: ImageGenerationBody, response: Response) -> dict:
-    image_request = to_image_request(body, _serving.settings)
+    return await images_response(to_image_request(body, _serving.settings), response)
+
+
+async def images_response(image_request: ImageRequest, response: Response) -> dict:
     result = await ready_pipeline().generate(image_request)
     response.headers["Server-Timing"] = server_timing(result.stage_ms)
     return {
@@ -261,6 +293,101 @@ async def create_image(body: ImageGenerationBody, response: Response) -> dict:
         "usage": result.usage,
         "warnings": list(result.prompt.warnings),
     }
+
+
+@app.post("/v1/images/edits")
+async def edit_image(request: Request, response: Response) -> dict:
+    """OpenAI `images.edit`: multipart with `image` (the target), optional `mask` and
+    `reference_image` (the source face), and the generation fields."""
+    pipeline = ready_pipeline()
+    settings = _serving.settings
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError("send the edit as multipart/form-data (fields image, prompt, optional mask, ...)",
+                       code="invalid_content_type")
+    limits = settings.limits
+    try:  # text parts can carry a base64 reference image
+        form = await request.form(max_files=8, max_fields=64, max_part_size=2 * limits.max_upload_bytes)
+    except StarletteHTTPException as error:
+        raise ApiError(f"the multipart body could not be read: {error.detail}", code="invalid_multipart") from None
+    try:
+        files, fields = _split_form(form, limits.max_upload_bytes)
+        edit_form = ImageEditForm.model_validate(fields)
+    except ValidationError as error:
+        return validation_error_response(error.errors())
+    finally:
+        await form.close()
+    edit = await asyncio.to_thread(_decoded_edit_inputs, files, edit_form, settings)
+    return await images_response(to_image_request(edit_form, settings, **edit), response)
+
+
+def _split_form(form, max_bytes: int) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(file field -> bytes, text fields). One file per field; at most the 3 known ones."""
+    files: dict[str, bytes] = {}
+    fields: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            if key in fields:
+                raise ApiError(f"{key!r} is given more than once", key, code="duplicate_parameter")
+            fields[key] = value
+            continue
+        name = EDIT_FILE_FIELDS.get(key)
+        if name is None:
+            raise ApiError(f"unknown file field {key!r}; files go in image, mask and reference_image", key,
+                           code="unknown_parameter")
+        if name in files:
+            raise ApiError(f"one file per field: {name!r} was sent more than once (the target is one image; "
+                           "the source face goes in reference_image)", name, code="too_many_files")
+        if value.size is not None and value.size > max_bytes:
+            raise ApiError(f"{name} is {value.size} bytes; the limit is {max_bytes} bytes", name,
+                           code="file_too_large")
+        files[name] = value.file.read(max_bytes + 1)
+    if "image" not in files:
+        raise ApiError("missing required parameter: 'image' (the target image file)", "image",
+                       code="missing_required_parameter")
+    if "reference_image" in files and "reference_image" in fields:
+        raise ApiError("reference_image is given both as a file and as text; send one", "reference_image",
+                       code="duplicate_parameter")
+    return files, fields
+
+
+def _decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: AppSettings) -> dict:
+    """Decode and check the uploads (on a worker thread: decoding is CPU work)."""
+    from serve_app import uploads
+
+    limits = settings.limits
+    decode = lambda data, param: uploads.decode_image(data, param, limits.max_upload_bytes, limits.max_image_pixels)
+    try:
+        target = decode(files["image"], "image")
+        mask = uploads.as_mask(decode(files["mask"], "mask"), target.size) if "mask" in files else None
+        reference = files.get("reference_image")
+        if reference is None and form.reference_image is not None:
+            reference = _base64_image(form.reference_image)
+        if reference is not None:
+            if not _serving.features.get("image_prompt_adapter"):
+                raise ApiError("this model has no image-prompt adapter, so reference_image cannot be used "
+                               "(it needs image_encoder/, feature_extractor/ and ip_adapter/ in the model folder)",
+                               "reference_image", code="unsupported_parameter")
+            reference = uploads.as_rgb(decode(reference, "reference_image"))
+        default_size = None if form.size else uploads.default_edit_size(*target.size, limits.min_side,
+                                                                       limits.max_side)
+    except uploads.UploadError as error:
+        raise ApiError(error.message, error.param, code=error.code) from None
+    strength = form.strength if form.strength is not None else (1.0 if mask is not None else 0.8)
+    if form.num_inference_steps is not None and int(form.num_inference_steps * strength) < 1:
+        raise ApiError(f"strength {strength} x num_inference_steps {form.num_inference_steps} runs no step; "
+                       "raise either", "strength", code="invalid_value")
+    return {"image": uploads.as_rgb(target), "mask": mask, "reference_image": reference, "strength": strength,
+            "keep_unmasked": form.keep_unmasked, "default_size": default_size}
+
+
+def _base64_image(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError("reference_image as text must be base64 (or a data: URL) of a PNG, JPEG or WebP image",
+                       "reference_image", code="invalid_image") from None
 
 
 def optimized_prompt_body(prompt) -> dict:

@@ -25,11 +25,12 @@ STAGE_NAMES = ("PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 class Ingress:
     """Validates HTTP requests and drives them through the stages (one handle hop each)."""
 
-    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, settings: dict, model_id: str):
+    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, settings: dict, model_id: str,
+                 features: dict | None = None):
         settings = AppSettings.model_validate(settings)
         pipeline = ImagePipeline(prompt_optimizer, text_encoder, denoiser, vae_codec, StepController(settings.steps),
                                  LiveQualityGuard(settings.quality_guard), PipelineMetrics())
-        api.install(pipeline, settings, model_id)
+        api.install(pipeline, settings, model_id, features)
 
 
 def build_application(settings: AppSettings, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
@@ -55,6 +56,7 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),
         models.model_id(model_path),
+        {"image_prompt_adapter": models.has_image_prompt_adapter(model_path)},
     )
 
 

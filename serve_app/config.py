@@ -22,6 +22,9 @@ class Limits(BaseModel):
     max_images: int = Field(4, ge=1, le=16)
     max_prompt_chars: int = Field(4000, ge=1)
     max_steps: int = Field(150, ge=1)
+    # edits: per uploaded file; the pixel limit is checked on the header, before decoding
+    max_upload_bytes: int = Field(16 * 2**20, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
 
 
 class PromptSettings(BaseModel):
