@@ -316,7 +316,7 @@ async def edit_image(request: Request, response: Response) -> dict:
         return validation_error_response(error.errors())
     finally:
         await form.close()
-    edit = await asyncio.to_thread(_decoded_edit_inputs, files, edit_form, settings)
+    edit = await asyncio.to_thread(decoded_edit_inputs, files, edit_form, settings, _serving.features)
     return await images_response(to_image_request(edit_form, settings, **edit), response)
 
 
@@ -350,8 +350,10 @@ def _split_form(form, max_bytes: int) -> tuple[dict[str, bytes], dict[str, str]]
     return files, fields
 
 
-def _decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: AppSettings) -> dict:
-    """Decode and check the uploads (on a worker thread: decoding is CPU work)."""
+def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: AppSettings,
+                        features: dict) -> dict:
+    """Decode and check the uploads (served: on a worker thread, decoding is CPU work);
+    the keyword arguments of `to_image_request` for an edit. `features`: the model's."""
     from serve_app import uploads
 
     limits = settings.limits
@@ -363,7 +365,7 @@ def _decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings:
         if reference is None and form.reference_image is not None:
             reference = _base64_image(form.reference_image)
         if reference is not None:
-            if not _serving.features.get("image_prompt_adapter"):
+            if not features.get("image_prompt_adapter"):
                 raise ApiError("this model has no image-prompt adapter, so reference_image cannot be used "
                                "(it needs image_encoder/, feature_extractor/ and ip_adapter/ in the model folder)",
                                "reference_image", code="unsupported_parameter")

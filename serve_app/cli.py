@@ -128,32 +128,62 @@ def cmd_serve(options: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(options: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _request_options(options: argparse.Namespace) -> dict:
+    """The fields `generate` and `edit` share, from their command-line options."""
+    return dict(prompt=options.prompt, n=options.n, size=options.size, negative_prompt=options.negative_prompt,
+                seed=options.seed, num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
+                optimize_prompt=not options.no_optimize, step_policy=options.step_policy,
+                deadline_ms=options.deadline_ms, quality=options.quality)
 
-    from deployments import models
-    from serve_app.api import ApiError, ImageGenerationBody, to_image_request
-    from serve_app.pipeline import local_pipeline_for
+
+def cmd_generate(options: argparse.Namespace) -> int:
+    from serve_app.api import ImageGenerationBody, to_image_request
 
     # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    return _render(options, settings, lambda: to_image_request(ImageGenerationBody(**_request_options(options)),
+                                                               settings))
+
+
+def cmd_edit(options: argparse.Namespace) -> int:
+    """An edit in-process, through the same checks as `/v1/images/edits`."""
+    from deployments import models
+    from serve_app.api import ImageEditForm, decoded_edit_inputs, to_image_request
+
+    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    files = {}
+    for field, path in (("image", options.image), ("mask", options.mask), ("reference_image", options.reference)):
+        if path is not None:
+            try:
+                files[field] = Path(path).read_bytes()
+            except OSError as exc:
+                print(f"error: {field}: {exc}", file=sys.stderr)
+                return 2
+
+    def request():
+        form = ImageEditForm(**_request_options(options), strength=options.strength,
+                             keep_unmasked=not options.blend_only)
+        features = {"image_prompt_adapter": models.has_image_prompt_adapter(models.resolve_model(settings.model))}
+        return to_image_request(form, settings, **decoded_edit_inputs(files, form, settings, features))
+
+    return _render(options, settings, request)
+
+
+def _render(options: argparse.Namespace, settings, make_request) -> int:
+    """Check the request as the server would, run it in-process with a progress bar, write the PNGs."""
+    from tqdm import tqdm
+
+    from deployments import models
+    from serve_app.api import ApiError
+    from serve_app.pipeline import local_pipeline_for
+
     try:
-        body = ImageGenerationBody(
-            prompt=options.prompt,
-            n=options.n,
-            size=options.size,
-            negative_prompt=options.negative_prompt,
-            seed=options.seed,
-            num_inference_steps=options.steps,
-            guidance_scale=options.guidance_scale,
-            optimize_prompt=not options.no_optimize,
-            step_policy=options.step_policy,
-            deadline_ms=options.deadline_ms,
-            quality=options.quality,
-        )
-        request = to_image_request(body, settings)
+        request = make_request()
     except ApiError as exc:
         print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
+        return 2
+    except models.ModelNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # pydantic's ValidationError
         print(f"error: {exc}", file=sys.stderr)
@@ -182,8 +212,11 @@ def cmd_generate(options: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png)
         print(f"wrote {path}")
-    print(f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), "
-          f"seed {request.seed}, {result.steps.steps} steps ({result.steps.reason})")
+    steps = result.steps.steps
+    ran = result.usage["denoising_steps"]
+    print(f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), seed {request.seed}, "
+          f"{steps} steps ({result.steps.reason})" + (f", {ran} run at strength {request.strength}"
+                                                        if request.is_edit else ""))
     return 0
 
 
@@ -366,6 +399,25 @@ def cmd_export_kuberay(options: argparse.Namespace) -> int:
     return 0
 
 
+def _image_options(command: argparse.ArgumentParser, default_size: str | None) -> None:
+    """Options of `generate` and `edit` (the request fields, and where the output goes)."""
+    command.add_argument("-o", "--output", default="out.png")
+    command.add_argument("--model", help="preset or model folder (default: the config's, tiny)")
+    command.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
+    command.add_argument("--seed", type=int)
+    command.add_argument("--size", default=default_size,
+                         help="WIDTHxHEIGHT (default: %(default)s)" if default_size else
+                         "WIDTHxHEIGHT (default: the image's, within the limits)")
+    command.add_argument("-n", type=int, default=1)
+    command.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
+    command.add_argument("--quality", choices=["fast", "balanced", "best"], help="the step range (default: the config's)")
+    command.add_argument("--step-policy", choices=["fixed", "complexity", "slo"], help="default: the config's")
+    command.add_argument("--deadline-ms", type=float, help="latency target for the slo policy")
+    command.add_argument("--guidance-scale", type=float)
+    command.add_argument("--negative-prompt", default="")
+    command.add_argument("--no-optimize", action="store_true", help="use the prompt as written")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -381,20 +433,18 @@ def parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate an image in-process (no Ray)")
     generate.add_argument("prompt")
-    generate.add_argument("-o", "--output", default="out.png")
-    generate.add_argument("--model", help="preset or model folder (default: the config's, tiny)")
-    generate.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--size", default="512x512")
-    generate.add_argument("-n", type=int, default=1)
-    generate.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
-    generate.add_argument("--quality", choices=["fast", "balanced", "best"], help="the step range (default: the config's)")
-    generate.add_argument("--step-policy", choices=["fixed", "complexity", "slo"], help="default: the config's")
-    generate.add_argument("--deadline-ms", type=float, help="latency target for the slo policy")
-    generate.add_argument("--guidance-scale", type=float)
-    generate.add_argument("--negative-prompt", default="")
-    generate.add_argument("--no-optimize", action="store_true", help="use the prompt as written")
+    _image_options(generate, default_size="512x512")
     generate.set_defaults(run=cmd_generate)
+
+    edit = commands.add_parser("edit", help="edit an image in-process (no Ray): img2img, inpainting, reference face")
+    edit.add_argument("prompt", help="the instruction")
+    edit.add_argument("--image", required=True, help="the target image B (PNG, JPEG, WebP)")
+    edit.add_argument("--mask", help="where to repaint: white on black (L), or transparent pixels (RGBA)")
+    edit.add_argument("--reference", help="the source face A (needs a model with an image-prompt adapter)")
+    edit.add_argument("--strength", type=float, help="share of the steps run, (0, 1] (default 0.8; 1.0 with --mask)")
+    edit.add_argument("--blend-only", action="store_true", help="do not paste the target back outside the mask")
+    _image_options(edit, default_size=None)
+    edit.set_defaults(run=cmd_edit)
 
     optimize = commands.add_parser("optimize", help="show what the prompt optimizer makes of a prompt (no Ray)")
     optimize.add_argument("prompt")

@@ -44,6 +44,46 @@ def test_generate_rejects_bad_input(argv, fragment, capsys, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_edit_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
+    from PIL import Image
+
+    from tests.unit.test_edit_parity import box_mask, portrait
+
+    target, face, mask = portrait(64, 64, seed=1), portrait(64, 64, seed=2), box_mask(64, 64)
+    for name, image in (("b.png", target), ("a.png", face), ("m.png", mask)):
+        image.save(tmp_path / name)
+    out = tmp_path / "out.png"
+    status = cli.main(["edit", "portrait of a smiling man", "--image", str(tmp_path / "b.png"), "--mask",
+                       str(tmp_path / "m.png"), "--reference", str(tmp_path / "a.png"), "--strength", "0.5",
+                       "-o", str(out), "--seed", "3", "--steps", "10"])
+    assert status == 0
+    request = ImageRequest(prompt="portrait of a smiling man", negative_prompt="", width=64, height=64, n=1, seed=3,
+                           guidance_scale=7.5, num_inference_steps=10, image=target, mask=mask,
+                           reference_image=face, strength=0.5)
+    assert out.read_bytes() == run(local_pipe.generate(request)).images_png[0]
+    captured = capsys.readouterr()
+    assert "5/5" in captured.err  # the progress bar counts the steps an edit runs
+    assert "5 run at strength 0.5" in captured.out
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--image", "{bad}"], "image: image is not a PNG, JPEG or WebP image"),
+    (["--image", "{missing}"], "image: [Errno 2]"),
+    (["--image", "{good}", "--mask", "{bad}"], "mask: mask is not a PNG"),
+    (["--image", "{good}", "--strength", "1.5"], "strength"),
+])
+def test_edit_rejects_bad_input(argv, fragment, capsys, tmp_path):
+    from tests.unit.test_edit_parity import portrait
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    portrait(64, 64).save(tmp_path / "good.png")
+    paths = {"bad": tmp_path / "bad.png", "good": tmp_path / "good.png", "missing": tmp_path / "missing.png"}
+    argv = [arg.format(**paths) for arg in argv]
+    assert cli.main(["edit", "portrait", *argv, "-o", str(tmp_path / "x.png")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_build_model_prints_the_cached_folder(tiny_model_path, capsys):
     assert cli.main(["build-model", "tiny"]) == 0
     assert capsys.readouterr().out.strip() == str(tiny_model_path)

@@ -154,3 +154,25 @@ def test_the_cost_model_calibrates_itself_from_served_requests():
     assert controller.calibration == pytest.approx(0.9 * 1.5 + 0.1 * 0.5)
     controller.observe_denoise(StepDecision(7, "explicit"), actual_ms=1e6)  # no prediction: nothing learned
     assert controller.calibration == pytest.approx(1.4)
+
+
+def test_an_edit_costs_its_strength_share_of_the_steps():
+    """At strength 0.3 an edit runs 30% of the schedule, so a deadline that cuts a generation
+    leaves the edit its complexity choice; the predicted denoise time counts only those steps."""
+    from PIL import Image
+
+    controller = StepController()
+    image = Image.new("RGB", (128, 128))
+    generation = controller.choose(request(deadline_ms=500), BUSY, load())
+    edit = controller.choose(request(deadline_ms=500, image=image, strength=0.3), BUSY, load(), detail=1.0)
+    assert generation.reason == "slo:reduced" and generation.steps < 30
+    assert (edit.steps, edit.reason) == (30, "slo")
+    assert edit.predicted_denoise_ms == pytest.approx(predict_denoise_ms(load(), 9, 1, (16, 16)))
+
+
+def test_an_edit_always_gets_a_schedule_that_runs_a_step():
+    from PIL import Image
+
+    controller = StepController(StepSettings(policy="fixed", fixed_steps=20))
+    tiny_strength = request(image=Image.new("RGB", (128, 128)), strength=0.01)
+    assert controller.choose(tiny_strength, SIMPLE).steps == 100  # int(100 x 0.01) = 1
