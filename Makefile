@@ -43,6 +43,7 @@ bench: model
 	$(PY) benchmarks/adaptive_steps.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --early-stop --update-readme README.md
 	$(PY) benchmarks/autoscaling.py --update-readme README.md
+	$(PY) benchmarks/edits.py --update-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache
