@@ -64,6 +64,7 @@ class DenoiseJob:
     init_image: ImageLatentDistribution | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None
+    masked_image: ImageLatentDistribution | None = None  # 9-channel inpainting UNets
     image_embeds: torch.Tensor | None = None
 
     @property
@@ -88,6 +89,9 @@ class DenoiserEngine:
         self.settings = DenoiserSettings.model_validate(settings or {})
         model_path = Path(model_path)
         self.unet_config = models.load_unet_config(model_path)
+        # a 9-channel inpainting UNet takes 4 latent channels + the mask + the masked image's 4
+        self.inpainting_unet = self.unet_config["in_channels"] == 9
+        self.latent_channels = 4 if self.inpainting_unet else self.unet_config["in_channels"]
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
         self._baseline_unet: FallbackUNet | None = None
@@ -125,11 +129,12 @@ class DenoiserEngine:
         """The job's starting state: its scheduler, noise and text context."""
         count = len(job.seeds)
         scheduler = self.new_scheduler(job.num_inference_steps, job.scheduler)
-        channels = self.unet_config["in_channels"]
-        timesteps, inpaint = scheduler.timesteps, None
+        channels = self.latent_channels
+        timesteps, inpaint, conditioning = scheduler.timesteps, None, None
         if job.init_image is not None:
             timesteps = edit_timesteps(scheduler, job.num_inference_steps, job.strength)
-            latents, inpaint = edit_start(scheduler, job.init_image, job.seeds, timesteps, job.strength, job.mask)
+            latents, inpaint, conditioning = edit_start(scheduler, job.init_image, job.seeds, timesteps, job.strength,
+                                                        job.mask, job.masked_image)
         else:
             latents = torch.cat([initial_latents(s, channels, job.height, job.width) for s in job.seeds])
             latents = latents * scheduler.init_noise_sigma
@@ -144,7 +149,8 @@ class DenoiserEngine:
                 image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
         early_stop = None if inpaint is not None else job.early_stop  # x0 would overwrite the kept region
         return ActiveJob(scheduler, latents, context, job.guidance_scale, timesteps, early_stop=early_stop,
-                         early_stop_min_steps=job.early_stop_min_steps, inpaint=inpaint, image_embeds=image_embeds)
+                         early_stop_min_steps=job.early_stop_min_steps, inpaint=inpaint, image_embeds=image_embeds,
+                         extra_channels=conditioning)
 
     def submit(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                cancelled: threading.Event | None = None) -> Future:
@@ -161,6 +167,9 @@ class DenoiserEngine:
                 raise ValueError(f"{job.num_inference_steps} steps at strength {job.strength} run no step")
             if tuple(job.init_image.mean.shape[-2:]) != latent_shape:
                 raise ValueError(f"the image's latents are {tuple(job.init_image.mean.shape[-2:])}, not {latent_shape}")
+        if self.inpainting_unet and (job.mask is None or job.masked_image is None):
+            raise ValueError("this model's UNet is an inpainting UNet (9 input channels): it serves only edits "
+                             "with a mask")
         if (job.image_embeds is not None) != (job.variant == "ip_adapter"):
             raise ValueError("image_embeds go with the ip_adapter variant, and only with it")
         return self.batcher.submit(lambda: self.prepare(job), len(job.seeds), latent_shape,

@@ -9,6 +9,10 @@ inpainting for 4-channel UNets), so only the masked region is generated.
 The VAE encoder's output distribution (mean, std) does not depend on the seed: the
 VaeCodec computes it once per request, and each image samples it with its own seed's
 generator, then draws its noise from the same generator, in diffusers' order.
+
+A 9-channel inpainting UNet (sd-v1-5-inpainting and kin) instead gets the mask and the
+latents of the masked image (the target with the region to repaint blacked out) as 5 extra
+input channels at every step, and no blending.
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ def edit_timesteps(scheduler, num_inference_steps: int, strength: float) -> torc
 
 
 @dataclass
+class EncodedEdit:
+    """What the VaeCodec makes of an edit's uploads."""
+
+    image: ImageLatentDistribution
+    mask: torch.Tensor | None = None  # [1, 1, h, w], 1 = repaint
+    masked_image: ImageLatentDistribution | None = None  # for 9-channel inpainting UNets
+
+
+@dataclass
 class InpaintState:
     """What an inpainting job needs after every step to keep the unmasked region."""
 
@@ -63,24 +76,35 @@ class InpaintState:
 
 
 def edit_start(scheduler, image: ImageLatentDistribution, seeds: list[int], timesteps: torch.Tensor,
-               strength: float, inpaint_mask: torch.Tensor | None) -> tuple[torch.Tensor, InpaintState | None]:
-    """Starting latents for an edit of `image`, one per seed, and the inpainting state
-    when there is a mask. Img2Img noises the image to the first timestep; inpainting at
-    strength 1 starts from pure noise (diffusers' `is_strength_max`)."""
-    image_latents, noises = [], []
+               strength: float, inpaint_mask: torch.Tensor | None,
+               masked_image: ImageLatentDistribution | None = None
+               ) -> tuple[torch.Tensor, InpaintState | None, torch.Tensor | None]:
+    """Starting latents for an edit of `image`, one per seed; the inpainting state when there
+    is a mask (4-channel UNets); the extra input channels [images, 5, h, w] when there is a
+    `masked_image` (9-channel UNets). Img2Img noises the image to the first timestep;
+    inpainting at strength 1 starts from pure noise (diffusers' `is_strength_max`)."""
+    strength_max = inpaint_mask is not None and strength == 1.0
+    # diffusers encodes the image only when it needs it: always for 4-channel inpainting
+    # (the blending), for 9-channel only below strength 1; the draws must follow its order
+    sample_image = masked_image is None or not strength_max
+    image_latents, noises, masked = [], [], []
     for seed in seeds:
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        image_latents.append(image.sample(generator))
+        if sample_image:
+            image_latents.append(image.sample(generator))
         noises.append(torch.randn(image.mean.shape, generator=generator, dtype=image.mean.dtype))
-    image_latents, noise = torch.cat(image_latents), torch.cat(noises)
+        if masked_image is not None:
+            masked.append(masked_image.sample(generator))
+    noise = torch.cat(noises)
+    image_latents = torch.cat(image_latents) if image_latents else None
     first = timesteps[:1].repeat(len(seeds))
+    latents = noise * scheduler.init_noise_sigma if strength_max else scheduler.add_noise(image_latents, noise, first)
     if inpaint_mask is None:
-        return scheduler.add_noise(image_latents, noise, first), None
-    if strength == 1.0:
-        latents = noise * scheduler.init_noise_sigma
-    else:
-        latents = scheduler.add_noise(image_latents, noise, first)
-    return latents, InpaintState(image_latents, noise, inpaint_mask)
+        return latents, None, None
+    if masked_image is not None:
+        conditioning = torch.cat([inpaint_mask.expand(len(seeds), -1, -1, -1), torch.cat(masked)], dim=1)
+        return latents, None, conditioning
+    return latents, InpaintState(image_latents, noise, inpaint_mask), None
 
 
 def latent_mask(mask: torch.Tensor, latent_shape: tuple[int, int]) -> torch.Tensor:

@@ -138,6 +138,12 @@ def load_scheduler_config(path: Path) -> tuple[type, dict]:
 IP_ADAPTER_FILE = Path("ip_adapter") / "ip-adapter.safetensors"
 
 
+def features(path: Path) -> dict[str, bool]:
+    """What a model folder can serve beyond text-to-image (the ingress answers 400 otherwise)."""
+    return {"image_prompt_adapter": has_image_prompt_adapter(path),
+            "inpainting_unet": load_unet_config(path)["in_channels"] == 9}
+
+
 def has_image_prompt_adapter(path: Path) -> bool:
     path = Path(path)
     return ((path / IP_ADAPTER_FILE).is_file() and (path / "image_encoder" / "config.json").is_file()

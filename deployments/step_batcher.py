@@ -70,6 +70,7 @@ class ActiveJob:
     stopped_early: bool = False
     inpaint: InpaintState | None = None  # edits with a mask: keep the image outside it after each step
     image_embeds: torch.Tensor | None = None  # [rows, 1, dim]: the image-prompt adapter's input
+    extra_channels: torch.Tensor | None = None  # [images, 5, h, w]: a 9-channel UNet's mask + masked image
 
     @property
     def guided(self) -> bool:
@@ -309,7 +310,11 @@ class StepBatcher:
         for state in states:
             t = state.timesteps[state.step]
             model_input = torch.cat([state.latents] * 2) if state.guided else state.latents
-            inputs.append(state.scheduler.scale_model_input(model_input, t))
+            model_input = state.scheduler.scale_model_input(model_input, t)
+            if state.extra_channels is not None:
+                extra_channels = torch.cat([state.extra_channels] * 2) if state.guided else state.extra_channels
+                model_input = torch.cat([model_input, extra_channels], dim=1)
+            inputs.append(model_input)
             timesteps.append(t.reshape(1).expand(state.rows))
             contexts.append(state.context)
             if state.image_embeds is not None:

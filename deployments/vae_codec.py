@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from deployments import models
-from deployments.edit_latents import ImageLatentDistribution, latent_mask
+from deployments.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
@@ -42,21 +42,28 @@ class VaeCodecEngine:
         self.mask_processor = VaeImageProcessor(vae_scale_factor=scale, do_normalize=False, do_binarize=True,
                                                 do_convert_grayscale=True)
         self._lock = threading.Lock()
+        # a 9-channel (inpainting) UNet also takes the masked image's latents
+        self.inpainting_unet = models.load_unet_config(Path(model_path))["in_channels"] == 9
 
-    @torch.inference_mode()
-    def encode_image(self, image: Image.Image, width: int, height: int,
-                     mask: Image.Image | None = None) -> tuple[ImageLatentDistribution, torch.Tensor | None]:
-        """An RGB image resized to width x height -> its latent distribution; a mask (L, white
-        = repaint) -> binarised on the latent grid [1, 1, h, w]."""
-        pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    def _distribution(self, pixels: torch.Tensor) -> ImageLatentDistribution:
         with self._lock:
             models.set_torch_threads(self.num_threads)
             distribution = self.vae.encode(pixels).latent_dist
-        encoded = ImageLatentDistribution(distribution.mean.clone(), distribution.std.clone(), self.scaling_factor)
+        return ImageLatentDistribution(distribution.mean.clone(), distribution.std.clone(), self.scaling_factor)
+
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image, width: int, height: int, mask: Image.Image | None = None) -> EncodedEdit:
+        """An RGB image resized to width x height -> its latent distribution; a mask (L, white
+        = repaint) -> binarised on the latent grid [1, 1, h, w]."""
+        pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        encoded = EncodedEdit(self._distribution(pixels))
         if mask is None:
-            return encoded, None
+            return encoded
         mask_pixels = self.mask_processor.preprocess(mask, height=height, width=width)
-        return encoded, latent_mask(mask_pixels, tuple(encoded.mean.shape[-2:]))
+        encoded.mask = latent_mask(mask_pixels, tuple(encoded.image.mean.shape[-2:]))
+        if self.inpainting_unet:  # diffusers: init_image * (mask_condition < 0.5)
+            encoded.masked_image = self._distribution(pixels * (mask_pixels < 0.5))
+        return encoded
 
     @torch.inference_mode()
     def decode_pixels(self, latents: torch.Tensor) -> np.ndarray:

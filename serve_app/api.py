@@ -270,8 +270,16 @@ def server_timing(stage_ms: dict[str, float]) -> str:
     return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in stage_ms.items())
 
 
+def check_generation_supported(features: dict) -> None:
+    if features.get("inpainting_unet"):
+        raise ApiError("this model has an inpainting UNet (9 input channels): it serves edits with a mask "
+                       "(POST /v1/images/edits with image and mask), not generations", code="unsupported_model")
+
+
 @app.post("/v1/images/generations")
 async def create_image(body: ImageGenerationBody, response: Response) -> dict:
+    ready_pipeline()
+    check_generation_supported(_serving.features)
     return await images_response(to_image_request(body, _serving.settings), response)
 
 
@@ -374,6 +382,9 @@ def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: 
                                                                        limits.max_side)
     except uploads.UploadError as error:
         raise ApiError(error.message, error.param, code=error.code) from None
+    if mask is None and features.get("inpainting_unet"):
+        raise ApiError("this model has an inpainting UNet (9 input channels): send a mask (white or transparent = "
+                       "repaint)", "mask", code="missing_required_parameter")
     strength = form.strength if form.strength is not None else (1.0 if mask is not None else 0.8)
     if form.num_inference_steps is not None and int(form.num_inference_steps * strength) < 1:
         raise ApiError(f"strength {strength} x num_inference_steps {form.num_inference_steps} runs no step; "

@@ -56,7 +56,7 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),
         models.model_id(model_path),
-        {"image_prompt_adapter": models.has_image_prompt_adapter(model_path)},
+        models.features(model_path),
     )
 
 

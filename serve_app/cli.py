@@ -140,9 +140,16 @@ def cmd_generate(options: argparse.Namespace) -> int:
     from serve_app.api import ImageGenerationBody, to_image_request
 
     # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
+    from deployments import models
+    from serve_app.api import check_generation_supported
+
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
-    return _render(options, settings, lambda: to_image_request(ImageGenerationBody(**_request_options(options)),
-                                                               settings))
+
+    def request():
+        check_generation_supported(models.features(models.resolve_model(settings.model)))
+        return to_image_request(ImageGenerationBody(**_request_options(options)), settings)
+
+    return _render(options, settings, request)
 
 
 def cmd_edit(options: argparse.Namespace) -> int:
@@ -163,7 +170,7 @@ def cmd_edit(options: argparse.Namespace) -> int:
     def request():
         form = ImageEditForm(**_request_options(options), strength=options.strength,
                              keep_unmasked=not options.blend_only)
-        features = {"image_prompt_adapter": models.has_image_prompt_adapter(models.resolve_model(settings.model))}
+        features = models.features(models.resolve_model(settings.model))
         return to_image_request(form, settings, **decoded_edit_inputs(files, form, settings, features))
 
     return _render(options, settings, request)

@@ -155,7 +155,7 @@ class ImagePipeline:
                 image_inputs.cancel()
 
     async def _encode_edit_inputs(self, request: ImageRequest, stage_ms: dict[str, float]):
-        """(latent distribution, latent mask, reference embedding or None, image detail)."""
+        """(EncodedEdit, the reference's ImagePromptEmbedding or None, image detail or None)."""
         async def reference():
             if request.reference_image is None:
                 return None
@@ -180,8 +180,8 @@ class ImagePipeline:
 
             return await asyncio.to_thread(lambda: image_detail(np.asarray(request.image)))
 
-        (distribution, mask), embedding, image_detail_score = await asyncio.gather(image(), reference(), detail())
-        return distribution, mask, embedding, image_detail_score
+        encoded, embedding, image_detail_score = await asyncio.gather(image(), reference(), detail())
+        return encoded, embedding, image_detail_score
 
     async def _generate(self, request: ImageRequest, start: float, stage_ms: dict[str, float],
                         image_inputs: asyncio.Future | None) -> GenerationResult:
@@ -198,8 +198,9 @@ class ImagePipeline:
         edit = {}
         detail = embedding = None
         if image_inputs is not None:
-            distribution, mask, embedding, detail = await image_inputs
-            edit = {"init_image": distribution, "mask": mask, "strength": request.strength}
+            encoded, embedding, detail = await image_inputs
+            edit = {"init_image": encoded.image, "mask": encoded.mask, "masked_image": encoded.masked_image,
+                    "strength": request.strength}
             if embedding is not None:
                 edit.update(image_embeds=embedding.embeds, variant="ip_adapter")
         steps = await self.choose_steps(request, prompt, start, stage_ms, detail)
@@ -228,6 +229,9 @@ class ImagePipeline:
         usage = usage_of(prompt, steps, encoding, total_ms, job, None if embedding is None else embedding.cache_hit)
         if self.metrics is not None:
             self.metrics.record_request(steps, usage["deadline_met"])
+            if request.is_edit:
+                reference = "none" if embedding is None else ("cached" if embedding.cache_hit else "new")
+                self.metrics.record_edit("inpaint" if request.mask is not None else "img2img", reference)
         if job.variant != "ip_adapter" and guard.should_shadow():  # the baseline UNet has no image-prompt adapter
             task = asyncio.get_running_loop().create_task(self._shadow(job, images))
             self._shadows.add(task)

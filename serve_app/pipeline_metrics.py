@@ -1,4 +1,4 @@
-"""The ingress's view of requests as Ray Serve metrics: steps chosen, deadlines, quality guard."""
+"""The ingress's view of requests as Ray Serve metrics: steps chosen, deadlines, quality guard, edits."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ class PipelineMetrics:
         self._tripped = metrics.Gauge("fusionserve_quality_guard_tripped",
                                       description="1 once the guard switched to the baseline variant")
         self._tripped.set(0)
+        self._edits = metrics.Counter("fusionserve_edit_requests", description="edits by kind (img2img, inpaint) "
+                                      "and reference face (none, new: encoded, cached: from the embedding cache)",
+                                      tag_keys=("kind", "reference"))
 
     def record_request(self, decision, deadline_met: bool | None) -> None:
         self._steps.observe(decision.steps, tags={"policy": decision.policy, "reason": decision.reason})
@@ -29,6 +32,9 @@ class PipelineMetrics:
             self._judged.inc(tags={"policy": decision.policy})
             if not deadline_met:
                 self._missed.inc(tags={"policy": decision.policy})
+
+    def record_edit(self, kind: str, reference: str) -> None:
+        self._edits.inc(tags={"kind": kind, "reference": reference})
 
     def record_shadow(self, guard) -> None:
         self._comparisons.inc()

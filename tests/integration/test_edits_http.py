@@ -15,6 +15,7 @@ from PIL import Image
 
 from serve_app.request import ImageRequest
 from tests.conftest import max_pixel_diff, png_pixels, run
+from tests.integration.conftest import metric_lines
 from tests.unit.test_edit_parity import box_mask, portrait
 
 
@@ -84,6 +85,8 @@ def test_reference_image_as_file_or_base64_and_cached(http, client, local_pipe):
                       image=Image.open(io.BytesIO(TARGET)).convert("RGB"),
                       reference_image=Image.open(io.BytesIO(FACE)).convert("RGB"))
     assert max_pixel_diff(base64.b64decode(second.data[0].b64_json), ours) <= 1
+    lines, _ = metric_lines("ray_fusionserve_edit_requests", 'reference="cached"')
+    assert lines and 'kind="img2img"' in lines[0]
 
 
 def test_explicit_size_and_large_target_default(http):

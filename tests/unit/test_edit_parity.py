@@ -132,3 +132,32 @@ def test_inpaint_keeps_the_unmasked_region(local_pipe):
         edit_request(image, mask=mask, strength=1.0, steps=12, keep_unmasked=False))).images_png[0])
     assert np.array_equal(blended[~keep], kept[~keep])  # the overlay touches nothing inside the mask
     assert np.abs(blended - target)[keep].mean() > 5  # and is what keeps the outside
+
+
+@pytest.fixture(scope="module")
+def inpainting_model():
+    """The embedded model with a 9-channel inpainting UNet (preset tiny-inpainting)."""
+    from deployments.models import resolve_model
+
+    return resolve_model("tiny-inpainting")
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_model, strength):
+    """A 9-channel UNet gets the mask and the masked image's latents as input channels (no blending)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from serve_app.pipeline import local_pipeline
+
+    pipe = local_pipeline(inpainting_model)
+    image, mask = portrait(64, 64, seed=9), box_mask(64, 64)
+    request = edit_request(image, mask=mask, strength=strength, steps=10, keep_unmasked=False)
+    ours = run(pipe.generate(request)).images_png[0]
+    reference_pipe = StableDiffusionInpaintPipeline.from_pretrained(str(inpainting_model))
+    reference_pipe.set_progress_bar_config(disable=True)
+    reference = reference_pipe(request.prompt, image=image, mask_image=mask, strength=strength, num_inference_steps=10,
+                               height=64, width=64, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    assert max_pixel_diff(ours, np.asarray(reference)) <= 1
+    with pytest.raises(ValueError, match="inpainting UNet"):  # a generation has no mask to give it
+        run(pipe.generate(ImageRequest(prompt="p", negative_prompt="", width=64, height=64, n=1, seed=1,
+                                       guidance_scale=7.5, num_inference_steps=2)))

@@ -57,3 +57,18 @@ def test_exif_orientation_is_applied():
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
     assert uploads.decode_image(buffer.getvalue(), "image", 2**20, 2**20).size == (32, 64)
+
+
+def test_an_inpainting_model_needs_a_mask_and_serves_no_generations():
+    from serve_app.api import check_generation_supported
+
+    files = {"image": png(Image.new("RGB", (64, 64)))}
+    with pytest.raises(ApiError) as caught:
+        decoded_edit_inputs(files, ImageEditForm(prompt="p"), AppSettings(), features={"inpainting_unet": True})
+    assert caught.value.param == "mask" and "inpainting UNet" in caught.value.message
+    files["mask"] = png(Image.new("L", (64, 64), 255))
+    edit = decoded_edit_inputs(files, ImageEditForm(prompt="p"), AppSettings(), features={"inpainting_unet": True})
+    assert edit["strength"] == 1.0
+    with pytest.raises(ApiError, match="not generations"):
+        check_generation_supported({"inpainting_unet": True})
+    check_generation_supported({"image_prompt_adapter": True})  # a text-to-image model: no error
