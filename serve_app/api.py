@@ -313,6 +313,11 @@ async def edit_image(request: Request, response: Response) -> dict:
         raise ApiError("send the edit as multipart/form-data (fields image, prompt, optional mask, ...)",
                        code="invalid_content_type")
     limits = settings.limits
+    length = request.headers.get("content-length", "")
+    most = 4 * limits.max_upload_bytes + 2**20  # three files, or two and a base64 one, and the fields
+    if length.isdigit() and int(length) > most:  # refused before a byte of it is read
+        raise ApiError(f"the request body is {length} bytes; the limit is {most} (files of at most "
+                       f"{limits.max_upload_bytes} bytes each)", code="request_too_large")
     try:  # text parts can carry a base64 reference image
         form = await request.form(max_files=8, max_fields=64, max_part_size=2 * limits.max_upload_bytes)
     except StarletteHTTPException as error:

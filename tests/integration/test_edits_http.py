@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import struct
 import zlib
 
@@ -153,6 +154,18 @@ def test_too_many_files_and_not_multipart(http):
     unknown = http.post("/v1/images/edits", data={"prompt": "p"},
                         files={"image": ("a.png", TARGET), "extra": ("b.png", TARGET)})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "extra"
+    # a body declared at 1 GiB is refused from its headers, without sending (or reading) it
+    host, port = str(http.base_url.host), int(http.base_url.port)
+    with socket.create_connection((host, port), timeout=60) as connection:
+        connection.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
+                           b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+        reply = b""
+        while b"request_too_large" not in reply:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400") and b"request_too_large" in reply, reply[:300]
     as_json = http.post("/v1/images/edits", json={"prompt": "p", "image": "x"})
     assert as_json.status_code == 400 and "multipart/form-data" in as_json.json()["error"]["message"]
 
