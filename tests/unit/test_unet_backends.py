@@ -104,3 +104,21 @@ def test_torch_fp16_on_gpu_stays_close(tiny_model_path, vae, jobs, reference):
     got = images(tiny_model_path, vae, jobs, [{"backend": "torch", "precision": "fp16", "device": "cuda"}])
     for a, b in zip(got, reference):
         assert psnr(a, b) >= 30
+
+
+@pytest.mark.gpu
+def test_tensorrt_fp16_engine_stays_close_and_is_cached(tiny_model_path, vae, jobs, reference):
+    """Where a GPU and TensorRT exist: the engine builds from the ONNX export, is cached on
+    disk (the second load reuses the file), and its images stay close to torch fp32."""
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from deployments.unet_backends import tensorrt_runner
+
+    got = images(tiny_model_path, vae, jobs, [{"backend": "tensorrt", "precision": "fp16"}])
+    for a, b in zip(got, reference):
+        assert psnr(a, b) >= 30
+    first = tensorrt_runner(tiny_model_path, BackendSpec(backend="tensorrt", precision="fp16"))
+    built = first.engine_file.stat().st_mtime_ns
+    again = tensorrt_runner(tiny_model_path, BackendSpec(backend="tensorrt", precision="fp16"))
+    assert again.engine_file == first.engine_file and again.engine_file.stat().st_mtime_ns == built
