@@ -10,9 +10,15 @@ clients. Reported per policy: peak replicas, seconds from the start of the load 
 scale-up, seconds from the end of the load back to one replica, replica-seconds (cost),
 p95 latency and the share of requests within `--target-ms`.
 
+`--workload phases` separates the two kinds instead: first a heavy phase (2 clients, only
+large requests: few requests, much work), an idle gap long enough to scale back, then a light
+phase (6 clients, only small requests: many requests, little work). Per phase: seconds from
+its start to the first scale-up, peak replicas, replica-seconds, p95 latency.
+
     .venv/bin/python benchmarks/autoscaling.py                   # ~6 min
     .venv/bin/python benchmarks/autoscaling.py --quick           # < 5 min
     .venv/bin/python benchmarks/autoscaling.py --update-readme README.md
+    .venv/bin/python benchmarks/autoscaling.py --workload phases --update-readme README.md   # ~6 min
 """
 
 from __future__ import annotations
@@ -36,8 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.readme_table import publish  # noqa: E402
 
 SECTION = "autoscaling"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "autoscaling.json"
-DEFAULT_PLOT = REPO_ROOT / "benchmarks" / "results" / "autoscaling.png"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
 PORT = 8131
 SMALL = {"size": "64x64", "num_inference_steps": 15}
 LARGE = {"size": "256x256", "num_inference_steps": 30}
@@ -45,11 +50,60 @@ LARGE = {"size": "256x256", "num_inference_steps": 30}
 TARGET_WORK = 2 * 30 * 32 * 32
 COMMON = {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "metrics_interval_s": 0.5,
           "look_back_period_s": 2, "upscale_delay_s": 3, "downscale_delay_s": 10}
-POLICIES = {
-    "default (target_ongoing_requests 2)": {**COMMON, "target_ongoing_requests": 2},
-    "queued work": {**COMMON, "policy": {"policy_function": "serve_app.autoscaling:QueuedWorkPolicy",
-                                         "policy_kwargs": {"target_work_per_replica": TARGET_WORK}}},
-}
+# phases: half a large job per replica, so two large jobs in flight (their remaining work
+# averages one job's) ask for two replicas; six small jobs stay far under one
+PHASES_TARGET_WORK = 30 * 32 * 32 // 2
+
+
+def policies(target_work: int) -> dict[str, dict]:
+    return {
+        "default (target_ongoing_requests 2)": {**COMMON, "target_ongoing_requests": 2},
+        "queued work": {**COMMON, "policy": {"policy_function": "serve_app.autoscaling:QueuedWorkPolicy",
+                                             "policy_kwargs": {"target_work_per_replica": target_work}}},
+    }
+
+
+class RampPlan:
+    """Clients ramp up, hold, ramp down; each request large with probability `large_share`."""
+
+    def __init__(self, ramp: tuple[float, float, float, float], clients: int, large_share: float):
+        self.up, self.hold, self.down, self.tail = ramp
+        self.clients, self.large_share = clients, large_share
+        self.load_end = self.up + self.hold + self.down
+        self.phases = []
+
+    def active(self, t: float) -> int:
+        if t < self.up:
+            return max(1, round(self.clients * t / self.up))
+        if t < self.up + self.hold:
+            return self.clients
+        if t < self.load_end:
+            return round(self.clients * (self.load_end - t) / self.down)
+        return 0
+
+    def kind(self, t: float, rng: random.Random) -> dict:
+        return LARGE if rng.random() < self.large_share else SMALL
+
+
+class PhasesPlan:
+    """(name, start, end, clients, kind) phases; nothing runs between them."""
+
+    def __init__(self, heavy_s: float, gap_s: float, light_s: float, tail_s: float):
+        self.phases = [("heavy", 0.0, heavy_s, 2, LARGE),
+                       ("light", heavy_s + gap_s, heavy_s + gap_s + light_s, 6, SMALL)]
+        self.clients = max(phase[3] for phase in self.phases)
+        self.load_end, self.tail = self.phases[-1][2], tail_s
+
+    def _phase(self, t: float):
+        return next((phase for phase in self.phases if phase[1] <= t < phase[2]), None)
+
+    def active(self, t: float) -> int:
+        phase = self._phase(t)
+        return 0 if phase is None else phase[3]
+
+    def kind(self, t: float, rng: random.Random) -> dict:
+        phase = self._phase(t)
+        return phase[4] if phase is not None else SMALL
 
 
 def deployment_options(base: dict, autoscaling: dict) -> dict:
@@ -75,8 +129,7 @@ def running_denoisers(app: str) -> int:
                if getattr(state, "value", str(state)) == "RUNNING")
 
 
-def run_policy(name: str, autoscaling: dict, settings, base_options, ramp: tuple[float, float, float, float],
-               clients: int, large_share: float, seed: int) -> dict:
+def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed: int) -> dict:
     import httpx
     from ray import serve
 
@@ -93,19 +146,10 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, ramp: tuple
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    up, hold, down, tail = ramp
     start = time.perf_counter()
-    load_end = up + hold + down
+    load_end = plan.load_end
     results, timeline, lock = [], [], threading.Lock()
-
-    def active_clients(t: float) -> int:
-        if t < up:
-            return max(1, round(clients * t / up))
-        if t < up + hold:
-            return clients
-        if t < load_end:
-            return round(clients * (load_end - t) / down)
-        return 0
+    active_clients = plan.active
 
     def client(index: int):
         rng = random.Random(seed * 100 + index)
@@ -114,7 +158,7 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, ramp: tuple
                 if index >= active_clients(t):
                     time.sleep(0.2)
                     continue
-                kind = LARGE if rng.random() < large_share else SMALL
+                kind = plan.kind(t, rng)
                 sent = time.perf_counter()
                 response = http.post(url, json={"prompt": "portrait of a person", "seed": rng.randrange(1000), **kind})
                 with lock:
@@ -124,7 +168,7 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, ramp: tuple
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
-    while (t := time.perf_counter() - start) < load_end + tail:
+    while (t := time.perf_counter() - start) < load_end + plan.tail:
         timeline.append({"t": round(t, 2), "replicas": running_denoisers(app), "clients": active_clients(t)})
         time.sleep(0.5)
     for thread in threads:
@@ -140,6 +184,7 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, ramp: tuple
     latencies = [r["ms"] for r in results if r["status"] == 200]
     return {
         "policy": name,
+        "phases": [phase_summary(phase, timeline, results) for phase in plan.phases],
         "peak_replicas": max(p["replicas"] for p in timeline),
         "time_to_scale_up_s": None if scaled_up is None else round(scaled_up, 1),
         "time_to_scale_down_s": back_down,
@@ -151,7 +196,23 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, ramp: tuple
     }
 
 
-def run(ramp, clients: int, large_share: float, target_ms: float) -> dict:
+def phase_summary(phase, timeline: list[dict], results: list[dict]) -> dict:
+    """One phase of a PhasesPlan: how the replica count answered it (the phase's own window,
+    plus the seconds after it until the next phase, so a late scale-up still counts)."""
+    name, begin, end = phase[:3]
+    window = [p for p in timeline if begin <= p["t"] < end]
+    at_start = window[0]["replicas"] if window else 1
+    first_up = next((p["t"] - begin for p in window if p["replicas"] > at_start), None)
+    ok = [r["ms"] for r in results if begin <= r["t"] < end and r["status"] == 200]
+    return {"phase": name, "seconds": end - begin, "replicas_at_start": at_start,
+            "peak_replicas": max((p["replicas"] for p in window), default=0),
+            "time_to_scale_up_s": None if first_up is None else round(first_up, 1),
+            "replica_seconds": round(sum(p["replicas"] for p in window) * 0.5, 1),
+            "requests": len(ok), "p50_ms": round(statistics.median(ok), 1) if ok else None,
+            "p95_ms": round(statistics.quantiles(ok, n=20)[-1], 1) if len(ok) >= 2 else None}
+
+
+def run(plan, target_work: int, target_ms: float) -> dict:
     import ray
     from ray import serve
 
@@ -164,18 +225,20 @@ def run(ramp, clients: int, large_share: float, target_ms: float) -> dict:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT}, proxy_location="HeadOnly")
         rows = []
-        for index, (name, autoscaling) in enumerate(POLICIES.items()):
+        for name, autoscaling in policies(target_work).items():
             print(f"policy {name} ...", file=sys.stderr, flush=True)
-            row = run_policy(name, autoscaling, settings, base_options, ramp, clients, large_share, seed=7)
+            row = run_policy(name, autoscaling, settings, base_options, plan, seed=7)
             ok = [r["ms"] for r in row["latencies"] if r["status"] == 200]
             row["slo_attainment"] = round(sum(ms <= target_ms for ms in ok) / max(1, len(row["latencies"])), 4)
             rows.append(row)
     finally:
         ray.shutdown()
-    up, hold, down, tail = ramp
+    shape = ({"phases": [{"phase": n, "start_s": b, "end_s": e, "clients": c, "request": k}
+                         for n, b, e, c, k in plan.phases], "tail_s": plan.tail} if plan.phases else
+             {"ramp_s": {"up": plan.up, "hold": plan.hold, "down": plan.down, "tail": plan.tail},
+              "large_share": plan.large_share})
     return {
-        "config": {"ramp_s": {"up": up, "hold": hold, "down": down, "tail": tail}, "clients": clients,
-                   "large_share": large_share, "target_ms": target_ms, "target_work_per_replica": TARGET_WORK,
+        "config": {**shape, "clients": plan.clients, "target_ms": target_ms, "target_work_per_replica": target_work,
                    "autoscaling": COMMON, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "command": "python benchmarks/autoscaling.py " + " ".join(sys.argv[1:])},
@@ -212,6 +275,29 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def phases_markdown(results: dict) -> str:
+    lines = ["| phase | policy | replicas at start | first scale-up (s after phase start) | peak replicas "
+             "| replica-seconds | requests done | p50 ms | p95 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    names = [phase["phase"] for phase in results["policies"][0]["phases"]]
+    for name in names:
+        for row in results["policies"]:
+            phase = next(p for p in row["phases"] if p["phase"] == name)
+            show = lambda value, fmt="{:.1f}": "-" if value is None else fmt.format(value)  # noqa: E731
+            lines.append(f"| {name} | {row['policy']} | {phase['replicas_at_start']} "
+                         f"| {show(phase['time_to_scale_up_s'])} | {phase['peak_replicas']} "
+                         f"| {phase['replica_seconds']:.0f} | {phase['requests']} | {show(phase['p50_ms'], '{:,.0f}')} "
+                         f"| {show(phase['p95_ms'], '{:,.0f}')} |")
+    c = results["config"]
+    described = "; ".join(f"{p['phase']} {p['end_s'] - p['start_s']:g} s: {p['clients']} clients sending only "
+                          f"{p['request']['size']} x {p['request']['num_inference_steps']} steps"
+                          for p in c["phases"])
+    lines += ["", f"Tiny model served on localhost; {described}; idle between the phases and {c['tail_s']:g} s "
+              f"after; queued-work target {c['target_work_per_replica']} (half a large job); upscale delay "
+              f"{c['autoscaling']['upscale_delay_s']} s, downscale delay {c['autoscaling']['downscale_delay_s']} s; "
+              f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     lines = ["| policy | peak replicas | first scale-up (s) | back to 1 after load (s) | replica-seconds | requests "
              "| p95 ms | within target |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -237,17 +323,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--large-share", type=float, default=0.2)
     parser.add_argument("--target-ms", type=float, default=10_000)
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
-    parser.add_argument("--plot", default=str(DEFAULT_PLOT))
+    parser.add_argument("--workload", choices=["ramp", "phases"], default="ramp",
+                        help="ramp: mixed requests up/hold/down; phases: heavy then light (default: %(default)s)")
+    parser.add_argument("--target-work", type=int, help="the queued-work policy's target per replica (default: "
+                        f"{TARGET_WORK} for ramp, {PHASES_TARGET_WORK} for phases)")
+    parser.add_argument("--json", help="results file (default: benchmarks/results/<section>.json)")
+    parser.add_argument("--plot", help="timeline PNG (default: benchmarks/results/<section>.png)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
-    ramp = (10.0, 20.0, 10.0, 30.0) if options.quick else (15.0, 45.0, 15.0, 40.0)
-    results = run(ramp, options.clients, options.large_share, options.target_ms)
-    plot(results, Path(options.plot))
+    if options.workload == "phases":
+        plan = PhasesPlan(*((30.0, 15.0, 20.0, 20.0) if options.quick else (45.0, 20.0, 30.0, 25.0)))
+        section, target_work, render = f"{SECTION}_phases", options.target_work or PHASES_TARGET_WORK, phases_markdown
+    else:
+        plan = RampPlan((10.0, 20.0, 10.0, 30.0) if options.quick else (15.0, 45.0, 15.0, 40.0), options.clients,
+                        options.large_share)
+        section, target_work, render = SECTION, options.target_work or TARGET_WORK, markdown
+    results = run(plan, target_work, options.target_ms)
+    plot_path = Path(options.plot or RESULTS / f"{section}.png")
+    plot(results, plot_path)
     for row in results["policies"]:
         row.pop("latencies")
-    publish(results, options.json, markdown(results), options.update_readme, SECTION)
-    print(f"plot: {options.plot}")
+    publish(results, options.json or RESULTS / f"{section}.json", render(results), options.update_readme, section)
+    print(f"plot: {plot_path}")
     return 0
 
 

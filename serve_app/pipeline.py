@@ -242,7 +242,8 @@ class ImagePipeline:
                            stage_ms: dict[str, float], detail: float | None = None) -> StepDecision:
         controller, guard = self.step_controller, self.quality_guard
         if guard.tripped and guard.settings.baseline_steps and request.num_inference_steps is None:
-            return StepDecision(guard.settings.baseline_steps, "quality-guard", "fixed")
+            return StepDecision(controller.at_least_one_step(guard.settings.baseline_steps, request), "quality-guard",
+                                "fixed")
         load = None
         if controller.needs_load(request):  # the live cost per step and the queue ahead
             with _timed(stage_ms, "steps"):  # the step controller asks the denoiser its load

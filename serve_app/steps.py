@@ -205,6 +205,8 @@ class StepController:
 
     def at_least_one_step(self, num_inference_steps: int, request: ImageRequest) -> int:
         """A schedule long enough that an edit at its strength runs at least one step."""
+        if request.is_edit and not 0.0 < request.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {request.strength}")
         while self.steps_run(num_inference_steps, request) < 1:
             num_inference_steps += 1
         return num_inference_steps
