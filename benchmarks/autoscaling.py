@@ -165,7 +165,7 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed:
                     results.append({"t": sent - start, "ms": (time.perf_counter() - sent) * 1000.0,
                                     "status": response.status_code, "large": kind is LARGE})
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(plan.clients)]
     for thread in threads:
         thread.start()
     while (t := time.perf_counter() - start) < load_end + plan.tail:
