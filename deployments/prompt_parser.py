@@ -89,7 +89,11 @@ def _set(parsed: ParsedInstruction, key: str, value: str) -> None:
 def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     match = work.take(lexicon.zh_age)
     if match:
-        parsed.attributes["age"] = f"age:{int(match.group(1) or match.group(2))}"
+        number = zh_number(match.group(1) or match.group(3))
+        if match.group(2) or match.group(4):  # 四十多岁: in the forties -> the middle of them
+            number += 5 if number % 10 == 0 and number >= 10 else 0
+        if 0 < number < 130:
+            parsed.attributes["age"] = f"age:{number}"
     for key, values in lexicon.zh_attributes.items():
         for value, pattern in values.items():
             if work.take_all(pattern):
@@ -112,6 +116,26 @@ def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> 
     if unknown:
         parsed.warnings.append(f"untranslated Chinese text left out of the prompt: {unknown}")
     work.text = CJK.sub(" ", work.text)
+
+
+ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+ZH_UNITS = {"十": 10, "百": 100}
+
+
+def zh_number(text: str) -> int:
+    """Digits or Chinese numerals up to the hundreds: 35, 三十五, 十八, 一百零五."""
+    if text.isdigit():
+        return int(text)
+    total = current = 0
+    for char in text:
+        if char in ZH_UNITS:
+            total += (current or 1) * ZH_UNITS[char]
+            current = 0
+        elif char in ZH_DIGITS:
+            current = ZH_DIGITS[char]
+        elif char.isdigit():
+            current = current * 10 + int(char)
+    return total + current
 
 
 def _merge_zh_hair(current: str, new: str) -> str:

@@ -96,6 +96,15 @@ def test_chinese_maps_to_the_same_structure(engine):
     assert result.warnings == ()
 
 
+@pytest.mark.parametrize("text,age", [("一个三十五岁的亚洲男人", "age:35"), ("十八岁的女孩", "age:18"),
+                                      ("年龄二十，女性", "age:20"), ("四十多岁的男人", "age:45"),
+                                      ("一百零二岁的老人", "age:102"), ("年龄：28，男", "age:28")])
+def test_chinese_numeral_ages(engine, text, age):
+    result = engine.optimize(text)
+    assert result.attributes["age"] == age
+    assert not any("岁" in warning or "年龄" in warning for warning in result.warnings)
+
+
 def test_unknown_chinese_is_a_warning_not_dropped_silently(engine):
     result = engine.optimize("一位微笑的女士，穿着红色毛衣")
     assert result.attributes["identity"] == "woman"
