@@ -92,11 +92,11 @@ def drive(engine, jobs, concurrency: int) -> dict:
             "p50_ms": round(statistics.median(latencies), 1), "p95_ms": round(percentile(latencies, 0.95), 1)}
 
 
-def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, threads: int) -> dict:
+def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, threads: int, model: str = "tiny") -> dict:
     from deployments import models
     from deployments.denoiser import DenoiserEngine
 
-    model_path = models.resolve_model("tiny")
+    model_path = models.resolve_model(model)
     runs = []
     for size in sizes:
         engines = {mode: DenoiserEngine(model_path, threads, settings) for mode, settings in MODES.items()}
@@ -106,14 +106,21 @@ def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, thread
         for concurrency in levels:
             jobs = make_jobs(max(per_level, rounds * concurrency), size, hidden, seed=concurrency)
             for mode, engine in engines.items():
-                row = {"model": "tiny", "size": size, "mode": mode, "concurrency": concurrency,
+                row = {"model": model, "size": size, "mode": mode, "concurrency": concurrency,
                        **drive(engine, jobs, concurrency)}
                 print(json.dumps(row), flush=True)
                 runs.append(row)
     return {"runs": runs, "config": {
         "command": "benchmarks/denoiser_batching.py " + " ".join(sys.argv[1:]), "threads": threads,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "steps": "15-30, guidance 7.5"}}
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "steps": "15-30, guidance 7.5",
+        "model": model, "unet_parameters": unet_parameters(model_path)}}
+
+
+def unet_parameters(model_path) -> int:
+    from deployments import models
+
+    return sum(p.numel() for p in models.load_unet(model_path).parameters())
 
 
 def markdown(results: dict) -> str:
@@ -125,7 +132,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['size']}x{r['size']} | {r['concurrency']} | {r['mode']} | {r['requests']} | {r['rps']:.3f} "
                      f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {ratio:.2f}x |")
     c = results["config"]
-    lines += ["", f"tiny model, {c['steps']}, {c['threads']} torch threads, {c['machine']}; {c['date'][:10]}; "
+    lines += ["", f"{c.get('model', 'tiny')} model ({c.get('unet_parameters', 0) / 1e6:.1f}M UNet parameters), "
+              f"{c['steps']}, {c['threads']} torch threads, {c['machine']}; {c['date'][:10]}; "
               f"`{c['command'].strip()}`."]
     return "\n".join(lines)
 
@@ -138,16 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-level", type=int, default=6, help="at least this many requests per level")
     parser.add_argument("--rounds", type=int, default=2, help="at least this many requests per client")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument("--model", default="tiny", help="preset or model folder (default: %(default)s; the "
+                        "mid-size preset is `small`, 24M UNet parameters)")
+    parser.add_argument("--json", help="results file (default: benchmarks/results/<section>.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
+    # one README table per model: denoiser_batching (tiny), denoiser_batching_<preset> otherwise
+    section = SECTION if options.model == "tiny" else f"{SECTION}_{Path(options.model).name}"
     sizes = [int(s) for s in options.sizes.split(",")]
     levels = [int(c) for c in options.concurrency.split(",")]
     per_level, rounds = options.requests_per_level, options.rounds
     if options.quick:
         sizes, levels, per_level, rounds = [256], [1, 8], 3, 1
-    results = run(sizes, levels, per_level, rounds, options.threads)
-    publish(results, options.json, markdown(results), options.update_readme, SECTION)
+    results = run(sizes, levels, per_level, rounds, options.threads, options.model)
+    json_path = options.json or DEFAULT_JSON.with_name(f"{section}.json")
+    publish(results, json_path, markdown(results), options.update_readme, section)
     return 0
 
 
