@@ -28,7 +28,7 @@ test: model
 test-fast: model
 	$(PY) -m pytest -m "not slow"
 
-# Every benchmark, each rewriting its README table (~20 min on 2 cores); each script has
+# Every benchmark, each rewriting its README table (~45 min on 2 cores); each script has
 # --quick for a short check.
 bench: model
 	$(PY) benchmarks/prompt_compression.py --update-readme README.md
@@ -39,10 +39,12 @@ bench: model
 	$(PY) benchmarks/text_encoder_cache.py --update-readme README.md
 	$(PY) benchmarks/encoder_routing.py --update-readme README.md
 	$(PY) benchmarks/denoiser_batching.py --update-readme README.md
+	$(PY) benchmarks/denoiser_batching.py --model small --sizes 256,64 --concurrency 1,8 --update-readme README.md
 	$(PY) benchmarks/unet_variants.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --early-stop --update-readme README.md
 	$(PY) benchmarks/autoscaling.py --update-readme README.md
+	$(PY) benchmarks/autoscaling.py --workload phases --update-readme README.md
 	$(PY) benchmarks/edits.py --update-readme README.md
 
 clean:
