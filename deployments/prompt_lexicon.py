@@ -38,6 +38,8 @@ class Lexicon:
     hair_nouns: dict[str, re.Pattern]
     hair_colors: dict[str, re.Pattern]
     hair_styles: dict[str, re.Pattern]
+    hair_shades: re.Pattern
+    accessories: dict[str, re.Pattern]  # group 1: the colour/material before the accessory, if any
     styles: dict[str, re.Pattern]
     quality: dict[str, re.Pattern]
     filler: re.Pattern
@@ -79,6 +81,14 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     return patterns
 
 
+def _accessories(group: dict[str, list[str]], modifiers: list[str]) -> dict[str, re.Pattern]:
+    """Accessory patterns with an optional colour/material first (captured): 'gold (hoop) earrings'."""
+    lead = "|".join(re.escape(m) for m in modifiers)
+    return {value: re.compile(rf"(?<![\w-])(?:({lead})\s+(?:[a-z]+\s+)?)?(?:{re.escape(value)}|{'|'.join(patterns)})"
+                              rf"(?![\w-])", re.IGNORECASE)
+            for value, patterns in group.items()}
+
+
 @functools.lru_cache(maxsize=4)
 def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -97,6 +107,8 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         hair_nouns=_compile_group(data["hair_nouns"], _english),
         hair_colors=_compile_group(data["hair_colors"], _english),
         hair_styles=_compile_group(data["hair_styles"], _english),
+        hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),
+        accessories=_accessories(data["attributes"]["accessories"], data["accessory_modifiers"]),
         styles=_compile_group(data["styles"], _english, canonical=True),
         quality=_compile_group(data["quality"], _english, canonical=True),
         filler=_english([re.escape(str(word)) for word in data["filler"]]),

@@ -172,6 +172,9 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
     for key, values in lexicon.attributes.items():
         if key == "hair":
             _parse_hair(work, lexicon, parsed)
+        if key == "accessories":
+            _parse_accessories(work, lexicon, parsed)
+            continue
         for value, pattern in values.items():
             if work.take_all(pattern):
                 if key == "expression" and value == "neutral":
@@ -180,7 +183,15 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
                     _set(parsed, key, value)
 
 
-HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,3})hair(?:\s*styles?|cut)?(?!\w)", re.IGNORECASE)
+def _parse_accessories(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    for value, pattern in lexicon.accessories.items():
+        while match := work.take(pattern):
+            modifier = (match.group(1) or "").lower()
+            _set(parsed, "accessories", f"{modifier} {value}" if modifier else value)
+
+
+WORD = re.compile(r"[a-z][\w-]*", re.IGNORECASE)
+HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})hair(?:\s*styles?|cut)?(?!\w)", re.IGNORECASE)
 
 
 def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -191,20 +202,55 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             parsed.attributes["hair"] = value
             return
     for match in HAIR.finditer(work.text):
-        # Only the words of the same phrase describe the hair: "Black woman, gray hair" is gray.
-        head, _, phrase = match.group(1).rstrip(" ").rpartition(",")
-        words = [w for w in phrase.split() if w]
-        if not words:
-            continue
+        # The hair's own words: the run of style, colour and shade words (with "and" between
+        # them) right before "hair", within its phrase: "Black woman, gray hair" is gray, and
+        # "a five o'clock shadow and short black hair" is short black.
+        phrase_start = match.group(1).rfind(",") + 1  # a comma ends the phrase before it
+        spans = [m for m in WORD.finditer(match.group(1)) if m.start() >= phrase_start]
+        own = 0
+        for word in reversed([m.group(0) for m in spans]):
+            if _describes_hair(word, lexicon) or (own and word.lower() in ("and", "&")):
+                own += 1
+            else:
+                break
+        spans = spans[len(spans) - own:]
+        while spans and spans[0].group(0).lower() in ("and", "&"):
+            spans = spans[1:]
+        words = [m.group(0) for m in spans]
         styles = [s for s, p in lexicon.hair_styles.items() if any(p.fullmatch(w) for w in words)]
-        color = next((c for c, p in lexicon.hair_colors.items() if any(p.fullmatch(w) for w in words)), None)
-        if styles or color:
-            parsed.attributes["hair"] = " ".join(styles + ([color] if color else []) + ["hair"])
-            # consume only the words that described the hair, then "hair"
-            kept = [w for w in words if not any(p.fullmatch(w) for p in
-                                                (*lexicon.hair_styles.values(), *lexicon.hair_colors.values()))]
-            work.replace(match, f"{head}{',' if head else ''} {' '.join(kept)}{CONSUMED}")
+        colors = _hair_colors(words, lexicon)
+        if styles or colors:
+            parsed.attributes["hair"] = " ".join(styles + ([" and ".join(colors)] if colors else []) + ["hair"])
+            start = match.start(1) + spans[0].start()
+            work.text = work.text[:start] + CONSUMED + work.text[match.end():]
             return
+
+
+def _describes_hair(word: str, lexicon: Lexicon) -> bool:
+    return any(p.fullmatch(word) for p in (*lexicon.hair_styles.values(), *lexicon.hair_colors.values(),
+                                           lexicon.hair_shades))
+
+
+def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
+    """The colours among a hair phrase's words, in their order ("blonde and brown"); a shade
+    right before a colour qualifies it ("dark brown", not black and brown)."""
+    def color_of(word: str) -> str | None:
+        return next((c for c, p in lexicon.hair_colors.items() if p.fullmatch(word)), None)
+
+    colors: list[str] = []
+    for index, word in enumerate(words):
+        following = color_of(words[index + 1]) if index + 1 < len(words) else None
+        if lexicon.hair_shades.fullmatch(word) and following:
+            continue  # named with the colour it qualifies
+        color = color_of(word)
+        if color is None:
+            continue
+        previous = words[index - 1] if index else ""
+        if previous and lexicon.hair_shades.fullmatch(previous):
+            color = f"{previous.lower()} {color}"
+        if color not in colors:
+            colors.append(color)
+    return colors
 
 
 def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:

@@ -105,6 +105,24 @@ def test_chinese_numeral_ages(engine, text, age):
     assert not any("岁" in warning or "年龄" in warning for warning in result.warnings)
 
 
+@pytest.mark.parametrize("text,hair", [
+    ("a woman with long blonde and brown hair", "long blonde and brown hair"),
+    ("a man with dark brown hair", "dark brown hair"),
+    ("a man with dark hair", "black hair"),
+    ("a woman with platinum blonde hair", "platinum blonde hair"),
+    ("a man with a five o'clock shadow and short black hair", "short black hair"),
+    ("Black woman, gray hair", "gray hair"),
+])
+def test_hair_colours(engine, text, hair):
+    assert engine.optimize(text).attributes["hair"] == hair
+
+
+def test_accessories_keep_their_colour_or_material(engine):
+    result = engine.optimize("a woman with little gold hoop earrings, a red hat and a pearl necklace")
+    assert result.attributes["accessories"] == ["gold earrings", "pearl necklace", "red hat"]
+    assert "gold" not in result.prompt.replace("gold earrings", "")  # consumed with the earrings, not left over
+
+
 def test_unknown_chinese_is_a_warning_not_dropped_silently(engine):
     result = engine.optimize("一位微笑的女士，穿着红色毛衣")
     assert result.attributes["identity"] == "woman"
