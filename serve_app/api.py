@@ -307,7 +307,7 @@ async def images_response(image_request: ImageRequest, response: Response) -> di
 async def edit_image(request: Request, response: Response) -> dict:
     """OpenAI `images.edit`: multipart with `image` (the target), optional `mask` and
     `reference_image` (the source face), and the generation fields."""
-    pipeline = ready_pipeline()
+    ready_pipeline()
     settings = _serving.settings
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError("send the edit as multipart/form-data (fields image, prompt, optional mask, ...)",
@@ -370,7 +370,10 @@ def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: 
     from serve_app import uploads
 
     limits = settings.limits
-    decode = lambda data, param: uploads.decode_image(data, param, limits.max_upload_bytes, limits.max_image_pixels)
+
+    def decode(data: bytes, param: str):
+        return uploads.decode_image(data, param, limits.max_upload_bytes, limits.max_image_pixels)
+
     try:
         target = decode(files["image"], "image")
         mask = uploads.as_mask(decode(files["mask"], "mask"), target.size) if "mask" in files else None
