@@ -376,7 +376,10 @@ def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: 
 
     try:
         target = decode(files["image"], "image")
-        mask = uploads.as_mask(decode(files["mask"], "mask"), target.size) if "mask" in files else None
+        if "mask" in files:
+            mask = uploads.as_mask(decode(files["mask"], "mask"), target.size)
+        else:  # OpenAI: without a mask, the target's transparent pixels are the ones to edit
+            mask = uploads.transparency_mask(target)
         reference = files.get("reference_image")
         if reference is None and form.reference_image is not None:
             reference = _base64_image(form.reference_image)

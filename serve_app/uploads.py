@@ -73,6 +73,17 @@ def as_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
                       f"(transparent = repaint); got mode {mask.mode}", "mask", "invalid_mask")
 
 
+def transparency_mask(image: Image.Image) -> Image.Image | None:
+    """The mask an image with (some) transparent pixels carries (OpenAI's convention when no
+    mask is sent); None when it is fully opaque or has no alpha channel."""
+    if image.mode not in ALPHA_MODES and not (image.mode == "P" and "transparency" in image.info):
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        return None
+    return ImageOps.invert(alpha)
+
+
 def default_edit_size(width: int, height: int, min_side: int, max_side: int) -> tuple[int, int]:
     """The target's size, scaled down to fit `max_side` if needed, sides rounded down to multiples of 8."""
     scale = min(1.0, max_side / max(width, height))

@@ -69,6 +69,12 @@ def test_mask_keeps_the_target_outside_and_alpha_masks_follow_openai(client, htt
     response = client.images.edit(image=("t.png", TARGET, "image/png"), mask=("m.png", png_bytes(alpha), "image/png"),
                                   prompt="portrait", extra_body={"seed": 2, "num_inference_steps": 8})
     assert base64.b64decode(response.data[0].b64_json) == base64.b64decode(white.json()["data"][0]["b64_json"])
+    # ... and, with no mask at all, the target's own transparent pixels
+    target_rgba = Image.open(io.BytesIO(TARGET)).convert("RGBA")
+    target_rgba.putalpha(Image.fromarray(np.where(keep, 255, 0).astype(np.uint8)))
+    response = client.images.edit(image=("t.png", png_bytes(target_rgba), "image/png"), prompt="portrait",
+                                  extra_body={"seed": 2, "num_inference_steps": 8})
+    assert base64.b64decode(response.data[0].b64_json) == base64.b64decode(white.json()["data"][0]["b64_json"])
 
 
 def test_reference_image_as_file_or_base64_and_cached(http, client, local_pipe):

@@ -72,3 +72,15 @@ def test_an_inpainting_model_needs_a_mask_and_serves_no_generations():
     with pytest.raises(ApiError, match="not generations"):
         check_generation_supported({"inpainting_unet": True})
     check_generation_supported({"image_prompt_adapter": True})  # a text-to-image model: no error
+
+
+def test_transparent_pixels_of_the_target_are_the_mask_without_one():
+    opaque = Image.new("RGBA", (8, 8), (10, 20, 30, 255))
+    assert uploads.transparency_mask(opaque) is None and uploads.transparency_mask(Image.new("RGB", (8, 8))) is None
+    holed = opaque.copy()
+    holed.putpixel((2, 3), (10, 20, 30, 0))
+    mask = np.asarray(uploads.transparency_mask(holed))
+    assert mask[3, 2] == 255 and mask.sum() == 255  # that pixel only, white = repaint
+    edit = decoded_edit_inputs({"image": png(holed)}, ImageEditForm(prompt="p", size="64x64"), AppSettings(),
+                               features={})
+    assert edit["mask"] is not None and edit["strength"] == 1.0 and edit["image"].mode == "RGB"
