@@ -42,6 +42,9 @@ class DenoiserSettings(BaseModel):
     baseline_backends: list[BackendSpec] = Field(
         default_factory=lambda: [BackendSpec()],
         description="the quality guard's full-precision baseline (shadow renders, switch-back); loaded on first use")
+    preload_ip_adapter: bool = Field(
+        True, description="when the model has an image-prompt adapter, load its UNet at start in the background; "
+        "false: at the first reference edit, on the step loop (every batch waits for the load)")
 
 
 @dataclass
@@ -96,22 +99,35 @@ class DenoiserEngine:
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
         self._baseline_unet: FallbackUNet | None = None
         self._ip_adapter_unet = None
+        self._ip_adapter_lock = threading.Lock()
         self._unet_args = (model_path, num_threads, unet_loaders)
+        if self.settings.preload_ip_adapter and models.has_image_prompt_adapter(model_path):
+            threading.Thread(target=self._load_ip_adapter, name="ip-adapter-preload", daemon=True).start()
         self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
                                    self.settings.max_batch_size, self.settings.admit_between_steps,
                                    self.unet_for_variant)
 
     def unet_for_variant(self, variant: str) -> Callable:
-        if variant == "ip_adapter":  # on the step loop's thread, when the first reference-image job runs
-            if self._ip_adapter_unet is None:
-                self._ip_adapter_unet = ip_adapter_runner(self._unet_args[0])
-            return self._ip_adapter_unet
+        if variant == "ip_adapter":
+            return self._load_ip_adapter()
         if variant != "baseline":
             raise ValueError(f"unknown UNet variant {variant!r}; known: {', '.join(VARIANTS)}")
         if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
             model_path, num_threads, loaders = self._unet_args
             self._baseline_unet = FallbackUNet(model_path, self.settings.baseline_backends, num_threads, loaders)
         return self._baseline_unet
+
+    @property
+    def ip_adapter_loaded(self) -> bool:
+        return self._ip_adapter_unet is not None
+
+    def _load_ip_adapter(self):
+        """The adapter UNet, loaded once: by the preload thread, or by the step loop at the
+        first reference job (which then waits for a preload in progress instead of loading twice)."""
+        with self._ip_adapter_lock:
+            if self._ip_adapter_unet is None:
+                self._ip_adapter_unet = ip_adapter_runner(self._unet_args[0])
+            return self._ip_adapter_unet
 
     def new_scheduler(self, num_inference_steps: int, name: str | None = None):
         scheduler_cls = self.scheduler_cls

@@ -116,6 +116,19 @@ def test_reference_image_matches_diffusers_ip_adapter(local_pipe, tiny_model_pat
         pipe.unload_ip_adapter()
 
 
+def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path):
+    import time
+
+    from deployments.denoiser import DenoiserEngine
+
+    preloading = DenoiserEngine(tiny_model_path, 1)
+    lazy = DenoiserEngine(tiny_model_path, 1, {"preload_ip_adapter": False})
+    deadline = time.time() + 60
+    while not preloading.ip_adapter_loaded and time.time() < deadline:
+        time.sleep(0.2)
+    assert preloading.ip_adapter_loaded and not lazy.ip_adapter_loaded
+
+
 def test_inpaint_keeps_the_unmasked_region(local_pipe):
     """Outside the mask the target's pixels are kept exactly (tolerance 0: pasted back after
     decoding); inside, the image is repainted. Latent blending alone (keep_unmasked=False, what
