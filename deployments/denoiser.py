@@ -43,8 +43,8 @@ class DenoiserSettings(BaseModel):
         default_factory=lambda: [BackendSpec()],
         description="the quality guard's full-precision baseline (shadow renders, switch-back); loaded on first use")
     preload_ip_adapter: bool = Field(
-        True, description="when the model has an image-prompt adapter, load its UNet at start in the background; "
-        "false: at the first reference edit, on the step loop (every batch waits for the load)")
+        True, description="when the model has an image-prompt adapter, load its UNet at start; false: at the "
+        "first reference edit, on the step loop (every batch waits for the load)")
 
 
 @dataclass
@@ -102,7 +102,10 @@ class DenoiserEngine:
         self._ip_adapter_lock = threading.Lock()
         self._unet_args = (model_path, num_threads, unet_loaders)
         if self.settings.preload_ip_adapter and models.has_image_prompt_adapter(model_path):
-            threading.Thread(target=self._load_ip_adapter, name="ip-adapter-preload", daemon=True).start()
+            # here, not on a background thread: from_pretrained patches torch.nn.Module globally
+            # while it loads (accelerate's init_empty_weights), so a concurrent load elsewhere
+            # in the process would get meta tensors
+            self._load_ip_adapter()
         self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
                                    self.settings.max_batch_size, self.settings.admit_between_steps,
                                    self.unet_for_variant)
@@ -122,8 +125,7 @@ class DenoiserEngine:
         return self._ip_adapter_unet is not None
 
     def _load_ip_adapter(self):
-        """The adapter UNet, loaded once: by the preload thread, or by the step loop at the
-        first reference job (which then waits for a preload in progress instead of loading twice)."""
+        """The adapter UNet, loaded once: at start (preload) or by the step loop at the first reference job."""
         with self._ip_adapter_lock:
             if self._ip_adapter_unet is None:
                 self._ip_adapter_unet = ip_adapter_runner(self._unet_args[0])

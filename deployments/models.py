@@ -9,8 +9,10 @@ exactly the same code as a real checkpoint.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 from deployments import model_builder
@@ -86,12 +88,27 @@ def set_torch_threads(num_threads: int | None) -> None:
     torch.set_num_threads(int(num_threads or os.cpu_count() or 1))
 
 
+# from_pretrained builds modules under accelerate's init_empty_weights, which patches
+# torch.nn.Module for the whole process while it runs: two threads loading at once can hand
+# each other meta tensors ("Cannot copy out of meta tensor"). Our loaders take turns.
+_LOADING = threading.RLock()
+
+
+def _one_load_at_a_time(load):
+    @functools.wraps(load)
+    def locked(*args, **kwargs):
+        with _LOADING:
+            return load(*args, **kwargs)
+    return locked
+
+
 def load_tokenizer(path: Path):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer")
 
 
+@_one_load_at_a_time
 def load_text_encoder(path: Path, dtype=None):
     import torch
     from transformers import CLIPTextModel
@@ -99,6 +116,7 @@ def load_text_encoder(path: Path, dtype=None):
     return CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype or torch.float32).eval()
 
 
+@_one_load_at_a_time
 def load_unet(path: Path, dtype=None):
     import torch
     from diffusers import UNet2DConditionModel
@@ -115,6 +133,7 @@ def load_unet_config(path: Path) -> dict:
     return json.loads((Path(path) / "unet" / "config.json").read_text())
 
 
+@_one_load_at_a_time
 def load_vae(path: Path, dtype=None):
     import torch
     from diffusers import AutoencoderKL
@@ -162,6 +181,7 @@ def load_ip_adapter_state_dict(path: Path) -> dict[str, dict]:
     return state
 
 
+@_one_load_at_a_time
 def load_ip_adapter_unet(path: Path):
     """The UNet with the adapter's projection and cross-attention processors, fp32.
 
@@ -172,6 +192,7 @@ def load_ip_adapter_unet(path: Path):
     return unet.eval()
 
 
+@_one_load_at_a_time
 def load_image_encoder(path: Path):
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
