@@ -69,6 +69,7 @@ class DenoiseJob:
     mask: torch.Tensor | None = None
     masked_image: ImageLatentDistribution | None = None  # 9-channel inpainting UNets
     image_embeds: torch.Tensor | None = None
+    image_prompt_scale: float = 1.0  # the adapter's weight (IP-Adapter scale)
 
     @property
     def steps_to_run(self) -> int:
@@ -111,8 +112,11 @@ class DenoiserEngine:
                                    self.unet_for_variant)
 
     def unet_for_variant(self, variant: str) -> Callable:
-        if variant == "ip_adapter":
-            return self._load_ip_adapter()
+        if variant == "ip_adapter" or variant.startswith("ip_adapter@"):  # "ip_adapter@0.6": at scale 0.6
+            scale = float(variant.partition("@")[2] or 1.0)
+            runner = self._load_ip_adapter()
+            return lambda sample, timesteps, context, image_embeds: runner(sample, timesteps, context, image_embeds,
+                                                                          scale)
         if variant != "baseline":
             raise ValueError(f"unknown UNet variant {variant!r}; known: {', '.join(VARIANTS)}")
         if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
@@ -190,8 +194,13 @@ class DenoiserEngine:
                              "with a mask")
         if (job.image_embeds is not None) != (job.variant == "ip_adapter"):
             raise ValueError("image_embeds go with the ip_adapter variant, and only with it")
+        if not 0.0 <= job.image_prompt_scale <= 2.0:
+            raise ValueError(f"image_prompt_scale must be in [0, 2], got {job.image_prompt_scale}")
+        variant = job.variant
+        if variant == "ip_adapter" and job.image_prompt_scale != 1.0:  # batches hold one adapter scale
+            variant = f"ip_adapter@{job.image_prompt_scale!r}"
         return self.batcher.submit(lambda: self.prepare(job), len(job.seeds), latent_shape,
-                                   job.steps_to_run, on_step, cancelled, job.variant, job.background)
+                                   job.steps_to_run, on_step, cancelled, variant, job.background)
 
     def denoise(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                 cancelled: threading.Event | None = None) -> torch.Tensor:

@@ -267,13 +267,18 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
 
 
 def ip_adapter_runner(model_path: Path) -> Runner:
-    """The UNet with the image-prompt adapter, torch fp32: run(sample, timesteps, context, image_embeds).
+    """The UNet with the image-prompt adapter, torch fp32: run(sample, timesteps, context, image_embeds, scale).
 
     Its own module, not the production backend's: the adapter adds cross-attention to every
     image of a batch, so reference-image jobs batch only with each other (a UNet variant)."""
     unet = models.load_ip_adapter_unet(model_path)
+    processors = [p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
 
-    def run(sample, timesteps, context, image_embeds):
+    def run(sample, timesteps, context, image_embeds, scale: float = 1.0):
+        # the adapter's weight in every cross-attention (diffusers' set_ip_adapter_scale); one
+        # per batch: jobs batch together only with the same scale (their variant names it)
+        for processor in processors:
+            processor.scale = [scale] * len(processor.scale)
         return unet(sample, timesteps, encoder_hidden_states=context,
                     added_cond_kwargs={"image_embeds": [image_embeds]}, return_dict=False)[0]
 

@@ -100,6 +100,9 @@ class ImageEditForm(ImageOptions):
     keep_unmasked: bool = Field(True, description="With a mask: outside it, the output is the target's pixels.")
     reference_image: str | None = Field(None, description="The source face as base64 (or a data: URL), for "
                                         "clients that send only image and mask as files; or send it as a file.")
+    reference_scale: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=(
+        "How strongly the reference face conditions the image (the IP-Adapter scale; 0.5-0.8 keeps more of "
+        "the prompt)."))
 
 
 class PromptOptimizeBody(BaseModel):
@@ -401,7 +404,8 @@ def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: 
         raise ApiError(f"strength {strength} x num_inference_steps {form.num_inference_steps} runs no step; "
                        "raise either", "strength", code="invalid_value")
     return {"image": uploads.as_rgb(target), "mask": mask, "reference_image": reference, "strength": strength,
-            "keep_unmasked": form.keep_unmasked, "default_size": default_size}
+            "keep_unmasked": form.keep_unmasked, "reference_scale": form.reference_scale,
+            "default_size": default_size}
 
 
 def _base64_image(text: str) -> bytes:

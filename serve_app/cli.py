@@ -169,7 +169,7 @@ def cmd_edit(options: argparse.Namespace) -> int:
 
     def request():
         form = ImageEditForm(**_request_options(options), strength=options.strength,
-                             keep_unmasked=not options.blend_only)
+                             keep_unmasked=not options.blend_only, reference_scale=options.reference_scale)
         features = models.features(models.resolve_model(settings.model))
         return to_image_request(form, settings, **decoded_edit_inputs(files, form, settings, features))
 
@@ -448,6 +448,8 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--image", required=True, help="the target image B (PNG, JPEG, WebP)")
     edit.add_argument("--mask", help="where to repaint: white on black (L), or transparent pixels (RGBA)")
     edit.add_argument("--reference", help="the source face A (needs a model with an image-prompt adapter)")
+    edit.add_argument("--reference-scale", type=float, default=1.0,
+                      help="how strongly the reference face conditions the image, 0-2 (default: %(default)s)")
     edit.add_argument("--strength", type=float, help="share of the steps run, (0, 1] (default 0.8; 1.0 with --mask)")
     edit.add_argument("--blend-only", action="store_true", help="do not paste the target back outside the mask")
     _image_options(edit, default_size=None)

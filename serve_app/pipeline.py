@@ -202,7 +202,8 @@ class ImagePipeline:
             edit = {"init_image": encoded.image, "mask": encoded.mask, "masked_image": encoded.masked_image,
                     "strength": request.strength}
             if embedding is not None:
-                edit.update(image_embeds=embedding.embeds, variant="ip_adapter")
+                edit.update(image_embeds=embedding.embeds, variant="ip_adapter",
+                            image_prompt_scale=request.reference_scale)
         steps = await self.choose_steps(request, prompt, start, stage_ms, detail)
         guard = self.quality_guard
         job = DenoiseJob(

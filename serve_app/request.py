@@ -26,6 +26,7 @@ class ImageRequest:
     mask: Any = None  # PIL L, white = repaint (same size as `image`)
     reference_image: Any = None  # PIL RGB: the source face for the image-prompt adapter
     strength: float = 1.0
+    reference_scale: float = 1.0  # how strongly the reference face conditions the image (IP-Adapter scale)
     keep_unmasked: bool = True  # paste the target's pixels back outside the mask after decoding
 
     @property

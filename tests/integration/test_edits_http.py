@@ -132,6 +132,8 @@ BAD_UPLOADS = [
     ("strength zero", {"prompt": "p", "strength": "0"}, {"image": TARGET}, "strength", "greater than 0"),
     ("strength above one", {"prompt": "p", "strength": "1.5"}, {"image": TARGET}, "strength", "less than or equal"),
     ("strength text", {"prompt": "p", "strength": "lots"}, {"image": TARGET}, "strength", "number"),
+    ("reference scale", {"prompt": "p", "reference_scale": "3"}, {"image": TARGET}, "reference_scale",
+     "less than or equal to 2"),
     ("no step runs", {"prompt": "p", "strength": "0.05", "num_inference_steps": "10"}, {"image": TARGET},
      "strength", "runs no step"),
     ("unknown field", {"prompt": "p", "colour": "red"}, {"image": TARGET}, "colour", "unknown parameter"),

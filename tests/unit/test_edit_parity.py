@@ -33,10 +33,11 @@ def box_mask(width: int, height: int) -> Image.Image:
 
 
 def edit_request(image, prompt="portrait of a smiling woman", mask=None, reference=None, strength=0.6,
-                 steps=20, seed=3, guidance=7.5, n=1, keep_unmasked=True):
+                 steps=20, seed=3, guidance=7.5, n=1, keep_unmasked=True, reference_scale=1.0):
     return ImageRequest(prompt=prompt, negative_prompt="", width=image.width, height=image.height, n=n, seed=seed,
                         guidance_scale=guidance, num_inference_steps=steps, optimize_prompt=False, image=image,
-                        mask=mask, reference_image=reference, strength=strength, keep_unmasked=keep_unmasked)
+                        mask=mask, reference_image=reference, strength=strength, keep_unmasked=keep_unmasked,
+                        reference_scale=reference_scale)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,12 @@ def inpaint(tiny_model_path):
 
 
 def with_adapter(pipe, model_path):
+    if pipe.image_encoder is None:  # unload_ip_adapter() of an earlier test removed the model's own
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        pipe.register_modules(
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(str(model_path), subfolder="image_encoder"),
+            feature_extractor=CLIPImageProcessor.from_pretrained(str(model_path), subfolder="feature_extractor"))
     pipe.load_ip_adapter(str(model_path), subfolder="ip_adapter", weight_name="ip-adapter.safetensors",
                          image_encoder_folder=None)  # the model folder's own image_encoder/ is loaded already
     return pipe
@@ -112,6 +119,33 @@ def test_reference_image_matches_diffusers_ip_adapter(local_pipe, tiny_model_pat
         again = run(local_pipe.generate(request))
         assert (ours.usage["reference_image_cached"], again.usage["reference_image_cached"]) == (False, True)
         assert again.images_png[0] == ours.images_png[0]
+    finally:
+        pipe.unload_ip_adapter()
+
+
+def test_reference_scales_match_diffusers_and_do_not_mix_in_one_batch(local_pipe, tiny_model_path, img2img):
+    """Requests at different adapter scales, in flight together, each equal diffusers'
+    set_ip_adapter_scale(scale): a batch holds one scale."""
+    import asyncio
+
+    pipe = with_adapter(img2img, tiny_model_path)
+    try:
+        image, face = portrait(64, 64, seed=12), portrait(64, 64, seed=13)
+        scales = (0.5, 1.0, 0.0)
+        requests = [edit_request(image, reference=face, strength=0.8, steps=10, reference_scale=s) for s in scales]
+
+        async def together():
+            return await asyncio.gather(*(local_pipe.generate(r) for r in requests))
+
+        results = run(together())
+        for scale, result in zip(scales, results):
+            pipe.set_ip_adapter_scale(scale)
+            reference = pipe(requests[0].prompt, image=image, ip_adapter_image=face, strength=0.8,
+                             num_inference_steps=10, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+            assert max_pixel_diff(result.images_png[0], np.asarray(reference)) <= 1, scale
+        plain = run(local_pipe.generate(edit_request(image, strength=0.8, steps=10))).images_png[0]
+        assert max_pixel_diff(results[2].images_png[0], plain) <= 1  # scale 0: the adapter adds nothing
+        assert max_pixel_diff(results[0].images_png[0], results[1].images_png[0]) > 2
     finally:
         pipe.unload_ip_adapter()
 
