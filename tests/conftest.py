@@ -37,6 +37,13 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
+    """An image encoded as an upload would be (PNG unless `format` says otherwise)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
 def png_pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
 

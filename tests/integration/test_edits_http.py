@@ -15,15 +15,9 @@ import pytest
 from PIL import Image
 
 from serve_app.request import ImageRequest
-from tests.conftest import max_pixel_diff, png_pixels, run
+from tests.conftest import max_pixel_diff, png_bytes, png_pixels, run
 from tests.integration.conftest import metric_lines
 from tests.unit.test_edit_parity import box_mask, portrait
-
-
-def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
 
 
 TARGET = png_bytes(portrait(96, 64, seed=7))

@@ -12,12 +12,7 @@ from PIL import Image
 from serve_app import uploads
 from serve_app.api import ApiError, ImageEditForm, decoded_edit_inputs
 from serve_app.config import AppSettings
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.conftest import png_bytes
 
 
 def test_alpha_masks_follow_openai_and_grey_masks_diffusers():
@@ -40,7 +35,7 @@ def test_default_edit_size(size, expected):
 
 
 def test_reference_image_needs_an_adapter():
-    files = {"image": png(Image.new("RGB", (64, 64))), "reference_image": png(Image.new("RGB", (64, 64)))}
+    files = {"image": png_bytes(Image.new("RGB", (64, 64))), "reference_image": png_bytes(Image.new("RGB", (64, 64)))}
     form = ImageEditForm(prompt="p")
     with pytest.raises(ApiError) as caught:
         decoded_edit_inputs(files, form, AppSettings(), features={})
@@ -62,11 +57,11 @@ def test_exif_orientation_is_applied():
 def test_an_inpainting_model_needs_a_mask_and_serves_no_generations():
     from serve_app.api import check_generation_supported
 
-    files = {"image": png(Image.new("RGB", (64, 64)))}
+    files = {"image": png_bytes(Image.new("RGB", (64, 64)))}
     with pytest.raises(ApiError) as caught:
         decoded_edit_inputs(files, ImageEditForm(prompt="p"), AppSettings(), features={"inpainting_unet": True})
     assert caught.value.param == "mask" and "inpainting UNet" in caught.value.message
-    files["mask"] = png(Image.new("L", (64, 64), 255))
+    files["mask"] = png_bytes(Image.new("L", (64, 64), 255))
     edit = decoded_edit_inputs(files, ImageEditForm(prompt="p"), AppSettings(), features={"inpainting_unet": True})
     assert edit["strength"] == 1.0
     with pytest.raises(ApiError, match="not generations"):
@@ -81,6 +76,6 @@ def test_transparent_pixels_of_the_target_are_the_mask_without_one():
     holed.putpixel((2, 3), (10, 20, 30, 0))
     mask = np.asarray(uploads.transparency_mask(holed))
     assert mask[3, 2] == 255 and mask.sum() == 255  # that pixel only, white = repaint
-    edit = decoded_edit_inputs({"image": png(holed)}, ImageEditForm(prompt="p", size="64x64"), AppSettings(),
+    edit = decoded_edit_inputs({"image": png_bytes(holed)}, ImageEditForm(prompt="p", size="64x64"), AppSettings(),
                                features={})
     assert edit["mask"] is not None and edit["strength"] == 1.0 and edit["image"].mode == "RGB"
