@@ -275,6 +275,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def show(value, fmt: str = "{:.1f}") -> str:
+    """A table cell: '-' for a value that was never reached."""
+    return "-" if value is None else fmt.format(value)
+
+
 def phases_markdown(results: dict) -> str:
     lines = ["| phase | policy | replicas at start | first scale-up (s after phase start) | peak replicas "
              "| replica-seconds | requests done | p50 ms | p95 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -282,7 +287,6 @@ def phases_markdown(results: dict) -> str:
     for name in names:
         for row in results["policies"]:
             phase = next(p for p in row["phases"] if p["phase"] == name)
-            show = lambda value, fmt="{:.1f}": "-" if value is None else fmt.format(value)  # noqa: E731
             lines.append(f"| {name} | {row['policy']} | {phase['replicas_at_start']} "
                          f"| {show(phase['time_to_scale_up_s'])} | {phase['peak_replicas']} "
                          f"| {phase['replica_seconds']:.0f} | {phase['requests']} | {show(phase['p50_ms'], '{:,.0f}')} "
@@ -302,8 +306,6 @@ def markdown(results: dict) -> str:
     lines = ["| policy | peak replicas | first scale-up (s) | back to 1 after load (s) | replica-seconds | requests "
              "| p95 ms | within target |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["policies"]:
-        def show(value, fmt="{:.1f}"):
-            return "-" if value is None else fmt.format(value)
         lines.append(f"| {r['policy']} | {r['peak_replicas']} | {show(r['time_to_scale_up_s'])} "
                      f"| {show(r['time_to_scale_down_s'])} | {r['replica_seconds']:.0f} | {r['requests']} "
                      f"({r['errors']} errors) | {show(r['p95_ms'], '{:,.0f}')} | {r['slo_attainment']:.0%} |")

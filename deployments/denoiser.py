@@ -94,7 +94,7 @@ class DenoiserEngine:
         model_path = Path(model_path)
         self.unet_config = models.load_unet_config(model_path)
         # a 9-channel inpainting UNet takes 4 latent channels + the mask + the masked image's 4
-        self.inpainting_unet = self.unet_config["in_channels"] == 9
+        self.inpainting_unet = models.is_inpainting_unet(self.unet_config)
         self.latent_channels = 4 if self.inpainting_unet else self.unet_config["in_channels"]
         self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)

@@ -47,7 +47,6 @@ class ImagePromptEncoderEngine:
         self.cache_entries = cache_entries
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     @torch.inference_mode()
     def encode(self, image: Image.Image) -> ImagePromptEmbedding:
@@ -56,7 +55,6 @@ class ImagePromptEncoderEngine:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
-                self.hits += 1
                 return ImagePromptEmbedding(cached, True, key)
             models.set_torch_threads(self.num_threads)
             pixels = self.feature_extractor(image, return_tensors="pt").pixel_values
@@ -64,12 +62,7 @@ class ImagePromptEncoderEngine:
             self._cache[key] = embeds
             if len(self._cache) > self.cache_entries:
                 self._cache.popitem(last=False)
-            self.misses += 1
         return ImagePromptEmbedding(embeds, False, key)
-
-    def cache_info(self) -> dict:
-        with self._lock:
-            return {"entries": len(self._cache), "hits": self.hits, "misses": self.misses}
 
 
 class LazyImagePromptEncoder:

@@ -157,10 +157,15 @@ def load_scheduler_config(path: Path) -> tuple[type, dict]:
 IP_ADAPTER_FILE = Path("ip_adapter") / "ip-adapter.safetensors"
 
 
+def is_inpainting_unet(unet_config: dict) -> bool:
+    """A 9-channel UNet (sd-v1-5-inpainting and kin): latents + mask + masked-image latents in."""
+    return unet_config["in_channels"] == 9
+
+
 def features(path: Path) -> dict[str, bool]:
     """What a model folder can serve beyond text-to-image (the ingress answers 400 otherwise)."""
     return {"image_prompt_adapter": has_image_prompt_adapter(path),
-            "inpainting_unet": load_unet_config(path)["in_channels"] == 9}
+            "inpainting_unet": is_inpainting_unet(load_unet_config(path))}
 
 
 def has_image_prompt_adapter(path: Path) -> bool:

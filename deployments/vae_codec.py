@@ -43,7 +43,7 @@ class VaeCodecEngine:
                                                 do_convert_grayscale=True)
         self._lock = threading.Lock()
         # a 9-channel (inpainting) UNet also takes the masked image's latents
-        self.inpainting_unet = models.load_unet_config(Path(model_path))["in_channels"] == 9
+        self.inpainting_unet = models.is_inpainting_unet(models.load_unet_config(Path(model_path)))
 
     def _distribution(self, pixels: torch.Tensor) -> ImageLatentDistribution:
         with self._lock:

@@ -54,6 +54,15 @@ def decode_image(data: bytes, param: str, max_bytes: int, max_pixels: int) -> Im
         raise UploadError(f"{param} is truncated or corrupt ({error})", param, "invalid_image") from None
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+
+
+def _transparent_is_white(image: Image.Image) -> Image.Image:
+    """An L mask from the alpha channel: transparent (alpha 0) -> 255 = repaint."""
+    return ImageOps.invert(image.convert("RGBA").getchannel("A"))
+
+
 def as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -67,8 +76,8 @@ def as_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
                           "they must be the same size", "mask", "mask_size_mismatch")
     if mask.mode in ("L", "1"):
         return mask.convert("L")
-    if mask.mode in ALPHA_MODES or (mask.mode == "P" and "transparency" in mask.info):
-        return ImageOps.invert(mask.convert("RGBA").getchannel("A"))
+    if _has_alpha(mask):
+        return _transparent_is_white(mask)
     raise UploadError(f"mask must be a single-channel image (L: white = repaint) or have an alpha channel "
                       f"(transparent = repaint); got mode {mask.mode}", "mask", "invalid_mask")
 
@@ -76,12 +85,10 @@ def as_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
 def transparency_mask(image: Image.Image) -> Image.Image | None:
     """The mask an image with (some) transparent pixels carries (OpenAI's convention when no
     mask is sent); None when it is fully opaque or has no alpha channel."""
-    if image.mode not in ALPHA_MODES and not (image.mode == "P" and "transparency" in image.info):
+    if not _has_alpha(image):
         return None
-    alpha = image.convert("RGBA").getchannel("A")
-    if alpha.getextrema()[0] == 255:
-        return None
-    return ImageOps.invert(alpha)
+    mask = _transparent_is_white(image)
+    return mask if mask.getextrema()[1] > 0 else None  # fully opaque: nothing to edit
 
 
 def default_edit_size(width: int, height: int, min_side: int, max_side: int) -> tuple[int, int]:
