@@ -39,9 +39,11 @@ class Lexicon:
     hair_colors: dict[str, re.Pattern]
     hair_styles: dict[str, re.Pattern]
     hair_shades: re.Pattern
-    accessories: dict[str, re.Pattern]  # group 1: the colour/material before the accessory, if any
+    accessories: dict[str, re.Pattern]  # group 1: the colour/material/size words before the accessory, if any
+    facial_hair: dict[str, re.Pattern]  # group 1: the colour/grooming words before it ("trimmed gray beard")
     styles: dict[str, re.Pattern]
     quality: dict[str, re.Pattern]
+    quality_groups: tuple[tuple[str, ...], ...]  # synonyms: only the first one asked for is kept
     filler: re.Pattern
     intensifiers: re.Pattern
     negative_default: tuple[str, ...]
@@ -56,9 +58,10 @@ class Lexicon:
 
 def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: bool = False) -> dict[str, re.Pattern]:
     """value -> one pattern. With `canonical`, the value's own text matches too, so an
-    already structured prompt ("smiling expression") parses to itself."""
+    already structured prompt ("smiling expression") parses to itself. It is tried last at a
+    position, so a longer phrasing consumes all of its words ("close-up shot")."""
     return {
-        value: compile_patterns(([re.escape(value)] if canonical else []) + list(patterns))
+        value: compile_patterns(list(patterns) + ([re.escape(value)] if canonical else []))
         for value, patterns in group.items()
         if patterns or canonical
     }
@@ -81,12 +84,28 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     return patterns
 
 
-def _accessories(group: dict[str, list[str]], modifiers: list[str]) -> dict[str, re.Pattern]:
-    """Accessory patterns with an optional colour/material first (captured): 'gold (hoop) earrings'."""
+def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_word: bool) -> dict[str, re.Pattern]:
+    """Patterns with an optional run of modifier words first, captured as group 1: 'little gold
+    (hoop) earrings', 'neatly trimmed gray beard'. `skip_one_word` allows one unknown word
+    between the run and the noun (the 'hoop' of hoop earrings)."""
     lead = "|".join(re.escape(m) for m in modifiers)
-    return {value: re.compile(rf"(?<![\w-])(?:({lead})\s+(?:[a-z]+\s+)?)?(?:{re.escape(value)}|{'|'.join(patterns)})"
+    gap = r"(?:[a-z]+\s+)?" if skip_one_word else ""
+    return {value: re.compile(rf"(?<![\w-])(?:((?:(?:{lead})\s+)+){gap})?(?:{re.escape(value)}|{'|'.join(patterns)})"
                               rf"(?![\w-])", re.IGNORECASE)
             for value, patterns in group.items()}
+
+
+def _words(words: list) -> re.Pattern:
+    """Words and phrases, longest first: 'on the face' goes whole, not as 'on' + 'the' + 'face'."""
+    return _english([re.escape(str(word)) for word in sorted(words, key=lambda w: -len(str(w)))])
+
+
+def _with_nouns(group: dict[str, list[str]], nouns) -> dict[str, list[str]]:
+    """Each pattern may be followed by one of `nouns`: 'serious face', 'stern look' -> serious."""
+    if not nouns:
+        return group
+    tail = rf"(?:\s+(?:{'|'.join(re.escape(n) for n in nouns)}))?"
+    return {value: [f"(?:{p}){tail}" for p in patterns] for value, patterns in group.items()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,16 +122,20 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
                                      re.IGNORECASE),
         age_words=dict(data["age_words"]),
         age_groups=_english([re.escape(word) for word in data["age_groups"]]),
-        attributes={key: _compile_group(values, _english, canonical=True) for key, values in data["attributes"].items()},
+        attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ())), _english, canonical=True)
+                    for key, values in data["attributes"].items()},
         hair_nouns=_compile_group(data["hair_nouns"], _english),
         hair_colors=_compile_group(data["hair_colors"], _english),
         hair_styles=_compile_group(data["hair_styles"], _english),
         hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),
-        accessories=_accessories(data["attributes"]["accessories"], data["accessory_modifiers"]),
+        accessories=_with_modifiers(data["attributes"]["accessories"], data["accessory_modifiers"], skip_one_word=True),
+        facial_hair=_with_modifiers(data["attributes"]["facial_hair"], data["facial_hair_modifiers"],
+                                    skip_one_word=False),
         styles=_compile_group(data["styles"], _english, canonical=True),
         quality=_compile_group(data["quality"], _english, canonical=True),
-        filler=_english([re.escape(str(word)) for word in data["filler"]]),
-        intensifiers=_english([re.escape(str(word)) for word in data["intensifiers"]]),
+        quality_groups=tuple(tuple(group) for group in data.get("quality_groups", ())),
+        filler=_words(data["filler"]),
+        intensifiers=_words(data["intensifiers"]),
         negative_default=tuple(data["negative_default"]),
         zh_identity=_compile_group(zh["identity"], _chinese),
         zh_gender=_compile_group(zh["gender"], _chinese),

@@ -74,7 +74,23 @@ def parse_instruction(text: str, lexicon: Lexicon) -> ParsedInstruction:
             parsed.style = style
     _parse_identity(work, lexicon, parsed)
     _collect_leftovers(work, lexicon, parsed)
+    parsed.quality = collapse_synonyms(parsed.quality, lexicon.quality_groups)
     return parsed
+
+
+def collapse_synonyms(terms: list[str], groups: tuple[tuple[str, ...], ...]) -> list[str]:
+    """One term per synonym group: the first the group lists, kept where the instruction first
+    asked for any of them ("8k, highly detailed" -> highly detailed)."""
+    kept = []
+    for term in terms:
+        group = next((g for g in groups if term in g), None)
+        if group is None:
+            kept.append(term)
+            continue
+        best = next(t for t in group if t in terms)
+        if best not in kept:
+            kept.append(best)
+    return kept
 
 
 def _set(parsed: ParsedInstruction, key: str, value: str) -> None:
@@ -175,6 +191,9 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
         if key == "accessories":
             _parse_accessories(work, lexicon, parsed)
             continue
+        if key == "facial_hair":
+            _parse_facial_hair(work, lexicon, parsed)
+            continue
         for value, pattern in values.items():
             if work.take_all(pattern):
                 if key == "expression" and value == "neutral":
@@ -186,8 +205,28 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
 def _parse_accessories(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     for value, pattern in lexicon.accessories.items():
         while match := work.take(pattern):
-            modifier = (match.group(1) or "").lower()
-            _set(parsed, "accessories", f"{modifier} {value}" if modifier else value)
+            _set(parsed, "accessories", _modified(match, value))
+
+
+def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    """Every kind named ("a beard and a mustache" -> beard and mustache), each with its colour
+    and grooming words ("neatly trimmed gray beard")."""
+    found = []  # (position, text)
+    for value, pattern in lexicon.facial_hair.items():
+        while match := work.take(pattern):
+            text = _modified(match, value)
+            if text not in (t for _, t in found):
+                found.append((match.start(), text))
+    if found:
+        parsed.attributes.setdefault("facial_hair", " and ".join(text for _, text in sorted(found)))
+
+
+def _modified(match: re.Match, value: str) -> str:
+    """The canonical value with the modifier run the pattern captured before it."""
+    modifiers = " ".join((match.group(1) or "").lower().split())
+    words = value.split()
+    kept = [m for m in modifiers.split() if m not in words]  # "thick full beard" says full twice
+    return " ".join(kept + [value]) if kept else value
 
 
 WORD = re.compile(r"[a-z][\w-]*", re.IGNORECASE)

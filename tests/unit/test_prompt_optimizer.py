@@ -81,7 +81,42 @@ def test_identity(engine, phrase, identity):
 def test_filler_intensifiers_and_synonym_stacks_collapse(engine):
     result = engine.optimize("please make a really very beautiful photo of a man, highly detailed, ultra detailed, "
                              "intricate details, very clear, 8k, uhd")
-    assert result.prompt == "man, photorealistic, sharp focus, highly detailed, 4K UHD"
+    assert result.prompt == "man, photorealistic, sharp focus, highly detailed"
+
+
+@pytest.mark.parametrize("text,quality", [
+    ("a man, 8k, uhd, high resolution", "4K UHD"),  # asked only for resolution: kept
+    ("a man, 8k, highly detailed", "highly detailed"),  # detail and resolution: one term
+    ("a man, ultra detailed skin texture, 8k, intricate details", "detailed skin texture"),  # the most specific
+])
+def test_detail_synonyms_collapse_to_one_term(engine, text, quality):
+    prompt = engine.optimize(text).prompt
+    assert prompt == f"man, photorealistic, {quality}"
+
+
+def test_a_professional_photo_replaces_photorealistic(engine):
+    assert engine.optimize("a realistic photo of a man, shot on a DSLR").prompt == "man, professional photo"
+    assert engine.optimize("an oil painting of a man, very professional").prompt == "man, oil painting"
+
+
+@pytest.mark.parametrize("text,facial_hair", [
+    ("a man with a neatly trimmed gray beard", "neatly trimmed gray beard"),
+    ("a man with light stubble", "light stubble"),
+    ("a man with a thick beard", "full beard"),
+    ("a man with a beard and a white mustache", "beard and white mustache"),
+])
+def test_facial_hair_keeps_its_colour_and_every_kind(engine, text, facial_hair):
+    assert engine.optimize(text).attributes["facial_hair"] == facial_hair
+
+
+@pytest.mark.parametrize("text,prompt", [  # short inputs: the default style would make them longer
+    ("close-up shot of a man", "man, close-up"),
+    ("a man with a stern look, plain gray backdrop", "man, serious expression, gray background, photorealistic"),
+    ("an African American woman laughing out loud", "Black woman, laughing expression"),
+    ("a woman in an office setting", "woman, office background"),
+])
+def test_a_phrase_is_consumed_whole(engine, text, prompt):
+    assert engine.optimize(text).prompt == prompt
 
 
 def test_unknown_content_is_kept(engine):
@@ -119,7 +154,7 @@ def test_hair_colours(engine, text, hair):
 
 def test_accessories_keep_their_colour_or_material(engine):
     result = engine.optimize("a woman with little gold hoop earrings, a red hat and a pearl necklace")
-    assert result.attributes["accessories"] == ["gold earrings", "pearl necklace", "red hat"]
+    assert result.attributes["accessories"] == ["little gold earrings", "pearl necklace", "red hat"]
     assert "gold" not in result.prompt.replace("gold earrings", "")  # consumed with the earrings, not left over
 
 
