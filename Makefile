@@ -40,6 +40,7 @@ bench: model
 	$(PY) benchmarks/encoder_routing.py --update-readme README.md
 	$(PY) benchmarks/denoiser_batching.py --update-readme README.md
 	$(PY) benchmarks/denoiser_batching.py --model small --sizes 256,64 --concurrency 1,8 --update-readme README.md
+	$(PY) benchmarks/unet_batch_scaling.py --update-readme README.md
 	$(PY) benchmarks/unet_variants.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --update-readme README.md
 	$(PY) benchmarks/adaptive_steps.py --early-stop --update-readme README.md
