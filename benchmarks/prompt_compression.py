@@ -10,6 +10,11 @@ optimizer), counted with the same CLIP tokenizer in the same run. Token reductio
 1 - optimized/original per instruction. Retention: every labelled attribute value of
 `tests/data/portrait_instructions.jsonl` appears in the optimized prompt text. Compact
 instructions (`"compact": true`) are reported apart: they must not get longer.
+
+The held-out set (`tests/data/portrait_instructions_heldout.jsonl`) was written after the
+rules and measured before any rule was changed for it; its rows say how the rules carry
+to phrasings they were not tuned on. Keep it that way: a rule added because a held-out
+row failed makes that row part of the tuning set (move it there).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.readme_table import publish  # noqa: E402
 
 DATASET = REPO_ROOT / "tests" / "data" / "portrait_instructions.jsonl"
+HELD_OUT = REPO_ROOT / "tests" / "data" / "portrait_instructions_heldout.jsonl"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "prompt_compression.json"
 SECTION = "prompt_compression"
 EXAMPLE = ("A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
@@ -78,13 +84,19 @@ def summarize(results: list[dict]) -> dict:
             "made_longer": sum(r["optimized_tokens"] > r["original_tokens"] for r in rows),
         }
 
-    verbose = [r for r in results if not r["compact"]]
-    return {
+    tuned = [r for r in results if not r.get("held_out")]
+    verbose = [r for r in tuned if not r["compact"]]
+    held_out = [r for r in results if r.get("held_out")]
+    summary = {
         "verbose": group(verbose),
         "verbose_en": group([r for r in verbose if r["lang"] == "en"]),
         "verbose_zh": group([r for r in verbose if r["lang"] == "zh"]),
-        "compact": group([r for r in results if r["compact"]]),
+        "compact": group([r for r in tuned if r["compact"]]),
     }
+    if held_out:
+        summary["held_out_en"] = group([r for r in held_out if r["lang"] == "en"])
+        summary["held_out_zh"] = group([r for r in held_out if r["lang"] == "zh"])
+    return summary
 
 
 def run(model: str) -> dict:
@@ -93,13 +105,15 @@ def run(model: str) -> dict:
 
     engine = PromptOptimizerEngine(models.resolve_model(model))
     results = evaluate(engine, load_dataset())
+    results += [{**row, "held_out": True} for row in evaluate(engine, load_dataset(HELD_OUT))]
     example = engine.optimize(EXAMPLE)
     return {
         "summary": summarize(results),
         "example": {"instruction": EXAMPLE, "prompt": example.prompt, "attributes": example.attributes,
                     "original_tokens": example.original_tokens, "optimized_tokens": example.prompt_tokens},
         "rows": results,
-        "config": {"dataset": str(DATASET.relative_to(REPO_ROOT)), "model": model,
+        "config": {"dataset": str(DATASET.relative_to(REPO_ROOT)), "held_out": str(HELD_OUT.relative_to(REPO_ROOT)),
+                   "model": model,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "command": "benchmarks/prompt_compression.py"},
     }
@@ -109,8 +123,10 @@ def markdown(results: dict) -> str:
     lines = ["| set | instructions | mean tokens before → after | mean reduction | median reduction "
              "| attribute retention | made longer |", "|---|---:|---:|---:|---:|---:|---:|"]
     labels = {"verbose": "verbose, all", "verbose_en": "verbose, English", "verbose_zh": "verbose, Chinese",
-              "compact": "already compact"}
+              "compact": "already compact", "held_out_en": "held out, English", "held_out_zh": "held out, Chinese"}
     for key, label in labels.items():
+        if key not in results["summary"]:
+            continue
         s = results["summary"][key]
         lines.append(f"| {label} | {s['count']} | {s['mean_original_tokens']:.1f} → {s['mean_optimized_tokens']:.1f} "
                      f"| {s['mean_reduction']:.0%} | {s['median_reduction']:.0%} | {s['attribute_retention']:.0%} "
@@ -127,7 +143,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if not r["compact"]]
+    rows = [r for r in results["rows"] if not r["compact"] and not r.get("held_out")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for lang, color in (("en", "tab:blue"), ("zh", "tab:orange")):
         picked = [r for r in rows if r["lang"] == lang]
