@@ -34,7 +34,10 @@ class Lexicon:
     ethnicity_context: re.Pattern  # "(of) descent/origin/...", consumed with the ethnicity
     age_words: dict[str, int]
     age_groups: re.Pattern
-    attributes: dict[str, dict[str, re.Pattern]]  # key -> canonical value -> pattern
+    age_nouns: dict[str, re.Pattern]  # age group -> person nouns that tell it ("teenager")
+    bare_age: re.Pattern  # a number on its own right after a person noun; group 1
+    attributes: dict[str, dict[str, LongestMatch]]  # key -> canonical value -> its patterns
+    implied: dict[str, dict[str, re.Pattern]]  # key -> value -> pattern, used only when the key has no value
     hair_nouns: dict[str, re.Pattern]
     hair_colors: dict[str, re.Pattern]
     hair_styles: dict[str, re.Pattern]
@@ -56,15 +59,45 @@ class Lexicon:
     zh_filler: re.Pattern
 
 
-def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: bool = False) -> dict[str, re.Pattern]:
-    """value -> one pattern. With `canonical`, the value's own text matches too, so an
-    already structured prompt ("smiling expression") parses to itself. It is tried last at a
-    position, so a longer phrasing consumes all of its words ("close-up shot")."""
-    return {
-        value: compile_patterns(list(patterns) + ([re.escape(value)] if canonical else []))
-        for value, patterns in group.items()
-        if patterns or canonical
-    }
+class LongestMatch:
+    """Alternative patterns where, at the leftmost position any of them matches, the longest
+    match wins — whatever order they are listed in (re's `a|b` takes the first that matches,
+    so 'outdoors?' would leave the "background" of "outdoor background" behind). Offers the
+    `re.Pattern` methods the parser uses."""
+
+    def __init__(self, alternatives: list[re.Pattern], pattern: str):
+        self.alternatives = alternatives
+        self.pattern = pattern  # the plain alternation, for building other patterns
+
+    def search(self, text: str, pos: int = 0) -> re.Match | None:
+        best = None
+        for alternative in self.alternatives:
+            match = alternative.search(text, pos)
+            if match and (best is None or (match.start(), -match.end()) < (best.start(), -best.end())):
+                best = match
+        return best
+
+    def fullmatch(self, text: str) -> re.Match | None:
+        return next((m for a in self.alternatives if (m := a.fullmatch(text))), None)
+
+    def subn(self, replacement: str, text: str) -> tuple[str, int]:
+        parts, count, pos = [], 0, 0
+        while (match := self.search(text, pos)) is not None and match.end() > match.start():
+            parts += [text[pos:match.start()], replacement]
+            pos, count = match.end(), count + 1
+        return "".join(parts) + text[pos:], count
+
+
+def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: bool = False) -> dict[str, LongestMatch]:
+    """value -> its patterns, longest match first. With `canonical`, the value's own text
+    matches too, so an already structured prompt ("smiling expression") parses to itself."""
+    compiled = {}
+    for value, patterns in group.items():
+        alternatives = list(patterns) + ([re.escape(value)] if canonical else [])
+        if alternatives:
+            compiled[value] = LongestMatch([compile_patterns([a]) for a in alternatives],
+                                           compile_patterns(alternatives).pattern)
+    return compiled
 
 
 def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
@@ -95,6 +128,12 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
             for value, patterns in group.items()}
 
 
+def _bare_age(data: dict) -> re.Pattern:
+    """'woman, 34, with ...': a 1-3 digit number set off by commas right after a person noun."""
+    nouns = "|".join(_english(words).pattern for words in data["gender"].values())
+    return re.compile(rf"(?:{nouns})\s*,\s*(\d{{1,3}})(?=\s*(?:[,.;]|$))", re.IGNORECASE)
+
+
 def _words(words: list) -> re.Pattern:
     """Words and phrases, longest first: 'on the face' goes whole, not as 'on' + 'the' + 'face'."""
     return _english([re.escape(str(word)) for word in sorted(words, key=lambda w: -len(str(w)))])
@@ -122,8 +161,12 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
                                      re.IGNORECASE),
         age_words=dict(data["age_words"]),
         age_groups=_english([re.escape(word) for word in data["age_groups"]]),
+        age_nouns={age: _english([re.escape(n) for n, a in data.get("age_nouns", {}).items() if a == age])
+                   for age in set(data.get("age_nouns", {}).values())},
+        bare_age=_bare_age(data),
         attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ())), _english, canonical=True)
                     for key, values in data["attributes"].items()},
+        implied={key: _compile_group(values, _english) for key, values in data.get("implied", {}).items()},
         hair_nouns=_compile_group(data["hair_nouns"], _english),
         hair_colors=_compile_group(data["hair_colors"], _english),
         hair_styles=_compile_group(data["hair_styles"], _english),

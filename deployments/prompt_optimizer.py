@@ -101,11 +101,15 @@ def optimize_prompt(
 
 
 def _join_unique(terms: list[str]) -> str:
-    """Comma-join, dropping empty terms and any term already said (the template included)."""
+    """Comma-join, dropping empty terms and any term already said (the template's own terms
+    included). Whole terms only: "Black" is not said by "short black hair"."""
     seen: list[str] = []
+    said: set[str] = set()
     for term in (normalize_whitespace(t) for t in terms):
-        if term and not any(term.lower() in earlier.lower() for earlier in seen):
+        parts = {p.strip().lower() for p in term.split(",")}
+        if term and not parts <= said:
             seen.append(term)
+            said |= parts
     return ", ".join(seen)
 
 

@@ -22,8 +22,8 @@ AGE_NUMBER = [
     re.compile(r"(?<!\w)(?:around|about|roughly|approximately|circa)\s+(\d{1,3})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
                r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))", re.IGNORECASE),
 ]
-AGE_DECADE = re.compile(r"in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?(\d0'?s|[a-z]+)(?!\w)",
-                        re.IGNORECASE)
+AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+)"
+                        r"(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
 CONSUMED = " , "  # what a consumed span becomes: keeps phrase boundaries
@@ -99,7 +99,27 @@ def _set(parsed: ParsedInstruction, key: str, value: str) -> None:
         if value not in values:
             values.append(value)
     else:
-        parsed.attributes.setdefault(key, value)
+        _add(parsed, key, [value])
+
+
+def _add(parsed: ParsedInstruction, key: str, values: list[str]) -> None:
+    """Every value the instruction names for `key` is kept, in its order ("outdoors, blurred
+    background" -> 'outdoor background, blurred background'), none twice; neutral only alone."""
+    current = parsed.attributes.get(key)
+    merged = list(dict.fromkeys([*(current.split(", ") if current else []), *values]))
+    if key == "expression" and len(merged) > 1:
+        merged = [v for v in merged if v != "neutral"]
+    if merged:
+        parsed.attributes[key] = ", ".join(merged)
+
+
+def _take_values(work: "_Text", values: dict[str, re.Pattern]) -> list[str]:
+    """The values whose patterns match, in the order the instruction names them (spans consumed)."""
+    found = []
+    for value, pattern in values.items():
+        while match := work.take(pattern):
+            found.append((match.start(), value))
+    return [value for _, value in sorted(found)]
 
 
 def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -111,12 +131,14 @@ def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> 
         if 0 < number < 130:
             parsed.attributes["age"] = f"age:{number}"
     for key, values in lexicon.zh_attributes.items():
-        for value, pattern in values.items():
-            if work.take_all(pattern):
-                if key == "hair" and "hair" in parsed.attributes and value != "bald":
-                    parsed.attributes["hair"] = _merge_zh_hair(parsed.attributes["hair"], value)
-                else:
-                    _set(parsed, key, value)
+        found = _take_values(work, values)
+        if key == "hair":
+            found = _merge_zh_hair(found, lexicon)
+        if key == "accessories":
+            for value in found:
+                _set(parsed, key, value)
+        else:
+            _add(parsed, key, found)
     for style, pattern in lexicon.zh_styles.items():
         if work.take_all(pattern) and parsed.style is None:
             parsed.style = style
@@ -154,10 +176,13 @@ def zh_number(text: str) -> int:
     return total + current
 
 
-def _merge_zh_hair(current: str, new: str) -> str:
-    """长发 + 黑发 -> 'long black hair'."""
-    words = current.removesuffix(" hair").split() + new.removesuffix(" hair").split()
-    return " ".join(dict.fromkeys(words)) + " hair"
+def _merge_zh_hair(values: list[str], lexicon: Lexicon) -> list[str]:
+    """长发 + 黑发 -> 'long black hair': style words first, in the English order, then colours."""
+    words = [w for v in values if v != "bald" for w in v.removesuffix(" hair").split()]
+    styles = [s for s in lexicon.hair_styles if s in words]
+    colors = [w for w in dict.fromkeys(words) if w not in styles]
+    merged = [" ".join(styles + colors) + " hair"] if words else []
+    return merged + (["bald"] if "bald" in values else [])
 
 
 def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -179,9 +204,19 @@ def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None
             parsed.attributes["age"] = f"age:{decade}"
             work.take_all(lexicon.age_groups)
             return
+    match = lexicon.bare_age.search(work.text)  # "a Nigerian woman, 34, with braided hair"
+    if match and 0 < int(match.group(1)) < 130:
+        parsed.attributes["age"] = f"age:{int(match.group(1))}"
+        work.text = work.text[:match.start(1)] + CONSUMED + work.text[match.end(1):]
+        work.take_all(lexicon.age_groups)
+        return
     match = work.take(lexicon.age_groups)
     if match:
         parsed.attributes["age"] = match.group(0).lower()
+        return
+    noun = next((age for age, pattern in lexicon.age_nouns.items() if pattern.search(work.text)), None)
+    if noun:  # "a Black teenager": the noun stays for the identity
+        parsed.attributes["age"] = noun
 
 
 def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -194,12 +229,10 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
         if key == "facial_hair":
             _parse_facial_hair(work, lexicon, parsed)
             continue
-        for value, pattern in values.items():
-            if work.take_all(pattern):
-                if key == "expression" and value == "neutral":
-                    parsed.attributes.setdefault(key, "neutral")
-                else:
-                    _set(parsed, key, value)
+        _add(parsed, key, _take_values(work, values))
+        implied = _take_values(work, lexicon.implied.get(key, {}))
+        if key not in parsed.attributes:
+            _add(parsed, key, implied)
 
 
 def _parse_accessories(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -236,10 +269,10 @@ HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})hair(?:\s*styles?|cut)?(?!\w)", 
 def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     if "hair" in parsed.attributes:
         return
-    for value, pattern in lexicon.hair_nouns.items():
-        if work.take_all(pattern):
-            parsed.attributes["hair"] = value
-            return
+    # "a blonde woman with long hair": the colour from the noun, the rest from the hair phrase
+    named = [value.removesuffix(" hair") for value, pattern in lexicon.hair_nouns.items() if work.take_all(pattern)]
+    if named:
+        parsed.attributes["hair"] = " and ".join(named) + " hair"
     for match in HAIR.finditer(work.text):
         # The hair's own words: the run of style, colour and shade words (with "and" between
         # them) right before "hair", within its phrase: "Black woman, gray hair" is gray, and
@@ -258,6 +291,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
         words = [m.group(0) for m in spans]
         styles = [s for s, p in lexicon.hair_styles.items() if any(p.fullmatch(w) for w in words)]
         colors = _hair_colors(words, lexicon)
+        colors += [c for c in named if c not in colors]
         if styles or colors:
             parsed.attributes["hair"] = " ".join(styles + ([" and ".join(colors)] if colors else []) + ["hair"])
             start = match.start(1) + spans[0].start()

@@ -235,3 +235,62 @@ def test_concurrent_calls_give_the_sequential_results(tiny_model_path):
         results = list(pool.map(lambda p: (p, engine.optimize(p)), prompts * 40))
     wrong = [(p, r.prompt, expected[p].prompt) for p, r in results if r != expected[p]]
     assert not wrong, wrong[:3]
+
+
+@pytest.mark.parametrize("text,key,value", [
+    ("a Nigerian woman, 34, with braided hair", "identity", "Black woman"),
+    ("a Nigerian woman, 34, with braided hair", "age", "age:34"),
+    ("a Vietnamese grandfather with a cane", "identity", "Asian man"),
+    ("a Black teenager in a hoodie", "identity", "Black person"),
+    ("a Black teenager in a hoodie", "age", "teenage"),
+    ("a Korean man, early forties", "age", "age:45"),
+    ("a blonde Caucasian woman with long hair", "hair", "long blonde hair"),
+    ("a grey-haired man", "hair", "gray hair"),
+    ("a woman glaring angrily", "expression", "angry expression"),
+    ("a man, dramatic side lighting", "lighting", "dramatic lighting"),
+    ("a man on a city street", "background", "outdoor background"),
+])
+def test_phrasings_found_missing_by_the_held_out_set(engine, text, key, value):
+    assert engine.optimize(text).attributes[key] == value
+
+
+def test_a_number_with_a_unit_after_a_person_is_not_an_age(engine):
+    assert "age" not in engine.optimize("a woman, 85mm lens, soft light").attributes
+
+
+def test_every_value_of_a_key_is_kept_in_the_order_named(engine):
+    attributes = engine.optimize("a man outdoors in a park, blurred background, close-up, front view").attributes
+    assert attributes["background"] == "outdoor background, blurred background"
+    assert attributes["view"] == "close-up, front view"
+
+
+def test_implied_values_give_way_to_explicit_ones(engine):
+    assert engine.optimize("a woman in a studio with soft lighting").attributes["lighting"] == "soft lighting"
+    assert engine.optimize("a woman in a studio").attributes["lighting"] == "studio lighting"
+    assert engine.optimize("a happy, laughing man").attributes["expression"] == "laughing expression"
+    assert engine.optimize("a happy man").attributes["expression"] == "smiling expression"
+
+
+def test_the_longest_phrasing_wins_whatever_the_lexicon_order(engine):
+    # 'outdoors?' and 'serious' are listed before the canonical values they are part of
+    result = engine.optimize("Please make an elderly woman with a serious expression, outdoor background, "
+                             "very very detailed, ultra sharp, 4k")
+    terms = [term.strip() for term in result.prompt.split(",")]
+    assert "background" not in terms and "expression" not in terms, terms
+    assert result.attributes["background"] == "outdoor background"
+    assert result.attributes["expression"] == "serious expression"
+
+
+def test_a_word_inside_another_term_is_not_a_duplicate(engine):
+    # "Black" is not said by "short black hair": the old substring check dropped it silently
+    assert engine.optimize("a Black teenager with short black hair").prompt.startswith("Black person, teenage")
+
+
+def test_chinese_hair_words_in_english_order(engine):
+    assert engine.optimize("一个女人，金发，长发，卷发").attributes["hair"] == "long curly blonde hair"
+    assert engine.optimize("奶奶，白发").attributes["identity"] == "woman"
+
+
+def test_black_and_white_is_a_style_not_an_identity(engine):
+    result = engine.optimize("a black and white portrait of a smiling woman")
+    assert result.attributes["identity"] == "woman" and "black and white photo" in result.prompt
