@@ -113,10 +113,16 @@ def _join_unique(terms: list[str]) -> str:
     return ", ".join(seen)
 
 
-def merge_negative_prompt(user_negative: str, defaults: tuple[str, ...]) -> str:
+def negative_terms(negated: list[str]) -> list[str]:
+    """What the instruction asked away, as negative-prompt terms: 'no smile' -> smiling,
+    'without glasses' -> glasses (the canonical value without its 'wearing'/'expression')."""
+    return [value.removeprefix("wearing ").removesuffix(" expression") for value in negated]
+
+
+def merge_negative_prompt(user_negative: str, defaults: tuple[str, ...], asked_away: list[str] = ()) -> str:
     """The default negative terms first (stable, so the encoder's exact cache hits), then
-    the user's own, deduplicated case-insensitively."""
-    terms = [*defaults, *re.split(r"[,\n]", user_negative)]
+    what the instruction asked away, then the user's own, deduplicated case-insensitively."""
+    terms = [*defaults, *asked_away, *re.split(r"[,\n]", user_negative)]
     unique = dict.fromkeys(normalize_whitespace(t) for t in terms)
     kept, seen = [], set()
     for term in unique:
@@ -206,7 +212,7 @@ class PromptOptimizerEngine:
                 else:
                     warnings.append(f"dropped {extra.pop()!r} to fit CLIP's 77-token window")
                 text = build(style)
-        negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default)
+        negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default, negative_terms(parsed.negated))
         return self._result(text, negative, original_tokens, cache_namespace, attributes, warnings, template)
 
     def _result(self, text, negative, original_tokens, namespace, attributes, warnings,

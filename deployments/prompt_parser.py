@@ -27,6 +27,9 @@ AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|la
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
 CONSUMED = " , "  # what a consumed span becomes: keeps phrase boundaries
+NEGATION = re.compile(r"(?<![\w-])(?:no|not|without|never|isn't|aren't|doesn't|don't)\s+(?:a\s+|an\s+|any\s+|wearing\s+)?$",
+                      re.IGNORECASE)
+ZH_NEGATION = re.compile(r"(?:不要|不|没有|没|无|别)$")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ParsedInstruction:
     style: str | None = None
     quality: list[str] = field(default_factory=list)  # canonical terms, in first-seen order
     extra: list[str] = field(default_factory=list)  # English content the rules did not understand
+    negated: list[str] = field(default_factory=list)  # values asked away ("no smile", "without glasses")
     warnings: list[str] = field(default_factory=list)
 
 
@@ -50,6 +54,14 @@ class _Text:
         if match:
             self.replace(match)
         return match
+
+    def search(self, pattern: re.Pattern) -> re.Match | None:
+        return pattern.search(self.text)
+
+    def negation_before(self, position: int) -> re.Match | None:
+        """'no ', 'not ', 'without (a) ' (or 不, 没有, 无) ending right at `position`."""
+        before = self.text[:position]
+        return NEGATION.search(before) or ZH_NEGATION.search(before)
 
     def replace(self, match: re.Match, replacement: str = CONSUMED) -> None:
         self.text = self.text[: match.start()] + replacement + self.text[match.end():]
@@ -113,13 +125,23 @@ def _add(parsed: ParsedInstruction, key: str, values: list[str]) -> None:
         parsed.attributes[key] = ", ".join(merged)
 
 
-def _take_values(work: "_Text", values: dict[str, re.Pattern]) -> list[str]:
-    """The values whose patterns match, in the order the instruction names them (spans consumed)."""
+def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedInstruction | None = None,
+                 modified: bool = False) -> list[str]:
+    """The values whose patterns match, in the order the instruction names them (spans consumed).
+    A value right after a negation ("no smile", "without glasses") goes to `parsed.negated`
+    instead. `modified`: the pattern captures modifier words first (accessories, facial hair)."""
     found = []
     for value, pattern in values.items():
-        while match := work.take(pattern):
-            found.append((match.start(), value))
-    return [value for _, value in sorted(found)]
+        while match := work.search(pattern):
+            negation = parsed is not None and work.negation_before(match.start())
+            start = negation.start() if negation else match.start()
+            work.text = work.text[:start] + CONSUMED + work.text[match.end():]
+            text = _modified(match, value) if modified else value
+            if negation:
+                parsed.negated.append(value)
+            else:
+                found.append((start, text))
+    return list(dict.fromkeys(value for _, value in sorted(found)))
 
 
 def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -131,7 +153,7 @@ def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> 
         if 0 < number < 130:
             parsed.attributes["age"] = f"age:{number}"
     for key, values in lexicon.zh_attributes.items():
-        found = _take_values(work, values)
+        found = _take_values(work, values, parsed)
         if key == "hair":
             found = _merge_zh_hair(found, lexicon)
         if key == "accessories":
@@ -229,29 +251,23 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
         if key == "facial_hair":
             _parse_facial_hair(work, lexicon, parsed)
             continue
-        _add(parsed, key, _take_values(work, values))
-        implied = _take_values(work, lexicon.implied.get(key, {}))
+        _add(parsed, key, _take_values(work, values, parsed))
+        implied = _take_values(work, lexicon.implied.get(key, {}), parsed)
         if key not in parsed.attributes:
             _add(parsed, key, implied)
 
 
 def _parse_accessories(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
-    for value, pattern in lexicon.accessories.items():
-        while match := work.take(pattern):
-            _set(parsed, "accessories", _modified(match, value))
+    for value in _take_values(work, lexicon.accessories, parsed, modified=True):
+        _set(parsed, "accessories", value)
 
 
 def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     """Every kind named ("a beard and a mustache" -> beard and mustache), each with its colour
     and grooming words ("neatly trimmed gray beard")."""
-    found = []  # (position, text)
-    for value, pattern in lexicon.facial_hair.items():
-        while match := work.take(pattern):
-            text = _modified(match, value)
-            if text not in (t for _, t in found):
-                found.append((match.start(), text))
+    found = _take_values(work, lexicon.facial_hair, parsed, modified=True)
     if found:
-        parsed.attributes.setdefault("facial_hair", " and ".join(text for _, text in sorted(found)))
+        parsed.attributes.setdefault("facial_hair", " and ".join(found))
 
 
 def _modified(match: re.Match, value: str) -> str:

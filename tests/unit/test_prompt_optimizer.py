@@ -154,7 +154,7 @@ def test_hair_colours(engine, text, hair):
 
 def test_accessories_keep_their_colour_or_material(engine):
     result = engine.optimize("a woman with little gold hoop earrings, a red hat and a pearl necklace")
-    assert result.attributes["accessories"] == ["little gold earrings", "pearl necklace", "red hat"]
+    assert result.attributes["accessories"] == ["little gold earrings", "red hat", "pearl necklace"]  # as named
     assert "gold" not in result.prompt.replace("gold earrings", "")  # consumed with the earrings, not left over
 
 
@@ -294,3 +294,17 @@ def test_chinese_hair_words_in_english_order(engine):
 def test_black_and_white_is_a_style_not_an_identity(engine):
     result = engine.optimize("a black and white portrait of a smiling woman")
     assert result.attributes["identity"] == "woman" and "black and white photo" in result.prompt
+
+
+@pytest.mark.parametrize("text,attribute,negative", [
+    ("a man with no smile, stern", ("expression", "serious expression"), "smiling"),
+    ("a woman without glasses, not wearing a hat, smiling", ("expression", "smiling expression"), "glasses, hat"),
+    ("a man with no beard, short black hair", ("hair", "short black hair"), "beard"),
+    ("一个男人，不戴眼镜，微笑", ("expression", "smiling expression"), "glasses"),
+])
+def test_what_is_asked_away_goes_to_the_negative_prompt(engine, text, attribute, negative):
+    result = engine.optimize(text)
+    key, value = attribute
+    assert result.attributes[key] == value
+    assert result.negative_prompt.endswith(", " + negative)  # after the stable defaults
+    assert not any(word in result.prompt for word in negative.split(", "))
