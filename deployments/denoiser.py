@@ -79,9 +79,15 @@ class DenoiseJob:
         return denoising_steps(self.num_inference_steps, self.strength)
 
 
-def initial_latents(seed: int, channels: int, height: int, width: int) -> torch.Tensor:
-    """The starting noise for one image, as diffusers draws it with a CPU generator."""
-    generator = torch.Generator("cpu").manual_seed(int(seed))
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image, as diffusers seeds one per image: it draws the starting
+    noise, then (stochastic schedulers: DDPM, Euler ancestral, ...) every step's noise, so an
+    image depends on its seed alone — not on the global RNG or on the batch it ran in."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def initial_latents(generator: torch.Generator, channels: int, height: int, width: int) -> torch.Tensor:
+    """The starting noise for one image, as diffusers draws it."""
     return torch.randn((1, channels, height // VAE_SCALE, width // VAE_SCALE), generator=generator)
 
 
@@ -153,12 +159,13 @@ class DenoiserEngine:
         scheduler = self.new_scheduler(job.num_inference_steps, job.scheduler)
         channels = self.latent_channels
         timesteps, inpaint, conditioning = scheduler.timesteps, None, None
+        generators = image_generators(job.seeds)
         if job.init_image is not None:
             timesteps = edit_timesteps(scheduler, job.num_inference_steps, job.strength)
-            latents, inpaint, conditioning = edit_start(scheduler, job.init_image, job.seeds, timesteps, job.strength,
+            latents, inpaint, conditioning = edit_start(scheduler, job.init_image, generators, timesteps, job.strength,
                                                         job.mask, job.masked_image)
         else:
-            latents = torch.cat([initial_latents(s, channels, job.height, job.width) for s in job.seeds])
+            latents = torch.cat([initial_latents(g, channels, job.height, job.width) for g in generators])
             latents = latents * scheduler.init_noise_sigma
         guided = job.guidance_scale > 1.0
         context = job.prompt_embeds.expand(count, -1, -1)
@@ -172,7 +179,7 @@ class DenoiserEngine:
         early_stop = None if inpaint is not None else job.early_stop  # x0 would overwrite the kept region
         return ActiveJob(scheduler, latents, context, job.guidance_scale, timesteps, early_stop=early_stop,
                          early_stop_min_steps=job.early_stop_min_steps, inpaint=inpaint, image_embeds=image_embeds,
-                         extra_channels=conditioning)
+                         extra_channels=conditioning, generators=generators)
 
     def submit(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
                cancelled: threading.Event | None = None) -> Future:

@@ -75,11 +75,12 @@ class InpaintState:
         return (1 - self.mask) * known + self.mask * latents
 
 
-def edit_start(scheduler, image: ImageLatentDistribution, seeds: list[int], timesteps: torch.Tensor,
+def edit_start(scheduler, image: ImageLatentDistribution, generators: list[torch.Generator], timesteps: torch.Tensor,
                strength: float, inpaint_mask: torch.Tensor | None,
                masked_image: ImageLatentDistribution | None = None
                ) -> tuple[torch.Tensor, InpaintState | None, torch.Tensor | None]:
-    """Starting latents for an edit of `image`, one per seed; the inpainting state when there
+    """Starting latents for an edit of `image`, one per image's generator (seeded by the caller,
+    which keeps drawing from it for stochastic scheduler steps); the inpainting state when there
     is a mask (4-channel UNets); the extra input channels [images, 5, h, w] when there is a
     `masked_image` (9-channel UNets). Img2Img noises the image to the first timestep;
     inpainting at strength 1 starts from pure noise (diffusers' `is_strength_max`)."""
@@ -88,8 +89,7 @@ def edit_start(scheduler, image: ImageLatentDistribution, seeds: list[int], time
     # (the blending), for 9-channel only below strength 1; the draws must follow its order
     sample_image = masked_image is None or not strength_max
     image_latents, noises, masked = [], [], []
-    for seed in seeds:
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+    for generator in generators:
         if sample_image:
             image_latents.append(image.sample(generator))
         noises.append(torch.randn(image.mean.shape, generator=generator, dtype=image.mean.dtype))
@@ -97,12 +97,12 @@ def edit_start(scheduler, image: ImageLatentDistribution, seeds: list[int], time
             masked.append(masked_image.sample(generator))
     noise = torch.cat(noises)
     image_latents = torch.cat(image_latents) if image_latents else None
-    first = timesteps[:1].repeat(len(seeds))
+    first = timesteps[:1].repeat(len(generators))
     latents = noise * scheduler.init_noise_sigma if strength_max else scheduler.add_noise(image_latents, noise, first)
     if inpaint_mask is None:
         return latents, None, None
     if masked_image is not None:
-        conditioning = torch.cat([inpaint_mask.expand(len(seeds), -1, -1, -1), torch.cat(masked)], dim=1)
+        conditioning = torch.cat([inpaint_mask.expand(len(generators), -1, -1, -1), torch.cat(masked)], dim=1)
         return latents, None, conditioning
     return latents, InpaintState(image_latents, noise, inpaint_mask), None
 

@@ -23,6 +23,8 @@ job ends) so that benchmarks compare the two policies on the same code.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import logging
 import statistics
 import threading
@@ -36,6 +38,17 @@ import torch
 from deployments.edit_latents import InpaintState
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_takes_generator(scheduler_cls: type) -> bool:
+    return "generator" in inspect.signature(scheduler_cls.step).parameters
+
+
+def _takes_generator(scheduler) -> bool:
+    """Does this scheduler's step draw noise (DDPM, Euler ancestral, DDIM with eta > 0)? As
+    diffusers' pipelines ask it (prepare_extra_step_kwargs)."""
+    return _step_takes_generator(type(scheduler))
 
 
 class JobCancelled(Exception):
@@ -71,6 +84,7 @@ class ActiveJob:
     inpaint: InpaintState | None = None  # edits with a mask: keep the image outside it after each step
     image_embeds: torch.Tensor | None = None  # [rows, 1, dim]: the image-prompt adapter's input
     extra_channels: torch.Tensor | None = None  # [images, 5, h, w]: a 9-channel UNet's mask + masked image
+    generators: list[torch.Generator] | None = None  # one per image: a stochastic scheduler's step noise
 
     @property
     def guided(self) -> bool:
@@ -346,8 +360,10 @@ class StepBatcher:
                 state.step = len(state.timesteps)
                 self._early_stops += 1
             else:
+                extra_step = {"generator": state.generators} if state.generators and _takes_generator(
+                    state.scheduler) else {}
                 state.latents = state.scheduler.step(part, state.timesteps[state.step], state.latents,
-                                                     return_dict=False)[0]
+                                                     return_dict=False, **extra_step)[0]
                 state.step += 1
                 if state.inpaint is not None:
                     following = state.timesteps[state.step] if state.step < len(state.timesteps) else None

@@ -222,3 +222,38 @@ def test_early_stop_ends_a_converged_job_with_its_clean_latent(tiny_model_path, 
     assert 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) > 25  # close to the full run, not the noise
     never = engine.denoise(dataclasses.replace(job(65, steps=40), early_stop=1e-9, early_stop_min_steps=10))
     assert torch.equal(never, full)  # a threshold nothing meets: every step, the same latents
+
+
+STOCHASTIC = ["EulerAncestralDiscreteScheduler", "DDPMScheduler"]
+
+
+@pytest.mark.parametrize("scheduler", STOCHASTIC)
+def test_a_stochastic_scheduler_draws_its_step_noise_from_the_request_seed(tiny_model_path, scheduler):
+    """Ancestral/DDPM steps add fresh noise: it comes from each image's own generator (seeded
+    by its seed, after the starting noise, as diffusers does), not from the global RNG — so
+    a request renders the same image every time, alone or batched with others."""
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    target = job(5, steps=6, scheduler=scheduler, images=2)
+    first = engine.denoise(target)
+    torch.manual_seed(12345)  # the global RNG must not matter
+    again = engine.denoise(target)
+    assert torch.equal(first, again)
+    others = [job(6, steps=9, scheduler=scheduler), job(7, steps=4), target, job(8, steps=6, scheduler=scheduler)]
+    batched = together(engine, others)[2]
+    assert (batched - first).abs().max().item() < 1e-3  # only the batch's float sums differ
+
+
+@pytest.mark.parametrize("scheduler", STOCHASTIC)
+def test_a_stochastic_scheduler_matches_diffusers(tiny_model_path, scheduler):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path))
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    target = job(11, steps=7, scheduler=scheduler)
+    ours = engine_for(tiny_model_path, max_batch_size=4).denoise(target)
+    reference = pipe(prompt_embeds=target.prompt_embeds, negative_prompt_embeds=target.negative_prompt_embeds,
+                     height=SIZE, width=SIZE, num_inference_steps=7, guidance_scale=7.5, output_type="latent",
+                     generator=torch.Generator("cpu").manual_seed(11)).images
+    assert (ours - reference).abs().max().item() < 1e-4
