@@ -176,7 +176,8 @@ class PromptOptimizerEngine:
         if parsed.identity is None and not parsed.attributes and not parsed.extra:
             # Nothing but filler words ("a portrait, please"): still a valid prompt, as written.
             warnings.append("nothing to optimize: the prompt is all filler words; used as written")
-            negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default)
+            negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default,
+                                             negative_terms(parsed.negated))
             text = _join_unique([template, original]) if template else original
             return self._result(text, negative, original_tokens, cache_namespace, {}, warnings, template)
         attributes = {"identity": parsed.identity, **parsed.attributes} if parsed.identity else dict(parsed.attributes)
@@ -195,7 +196,9 @@ class PromptOptimizerEngine:
         if self.count_tokens(text) - template_tokens > original_tokens and not parsed.style:
             style = None
             text = build(None)
-        values = [v for value in attributes.values() for v in (value if isinstance(value, list) else [value])]
+        # several values of a key are one comma-separated string: each must be in the text
+        values = [v for value in attributes.values()
+                  for v in (value if isinstance(value, list) else value.split(", "))]
         already_compact = all(v.lower() in original.lower() for v in values)
         if self.count_tokens(text) - template_tokens > original_tokens and already_compact:
             text = _join_unique([template, original]) if template else original

@@ -125,7 +125,7 @@ def _add(parsed: ParsedInstruction, key: str, values: list[str]) -> None:
         parsed.attributes[key] = ", ".join(merged)
 
 
-def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedInstruction | None = None,
+def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedInstruction,
                  modified: bool = False) -> list[str]:
     """The values whose patterns match, in the order the instruction names them (spans consumed).
     A value right after a negation ("no smile", "without glasses") goes to `parsed.negated`
@@ -133,7 +133,7 @@ def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedIns
     found = []
     for value, pattern in values.items():
         while match := work.search(pattern):
-            negation = parsed is not None and work.negation_before(match.start())
+            negation = work.negation_before(match.start())
             start = negation.start() if negation else match.start()
             work.text = work.text[:start] + CONSUMED + work.text[match.end():]
             text = _modified(match, value) if modified else value

@@ -264,6 +264,11 @@ def test_every_value_of_a_key_is_kept_in_the_order_named(engine):
     assert attributes["view"] == "close-up, front view"
 
 
+def test_a_compact_prompt_with_two_values_of_a_key_stays_as_written(engine):
+    compact = "woman, outdoor background, 4k, blurred background"  # the structured form says 4K UHD: longer
+    assert engine.optimize(compact).prompt == compact
+
+
 def test_implied_values_give_way_to_explicit_ones(engine):
     assert engine.optimize("a woman in a studio with soft lighting").attributes["lighting"] == "soft lighting"
     assert engine.optimize("a woman in a studio").attributes["lighting"] == "studio lighting"
