@@ -345,7 +345,10 @@ def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
 def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     # First listed wins (South Asian before Asian); see Lexicon.ethnicity_in_context.
     ethnicity = next((name for name, p in lexicon.ethnicity_in_context.items() if work.take(p)), None)
-    gender = _first_match(work, lexicon.gender) or _first_match(work, lexicon.pronouns)
+    # a gendered noun first: "a teen girl" is a woman, though "teen" (a person noun) comes first
+    gendered = {name: p for name, p in lexicon.gender.items() if name != "person"}
+    gender = (_first_match(work, gendered) or _first_match(work, {"person": lexicon.gender["person"]})
+              or _first_match(work, lexicon.pronouns))
     for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
         work.take_all(pattern)
     if ethnicity:

@@ -243,6 +243,7 @@ def test_concurrent_calls_give_the_sequential_results(tiny_model_path):
     ("a Vietnamese grandfather with a cane", "identity", "Asian man"),
     ("a Black teenager in a hoodie", "identity", "Black person"),
     ("a Black teenager in a hoodie", "age", "teenage"),
+    ("a teen girl with braids", "identity", "woman"),
     ("a Korean man, early forties", "age", "age:45"),
     ("a blonde Caucasian woman with long hair", "hair", "long blonde hair"),
     ("a grey-haired man", "hair", "gray hair"),
