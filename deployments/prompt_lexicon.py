@@ -65,9 +65,8 @@ class LongestMatch:
     so 'outdoors?' would leave the "background" of "outdoor background" behind). Offers the
     `re.Pattern` methods the parser uses."""
 
-    def __init__(self, alternatives: list[re.Pattern], pattern: str):
+    def __init__(self, alternatives: list[re.Pattern]):
         self.alternatives = alternatives
-        self.pattern = pattern  # the plain alternation, for building other patterns
 
     def search(self, text: str, pos: int = 0) -> re.Match | None:
         best = None
@@ -95,16 +94,20 @@ def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: boo
     for value, patterns in group.items():
         alternatives = list(patterns) + ([re.escape(value)] if canonical else [])
         if alternatives:
-            compiled[value] = LongestMatch([compile_patterns([a]) for a in alternatives],
-                                           compile_patterns(alternatives).pattern)
+            compiled[value] = LongestMatch([compile_patterns([a]) for a in alternatives])
     return compiled
+
+
+def _person_nouns(data: dict) -> str:
+    """Every person noun of the lexicon as one alternation, for patterns that need one nearby."""
+    return "|".join(_english(words).pattern for words in data["gender"].values())
 
 
 def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     """An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
     woman"), with a context word ("of Asian descent"), or as a phrase of its own
     ("female software engineer, Asian, ..."): "black suit" is not one."""
-    nouns = "|".join(_english(words).pattern for words in data["gender"].values())
+    nouns = _person_nouns(data)
     context = "|".join(data["ethnicity_context"])
     patterns = {}
     for name, words in data["ethnicity"].items():
@@ -130,7 +133,7 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
 
 def _bare_age(data: dict) -> re.Pattern:
     """'woman, 34, with ...': a 1-3 digit number set off by commas right after a person noun."""
-    nouns = "|".join(_english(words).pattern for words in data["gender"].values())
+    nouns = _person_nouns(data)
     return re.compile(rf"(?:{nouns})\s*,\s*(\d{{1,3}})(?=\s*(?:[,.;]|$))", re.IGNORECASE)
 
 

@@ -55,16 +55,16 @@ class _Text:
             self.replace(match)
         return match
 
-    def search(self, pattern: re.Pattern) -> re.Match | None:
-        return pattern.search(self.text)
-
     def negation_before(self, position: int) -> re.Match | None:
         """'no ', 'not ', 'without (a) ' (or 不, 没有, 无) ending right at `position`."""
         before = self.text[:position]
         return NEGATION.search(before) or ZH_NEGATION.search(before)
 
     def replace(self, match: re.Match, replacement: str = CONSUMED) -> None:
-        self.text = self.text[: match.start()] + replacement + self.text[match.end():]
+        self.cut(match.start(), match.end(), replacement)
+
+    def cut(self, start: int, end: int, replacement: str = CONSUMED) -> None:
+        self.text = self.text[:start] + replacement + self.text[end:]
 
     def take_all(self, pattern: re.Pattern) -> int:
         self.text, count = pattern.subn(CONSUMED, self.text)
@@ -132,10 +132,10 @@ def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedIns
     instead. `modified`: the pattern captures modifier words first (accessories, facial hair)."""
     found = []
     for value, pattern in values.items():
-        while match := work.search(pattern):
+        while match := pattern.search(work.text):
             negation = work.negation_before(match.start())
             start = negation.start() if negation else match.start()
-            work.text = work.text[:start] + CONSUMED + work.text[match.end():]
+            work.cut(start, match.end())
             text = _modified(match, value) if modified else value
             if negation:
                 parsed.negated.append(value)
@@ -229,7 +229,7 @@ def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None
     match = lexicon.bare_age.search(work.text)  # "a Nigerian woman, 34, with braided hair"
     if match and 0 < int(match.group(1)) < 130:
         parsed.attributes["age"] = f"age:{int(match.group(1))}"
-        work.text = work.text[:match.start(1)] + CONSUMED + work.text[match.end(1):]
+        work.cut(match.start(1), match.end(1))
         work.take_all(lexicon.age_groups)
         return
     match = work.take(lexicon.age_groups)
@@ -311,7 +311,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
         if styles or colors:
             parsed.attributes["hair"] = " ".join(styles + ([" and ".join(colors)] if colors else []) + ["hair"])
             start = match.start(1) + spans[0].start()
-            work.text = work.text[:start] + CONSUMED + work.text[match.end():]
+            work.cut(start, match.end())
             return
 
 

@@ -42,13 +42,9 @@ logger = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=None)
 def _step_takes_generator(scheduler_cls: type) -> bool:
-    return "generator" in inspect.signature(scheduler_cls.step).parameters
-
-
-def _takes_generator(scheduler) -> bool:
     """Does this scheduler's step draw noise (DDPM, Euler ancestral, DDIM with eta > 0)? As
     diffusers' pipelines ask it (prepare_extra_step_kwargs)."""
-    return _step_takes_generator(type(scheduler))
+    return "generator" in inspect.signature(scheduler_cls.step).parameters
 
 
 class JobCancelled(Exception):
@@ -360,8 +356,8 @@ class StepBatcher:
                 state.step = len(state.timesteps)
                 self._early_stops += 1
             else:
-                extra_step = {"generator": state.generators} if state.generators and _takes_generator(
-                    state.scheduler) else {}
+                takes_generator = state.generators and _step_takes_generator(type(state.scheduler))
+                extra_step = {"generator": state.generators} if takes_generator else {}
                 state.latents = state.scheduler.step(part, state.timesteps[state.step], state.latents,
                                                      return_dict=False, **extra_step)[0]
                 state.step += 1
