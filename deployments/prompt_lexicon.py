@@ -32,10 +32,14 @@ class Lexicon:
     pronouns: dict[str, re.Pattern]
     ethnicity_in_context: dict[str, re.Pattern]  # ethnicity -> the word where it names a person
     ethnicity_context: re.Pattern  # "(of) descent/origin/...", consumed with the ethnicity
+    gendered_ethnicity: dict[str, str]  # "latina" -> woman: the word names a person and tells the gender
     age_words: dict[str, int]
     age_groups: re.Pattern
     age_nouns: dict[str, re.Pattern]  # age group -> person nouns that tell it ("teenager")
     bare_age: re.Pattern  # a number on its own right after a person noun; group 1
+    adult_age: int  # from this age a boy is a man; under it a man is a boy
+    minor_age_groups: tuple[str, ...]  # age words that make a man a boy ("teenage")
+    adult_of: dict[str, str]  # youth noun -> adult noun (boy -> man)
     attributes: dict[str, dict[str, LongestMatch]]  # key -> canonical value -> its patterns
     implied: dict[str, dict[str, re.Pattern]]  # key -> value -> pattern, used only when the key has no value
     hair_nouns: dict[str, re.Pattern]
@@ -43,16 +47,18 @@ class Lexicon:
     hair_styles: dict[str, re.Pattern]
     hair_shades: re.Pattern
     accessories: dict[str, re.Pattern]  # group 1: the colour/material/size words before the accessory, if any
+    lighting: dict[str, re.Pattern]  # group 1: the quality words before it ("soft studio light")
     facial_hair: dict[str, re.Pattern]  # group 1: the colour/grooming words before it ("trimmed gray beard")
     styles: dict[str, re.Pattern]
     quality: dict[str, re.Pattern]
     quality_groups: tuple[tuple[str, ...], ...]  # synonyms: only the first one asked for is kept
     filler: re.Pattern
-    intensifiers: re.Pattern
+    noise: re.Pattern  # filler and intensifiers in one pattern, longest first ("good morning" before "good")
     negative_default: tuple[str, ...]
     zh_identity: dict[str, re.Pattern]
     zh_gender: dict[str, re.Pattern]
     zh_age: re.Pattern
+    zh_hair_compound: tuple[re.Pattern, str]  # colour+style hair words -> two hair words
     zh_attributes: dict[str, dict[str, re.Pattern]]
     zh_styles: dict[str, re.Pattern]
     zh_quality: dict[str, re.Pattern]
@@ -109,12 +115,16 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     ("female software engineer, Asian, ..."): "black suit" is not one."""
     nouns = _person_nouns(data)
     context = "|".join(data["ethnicity_context"])
+    gendered = {w for words in data.get("gendered_ethnicity", {}).values() for w in words}
     patterns = {}
     for name, words in data["ethnicity"].items():
         word = _english(words).pattern
+        # "a Latina with curly hair": a gendered ethnicity word names a person by itself
+        own = [w for w in words if w in gendered]
+        alone = rf"|{_english([re.escape(w) for w in own]).pattern}" if own else ""
         patterns[name] = re.compile(
             rf"(?:{word})(?=(?:[\s,]+[\w-]+){{0,2}}?[\s,]+(?:{nouns}|{context})(?![\w-]))"
-            rf"|(?:^|,)\s*(?:{word})\s*(?=,|$)",
+            rf"|(?:^|,)\s*(?:{word})\s*(?=,|$){alone}",
             re.IGNORECASE,
         )
     return patterns
@@ -160,6 +170,7 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         gender=_compile_group(data["gender"], _english),
         pronouns=_compile_group(data["pronouns"], _english),
         ethnicity_in_context=_ethnicity_in_context(data),
+        gendered_ethnicity={w: gender for gender, words in data.get("gendered_ethnicity", {}).items() for w in words},
         ethnicity_context=re.compile(rf"(?<!\w)(?:of\s+)?(?:{'|'.join(data['ethnicity_context'])})(?!\w)",
                                      re.IGNORECASE),
         age_words=dict(data["age_words"]),
@@ -167,6 +178,9 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         age_nouns={age: _english([re.escape(n) for n, a in data.get("age_nouns", {}).items() if a == age])
                    for age in set(data.get("age_nouns", {}).values())},
         bare_age=_bare_age(data),
+        adult_age=int(data["youth"]["adult_age"]),
+        minor_age_groups=tuple(data["youth"]["minor_age_groups"]),
+        adult_of=dict(data["youth"]["adult_of"]),
         attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ())), _english, canonical=True)
                     for key, values in data["attributes"].items()},
         implied={key: _compile_group(values, _english) for key, values in data.get("implied", {}).items()},
@@ -175,17 +189,19 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         hair_styles=_compile_group(data["hair_styles"], _english),
         hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),
         accessories=_with_modifiers(data["attributes"]["accessories"], data["accessory_modifiers"], skip_one_word=True),
+        lighting=_with_modifiers(data["attributes"]["lighting"], data["lighting_modifiers"], skip_one_word=False),
         facial_hair=_with_modifiers(data["attributes"]["facial_hair"], data["facial_hair_modifiers"],
                                     skip_one_word=False),
         styles=_compile_group(data["styles"], _english, canonical=True),
         quality=_compile_group(data["quality"], _english, canonical=True),
         quality_groups=tuple(tuple(group) for group in data.get("quality_groups", ())),
         filler=_words(data["filler"]),
-        intensifiers=_words(data["intensifiers"]),
+        noise=_words(data["filler"] + data["intensifiers"]),
         negative_default=tuple(data["negative_default"]),
         zh_identity=_compile_group(zh["identity"], _chinese),
         zh_gender=_compile_group(zh["gender"], _chinese),
         zh_age=re.compile(zh["age_pattern"]),
+        zh_hair_compound=(re.compile(zh["hair_compound"][0]), zh["hair_compound"][1]),
         zh_attributes={key: _compile_group(values, _chinese) for key, values in zh["attributes"].items()},
         zh_styles=_compile_group(zh["styles"], _chinese),
         zh_quality=_compile_group(zh["quality"], _chinese),

@@ -85,6 +85,7 @@ def parse_instruction(text: str, lexicon: Lexicon) -> ParsedInstruction:
         if work.take_all(pattern) and parsed.style is None:
             parsed.style = style
     _parse_identity(work, lexicon, parsed)
+    _match_identity_to_age(parsed, lexicon)
     _collect_leftovers(work, lexicon, parsed)
     parsed.quality = collapse_synonyms(parsed.quality, lexicon.quality_groups)
     return parsed
@@ -145,6 +146,8 @@ def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedIns
 
 
 def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
+    compound, split = lexicon.zh_hair_compound
+    work.text = compound.sub(split, work.text)
     match = work.take(lexicon.zh_age)
     if match:
         number = zh_number(match.group(1) or match.group(3))
@@ -251,7 +254,9 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
         if key == "facial_hair":
             _parse_facial_hair(work, lexicon, parsed)
             continue
-        _add(parsed, key, _take_values(work, values, parsed))
+        if key == "lighting":  # with its quality words: "soft natural light" -> soft natural lighting
+            values = lexicon.lighting
+        _add(parsed, key, _take_values(work, values, parsed, modified=key == "lighting"))
         implied = _take_values(work, lexicon.implied.get(key, {}), parsed)
         if key not in parsed.attributes:
             _add(parsed, key, implied)
@@ -266,6 +271,8 @@ def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction)
     """Every kind named ("a beard and a mustache" -> beard and mustache), each with its colour
     and grooming words ("neatly trimmed gray beard")."""
     found = _take_values(work, lexicon.facial_hair, parsed, modified=True)
+    # "a bearded man with a thick black beard": beard is said by thick black beard
+    found = [v for v in found if not any(set(v.split()) < set(other.split()) for other in found)]
     if found:
         parsed.attributes.setdefault("facial_hair", " and ".join(found))
 
@@ -279,7 +286,7 @@ def _modified(match: re.Match, value: str) -> str:
 
 
 WORD = re.compile(r"[a-z][\w-]*", re.IGNORECASE)
-HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})hair(?:\s*styles?|cut)?(?!\w)", re.IGNORECASE)
+HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})(?:hair(?:\s*styles?|cut)?|(?<=pixie )cut)(?!\w)", re.IGNORECASE)
 
 
 def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -344,11 +351,16 @@ def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
 
 def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     # First listed wins (South Asian before Asian); see Lexicon.ethnicity_in_context.
-    ethnicity = next((name for name, p in lexicon.ethnicity_in_context.items() if work.take(p)), None)
-    # a gendered noun first: "a teen girl" is a woman, though "teen" (a person noun) comes first
+    ethnicity, ethnicity_gender = None, None
+    for name, pattern in lexicon.ethnicity_in_context.items():
+        if match := work.take(pattern):
+            ethnicity, ethnicity_gender = name, lexicon.gendered_ethnicity.get(match.group(0).strip(" ,").lower())
+            break
+    # a gendered noun first: "a teen girl" is a girl, though "teen" (a person noun) comes first;
+    # then a gendered ethnicity word ("a Latina college student")
     gendered = {name: p for name, p in lexicon.gender.items() if name != "person"}
-    gender = (_first_match(work, gendered) or _first_match(work, {"person": lexicon.gender["person"]})
-              or _first_match(work, lexicon.pronouns))
+    gender = (_first_match(work, gendered) or ethnicity_gender
+              or _first_match(work, {"person": lexicon.gender["person"]}) or _first_match(work, lexicon.pronouns))
     for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
         work.take_all(pattern)
     if ethnicity:
@@ -359,15 +371,44 @@ def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) ->
         parsed.identity = f"{ethnicity} person"
 
 
+def _match_identity_to_age(parsed: ParsedInstruction, lexicon: Lexicon) -> None:
+    """'a boy aged 10' is a boy, 'a Japanese girl aged 22' a woman, 'a man, 16' a boy: CLIP
+    draws the noun, so the noun must agree with the age. Without an age the noun stays."""
+    age = str(parsed.attributes.get("age", "")).removeprefix("age:")
+    if not parsed.identity or not age:
+        return
+    minor = int(age) < lexicon.adult_age if age.isdigit() else age in lexicon.minor_age_groups
+    *ethnicity, noun = parsed.identity.split(" ")
+    youth_of = {adult: youth for youth, adult in lexicon.adult_of.items()}
+    if minor and noun in youth_of:
+        noun = youth_of[noun]
+    elif not minor and age.isdigit() and noun in lexicon.adult_of:
+        noun = lexicon.adult_of[noun]
+    parsed.identity = " ".join([*ethnicity, noun])
+
+
 def _first_match(work: _Text, group: dict[str, re.Pattern]) -> str | None:
     found = [(m.start(), name) for name, p in group.items() if (m := p.search(work.text))]
     return min(found)[1] if found else None
 
 
 def _collect_leftovers(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
-    work.take_all(lexicon.intensifiers)
-    work.take_all(lexicon.filler)
+    work.take_all(lexicon.noise)
+    said = _words_of([parsed.identity or "", parsed.style or "", *parsed.quality,
+                      *(v for value in parsed.attributes.values() for v in (value if isinstance(value, list) else [value]))],
+                     lexicon)
     for phrase in PHRASE_BREAK.split(work.text):
         phrase = " ".join(re.findall(r"[\w'&+-]+", phrase)).strip(" -'")
-        if phrase and re.search(r"[^\W\d_]", phrase) and phrase.lower() not in (e.lower() for e in parsed.extra):
-            parsed.extra.append(phrase)
+        if not phrase or not re.search(r"[^\W\d_]", phrase) or phrase.lower() in (e.lower() for e in parsed.extra):
+            continue
+        # Said already: "a dramatic portrait, moody lighting" -> dramatic lighting, not also "dramatic";
+        # "angry-looking, frowning" -> angry expression.
+        if _words_of([phrase], lexicon) <= said:
+            continue
+        parsed.extra.append(phrase)
+
+
+def _words_of(terms: list[str], lexicon: Lexicon) -> set[str]:
+    """The content words of `terms`, lower case, hyphenated words split, filler left out."""
+    words = {w for term in terms for w in re.findall(r"[^\W\d_]+", term.lower())}
+    return {w for w in words if not lexicon.filler.fullmatch(w)}
