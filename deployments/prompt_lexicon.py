@@ -46,9 +46,10 @@ class Lexicon:
     hair_colors: dict[str, re.Pattern]
     hair_styles: dict[str, re.Pattern]
     hair_shades: re.Pattern
-    accessories: dict[str, re.Pattern]  # group 1: the colour/material/size words before the accessory, if any
-    lighting: dict[str, re.Pattern]  # group 1: the quality words before it ("soft studio light")
-    facial_hair: dict[str, re.Pattern]  # group 1: the colour/grooming words before it ("trimmed gray beard")
+    accessories: dict[str, LongestMatch]  # group 1: the colour/material/size words before the accessory, if any
+    # key -> value -> patterns whose group 1 is the modifier words kept with the value:
+    # "soft studio light", "round glasses", "neatly trimmed gray beard" (`<key>_modifiers` in the YAML)
+    modified: dict[str, dict[str, LongestMatch]]
     styles: dict[str, re.Pattern]
     quality: dict[str, re.Pattern]
     quality_groups: tuple[tuple[str, ...], ...]  # synonyms: only the first one asked for is kept
@@ -130,14 +131,15 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     return patterns
 
 
-def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_word: bool) -> dict[str, re.Pattern]:
+def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_word: bool) -> dict[str, LongestMatch]:
     """Patterns with an optional run of modifier words first, captured as group 1: 'little gold
     (hoop) earrings', 'neatly trimmed gray beard'. `skip_one_word` allows one unknown word
-    between the run and the noun (the 'hoop' of hoop earrings)."""
+    between the run and the noun (the 'hoop' of hoop earrings). Longest match wins, as in
+    `_compile_group` ("golden hour light" is not "golden hour" + a leftover "light")."""
     lead = "|".join(re.escape(m) for m in modifiers)
     gap = r"(?:[a-z]+\s+)?" if skip_one_word else ""
-    return {value: re.compile(rf"(?<![\w-])(?:((?:(?:{lead})\s+)+){gap})?(?:{re.escape(value)}|{'|'.join(patterns)})"
-                              rf"(?![\w-])", re.IGNORECASE)
+    return {value: LongestMatch([re.compile(rf"(?<![\w-])(?:((?:(?:{lead})\s+)+){gap})?(?:{alternative})(?![\w-])",
+                                            re.IGNORECASE) for alternative in [re.escape(value), *patterns]])
             for value, patterns in group.items()}
 
 
@@ -189,9 +191,8 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         hair_styles=_compile_group(data["hair_styles"], _english),
         hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),
         accessories=_with_modifiers(data["attributes"]["accessories"], data["accessory_modifiers"], skip_one_word=True),
-        lighting=_with_modifiers(data["attributes"]["lighting"], data["lighting_modifiers"], skip_one_word=False),
-        facial_hair=_with_modifiers(data["attributes"]["facial_hair"], data["facial_hair_modifiers"],
-                                    skip_one_word=False),
+        modified={key: _with_modifiers(values, data[f"{key}_modifiers"], skip_one_word=False)
+                  for key, values in data["attributes"].items() if f"{key}_modifiers" in data},
         styles=_compile_group(data["styles"], _english, canonical=True),
         quality=_compile_group(data["quality"], _english, canonical=True),
         quality_groups=tuple(tuple(group) for group in data.get("quality_groups", ())),

@@ -254,9 +254,9 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
         if key == "facial_hair":
             _parse_facial_hair(work, lexicon, parsed)
             continue
-        if key == "lighting":  # with its quality words: "soft natural light" -> soft natural lighting
-            values = lexicon.lighting
-        _add(parsed, key, _take_values(work, values, parsed, modified=key == "lighting"))
+        # with its modifier words: "soft natural light" -> soft natural lighting
+        modified = key in lexicon.modified
+        _add(parsed, key, _take_values(work, lexicon.modified.get(key, values), parsed, modified=modified))
         implied = _take_values(work, lexicon.implied.get(key, {}), parsed)
         if key not in parsed.attributes:
             _add(parsed, key, implied)
@@ -270,7 +270,7 @@ def _parse_accessories(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction)
 def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     """Every kind named ("a beard and a mustache" -> beard and mustache), each with its colour
     and grooming words ("neatly trimmed gray beard")."""
-    found = _take_values(work, lexicon.facial_hair, parsed, modified=True)
+    found = _take_values(work, lexicon.modified["facial_hair"], parsed, modified=True)
     # "a bearded man with a thick black beard": beard is said by thick black beard
     found = [v for v in found if not any(set(v.split()) < set(other.split()) for other in found)]
     if found:
@@ -278,11 +278,15 @@ def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction)
 
 
 def _modified(match: re.Match, value: str) -> str:
-    """The canonical value with the modifier run the pattern captured before it."""
+    """The canonical value with the modifier run the pattern captured before it ("wearing
+    glasses" takes them after its verb: wearing round glasses)."""
     modifiers = " ".join((match.group(1) or "").lower().split())
     words = value.split()
     kept = [m for m in modifiers.split() if m not in words]  # "thick full beard" says full twice
-    return " ".join(kept + [value]) if kept else value
+    if not kept:
+        return value
+    verb = "wearing " if value.startswith("wearing ") else ""
+    return verb + " ".join(kept + [value.removeprefix(verb)])
 
 
 WORD = re.compile(r"[a-z][\w-]*", re.IGNORECASE)

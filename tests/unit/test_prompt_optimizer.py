@@ -372,3 +372,21 @@ def test_canonical_values_are_spelled_in_the_fewest_clip_tokens(engine):
     assert not costly
     assert engine.optimize("a close-up of a man").attributes["view"] == "closeup"
     assert engine.optimize("a man, 8k uhd").prompt == "man, photorealistic, 4K"
+
+
+@pytest.mark.parametrize("text,prompt", [
+    ("a man, golden hour lighting", "man, golden hour"),  # no leftover "lighting"
+    ("a woman, soft natural window light", "woman, soft natural lighting"),
+])
+def test_a_modified_value_takes_its_longest_phrasing(engine, text, prompt):
+    assert engine.optimize(text).prompt == prompt
+
+
+@pytest.mark.parametrize("text,glasses", [
+    ("a man with round spectacles", "wearing round glasses"),
+    ("a nurse with thin rimmed glasses", "wearing thin rimmed glasses"),
+    ("a woman in reading glasses", "wearing reading glasses"),
+    ("a man wearing glasses", "wearing glasses"),
+])
+def test_glasses_keep_their_shape_and_kind(engine, text, glasses):
+    assert engine.optimize(text).attributes["glasses"] == glasses
