@@ -35,6 +35,8 @@ class Lexicon:
     gendered_ethnicity: dict[str, str]  # "latina" -> woman: the word names a person and tells the gender
     age_words: dict[str, int]
     age_groups: re.Pattern
+    number_words: dict[str, int]  # "six" -> 6, "forty" -> 40: ages written in words
+    number_word: re.Pattern  # one number in words: "six", "forty-two", "thirty five"
     age_nouns: dict[str, re.Pattern]  # age group -> person nouns that tell it ("teenager")
     bare_age: re.Pattern  # a number on its own right after a person noun; group 1
     adult_age: int  # from this age a boy is a man; under it a man is a boy
@@ -143,6 +145,14 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
             for value, patterns in group.items()}
 
 
+def _number_word(numbers: dict[str, int]) -> re.Pattern:
+    """A number in words up to ninety-nine: tens with an optional unit ("forty-two"), or one word."""
+    tens = "|".join(w for w, n in numbers.items() if n >= 20 and n % 10 == 0)
+    units = "|".join(w for w, n in numbers.items() if n < 10)
+    words = "|".join(sorted(numbers, key=len, reverse=True))
+    return re.compile(rf"(?<![\w-])(?:(?:{tens})[\s-](?:{units})|{words})(?![\w-])", re.IGNORECASE)
+
+
 def _bare_age(data: dict) -> re.Pattern:
     """'woman, 34, with ...': a 1-3 digit number set off by commas right after a person noun."""
     nouns = _person_nouns(data)
@@ -154,11 +164,14 @@ def _words(words: list) -> re.Pattern:
     return _english([re.escape(str(word)) for word in sorted(words, key=lambda w: -len(str(w)))])
 
 
-def _with_nouns(group: dict[str, list[str]], nouns) -> dict[str, list[str]]:
-    """Each pattern may be followed by one of `nouns`: 'serious face', 'stern look' -> serious."""
-    if not nouns:
+def _with_nouns(group: dict[str, list[str]], nouns, suffixes=()) -> dict[str, list[str]]:
+    """Each pattern may be followed by one of `nouns` or `suffixes`: 'serious face', 'stern look',
+    'serious-looking' -> serious."""
+    if not nouns and not suffixes:
         return group
-    tail = rf"(?:\s+(?:{'|'.join(re.escape(n) for n in nouns)}))?"
+    endings = [rf"\s+(?:{'|'.join(re.escape(n) for n in nouns)})"] if nouns else []
+    endings += [re.escape(suffix) for suffix in suffixes]
+    tail = rf"(?:{'|'.join(endings)})?"
     return {value: [f"(?:{p}){tail}" for p in patterns] for value, patterns in group.items()}
 
 
@@ -177,13 +190,16 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
                                      re.IGNORECASE),
         age_words=dict(data["age_words"]),
         age_groups=_english([re.escape(word) for word in data["age_groups"]]),
+        number_words={str(word): int(n) for word, n in data["number_words"].items()},
+        number_word=_number_word(data["number_words"]),
         age_nouns={age: _english([re.escape(n) for n, a in data.get("age_nouns", {}).items() if a == age])
                    for age in set(data.get("age_nouns", {}).values())},
         bare_age=_bare_age(data),
         adult_age=int(data["youth"]["adult_age"]),
         minor_age_groups=tuple(data["youth"]["minor_age_groups"]),
         adult_of=dict(data["youth"]["adult_of"]),
-        attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ())), _english, canonical=True)
+        attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ()), data.get(f"{key}_suffixes", ())),
+                                        _english, canonical=True)
                     for key, values in data["attributes"].items()},
         implied={key: _compile_group(values, _english) for key, values in data.get("implied", {}).items()},
         hair_nouns=_compile_group(data["hair_nouns"], _english),

@@ -19,11 +19,16 @@ AGE_NUMBER = [
     re.compile(r"(?<!\w)(?:age|aged)\s*[:=]?\s*(\d{1,3})(?!\d)", re.IGNORECASE),
     re.compile(r"(?<!\d)(\d{1,3})\s*-?\s*(?:years?|yrs?|yo)(?:\s*-?\s*old)?(?!\w)", re.IGNORECASE),
     # "around 25", "roughly 40": a hedged bare number, unless a unit follows ("about 85mm")
-    re.compile(r"(?<!\w)(?:around|about|roughly|approximately|circa)\s+(\d{1,3})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
+    re.compile(r"(?<!\w)(?:around|about|roughly|approximately|circa|maybe|perhaps|probably|like)\s+(\d{1,3})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
                r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))", re.IGNORECASE),
 ]
-AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+)"
-                        r"(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
+# a decade after "in his", after early/mid/late, or as a phrase of its own ("Caucasian female, 50s, ...")
+AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+"
+                        r"|(?:^|(?<=[,:]))\s*(?=[\w']+\s*(?:[,.;]|$)))(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
+# where a number written in words is an age: "around six", "aged forty-two", "six years old"
+AGE_WORD_BEFORE = re.compile(r"(?:(?<!\w)(?:age|aged)\s*[:=]?|(?<!\w)(?:around|about|roughly|approximately|circa|maybe"
+                             r"|perhaps|probably|like))\s+$", re.IGNORECASE)
+AGE_WORD_AFTER = re.compile(r"^\s*-?\s*(?:years?|yrs?|yo)(?!\w)", re.IGNORECASE)
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
 CONSUMED = " , "  # what a consumed span becomes: keeps phrase boundaries
@@ -210,9 +215,19 @@ def _merge_zh_hair(values: list[str], lexicon: Lexicon) -> list[str]:
     return merged + (["bald"] if "bald" in values else [])
 
 
+def _age_words_as_digits(work: _Text, lexicon: Lexicon) -> None:
+    """'a girl around six' -> 'a girl around 6': number words become digits where they say an
+    age, so the number patterns read them; 'one earring' stays as written."""
+    for match in reversed(list(lexicon.number_word.finditer(work.text))):
+        if AGE_WORD_BEFORE.search(work.text[:match.start()]) or AGE_WORD_AFTER.match(work.text[match.end():]):
+            value = sum(lexicon.number_words[w.lower()] for w in re.split(r"[\s-]+", match.group(0)))
+            work.cut(match.start(), match.end(), str(value))
+
+
 def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     if "age" in parsed.attributes:
         return
+    _age_words_as_digits(work, lexicon)
     for pattern in AGE_NUMBER:
         match = work.take(pattern)
         if match and 0 < int(match.group(1)) < 130:
@@ -290,7 +305,8 @@ def _modified(match: re.Match, value: str) -> str:
 
 
 WORD = re.compile(r"[a-z][\w-]*", re.IGNORECASE)
-HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})(?:hair(?:\s*styles?|cut)?|(?<=pixie )cut)(?!\w)", re.IGNORECASE)
+# group 2: the hair's noun; "a blonde pixie cut", "a short black bob" name the hair by its cut
+HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})(hair(?:\s*styles?|cut)?|(?<=pixie )cut|bob)(?!\w)", re.IGNORECASE)
 
 
 def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -316,12 +332,17 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
         while spans and spans[0].group(0).lower() in ("and", "&"):
             spans = spans[1:]
         words = [m.group(0) for m in spans]
+        noun = match.group(2).lower()
+        if not noun.startswith("hair"):
+            if not words:
+                continue  # "Bob" alone is a name, not a haircut
+            words.append(noun)
         styles = [s for s, p in lexicon.hair_styles.items() if any(p.fullmatch(w) for w in words)]
         colors = _hair_colors(words, lexicon)
         colors += [c for c in named if c not in colors]
         if styles or colors:
             parsed.attributes["hair"] = " ".join(styles + ([" and ".join(colors)] if colors else []) + ["hair"])
-            start = match.start(1) + spans[0].start()
+            start = match.start(1) + spans[0].start() if spans else match.start(2)
             work.cut(start, match.end())
             return
 

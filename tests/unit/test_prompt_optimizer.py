@@ -390,3 +390,31 @@ def test_a_modified_value_takes_its_longest_phrasing(engine, text, prompt):
 ])
 def test_glasses_keep_their_shape_and_kind(engine, text, glasses):
     assert engine.optimize(text).attributes["glasses"] == glasses
+
+
+@pytest.mark.parametrize("text,key,value", [
+    ("a little girl around six with pigtails", "age", "age:6"),
+    ("a man aged forty-two", "age", "age:42"),
+    ("a woman, thirty five years old", "age", "age:35"),
+    ("Caucasian female, 50s, silver bob", "age", "age:55"),
+    ("East Asian businessman, forties, short hair", "age", "age:45"),
+    ("an older Korean gentleman, maybe 70, with a beard", "age", "age:70"),
+    ("an old fisherman", "age", "old"),
+    ("a serious-looking woman", "expression", "serious expression"),
+    ("a woman, blurry background", "background", "blurred background"),
+    ("a boy outside on a farm", "background", "outdoors"),
+    ("a man, soft morning light", "lighting", "soft natural lighting"),
+    ("a woman, softbox lighting", "lighting", "studio lighting"),
+    ("a woman with a short black bob", "hair", "short bob black hair"),
+    ("a woman with big curly brown hair", "hair", "big curly brown hair"),
+    ("a blonde woman with her hair down", "hair", "blonde hair"),  # raised IndexError before
+    ("一个男人，特写，戏剧性灯光", "lighting", "dramatic lighting"),
+])
+def test_phrasings_from_the_third_held_out_set(engine, text, key, value):
+    assert engine.optimize(text).attributes[key] == value
+
+
+def test_number_words_are_ages_only_where_an_age_is_said(engine):
+    assert engine.optimize("a man with one earring, smiling").attributes == {
+        "identity": "man", "expression": "smiling expression", "accessories": ["earrings"]}
+    assert "age" not in engine.optimize("a man named Bob, 80s style").attributes
