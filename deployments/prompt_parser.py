@@ -337,7 +337,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             if not words:
                 continue  # "Bob" alone is a name, not a haircut
             words.append(noun)
-        styles = [s for s, p in lexicon.hair_styles.items() if any(p.fullmatch(w) for w in words)]
+        styles = [s for s, p in lexicon.hair_styles.items() if p.search(" ".join(words))]  # "shoulder length"
         colors = _hair_colors(words, lexicon)
         colors += [c for c in named if c not in colors]
         if styles or colors:
@@ -348,8 +348,10 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
 
 
 def _describes_hair(word: str, lexicon: Lexicon) -> bool:
-    return any(p.fullmatch(word) for p in (*lexicon.hair_styles.values(), *lexicon.hair_colors.values(),
-                                           lexicon.hair_shades))
+    # a word of a two-word style counts too: the "shoulder" and "length" of shoulder length
+    parts = {part for style in lexicon.hair_styles if " " in style for part in style.split()}
+    return word.lower() in parts or any(p.fullmatch(word) for p in (*lexicon.hair_styles.values(),
+                                                                    *lexicon.hair_colors.values(), lexicon.hair_shades))
 
 
 def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
