@@ -198,8 +198,8 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         adult_age=int(data["youth"]["adult_age"]),
         minor_age_groups=tuple(data["youth"]["minor_age_groups"]),
         adult_of=dict(data["youth"]["adult_of"]),
-        attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ()), data.get(f"{key}_suffixes", ())),
-                                        _english, canonical=True)
+        attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ()),
+                                                    data.get(f"{key}_suffixes", ())), _english, canonical=True)
                     for key, values in data["attributes"].items()},
         implied={key: _compile_group(values, _english) for key, values in data.get("implied", {}).items()},
         hair_nouns=_compile_group(data["hair_nouns"], _english),

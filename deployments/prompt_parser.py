@@ -15,19 +15,19 @@ from deployments.prompt_lexicon import Lexicon
 
 # Age grammar: number forms ("35 years old", "35-year-old", "aged 35", "age: 35", "around 35") and
 # decades ("in his thirties", "in her 40s"). Vague ages come from the lexicon's age_groups.
+HEDGES = "around|about|roughly|approximately|circa|maybe|perhaps|probably|like"  # before an age: "maybe 70"
 AGE_NUMBER = [
     re.compile(r"(?<!\w)(?:age|aged)\s*[:=]?\s*(\d{1,3})(?!\d)", re.IGNORECASE),
     re.compile(r"(?<!\d)(\d{1,3})\s*-?\s*(?:years?|yrs?|yo)(?:\s*-?\s*old)?(?!\w)", re.IGNORECASE),
     # "around 25", "roughly 40": a hedged bare number, unless a unit follows ("about 85mm")
-    re.compile(r"(?<!\w)(?:around|about|roughly|approximately|circa|maybe|perhaps|probably|like)\s+(\d{1,3})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
+    re.compile(rf"(?<!\w)(?:{HEDGES})\s+(\d{{1,3}})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
                r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))", re.IGNORECASE),
 ]
 # a decade after "in his", after early/mid/late, or as a phrase of its own ("Caucasian female, 50s, ...")
 AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+"
                         r"|(?:^|(?<=[,:]))\s*(?=[\w']+\s*(?:[,.;]|$)))(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
 # where a number written in words is an age: "around six", "aged forty-two", "six years old"
-AGE_WORD_BEFORE = re.compile(r"(?:(?<!\w)(?:age|aged)\s*[:=]?|(?<!\w)(?:around|about|roughly|approximately|circa|maybe"
-                             r"|perhaps|probably|like))\s+$", re.IGNORECASE)
+AGE_WORD_BEFORE = re.compile(rf"(?<!\w)(?:(?:age|aged)\s*[:=]?|{HEDGES})\s+$", re.IGNORECASE)
 AGE_WORD_AFTER = re.compile(r"^\s*-?\s*(?:years?|yrs?|yo)(?!\w)", re.IGNORECASE)
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
@@ -421,9 +421,8 @@ def _first_match(work: _Text, group: dict[str, re.Pattern]) -> str | None:
 
 def _collect_leftovers(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     work.take_all(lexicon.noise)
-    said = _words_of([parsed.identity or "", parsed.style or "", *parsed.quality,
-                      *(v for value in parsed.attributes.values() for v in (value if isinstance(value, list) else [value]))],
-                     lexicon)
+    values = [v for value in parsed.attributes.values() for v in (value if isinstance(value, list) else [value])]
+    said = _words_of([parsed.identity or "", parsed.style or "", *parsed.quality, *values], lexicon)
     for phrase in PHRASE_BREAK.split(work.text):
         phrase = " ".join(re.findall(r"[\w'&+-]+", phrase)).strip(" -'")
         if not phrase or not re.search(r"[^\W\d_]", phrase) or phrase.lower() in (e.lower() for e in parsed.extra):
