@@ -174,11 +174,18 @@ class PromptOptimizerEngine:
         parsed = parse_instruction(original, self.lexicon)
         warnings = list(parsed.warnings)
         if parsed.identity is None and not parsed.attributes and not parsed.extra:
-            # Nothing but filler words ("a portrait, please"): still a valid prompt, as written.
-            warnings.append("nothing to optimize: the prompt is all filler words; used as written")
-            negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default,
-                                             negative_terms(parsed.negated))
-            text = _join_unique([template, original]) if template else original
+            asked_away = negative_terms(parsed.negated)
+            negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default, asked_away)
+            if asked_away:
+                # "no glasses" as written would put glasses in front of CLIP: what is asked away
+                # goes to the negative prompt only, the prompt keeps the style and quality asked for.
+                warnings.append(f"the prompt only asks things away ({', '.join(asked_away)}): they are in the "
+                                "negative prompt; the prompt is the style alone")
+                text = _join_unique([template, parsed.style or self.default_style, *parsed.quality])
+            else:
+                # Nothing but filler words ("a portrait, please"): still a valid prompt, as written.
+                warnings.append("nothing to optimize: the prompt is all filler words; used as written")
+                text = _join_unique([template, original]) if template else original
             return self._result(text, negative, original_tokens, cache_namespace, {}, warnings, template)
         attributes = {"identity": parsed.identity, **parsed.attributes} if parsed.identity else dict(parsed.attributes)
         style = parsed.style or self.default_style

@@ -167,6 +167,8 @@ def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> 
         if key == "accessories":
             for value in found:
                 _set(parsed, key, value)
+        elif key == "facial_hair" and found:  # joined as the English kinds are: beard and mustache
+            parsed.attributes.setdefault(key, " and ".join(found))
         else:
             _add(parsed, key, found)
     for style, pattern in lexicon.zh_styles.items():

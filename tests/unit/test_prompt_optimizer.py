@@ -437,3 +437,15 @@ def test_an_optimized_prompt_optimizes_to_itself(engine):
         attributes = {k: v for k, v in first.attributes.items() if v != "neutral"}  # neutral is not written
         assert again.attributes == attributes, (row["id"], first.prompt)
         assert again.prompt_tokens <= first.prompt_tokens, row["id"]
+
+
+def test_an_instruction_that_only_asks_things_away_does_not_name_them(engine):
+    # "no glasses" as written puts glasses in front of CLIP
+    result = engine.optimize("no glasses, without a smile, sharp")
+    assert result.prompt == "photorealistic, sharp focus"
+    assert result.negative_prompt.endswith(", smiling, glasses")
+    assert any("only asks things away" in w for w in result.warnings)
+
+
+def test_chinese_facial_hair_kinds_join_as_english_ones_do(engine):
+    assert engine.optimize("一个男人，胡子，小胡子").attributes["facial_hair"] == "beard and mustache"
