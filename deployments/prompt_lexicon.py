@@ -45,6 +45,9 @@ class Lexicon:
     attributes: dict[str, dict[str, LongestMatch]]  # key -> canonical value -> its patterns
     implied: dict[str, dict[str, re.Pattern]]  # key -> value -> pattern, used only when the key has no value
     hair_nouns: dict[str, re.Pattern]
+    # "<up to 5 words> <noun>": group 1 the words, group 2 the noun (hair, haircut, braids, bob, ...)
+    hair_phrase: re.Pattern
+    hair_nouns_alone: frozenset[str]  # nouns that name the hair with no hair word before them
     hair_colors: dict[str, re.Pattern]
     hair_styles: dict[str, re.Pattern]
     hair_shades: re.Pattern
@@ -119,9 +122,11 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     nouns = _person_nouns(data)
     context = "|".join(data["ethnicity_context"])
     gendered = {w for words in data.get("gendered_ethnicity", {}).values() for w in words}
+    # "Nigerian-American", "Korean-Canadian": the first word names the ethnicity
+    suffix = rf"(?:-(?:{'|'.join(data['ethnicity_suffixes'])}))?"
     patterns = {}
     for name, words in data["ethnicity"].items():
-        word = _english(words).pattern
+        word = _english([rf"(?:{'|'.join(words)}){suffix}"]).pattern
         # "a Latina with curly hair": a gendered ethnicity word names a person by itself
         own = [w for w in words if w in gendered]
         alone = rf"|{_english([re.escape(w) for w in own]).pattern}" if own else ""
@@ -145,12 +150,18 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
             for value, patterns in group.items()}
 
 
+def _hair_phrase(nouns: dict[str, list[str]]) -> re.Pattern:
+    words = sorted((*nouns["alone"], *nouns["after_a_hair_word"]), key=len, reverse=True)
+    noun = "|".join([r"hair(?:\s*styles?|cut)?", *(re.escape(w) for w in words)])
+    return re.compile(rf"((?:[a-z][\w-]*[\s,]+){{0,5}})({noun})(?!\w)", re.IGNORECASE)
+
+
 def _number_word(numbers: dict[str, int]) -> re.Pattern:
     """A number in words up to ninety-nine: tens with an optional unit ("forty-two"), or one word."""
     tens = "|".join(w for w, n in numbers.items() if n >= 20 and n % 10 == 0)
     units = "|".join(w for w, n in numbers.items() if n < 10)
     words = "|".join(sorted(numbers, key=len, reverse=True))
-    return re.compile(rf"(?<![\w-])(?:(?:{tens})[\s-](?:{units})|{words})(?![\w-])", re.IGNORECASE)
+    return re.compile(rf"(?<![\w-])(?:(?:{tens})[\s-](?:{units})|{words})(?!\w|-(?!ish))", re.IGNORECASE)
 
 
 def _bare_age(data: dict) -> re.Pattern:
@@ -203,6 +214,8 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
                     for key, values in data["attributes"].items()},
         implied={key: _compile_group(values, _english) for key, values in data.get("implied", {}).items()},
         hair_nouns=_compile_group(data["hair_nouns"], _english),
+        hair_phrase=_hair_phrase(data["hair_phrase_nouns"]),
+        hair_nouns_alone=frozenset(data["hair_phrase_nouns"]["alone"]),
         hair_colors=_compile_group(data["hair_colors"], _english),
         hair_styles=_compile_group(data["hair_styles"], _english),
         hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),

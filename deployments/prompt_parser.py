@@ -19,6 +19,7 @@ HEDGES = "around|about|roughly|approximately|circa|maybe|perhaps|probably|like" 
 AGE_NUMBER = [
     re.compile(r"(?<!\w)(?:age|aged)\s*[:=]?\s*(\d{1,3})(?!\d)", re.IGNORECASE),
     re.compile(r"(?<!\d)(\d{1,3})\s*-?\s*(?:years?|yrs?|yo)(?:\s*-?\s*old)?(?!\w)", re.IGNORECASE),
+    re.compile(r"(?<![\w.])(\d{1,3})-?ish(?!\w)", re.IGNORECASE),  # "45ish", "30-ish"
     # "around 25", "roughly 40": a hedged bare number, unless a unit follows ("about 85mm")
     re.compile(rf"(?<!\w)(?:{HEDGES})\s+(\d{{1,3}})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
                r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))", re.IGNORECASE),
@@ -28,7 +29,7 @@ AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|la
                         r"|(?:^|(?<=[,:]))\s*(?=[\w']+\s*(?:[,.;]|$)))(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
 # where a number written in words is an age: "around six", "aged forty-two", "six years old"
 AGE_WORD_BEFORE = re.compile(rf"(?<!\w)(?:(?:age|aged)\s*[:=]?|{HEDGES})\s+$", re.IGNORECASE)
-AGE_WORD_AFTER = re.compile(r"^\s*-?\s*(?:years?|yrs?|yo)(?!\w)", re.IGNORECASE)
+AGE_WORD_AFTER = re.compile(r"^(?:\s*-?\s*(?:years?|yrs?|yo)|-?ish)(?!\w)", re.IGNORECASE)
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
 CONSUMED = " , "  # what a consumed span becomes: keeps phrase boundaries
@@ -307,8 +308,6 @@ def _modified(match: re.Match, value: str) -> str:
 
 
 WORD = re.compile(r"[a-z][\w-]*", re.IGNORECASE)
-# group 2: the hair's noun; "a blonde pixie cut", "a short black bob" name the hair by its cut
-HAIR = re.compile(r"((?:[a-z][\w-]*[\s,]+){1,5})(hair(?:\s*styles?|cut)?|(?<=pixie )cut|bob)(?!\w)", re.IGNORECASE)
 
 
 def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -318,7 +317,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
     named = [value.removesuffix(" hair") for value, pattern in lexicon.hair_nouns.items() if work.take_all(pattern)]
     if named:
         parsed.attributes["hair"] = " and ".join(named) + " hair"
-    for match in HAIR.finditer(work.text):
+    for match in lexicon.hair_phrase.finditer(work.text):
         # The hair's own words: the run of style, colour and shade words (with "and" between
         # them) right before "hair", within its phrase: "Black woman, gray hair" is gray, and
         # "a five o'clock shadow and short black hair" is short black.
@@ -335,8 +334,8 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             spans = spans[1:]
         words = [m.group(0) for m in spans]
         noun = match.group(2).lower()
-        if not noun.startswith("hair"):
-            if not words:
+        if not noun.startswith("hair"):  # "long braids", "a short black bob"
+            if not words and noun not in lexicon.hair_nouns_alone:
                 continue  # "Bob" alone is a name, not a haircut
             words.append(noun)
         styles = [s for s, p in lexicon.hair_styles.items() if p.search(" ".join(words))]  # "shoulder length"

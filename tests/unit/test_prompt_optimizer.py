@@ -449,3 +449,17 @@ def test_an_instruction_that_only_asks_things_away_does_not_name_them(engine):
 
 def test_chinese_facial_hair_kinds_join_as_english_ones_do(engine):
     assert engine.optimize("一个男人，胡子，小胡子").attributes["facial_hair"] == "beard and mustache"
+
+
+@pytest.mark.parametrize("text,key,value", [
+    ("Ethiopian woman, 24, long braids, gold necklace", "hair", "long braided hair"),
+    ("a toddler boy, blond curls, wide eyes", "hair", "curly blonde hair"),
+    ("a woman with a high ponytail", "hair", "ponytail hair"),
+    ("a man with short dreadlocks", "hair", "short dreadlocks hair"),
+    ("chubby Latino dad, 45ish, bald", "age", "age:45"),
+    ("an angry Scottish man, fifty-ish, ginger hair", "age", "age:50"),
+    ("Headshot, Nigerian-American man, age 33", "identity", "Black man"),
+    ("a Korean-Canadian woman", "identity", "Asian woman"),
+])
+def test_phrasings_from_the_fourth_held_out_set(engine, text, key, value):
+    assert engine.optimize(text).attributes[key] == value
