@@ -161,7 +161,7 @@ def _number_word(numbers: dict[str, int]) -> re.Pattern:
     tens = "|".join(w for w, n in numbers.items() if n >= 20 and n % 10 == 0)
     units = "|".join(w for w, n in numbers.items() if n < 10)
     words = "|".join(sorted(numbers, key=len, reverse=True))
-    return re.compile(rf"(?<![\w-])(?:(?:{tens})[\s-](?:{units})|{words})(?!\w|-(?!ish))", re.IGNORECASE)
+    return re.compile(rf"(?<![\w-])(?:(?:{tens})[\s-](?:{units})|{words})(?!\w|-(?!ish|years?|yrs?))", re.IGNORECASE)
 
 
 def _bare_age(data: dict) -> re.Pattern:

@@ -207,7 +207,10 @@ class PromptOptimizerEngine:
         values = [v for value in attributes.values()
                   for v in (value if isinstance(value, list) else value.split(", "))]
         already_compact = all(v.lower() in original.lower() for v in values)
-        if self.count_tokens(text) - template_tokens > original_tokens and already_compact:
+        structured_tokens = self.count_tokens(text) - template_tokens
+        if structured_tokens > original_tokens and already_compact:
+            warnings.append(f"kept as written: the structured form ({structured_tokens} tokens) is longer than "
+                            f"the prompt ({original_tokens})")
             text = _join_unique([template, original]) if template else original
         else:
             # The 77-token window: drop the lowest-value terms first, never identity or attributes,

@@ -27,6 +27,7 @@ AGE_NUMBER = [
 # a decade after "in his", after early/mid/late, or as a phrase of its own ("Caucasian female, 50s, ...")
 AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+"
                         r"|(?:^|(?<=[,:]))\s*(?=[\w']+\s*(?:[,.;]|$)))(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
+AGE_PHRASE = re.compile(r"(?:^|,)\s*(\d{1,3})\s*(?=,|$)")
 # where a number written in words is an age: "around six", "aged forty-two", "six years old"
 AGE_WORD_BEFORE = re.compile(rf"(?<!\w)(?:(?:age|aged)\s*[:=]?|{HEDGES})\s+$", re.IGNORECASE)
 AGE_WORD_AFTER = re.compile(r"^(?:\s*-?\s*(?:years?|yrs?|yo)|-?ish)(?!\w)", re.IGNORECASE)
@@ -247,7 +248,9 @@ def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None
             parsed.attributes["age"] = f"age:{decade}"
             work.take_all(lexicon.age_groups)
             return
-    match = lexicon.bare_age.search(work.text)  # "a Nigerian woman, 34, with braided hair"
+    # "a Nigerian woman, 34, with braided hair", else a number that is a phrase of its own
+    # ("a man with a gray beard, 55, wearing ...")
+    match = lexicon.bare_age.search(work.text) or AGE_PHRASE.search(work.text)
     if match and 0 < int(match.group(1)) < 130:
         parsed.attributes["age"] = f"age:{int(match.group(1))}"
         work.cut(match.start(1), match.end(1))
