@@ -151,6 +151,8 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
 
 
 def _hair_phrase(nouns: dict[str, list[str]]) -> re.Pattern:
+    """Up to five words (group 1) before the hair's noun (group 2): "hair", "haircut", or a
+    noun that names the hair itself ("braids", "bob")."""
     words = sorted((*nouns["alone"], *nouns["after_a_hair_word"]), key=len, reverse=True)
     noun = "|".join([r"hair(?:\s*styles?|cut)?", *(re.escape(w) for w in words)])
     return re.compile(rf"((?:[a-z][\w-]*[\s,]+){{0,5}})({noun})(?!\w)", re.IGNORECASE)
