@@ -119,7 +119,7 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     """An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
     woman"), with a context word ("of Asian descent"), or as a phrase of its own
     ("female software engineer, Asian, ..."): "black suit" is not one."""
-    nouns = _person_nouns(data)
+    nouns = "|".join([_person_nouns(data), _english([re.escape(n) for n in data["occupation_nouns"]]).pattern])
     context = "|".join(data["ethnicity_context"])
     gendered = {w for words in data.get("gendered_ethnicity", {}).values() for w in words}
     # "Nigerian-American", "Korean-Canadian": the first word names the ethnicity

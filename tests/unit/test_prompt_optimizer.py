@@ -346,7 +346,7 @@ def test_the_identity_noun_agrees_with_the_age(engine, text, identity):
 @pytest.mark.parametrize("text,key,value", [
     ("a Latina college student with curly hair", "identity", "Hispanic woman"),
     ("a Latina with curly hair", "identity", "Hispanic woman"),
-    ("a Latino, 30 years old", "identity", "Hispanic man"),
+    ("a Kenyan farmer, weathered face", "identity", "Black person"),  # farmer stays as content
     ("a South Asian bride, smiling", "identity", "South Asian woman"),
     ("a dentist, bright clean office behind her", "background", "office background"),
     ("a woman walking down a street", "background", "outdoors"),
@@ -476,6 +476,7 @@ def test_phrasings_from_the_fourth_held_out_set(engine, text, key, value):
     ("a woman, blurred village background", "background", "blurred background"),
     ("a bald Black man with a salt-and-pepper beard, 55, wearing a turtleneck", "age", "age:55"),
     ("a bald Black man with a salt-and-pepper beard", "facial_hair", "salt-and-pepper beard"),
+    ("an old Polish man with a big white mustache", "facial_hair", "big white mustache"),
     ("a tall Sudanese man", "identity", "Black man"),
     ("a Thai monk, 60s, shaved head", "identity", "Asian man"),
 ])
