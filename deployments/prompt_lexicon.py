@@ -32,6 +32,7 @@ class Lexicon:
     pronouns: dict[str, re.Pattern]
     ethnicity_in_context: dict[str, re.Pattern]  # ethnicity -> the word where it names a person
     ethnicity_context: re.Pattern  # "(of) descent/origin/...", consumed with the ethnicity
+    gendered_roles: dict[str, re.Pattern]  # gender -> roles that tell it and stay as content ("bride")
     gendered_ethnicity: dict[str, str]  # "latina" -> woman: the word names a person and tells the gender
     age_words: dict[str, int]
     age_groups: re.Pattern
@@ -119,7 +120,9 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     """An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
     woman"), with a context word ("of Asian descent"), or as a phrase of its own
     ("female software engineer, Asian, ..."): "black suit" is not one."""
-    nouns = "|".join([_person_nouns(data), _english([re.escape(n) for n in data["occupation_nouns"]]).pattern])
+    roles = [n for names in data["gendered_roles"].values() for n in names]
+    others = _english([re.escape(n) for n in [*data["occupation_nouns"], *roles]]).pattern
+    nouns = "|".join([_person_nouns(data), others])
     context = "|".join(data["ethnicity_context"])
     gendered = {w for words in data.get("gendered_ethnicity", {}).values() for w in words}
     # "Nigerian-American", "Korean-Canadian": the first word names the ethnicity
@@ -198,6 +201,8 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         gender=_compile_group(data["gender"], _english),
         pronouns=_compile_group(data["pronouns"], _english),
         ethnicity_in_context=_ethnicity_in_context(data),
+        gendered_roles={gender: _english([re.escape(n) for n in names])
+                        for gender, names in data["gendered_roles"].items()},
         gendered_ethnicity={w: gender for gender, words in data.get("gendered_ethnicity", {}).items() for w in words},
         ethnicity_context=re.compile(rf"(?<!\w)(?:of\s+)?(?:{'|'.join(data['ethnicity_context'])})(?!\w)",
                                      re.IGNORECASE),

@@ -206,7 +206,8 @@ class PromptOptimizerEngine:
         # several values of a key are one comma-separated string: each must be in the text
         values = [v for value in attributes.values()
                   for v in (value if isinstance(value, list) else value.split(", "))]
-        already_compact = all(v.lower() in original.lower() for v in values)
+        already_compact = all(re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", original, re.IGNORECASE)
+                              for v in values)  # whole words: "man" is not said by "fisherman"
         structured_tokens = self.count_tokens(text) - template_tokens
         if structured_tokens > original_tokens and already_compact:
             warnings.append(f"kept as written: the structured form ({structured_tokens} tokens) is longer than "

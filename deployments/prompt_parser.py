@@ -388,9 +388,10 @@ def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) ->
             ethnicity, ethnicity_gender = name, lexicon.gendered_ethnicity.get(match.group(0).strip(" ,").lower())
             break
     # a gendered noun first: "a teen girl" is a girl, though "teen" (a person noun) comes first;
-    # then a gendered ethnicity word ("a Latina college student")
+    # then a role that tells the gender ("a bride", kept as content) or a gendered ethnicity word
+    # ("a Latina college student")
     gendered = {name: p for name, p in lexicon.gender.items() if name != "person"}
-    gender = (_first_match(work, gendered) or ethnicity_gender
+    gender = (_first_match(work, gendered) or _first_match(work, lexicon.gendered_roles) or ethnicity_gender
               or _first_match(work, {"person": lexicon.gender["person"]}) or _first_match(work, lexicon.pronouns))
     for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
         work.take_all(pattern)

@@ -489,3 +489,14 @@ def test_a_compact_prompt_kept_as_written_says_why(engine):
     result = engine.optimize(compact)
     assert result.prompt == compact
     assert result.warnings == ("kept as written: the structured form (7 tokens) is longer than the prompt (6)",)
+
+
+@pytest.mark.parametrize("text,identity,kept", [
+    ("a South Asian bride, smiling", "South Asian woman", "bride"),
+    ("a Thai monk in orange robes", "Asian man", "monk"),
+    ("an elderly fisherman mending a net", "man", "fisherman"),
+])
+def test_a_role_tells_the_gender_and_stays_in_the_prompt(engine, text, identity, kept):
+    result = engine.optimize(text)
+    assert result.attributes["identity"] == identity
+    assert kept in result.prompt
