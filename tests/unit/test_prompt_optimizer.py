@@ -495,6 +495,7 @@ def test_a_compact_prompt_kept_as_written_says_why(engine):
     ("a South Asian bride, smiling", "South Asian woman", "bride"),
     ("a Thai monk in orange robes", "Asian man", "monk"),
     ("an elderly fisherman mending a net", "man", "fisherman"),
+    ("a Japanese grandmother knitting", "Asian woman", "grandmother"),  # says old, unlike "woman"
 ])
 def test_a_role_tells_the_gender_and_stays_in_the_prompt(engine, text, identity, kept):
     result = engine.optimize(text)
