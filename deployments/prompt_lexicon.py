@@ -51,6 +51,7 @@ class Lexicon:
     hair_nouns_alone: frozenset[str]  # nouns that name the hair with no hair word before them
     hair_colors: dict[str, re.Pattern]
     hair_styles: dict[str, re.Pattern]
+    hair_style_words: frozenset[str]  # the words of two-word styles: "shoulder", "length" of shoulder length
     hair_shades: re.Pattern
     accessories: dict[str, LongestMatch]  # group 1: the colour/material/size words before the accessory, if any
     # key -> value -> patterns whose group 1 is the modifier words kept with the value:
@@ -121,7 +122,7 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
     woman"), with a context word ("of Asian descent"), or as a phrase of its own
     ("female software engineer, Asian, ..."): "black suit" is not one."""
     roles = [n for names in data["gendered_roles"].values() for n in names]
-    others = _english([re.escape(n) for n in [*data["occupation_nouns"], *roles]]).pattern
+    others = _words([*data["occupation_nouns"], *roles]).pattern
     nouns = "|".join([_person_nouns(data), others])
     context = "|".join(data["ethnicity_context"])
     gendered = {w for words in data.get("gendered_ethnicity", {}).values() for w in words}
@@ -132,7 +133,7 @@ def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
         word = _english([rf"(?:{'|'.join(words)}){suffix}"]).pattern
         # "a Latina with curly hair": a gendered ethnicity word names a person by itself
         own = [w for w in words if w in gendered]
-        alone = rf"|{_english([re.escape(w) for w in own]).pattern}" if own else ""
+        alone = rf"|{_words(own).pattern}" if own else ""
         patterns[name] = re.compile(
             rf"(?:{word})(?=(?:[\s,]+[\w-]+){{0,2}}?[\s,]+(?:{nouns}|{context})(?![\w-]))"
             rf"|(?:^|,)\s*(?:{word})\s*(?=,|$){alone}",
@@ -201,8 +202,7 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         gender=_compile_group(data["gender"], _english),
         pronouns=_compile_group(data["pronouns"], _english),
         ethnicity_in_context=_ethnicity_in_context(data),
-        gendered_roles={gender: _english([re.escape(n) for n in names])
-                        for gender, names in data["gendered_roles"].items()},
+        gendered_roles={gender: _words(names) for gender, names in data["gendered_roles"].items()},
         gendered_ethnicity={w: gender for gender, words in data.get("gendered_ethnicity", {}).items() for w in words},
         ethnicity_context=re.compile(rf"(?<!\w)(?:of\s+)?(?:{'|'.join(data['ethnicity_context'])})(?!\w)",
                                      re.IGNORECASE),
@@ -225,6 +225,7 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         hair_nouns_alone=frozenset(data["hair_phrase_nouns"]["alone"]),
         hair_colors=_compile_group(data["hair_colors"], _english),
         hair_styles=_compile_group(data["hair_styles"], _english),
+        hair_style_words=frozenset(w for style in data["hair_styles"] if " " in style for w in style.split()),
         hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),
         accessories=_with_modifiers(data["attributes"]["accessories"], data["accessory_modifiers"], skip_one_word=True),
         modified={key: _with_modifiers(values, data[f"{key}_modifiers"], skip_one_word=False)

@@ -341,7 +341,8 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
             if not words and noun not in lexicon.hair_nouns_alone:
                 continue  # "Bob" alone is a name, not a haircut
             words.append(noun)
-        styles = [s for s, p in lexicon.hair_styles.items() if p.search(" ".join(words))]  # "shoulder length"
+        phrase = " ".join(words)
+        styles = [s for s, p in lexicon.hair_styles.items() if p.search(phrase)]  # "shoulder length" too
         colors = _hair_colors(words, lexicon)
         colors += [c for c in named if c not in colors]
         if styles or colors:
@@ -353,9 +354,8 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
 
 def _describes_hair(word: str, lexicon: Lexicon) -> bool:
     # a word of a two-word style counts too: the "shoulder" and "length" of shoulder length
-    parts = {part for style in lexicon.hair_styles if " " in style for part in style.split()}
-    return word.lower() in parts or any(p.fullmatch(word) for p in (*lexicon.hair_styles.values(),
-                                                                    *lexicon.hair_colors.values(), lexicon.hair_shades))
+    return word.lower() in lexicon.hair_style_words or any(
+        p.fullmatch(word) for p in (*lexicon.hair_styles.values(), *lexicon.hair_colors.values(), lexicon.hair_shades))
 
 
 def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
