@@ -11,8 +11,6 @@ install: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	# The real CLIP BPE vocabulary ships in this wheel; --no-deps keeps torchvision out.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps clip-anytorch==2.6.0
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -62,7 +62,7 @@ PROMPTS = [
 
 
 def request_for(index: int, policy: str, size: int, target_ms: float, seeds: int):
-    from serve_app.request import ImageRequest
+    from serve_app.flow.request import ImageRequest
 
     prompt = PROMPTS[index % len(PROMPTS)]
     seed = index % seeds
@@ -117,13 +117,13 @@ def percentile(values: list[float], share: float) -> float:
 
 def run(size: int, load_factors: list[float], policies: list[str], requests: int, seeds: int,
         target_factor: float, capacity_requests: int) -> dict:
-    from deployments import models
-    from serve_app.cli import load_serve_config, split_app_config
-    from serve_app.pipeline import local_pipeline_for
-    from serve_app.quality import psnr_db
+    from deployments.models import loading
+    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.flow.pipeline import local_pipeline_for
+    from serve_app.flow.quality import psnr_db
 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
-    pipeline = local_pipeline_for(models.resolve_model("tiny"), settings)
+    pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
     batch = settings.denoiser.max_batch_size
 
     async def measure():
@@ -199,10 +199,10 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
     """Each prompt x seed at `steps` steps, one at a time, with convergence early stop at each
     threshold: steps actually run, time, and PSNR against the same request run to the end
     and against 50 steps."""
-    from deployments import models
-    from serve_app.cli import load_serve_config, split_app_config
-    from serve_app.pipeline import local_pipeline_for
-    from serve_app.quality import psnr_db
+    from deployments.models import loading
+    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.flow.pipeline import local_pipeline_for
+    from serve_app.flow.quality import psnr_db
 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
     counted = []
@@ -211,7 +211,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
 
     def render(threshold: float | None, step_count: int | None = None):
         settings.steps.early_stop_threshold = threshold
-        pipeline = local_pipeline_for(models.resolve_model("tiny"), settings, on_step=lambda *_: counted.append(1))
+        pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings, on_step=lambda *_: counted.append(1))
         rows = []
         for request in requests:
             if step_count is not None:

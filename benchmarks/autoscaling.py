@@ -58,7 +58,7 @@ PHASES_TARGET_WORK = 30 * 32 * 32 // 2
 def policies(target_work: int) -> dict[str, dict]:
     return {
         "default (target_ongoing_requests 2)": {**COMMON, "target_ongoing_requests": 2},
-        "queued work": {**COMMON, "policy": {"policy_function": "serve_app.autoscaling:QueuedWorkPolicy",
+        "queued work": {**COMMON, "policy": {"policy_function": "deployments.denoiser.autoscaling:QueuedWorkPolicy",
                                              "policy_kwargs": {"target_work_per_replica": target_work}}},
     }
 
@@ -216,7 +216,7 @@ def run(plan, target_work: int, target_ms: float) -> dict:
     import ray
     from ray import serve
 
-    from serve_app.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     settings, base_options, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"), model="tiny")
     settings = settings.model_copy(update={"num_threads": 1, "stage_threads": {}})

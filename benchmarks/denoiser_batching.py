@@ -48,7 +48,7 @@ MODES = {
 def make_jobs(count: int, size: int, hidden: int, seed: int):
     import torch
 
-    from deployments.denoiser import DenoiseJob
+    from deployments.denoiser.engine import DenoiseJob
 
     rng = random.Random(seed)
     jobs = []
@@ -93,10 +93,10 @@ def drive(engine, jobs, concurrency: int) -> dict:
 
 
 def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, threads: int, model: str = "tiny") -> dict:
-    from deployments import models
-    from deployments.denoiser import DenoiserEngine
+    from deployments.models import loading
+    from deployments.denoiser.engine import DenoiserEngine
 
-    model_path = models.resolve_model(model)
+    model_path = loading.resolve_model(model)
     runs = []
     for size in sizes:
         engines = {mode: DenoiserEngine(model_path, threads, settings) for mode, settings in MODES.items()}
@@ -118,9 +118,9 @@ def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, thread
 
 
 def unet_parameters(model_path) -> int:
-    from deployments import models
+    from deployments.models import loading
 
-    return sum(p.numel() for p in models.load_unet(model_path).parameters())
+    return sum(p.numel() for p in loading.load_unet(model_path).parameters())
 
 
 def markdown(results: dict) -> str:

@@ -56,13 +56,13 @@ def centre_mask(size: int):
 
 
 def run(size: int, steps: int, repeats: int) -> dict:
-    from deployments import models
-    from serve_app.cli import load_serve_config, split_app_config
-    from serve_app.pipeline import local_pipeline_for
-    from serve_app.request import ImageRequest
+    from deployments.models import loading
+    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.flow.pipeline import local_pipeline_for
+    from serve_app.flow.request import ImageRequest
 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"), "tiny")
-    pipeline = local_pipeline_for(models.resolve_model("tiny"), settings)
+    pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
     target = synthetic_photo(size, 0)
 
     def request(seed: int, **edit) -> ImageRequest:

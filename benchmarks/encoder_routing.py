@@ -2,7 +2,7 @@
 
 Each TextEncoder replica has its own prefix cache. With Serve's default router
 (power of two choices) every replica ends up caching every namespace template; with
-`serve_app.encoder_router:PrefixAffinityRouter` a template's requests go to one replica,
+`deployments.text_encoder.router:PrefixAffinityRouter` a template's requests go to one replica,
 so the two caches split the templates between them. The difference shows when the
 templates do not all fit in one replica's budget.
 
@@ -35,12 +35,12 @@ from benchmarks.readme_table import publish  # noqa: E402
 
 SECTION = "encoder_routing"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "encoder_routing.json"
-ROUTER = "serve_app.encoder_router:PrefixAffinityRouter"
+ROUTER = "deployments.text_encoder.router:PrefixAffinityRouter"
 
 
 def workload(tokenizer, templates: int, requests: int, seed: int) -> list[tuple[str, str, str]]:
     """(prompt, namespace, routing key) per request; templates drawn with a skew (hot and cold ones)."""
-    from deployments.prompt_optimizer import routing_key_for
+    from deployments.prompt.optimizer import routing_key_for
 
     rng = random.Random(seed)
     words = [w for w in tokenizer.get_vocab() if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 6]
@@ -78,10 +78,12 @@ def run(options) -> dict:
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from deployments import models, text_encoder
+    from deployments.models import loading
 
-    model_path = models.resolve_model("tiny")
-    tokenizer = models.load_tokenizer(model_path)
+    from deployments.text_encoder import engine as text_encoder
+
+    model_path = loading.resolve_model("tiny")
+    tokenizer = loading.load_tokenizer(model_path)
     requests = workload(tokenizer, options.templates, options.requests, seed=0)
     settings = {"cache": {"max_mib": options.max_mib, "exact_prompts": True, "watchdog": {"enabled": False}},
                 "batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.002}}

@@ -101,10 +101,10 @@ def summarize(results: list[dict]) -> dict:
 
 
 def run(model: str) -> dict:
-    from deployments import models
-    from deployments.prompt_optimizer import PromptOptimizerEngine
+    from deployments.models import loading
+    from deployments.prompt.optimizer import PromptOptimizerEngine
 
-    engine = PromptOptimizerEngine(models.resolve_model(model))
+    engine = PromptOptimizerEngine(loading.resolve_model(model))
     results = evaluate(engine, load_dataset())
     results += [{**row, "held_out": True} for row in evaluate(engine, load_dataset(HELD_OUT))]
     example = engine.optimize(EXAMPLE)

@@ -108,7 +108,7 @@ def requests_for_level(concurrency: int, minimum: int, per_client: int) -> int:
 
 
 def in_process_sender(pipeline, settings) -> Send:
-    from serve_app.api import ImageGenerationBody, to_image_request
+    from serve_app.http.routes import ImageGenerationBody, to_image_request
 
     async def send(body: dict) -> bytes:
         # The same validation and request type as the HTTP route, so both modes run the same job.
@@ -282,7 +282,10 @@ async def measure_modes(senders: dict[str, Send], workload: Workload, levels: li
 
 def dag_cpu_shares(deployment_options: dict[str, dict]) -> float:
     """Logical CPUs the DAG holds at its initial size: replicas x num_cpus, config over code."""
-    from deployments import denoiser, prompt_optimizer, text_encoder, vae_codec
+    from deployments.denoiser import engine as denoiser
+    from deployments.prompt import optimizer as prompt_optimizer
+    from deployments.text_encoder import engine as text_encoder
+    from deployments.vae import codec as vae_codec
     from serve_app.app import Ingress
 
     code_defaults = {
@@ -419,14 +422,14 @@ def deploy_baseline(model_path: Path, settings, deployment_options: dict, total_
 
 
 def run_benchmark(options: argparse.Namespace) -> dict:
-    from deployments import models
-    from serve_app.cli import load_serve_config, split_app_config
-    from serve_app.pipeline import local_pipeline_for
+    from deployments.models import loading
+    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.flow.pipeline import local_pipeline_for
 
     started = time.perf_counter()
     serve_config = load_serve_config(options.config)
     settings, deployment_options, _ = split_app_config(serve_config, options.model)
-    model_path = models.resolve_model(settings.model)
+    model_path = loading.resolve_model(settings.model)
     workload = Workload(options.size, options.steps, options.guidance_scale)
     levels, modes = options.concurrency, options.modes
     minimum, per_client = options.requests_per_level, (1 if options.quick else 2)
@@ -495,7 +498,7 @@ async def _phase_two(options, workload, levels, minimum, per_client, warmups) ->
 
 def assemble_results(runs, warmups, options, settings, model_path, workload, shares, num_cpus,
                      elapsed_s) -> dict:
-    from deployments import models
+    from deployments.models import loading
 
     results: dict = {"runs": runs}
     results.update(derived_ratios(runs))
@@ -503,7 +506,7 @@ def assemble_results(runs, warmups, options, settings, model_path, workload, sha
     results["config"] = {
         **machine_info(),
         "model": settings.model,
-        "model_id": models.model_id(model_path),
+        "model_id": loading.model_id(model_path),
         "size": f"{workload.size}x{workload.size}",
         "steps": workload.steps,
         "guidance_scale": workload.guidance_scale,

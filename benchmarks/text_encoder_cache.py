@@ -51,17 +51,19 @@ def load_engine(model: str, threads: int):
     import yaml
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from deployments import model_builder, models
-    from deployments.text_encoder import TextEncoderEngine
+    from deployments.models import builder
 
-    tiny = models.resolve_model("tiny")
+    from deployments.models import loading
+    from deployments.text_encoder.engine import TextEncoderEngine
+
+    tiny = loading.resolve_model("tiny")
     cache = {"max_mib": 4096, "watchdog": {"enabled": False}}
     if model == "tiny":
         return TextEncoderEngine(tiny, threads, cache)
-    preset = yaml.safe_load((model_builder.PRESET_DIR / f"{model}.yaml").read_text())
+    preset = yaml.safe_load((builder.PRESET_DIR / f"{model}.yaml").read_text())
     torch.manual_seed(0)
     text_model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **preset["text_encoder"])).eval()
-    return TextEncoderEngine.from_model(text_model, models.load_tokenizer(tiny), f"{model}-random", threads, cache)
+    return TextEncoderEngine.from_model(text_model, loading.load_tokenizer(tiny), f"{model}-random", threads, cache)
 
 
 def timed(function) -> tuple[float, object]:

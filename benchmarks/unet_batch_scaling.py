@@ -96,13 +96,13 @@ def op_shares(unet, rows: int, size: int, hidden: int) -> dict[str, float]:
 def run(models_to_run: list[str], sizes: list[int], images: list[int], repeats: int, threads: int) -> dict:
     import torch
 
-    from deployments import models
+    from deployments.models import loading
 
     torch.set_num_threads(threads)
     rows = []
     for model in models_to_run:
-        model_path = models.resolve_model(model)
-        unet = models.load_unet(model_path).eval()
+        model_path = loading.resolve_model(model)
+        unet = loading.load_unet(model_path).eval()
         hidden = unet.config.cross_attention_dim
         for size in sizes:
             base = None

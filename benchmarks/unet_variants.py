@@ -56,21 +56,21 @@ def psnr(a, b) -> float:
 def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dict:
     import torch
 
-    from deployments import models
-    from deployments.denoiser import DenoiseJob, DenoiserEngine
-    from deployments.text_encoder import TextEncoderEngine
-    from deployments.unet_backends import BackendSpec
-    from deployments.unet_pruning import save_pruned_variant
-    from deployments.vae_codec import VaeCodecEngine
+    from deployments.models import loading
+    from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
+    from deployments.text_encoder.engine import TextEncoderEngine
+    from deployments.denoiser.backends import BackendSpec
+    from deployments.denoiser.pruning import save_pruned_variant
+    from deployments.vae.codec import VaeCodecEngine
 
     torch.set_num_threads(threads)
-    path = models.resolve_model("tiny")
+    path = loading.resolve_model("tiny")
     encoder = TextEncoderEngine(path, threads)
     vae = VaeCodecEngine(path, threads)
     negative = "blurry, deformed eyes, asymmetrical face"
     contexts = [encoder.encode([prompt, negative]).hidden for prompt in PROMPTS]
     jobs = [DenoiseJob(c[0:1], c[1:2], size, size, [seed], steps, 7.5) for c in contexts for seed in range(seeds)]
-    config = models.load_unet_config(path)
+    config = loading.load_unet_config(path)
     sample = torch.randn(2, config["in_channels"], size // 8, size // 8)
     timestep, context = torch.tensor([500, 500]), contexts[0].clone()
 

@@ -9,13 +9,21 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments import denoiser, models, prompt_optimizer, text_encoder, vae_codec
-from serve_app import api
+from deployments.denoiser import engine as denoiser
+
+from deployments.models import loading
+
+from deployments.prompt import optimizer as prompt_optimizer
+
+from deployments.text_encoder import engine as text_encoder
+
+from deployments.vae import codec as vae_codec
+from serve_app.http import routes as api
 from serve_app.config import AppSettings
-from serve_app.pipeline import ImagePipeline
-from serve_app.pipeline_metrics import PipelineMetrics
-from serve_app.quality_guard import LiveQualityGuard
-from serve_app.steps import StepController
+from serve_app.flow.pipeline import ImagePipeline
+from serve_app.flow.metrics import PipelineMetrics
+from serve_app.flow.quality_guard import LiveQualityGuard
+from serve_app.flow.steps import StepController
 
 STAGE_NAMES = ("PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 
@@ -40,7 +48,7 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
     unknown = set(options) - set(STAGE_NAMES) - {"Ingress"}
     if unknown:
         raise ValueError(f"unknown deployments in config: {sorted(unknown)}; known: {['Ingress', *STAGE_NAMES]}")
-    model_path = models.resolve_model(settings.model)  # builds the embedded model once, here
+    model_path = loading.resolve_model(settings.model)  # builds the embedded model once, here
     path = str(model_path)
 
     def configured(deployment, name):
@@ -55,8 +63,8 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
             path, threads("Denoiser"), settings.denoiser.model_dump()),
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),
-        models.model_id(model_path),
-        models.features(model_path),
+        loading.model_id(model_path),
+        loading.features(model_path),
     )
 
 

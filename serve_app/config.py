@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.denoiser import DenoiserSettings
-from deployments.text_encoder import TextEncoderSettings
+from deployments.denoiser.engine import DenoiserSettings
+from deployments.text_encoder.engine import TextEncoderSettings
 
 
 class Limits(BaseModel):

@@ -232,8 +232,8 @@ class LocalAutoscalingCluster(AutoscalingCluster):
 
 def build_app():
     from serve_app.app import build_application
-    from serve_app.profiles import merge  # the profiles' semantics: dicts merge, None deletes
-    from serve_app.cli import load_serve_config, split_app_config
+    from serve_app.ops.profiles import merge  # the profiles' semantics: dicts merge, None deletes
+    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.config import AppSettings
 
     settings, options, _ = split_app_config(load_serve_config(ROOT / "serve_config.yaml"), model="tiny")

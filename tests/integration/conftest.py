@@ -14,7 +14,7 @@ PORT = int(os.environ.get("FUSIONSERVE_TEST_PORT", "8123"))
 
 @pytest.fixture(scope="session")
 def serve_settings(tiny_model_path):
-    from serve_app.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     settings, deployment_options, _ = split_app_config(load_serve_config("serve_config.yaml"), model="tiny")
     return settings, deployment_options

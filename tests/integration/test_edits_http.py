@@ -14,7 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, png_bytes, png_pixels, run
 from tests.integration.conftest import metric_lines
 from tests.unit.test_edit_parity import box_mask, portrait

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 from tests.conftest import run
 from tests.integration.conftest import metric_lines
 from tests.integration.test_generation_http import generate, png_of
@@ -11,7 +11,7 @@ NAMESPACE = "studio-portrait"  # its template (>= 15 tokens) fills the first 16-
 
 
 def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tiny_model_path, serve_settings):
-    from serve_app.pipeline import local_pipeline
+    from serve_app.flow.pipeline import local_pipeline
 
     settings, _ = serve_settings
     common = {"size": "64x64", "seed": 5, "num_inference_steps": 4, "cache_namespace": NAMESPACE}
@@ -53,14 +53,14 @@ def test_affinity_router_keeps_a_prefix_on_the_replica_that_cached_it(base_url, 
 
     from ray import serve
 
-    from deployments import text_encoder
-    from deployments.prompt_optimizer import routing_key_for
-    from deployments.models import load_tokenizer
+    from deployments.text_encoder import engine as text_encoder
+    from deployments.prompt.optimizer import routing_key_for
+    from deployments.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_path)
     app = text_encoder.build_deployment().options(
         num_replicas=2, ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=1,
-        request_router_config={"request_router_class": "serve_app.encoder_router:PrefixAffinityRouter",
+        request_router_config={"request_router_class": "deployments.text_encoder.router:PrefixAffinityRouter",
                                "request_router_kwargs": {"busy_threshold": 8}},
     ).bind(str(tiny_model_path), 1, {})
     handle = serve.run(app, name="routing-check", route_prefix=None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 
-from serve_app.request import ImageRequest
-from serve_app.steps import steps_for_score
+from serve_app.flow.request import ImageRequest
+from serve_app.flow.steps import steps_for_score
 from tests.conftest import max_pixel_diff, png_pixels, run
 
 CURL_BODY = {"prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
@@ -35,9 +35,9 @@ def test_readme_curl_request(http, tiny_model_path):
     assert len(body["data"]) == 1
     png = png_of(body["data"][0])
     assert png_pixels(png).shape == (256, 256, 3)
-    from deployments import models
+    from deployments.models import loading
 
-    tokenizer = models.load_tokenizer(tiny_model_path)
+    tokenizer = loading.load_tokenizer(tiny_model_path)
     expected_tokens = len(tokenizer(CURL_BODY["prompt"], add_special_tokens=False).input_ids)
     assert body["usage"]["input_tokens"] == expected_tokens
     assert body["usage"]["total_tokens"] == expected_tokens

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from serve_app import status
+from serve_app.ops import status
 from tests.integration.test_generation_http import generate
 
 
@@ -31,11 +31,11 @@ def test_status_reports_every_stage_and_the_live_figures(http):
 
 
 def test_status_cli_connects_to_the_running_cluster(http):
-    done = subprocess.run([sys.executable, "-m", "serve_app.cli", "status", "--json"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "serve_app.ops.cli", "status", "--json"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["stages"]["Denoiser"]["running"] >= 1
-    missing = subprocess.run([sys.executable, "-m", "serve_app.cli", "status", "--app", "nope"],
+    missing = subprocess.run([sys.executable, "-m", "serve_app.ops.cli", "status", "--app", "nope"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no application 'nope' is running" in missing.stderr

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app import cli
-from serve_app.quality import ABResult, ImagePair, VariantSpec, psnr_db, read_prompts, ssim
+from serve_app.ops import cli
+from serve_app.flow.quality import ABResult, ImagePair, VariantSpec, psnr_db, read_prompts, ssim
 
 PROMPTS = ["A smiling Asian man wearing glasses, about 35 years old", "portrait of an old woman with grey hair"]
 

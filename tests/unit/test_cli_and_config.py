@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from serve_app import cli
+from serve_app.ops import cli
 from serve_app.config import AppSettings
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, png_pixels, run
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, png_pixels, run
 
 
@@ -165,7 +165,7 @@ def test_inpainting_with_a_reference_matches_diffusers_ip_adapter(local_pipe, ti
 
 
 def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path):
-    from deployments.denoiser import DenoiserEngine
+    from deployments.denoiser.engine import DenoiserEngine
 
     assert DenoiserEngine(tiny_model_path, 1).ip_adapter_loaded
     assert not DenoiserEngine(tiny_model_path, 1, {"preload_ip_adapter": False}).ip_adapter_loaded
@@ -192,7 +192,7 @@ def test_inpaint_keeps_the_unmasked_region(local_pipe):
 @pytest.fixture(scope="module")
 def inpainting_model():
     """The embedded model with a 9-channel inpainting UNet (preset tiny-inpainting)."""
-    from deployments.models import resolve_model
+    from deployments.models.loading import resolve_model
 
     return resolve_model("tiny-inpainting")
 
@@ -202,7 +202,7 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_model, streng
     """A 9-channel UNet gets the mask and the masked image's latents as input channels (no blending)."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from serve_app.pipeline import local_pipeline
+    from serve_app.flow.pipeline import local_pipeline
 
     pipe = local_pipeline(inpainting_model)
     image, mask = portrait(64, 64, seed=9), box_mask(64, 64)

@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from deployments import model_builder, models
+from deployments.models import builder
+
+from deployments.models import loading
 
 # From ../shared/ARCHITECTURE.md: OpenAI CLIP's tokenizer on this sentence.
 SENTENCE = "A smiling Asian man who is wearing glasses"
@@ -14,7 +16,7 @@ SENTENCE_IDS = [49406, 320, 9200, 7128, 786, 822, 533, 3309, 6116, 49407]
 
 
 def test_tokenizer_is_the_real_clip_vocabulary(tiny_model_path):
-    tokenizer = models.load_tokenizer(tiny_model_path)
+    tokenizer = loading.load_tokenizer(tiny_model_path)
     assert len(tokenizer) == 49408
     assert tokenizer(SENTENCE).input_ids == SENTENCE_IDS
     assert tokenizer.model_max_length == 77
@@ -29,9 +31,9 @@ def test_model_folder_has_the_diffusers_layout(tiny_model_path):
 
 
 def test_tiny_shapes_match_the_preset(tiny_model_path):
-    unet = models.load_unet(tiny_model_path)
-    vae = models.load_vae(tiny_model_path)
-    text_encoder = models.load_text_encoder(tiny_model_path)
+    unet = loading.load_unet(tiny_model_path)
+    vae = loading.load_vae(tiny_model_path)
+    text_encoder = loading.load_text_encoder(tiny_model_path)
     unet_params = sum(p.numel() for p in unet.parameters())
     assert 0.5e6 < unet_params < 1.5e6, unet_params  # "~1M parameters"
     assert len(vae.config.block_out_channels) == 4
@@ -43,14 +45,14 @@ def test_tiny_shapes_match_the_preset(tiny_model_path):
 
 
 def test_same_seed_gives_identical_weights(tmp_path, tiny_model_path):
-    rebuilt = model_builder.build_model("tiny", tmp_path / "again")
-    assert model_builder.weight_hashes(rebuilt) == model_builder.weight_hashes(tiny_model_path)
+    rebuilt = builder.build_model("tiny", tmp_path / "again")
+    assert builder.weight_hashes(rebuilt) == builder.weight_hashes(tiny_model_path)
 
 
 def test_unknown_model_spec_is_a_clear_error(tmp_path):
     import pytest
 
-    with pytest.raises(models.ModelNotFoundError, match="model_index.json"):
-        models.resolve_model(str(tmp_path))
+    with pytest.raises(loading.ModelNotFoundError, match="model_index.json"):
+        loading.resolve_model(str(tmp_path))
     with pytest.raises(ValueError, match="unknown model preset"):
-        model_builder.load_preset("nope")
+        builder.load_preset("nope")

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from serve_app.encoder_router import (
+from deployments.text_encoder.router import (
     DEFAULT_BUSY_THRESHOLD,
     PrefixAffinityRouter,
     rendezvous_choice,

@@ -24,7 +24,7 @@ def test_every_charted_metric_is_defined():
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     charted = {metric_base(m) for expr in expressions for m in re.findall(r"\bray_[a-z_]+", expr)}
     ours = {m for m in charted if m.startswith("fusionserve_")}
-    source = "".join(p.read_text() for folder in ("deployments", "serve_app") for p in (ROOT / folder).glob("*.py"))
+    source = "".join(p.read_text() for folder in ("deployments", "serve_app") for p in (ROOT / folder).rglob("*.py"))
     defined = set(re.findall(r'"(fusionserve_[a-z_]+)"', source))
     assert ours and ours <= defined, ours - defined
     ray_source = "".join(p.read_text() for p in (Path(ray.__file__).parent / "serve" / "_private").glob("*.py"))

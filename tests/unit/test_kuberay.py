@@ -12,7 +12,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import cli, kuberay
+from serve_app.ops import cli
+
+from serve_app.ops import kuberay
 
 KUBERAY_DIR = kuberay.DEFAULT_MANIFEST.parent
 
@@ -101,7 +103,7 @@ def test_manifest_is_a_rayservice_with_the_serve_config_as_a_string(manifest, pr
     assert serve_config["proxy_location"] == "EveryNode" and serve_config["http_options"]["host"] == "0.0.0.0"
     denoiser = by_name(serve_config)["Denoiser"]
     assert denoiser["ray_actor_options"]["num_gpus"] == 1
-    assert denoiser["autoscaling_config"]["policy"]["policy_function"] == "serve_app.autoscaling:QueuedWorkPolicy"
+    assert denoiser["autoscaling_config"]["policy"]["policy_function"] == "deployments.denoiser.autoscaling:QueuedWorkPolicy"
     assert spec["rayClusterConfig"]["rayVersion"] == metadata.version("ray")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, run
 
 

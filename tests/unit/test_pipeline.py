@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-from deployments.denoiser import DenoiseJob, DenoiserEngine, JobCancelled
-from deployments.prompt_optimizer import PromptOptimizerEngine
-from serve_app.pipeline import local_pipeline
-from serve_app.request import ImageRequest
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, JobCancelled
+from deployments.prompt.optimizer import PromptOptimizerEngine
+from serve_app.flow.pipeline import local_pipeline
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, png_pixels, run
 
 

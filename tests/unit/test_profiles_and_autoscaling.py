@@ -8,9 +8,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import cli
-from serve_app.autoscaling import QueuedWorkPolicy
-from serve_app.profiles import apply_profile, merge, profile_names
+from serve_app.ops import cli
+from deployments.denoiser.autoscaling import QueuedWorkPolicy
+from serve_app.ops.profiles import apply_profile, merge, profile_names
 
 
 def deployments(config: dict) -> dict:
@@ -40,7 +40,7 @@ def test_laptop_is_serve_config_as_is_and_gpu_profiles_give_the_unet_a_card():
     ingress = deployments(cluster)["Ingress"]
     assert "num_replicas" not in ingress and ingress["autoscaling_config"]["max_replicas"] == 4  # null removed it
     policy = deployments(cluster)["Denoiser"]["autoscaling_config"]["policy"]
-    assert policy["policy_function"] == "serve_app.autoscaling:QueuedWorkPolicy"
+    assert policy["policy_function"] == "deployments.denoiser.autoscaling:QueuedWorkPolicy"
     # the rest of serve_config.yaml is untouched
     assert cluster["applications"][0]["args"]["prompt"] == plain["applications"][0]["args"]["prompt"]
 

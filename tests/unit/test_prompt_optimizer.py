@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.prompt_optimizer import PromptOptimizerEngine, merge_negative_prompt, optimize_prompt
+from deployments.prompt.optimizer import PromptOptimizerEngine, merge_negative_prompt, optimize_prompt
 
 EXAMPLE = ("A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
            "with soft lighting, highly detailed skin texture, sharp focus")
@@ -236,7 +236,7 @@ def test_concurrent_calls_give_the_sequential_results(tiny_model_path):
     (seen as a 32/255 image difference between concurrent and sequential requests)."""
     import concurrent.futures
 
-    from deployments.prompt_optimizer import PromptOptimizerEngine
+    from deployments.prompt.optimizer import PromptOptimizerEngine
 
     engine = PromptOptimizerEngine(tiny_model_path)
     prompts = [f"portrait number {i} round {i % 3}" for i in range(8)] + [

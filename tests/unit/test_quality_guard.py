@@ -6,10 +6,10 @@ import math
 import random
 
 from serve_app.config import QualityGuardSettings
-from serve_app.pipeline import local_pipeline
-from serve_app.quality import psnr_db
-from serve_app.quality_guard import IDENTICAL_DB, LiveQualityGuard
-from serve_app.request import ImageRequest
+from serve_app.flow.pipeline import local_pipeline
+from serve_app.flow.quality import psnr_db
+from serve_app.flow.quality_guard import IDENTICAL_DB, LiveQualityGuard
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, run
 
 BF16 = {"backends": [{"backend": "torch", "precision": "bf16"}]}

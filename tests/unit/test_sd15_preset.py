@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments import model_builder
-from serve_app.request import ImageRequest
+from deployments.models import builder
+from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, run
 
 # Parameter counts of the published runwayml/stable-diffusion-v1-5 components.
@@ -21,7 +21,7 @@ def test_sd15_preset_has_the_published_parameter_counts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    preset = model_builder.load_preset("sd15")
+    preset = builder.load_preset("sd15")
     with init_empty_weights():  # meta tensors: no memory, no time
         parts = {
             "unet": UNet2DConditionModel(**preset["unet"]),
@@ -39,9 +39,9 @@ def test_sd15_builds_loads_and_matches_diffusers(tmp_path):
         pytest.skip("needs 12 GiB of free disk for the sd15 folder")
     from diffusers import StableDiffusionPipeline
 
-    from serve_app.pipeline import local_pipeline
+    from serve_app.flow.pipeline import local_pipeline
 
-    path = model_builder.build_model("sd15", tmp_path / "sd15")
+    path = builder.build_model("sd15", tmp_path / "sd15")
     try:
         request = ImageRequest(prompt="portrait of a smiling man", negative_prompt="", width=64, height=64, n=1,
                                seed=3, guidance_scale=7.5, num_inference_steps=2, optimize_prompt=False)

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from deployments.serial_executor import SerialExecutor
+from deployments.common.serial_executor import SerialExecutor
 
 
 def test_calls_run_in_arrival_order_on_one_thread():

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.denoiser import DenoiseJob, DenoiserEngine, JobCancelled
-from deployments.vae_codec import VaeCodecEngine
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, JobCancelled
+from deployments.vae.codec import VaeCodecEngine
 
 SIZE = 64
 

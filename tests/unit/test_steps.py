@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from deployments.prompt_optimizer import OptimizedPrompt
-from deployments.step_batcher import LoadSnapshot
+from deployments.prompt.optimizer import OptimizedPrompt
+from deployments.denoiser.step_batcher import LoadSnapshot
 from serve_app.config import StepSettings
-from serve_app.request import ImageRequest
-from serve_app.steps import StepController, StepDecision, image_detail, predict_denoise_ms, step_ms
+from serve_app.flow.request import ImageRequest
+from serve_app.flow.steps import StepController, StepDecision, image_detail, predict_denoise_ms, step_ms
 
 SIMPLE = OptimizedPrompt("portrait", "", prompt_tokens=1, negative_prompt_tokens=0, truncated_tokens=0,
                          cache_namespace="default", attributes={})

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from deployments.block_pool import BlockPool, chain_hashes
-from deployments.clip_prefix_forward import CachedPrefix, PrefixReuseForward
-from deployments.text_encoder import TextEncoderEngine
+from deployments.text_encoder.block_pool import BlockPool, chain_hashes
+from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
+from deployments.text_encoder.engine import TextEncoderEngine
 
 WINDOW = 77
 VOCAB = 49406  # ids below BOS/EOS
@@ -234,7 +234,7 @@ def test_watchdog_rebuilds_and_recovers_hit_rate_on_a_shifting_workload(tiny_mod
     template_a = [rng.randrange(VOCAB) for _ in range(40)]
     template_b = [rng.randrange(VOCAB) for _ in range(40)]
     rebuilds = lambda: engine.cache_info()["namespaces"]["default"]["rebuilds"]  # noqa: E731
-    with caplog.at_level("WARNING", logger="deployments.text_encoder"):
+    with caplog.at_level("WARNING", logger="deployments.text_encoder.engine"):
         before = hot_rate(engine, rng, template_a, 2, reference_engine)
         assert before == 0.0 and rebuilds() == 0  # plain LRU: the flood evicts the template
         hot_rate(engine, rng, template_a, 10, reference_engine)  # the rate stays at 0: rebuild

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.denoiser import DenoiseJob, DenoiserEngine
-from deployments.unet_backends import BackendSpec, BackendUnavailable, FallbackUNet, torch_runner
-from deployments.vae_codec import VaeCodecEngine
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
+from deployments.denoiser.backends import BackendSpec, BackendUnavailable, FallbackUNet, torch_runner
+from deployments.vae.codec import VaeCodecEngine
 
 SIZE, STEPS = 64, 8
 
@@ -113,7 +113,7 @@ def test_tensorrt_fp16_engine_stays_close_and_is_cached(tiny_model_path, vae, jo
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from deployments.unet_backends import tensorrt_runner
+    from deployments.denoiser.backends import tensorrt_runner
 
     got = images(tiny_model_path, vae, jobs, [{"backend": "tensorrt", "precision": "fp16"}])
     for a, b in zip(got, reference):

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from deployments import models
-from deployments.unet_pruning import parameter_count, prune_unet, save_pruned_variant
+from deployments.models import loading
+from deployments.denoiser.pruning import parameter_count, prune_unet, save_pruned_variant
 
 
 def unet_inputs():
@@ -24,7 +24,7 @@ def forward(unet, inputs):
 
 
 def test_pruning_nothing_changes_nothing(tiny_model_path):
-    original, pruned = models.load_unet(tiny_model_path), models.load_unet(tiny_model_path)
+    original, pruned = loading.load_unet(tiny_model_path), loading.load_unet(tiny_model_path)
     plan = prune_unet(pruned, 0.0)
     assert plan and parameter_count(pruned) == parameter_count(original)
     assert torch.equal(forward(pruned, unet_inputs()), forward(original, unet_inputs()))
@@ -32,15 +32,15 @@ def test_pruning_nothing_changes_nothing(tiny_model_path):
 
 def test_pruned_variant_folder_loads_through_the_normal_path(tiny_model_path, tmp_path):
     summary = save_pruned_variant(tiny_model_path, tmp_path / "tiny-pruned50", 0.5)
-    in_memory = models.load_unet(tiny_model_path)
+    in_memory = loading.load_unet(tiny_model_path)
     prune_unet(in_memory, 0.5)
-    loaded = models.load_unet(tmp_path / "tiny-pruned50")  # the same code a served --model path uses
+    loaded = loading.load_unet(tmp_path / "tiny-pruned50")  # the same code a served --model path uses
     assert parameter_count(loaded) == summary["parameters_after"] < summary["parameters_before"]
     assert 0.2 < summary["params_reduction"] < 0.6
     assert torch.equal(forward(loaded, unet_inputs()), forward(in_memory, unet_inputs()))
     assert forward(loaded, unet_inputs()).shape == (2, 4, 8, 8)
     saved = json.loads((tmp_path / "tiny-pruned50" / "unet" / "pruning.json").read_text())
-    groups = models.load_unet_config(tiny_model_path)["norm_num_groups"]
+    groups = loading.load_unet_config(tiny_model_path)["norm_num_groups"]
     resnet_widths = [width for name, width in saved["kept"].items() if ".resnets." in name]
     assert resnet_widths and all(width % groups == 0 for width in resnet_widths)
-    models.check_model_folder(tmp_path / "tiny-pruned50")
+    loading.check_model_folder(tmp_path / "tiny-pruned50")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app import uploads
-from serve_app.api import ApiError, ImageEditForm, decoded_edit_inputs
+from serve_app.http import uploads
+from serve_app.http.routes import ApiError, ImageEditForm, decoded_edit_inputs
 from serve_app.config import AppSettings
 from tests.conftest import png_bytes
 
@@ -55,7 +55,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_an_inpainting_model_needs_a_mask_and_serves_no_generations():
-    from serve_app.api import check_generation_supported
+    from serve_app.http.routes import check_generation_supported
 
     files = {"image": png_bytes(Image.new("RGB", (64, 64)))}
     with pytest.raises(ApiError) as caught:

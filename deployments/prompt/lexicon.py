@@ -1,4 +1,4 @@
-"""The prompt optimizer's rules, loaded from `data/prompt_lexicon.yaml` and compiled once.
+"""The prompt optimizer's rules, loaded from `data/lexicon.yaml` and compiled once.
 
 Patterns are data (one YAML file); this module only turns them into regular expressions.
 English patterns get word boundaries; Chinese ones match as substrings (no spaces).
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-LEXICON_FILE = Path(__file__).resolve().parent / "data" / "prompt_lexicon.yaml"
+LEXICON_FILE = Path(__file__).resolve().parent / "data" / "lexicon.yaml"
 
 
 def _english(patterns: list[str]) -> re.Pattern:

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments import models
-from deployments.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
-from deployments.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
-from deployments.unet_backends import BackendSpec, FallbackUNet, ip_adapter_runner
+from deployments.models import loading
+from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
+from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
+from deployments.denoiser.backends import BackendSpec, FallbackUNet, ip_adapter_runner
 
 __all__ = ["DenoiseJob", "DenoiserEngine", "DenoiserSettings", "JobCancelled", "LoadSnapshot"]
 
@@ -98,22 +98,22 @@ class DenoiserEngine:
         self.num_threads = num_threads
         self.settings = DenoiserSettings.model_validate(settings or {})
         model_path = Path(model_path)
-        self.unet_config = models.load_unet_config(model_path)
+        self.unet_config = loading.load_unet_config(model_path)
         # a 9-channel inpainting UNet takes 4 latent channels + the mask + the masked image's 4
-        self.inpainting_unet = models.is_inpainting_unet(self.unet_config)
+        self.inpainting_unet = loading.is_inpainting_unet(self.unet_config)
         self.latent_channels = 4 if self.inpainting_unet else self.unet_config["in_channels"]
-        self.scheduler_cls, self.scheduler_config = models.load_scheduler_config(model_path)
+        self.scheduler_cls, self.scheduler_config = loading.load_scheduler_config(model_path)
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
         self._baseline_unet: FallbackUNet | None = None
         self._ip_adapter_unet = None
         self._ip_adapter_lock = threading.Lock()
         self._unet_args = (model_path, num_threads, unet_loaders)
-        if self.settings.preload_ip_adapter and models.has_image_prompt_adapter(model_path):
+        if self.settings.preload_ip_adapter and loading.has_image_prompt_adapter(model_path):
             # here, not on a background thread: from_pretrained patches torch.nn.Module globally
             # while it loads (accelerate's init_empty_weights), so a concurrent load elsewhere
             # in the process would get meta tensors
             self._load_ip_adapter()
-        self.batcher = StepBatcher(self.unet, lambda: models.set_torch_threads(self.num_threads),
+        self.batcher = StepBatcher(self.unet, lambda: loading.set_torch_threads(self.num_threads),
                                    self.settings.max_batch_size, self.settings.admit_between_steps,
                                    self.unet_for_variant)
 
@@ -236,7 +236,7 @@ class DenoiserEngine:
 def build_deployment():
     from ray import serve
 
-    from deployments.denoiser_metrics import DenoiserMetrics
+    from deployments.denoiser.metrics import DenoiserMetrics
 
     @serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1})
     class Denoiser:

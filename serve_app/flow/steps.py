@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deployments.denoiser import VAE_SCALE, LoadSnapshot
-from deployments.edit_latents import denoising_steps
-from deployments.prompt_optimizer import OptimizedPrompt
+from deployments.denoiser.engine import VAE_SCALE, LoadSnapshot
+from deployments.denoiser.edit_latents import denoising_steps
+from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import StepSettings
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 
 ATTRIBUTES_FOR_FULL_SCORE = 8
 TOKENS_FOR_FULL_SCORE = 60

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deployments import models
-from deployments.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
+from deployments.models import loading
+from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
@@ -35,7 +35,7 @@ class VaeCodecEngine:
         from diffusers.image_processor import VaeImageProcessor
 
         self.num_threads = num_threads
-        self.vae = models.load_vae(Path(model_path))
+        self.vae = loading.load_vae(Path(model_path))
         self.scaling_factor = self.vae.config.scaling_factor
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
@@ -43,11 +43,11 @@ class VaeCodecEngine:
                                                 do_convert_grayscale=True)
         self._lock = threading.Lock()
         # a 9-channel (inpainting) UNet also takes the masked image's latents
-        self.inpainting_unet = models.is_inpainting_unet(models.load_unet_config(Path(model_path)))
+        self.inpainting_unet = loading.is_inpainting_unet(loading.load_unet_config(Path(model_path)))
 
     def _distribution(self, pixels: torch.Tensor) -> ImageLatentDistribution:
         with self._lock:
-            models.set_torch_threads(self.num_threads)
+            loading.set_torch_threads(self.num_threads)
             distribution = self.vae.encode(pixels).latent_dist
         return ImageLatentDistribution(distribution.mean.clone(), distribution.std.clone(), self.scaling_factor)
 
@@ -68,7 +68,7 @@ class VaeCodecEngine:
     @torch.inference_mode()
     def decode_pixels(self, latents: torch.Tensor) -> np.ndarray:
         with self._lock:
-            models.set_torch_threads(self.num_threads)
+            loading.set_torch_threads(self.num_threads)
             decoded = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
         return to_uint8(decoded)
 
@@ -90,7 +90,7 @@ class VaeCodecEngine:
 def build_deployment():
     from ray import serve
 
-    from deployments.serial_executor import SerialExecutor
+    from deployments.common.serial_executor import SerialExecutor
 
     @serve.deployment(name="VaeCodec", ray_actor_options={"num_cpus": 0.2})
     class VaeCodec:

@@ -24,7 +24,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments import models
+from deployments.models import loading
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class BackendSpec(BaseModel):
 
 
 def cache_root() -> Path:
-    return models.cache_dir() / "onnx"
+    return loading.cache_dir() / "onnx"
 
 
 def model_fingerprint(model_path: Path) -> str:
@@ -77,7 +77,7 @@ def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
     if spec.precision == "fp16" and device == "cpu":
         raise BackendUnavailable("fp16 needs a GPU; use bf16 on CPU")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
-    unet = models.load_unet(model_path, dtype=dtype).to(device)
+    unet = loading.load_unet(model_path, dtype=dtype).to(device)
     memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
     if spec.channels_last:
         unet = unet.to(memory_format=memory_format)
@@ -101,7 +101,7 @@ def export_onnx(model_path: Path, target: Path) -> Path:
     """Export the UNet with dynamic batch and latent size (once; later calls reuse the file)."""
     if target.is_file():
         return target
-    unet = models.load_unet(model_path)
+    unet = loading.load_unet(model_path)
     config = unet.config
     sample = torch.randn(2, config.in_channels, 8, 8)
     timesteps = torch.tensor([999, 999])
@@ -209,7 +209,7 @@ def tensorrt_engine_file(model_path: Path, spec: BackendSpec) -> Path:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, TRT_WORKSPACE_BYTES)
         if spec.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
-        unet_config = models.load_unet_config(model_path)
+        unet_config = loading.load_unet_config(model_path)
         channels, hidden = unet_config["in_channels"], unet_config["cross_attention_dim"]
         profile = builder.create_optimization_profile()
         profile.set_shape("sample", *[(rows, channels, side, side) for rows, side in zip(TRT_ROWS, TRT_LATENT_SIDE)])
@@ -271,7 +271,7 @@ def ip_adapter_runner(model_path: Path) -> Runner:
 
     Its own module, not the production backend's: the adapter adds cross-attention to every
     image of a batch, so reference-image jobs batch only with each other (a UNet variant)."""
-    unet = models.load_ip_adapter_unet(model_path)
+    unet = loading.load_ip_adapter_unet(model_path)
     processors = [p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
 
     def run(sample, timesteps, context, image_embeds, scale: float = 1.0):

@@ -13,14 +13,14 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CONFIG = "serve_config.yaml"
-PROJECT_CONFIG = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+PROJECT_CONFIG = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
 
 
 def load_serve_config(path: str | os.PathLike, profile: str | None = None) -> dict:
     """serve_config.yaml's content, with a named profile (configs/profiles/) applied."""
     config = _read_serve_config(path)
     if profile:
-        from serve_app.profiles import apply_profile, load_profile
+        from serve_app.ops.profiles import apply_profile, load_profile
 
         try:
             config = apply_profile(config, load_profile(profile))
@@ -63,14 +63,14 @@ def cmd_serve(options: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments import models
+    from deployments.models import loading
     from serve_app.app import build_application
 
     config = load_serve_config(options.config, options.profile)
     settings, deployment_options, application = split_app_config(config, options.model)
     try:
-        models.resolve_model(settings.model)  # fail (or build the preset) before Ray starts
-    except models.ModelNotFoundError as exc:
+        loading.resolve_model(settings.model)  # fail (or build the preset) before Ray starts
+    except loading.ModelNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     http_options = dict(config.get("http_options") or {})
@@ -137,16 +137,16 @@ def _request_options(options: argparse.Namespace) -> dict:
 
 
 def cmd_generate(options: argparse.Namespace) -> int:
-    from serve_app.api import ImageGenerationBody, to_image_request
+    from serve_app.http.routes import ImageGenerationBody, to_image_request
 
     # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
-    from deployments import models
-    from serve_app.api import check_generation_supported
+    from deployments.models import loading
+    from serve_app.http.routes import check_generation_supported
 
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
 
     def request():
-        check_generation_supported(models.features(models.resolve_model(settings.model)))
+        check_generation_supported(loading.features(loading.resolve_model(settings.model)))
         return to_image_request(ImageGenerationBody(**_request_options(options)), settings)
 
     return _render(options, settings, request)
@@ -154,8 +154,8 @@ def cmd_generate(options: argparse.Namespace) -> int:
 
 def cmd_edit(options: argparse.Namespace) -> int:
     """An edit in-process, through the same checks as `/v1/images/edits`."""
-    from deployments import models
-    from serve_app.api import ImageEditForm, decoded_edit_inputs, to_image_request
+    from deployments.models import loading
+    from serve_app.http.routes import ImageEditForm, decoded_edit_inputs, to_image_request
 
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
     files = {}
@@ -170,7 +170,7 @@ def cmd_edit(options: argparse.Namespace) -> int:
     def request():
         form = ImageEditForm(**_request_options(options), strength=options.strength,
                              keep_unmasked=not options.blend_only, reference_scale=options.reference_scale)
-        features = models.features(models.resolve_model(settings.model))
+        features = loading.features(loading.resolve_model(settings.model))
         return to_image_request(form, settings, **decoded_edit_inputs(files, form, settings, features))
 
     return _render(options, settings, request)
@@ -180,16 +180,16 @@ def _render(options: argparse.Namespace, settings, make_request) -> int:
     """Check the request as the server would, run it in-process with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
-    from deployments import models
-    from serve_app.api import ApiError
-    from serve_app.pipeline import local_pipeline_for
+    from deployments.models import loading
+    from serve_app.http.routes import ApiError
+    from serve_app.flow.pipeline import local_pipeline_for
 
     try:
         request = make_request()
     except ApiError as exc:
         print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
         return 2
-    except models.ModelNotFoundError as exc:
+    except loading.ModelNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # pydantic's ValidationError
@@ -197,8 +197,8 @@ def _render(options: argparse.Namespace, settings, make_request) -> int:
         return 2
 
     try:
-        model_path = models.resolve_model(settings.model)
-    except models.ModelNotFoundError as exc:
+        model_path = loading.resolve_model(settings.model)
+    except loading.ModelNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bar = tqdm(desc="denoising", unit="step")
@@ -231,16 +231,16 @@ def cmd_optimize(options: argparse.Namespace) -> int:
     """What the prompt optimizer makes of a prompt (the /v1/prompts/optimize body), no Ray."""
     import json
 
-    from deployments import models
-    from deployments.prompt_optimizer import PromptOptimizerEngine
-    from serve_app.api import ApiError, check_text, optimized_prompt_body
+    from deployments.models import loading
+    from deployments.prompt.optimizer import PromptOptimizerEngine
+    from serve_app.http.routes import ApiError, check_text, optimized_prompt_body
 
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
     try:
         check_text(options.prompt, "prompt", settings)
         check_text(options.negative_prompt, "negative_prompt", settings)
-        engine = PromptOptimizerEngine(models.resolve_model(settings.model), **settings.prompt.model_dump())
-    except (ApiError, models.ModelNotFoundError) as exc:
+        engine = PromptOptimizerEngine(loading.resolve_model(settings.model), **settings.prompt.model_dump())
+    except (ApiError, loading.ModelNotFoundError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     body = optimized_prompt_body(engine.optimize(options.prompt, options.negative_prompt, options.namespace))
@@ -256,23 +256,24 @@ def cmd_optimize(options: argparse.Namespace) -> int:
 
 
 def cmd_build_model(options: argparse.Namespace) -> int:
-    from deployments import model_builder, models
+    from deployments.models import builder
+    from deployments.models import loading
 
-    target = Path(options.output) if options.output else models.preset_model_dir(options.preset)
+    target = Path(options.output) if options.output else loading.preset_model_dir(options.preset)
     if options.output or options.force or not (target / "model_index.json").is_file():
-        model_builder.build_model(options.preset, target)
+        builder.build_model(options.preset, target)
     print(target)
     return 0
 
 
 def cmd_prune_unet(options: argparse.Namespace) -> int:
-    from deployments import models
-    from deployments.unet_pruning import save_pruned_variant
+    from deployments.models import loading
+    from deployments.denoiser.pruning import save_pruned_variant
 
     if not 0.0 < options.fraction < 1.0:
         print("error: --fraction must be between 0 and 1 (exclusive)", file=sys.stderr)
         return 2
-    source = models.resolve_model(options.model)
+    source = loading.resolve_model(options.model)
     target = Path(options.output) if options.output else \
         source.with_name(f"{source.name}-pruned{round(options.fraction * 100)}")
     summary = save_pruned_variant(source, target, options.fraction)
@@ -289,10 +290,10 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from deployments import models
-    from deployments.unet_backends import BackendUnavailable
-    from serve_app.api import ApiError, ImageGenerationBody, to_image_request
-    from serve_app.quality import VariantSpec, read_prompts, run_ab_test
+    from deployments.models import loading
+    from deployments.denoiser.backends import BackendUnavailable
+    from serve_app.http.routes import ApiError, ImageGenerationBody, to_image_request
+    from serve_app.flow.quality import VariantSpec, read_prompts, run_ab_test
 
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
     try:
@@ -314,7 +315,7 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
     try:
         result = run_ab_test(baseline, candidate, prompts, options.seeds, settings, size=size,
                              seed_base=options.seed_base, min_psnr_db=options.min_psnr, on_image=bar.update)
-    except (models.ModelNotFoundError, BackendUnavailable) as exc:
+    except (loading.ModelNotFoundError, BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -341,7 +342,7 @@ def cmd_status(options: argparse.Namespace) -> int:
 
     import ray
 
-    from serve_app import status
+    from serve_app.ops import status
 
     try:
         ray.init(address=options.address, logging_level="ERROR", log_to_driver=False)
@@ -375,7 +376,7 @@ def cmd_export_config(options: argparse.Namespace) -> int:
 
 def cmd_export_kuberay(options: argparse.Namespace) -> int:
     """configs/kuberay/rayservice.yaml from the config and a profile; --check: exit 1 when stale."""
-    from serve_app import kuberay
+    from serve_app.ops import kuberay
 
     config = load_serve_config(options.config, options.profile)
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from deployments import models
+from deployments.models import loading
 
 
 @dataclass
@@ -39,11 +39,11 @@ def image_hash(image: Image.Image) -> str:
 
 class ImagePromptEncoderEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None, cache_entries: int = 256):
-        if not models.has_image_prompt_adapter(model_path):
+        if not loading.has_image_prompt_adapter(model_path):
             raise ValueError(f"{model_path} has no image-prompt adapter (image_encoder/, feature_extractor/, "
-                             f"{models.IP_ADAPTER_FILE})")
+                             f"{loading.IP_ADAPTER_FILE})")
         self.num_threads = num_threads
-        self.encoder, self.feature_extractor = models.load_image_encoder(Path(model_path))
+        self.encoder, self.feature_extractor = loading.load_image_encoder(Path(model_path))
         self.cache_entries = cache_entries
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -56,7 +56,7 @@ class ImagePromptEncoderEngine:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return ImagePromptEmbedding(cached, True, key)
-            models.set_torch_threads(self.num_threads)
+            loading.set_torch_threads(self.num_threads)
             pixels = self.feature_extractor(image, return_tensors="pt").pixel_values
             embeds = self.encoder(pixels.to(torch.float32)).image_embeds
             self._cache[key] = embeds

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.config import AppSettings, QualityTier, StepPolicy, parse_size
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 
 MAX_SEED = 2**63 - 1
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -370,7 +370,7 @@ def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: 
                         features: dict) -> dict:
     """Decode and check the uploads (served: on a worker thread, decoding is CPU work);
     the keyword arguments of `to_image_request` for an edit. `features`: the model's."""
-    from serve_app import uploads
+    from serve_app.http import uploads
 
     limits = settings.limits
 

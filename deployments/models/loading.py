@@ -15,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from deployments import model_builder
+from deployments.models import builder
 
 DEFAULT_MODEL = "tiny"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -30,11 +30,11 @@ def cache_dir() -> Path:
 
 
 def preset_model_dir(name: str) -> Path:
-    return cache_dir() / "models" / f"{name}-{model_builder.preset_fingerprint(name)}"
+    return cache_dir() / "models" / f"{name}-{builder.preset_fingerprint(name)}"
 
 
 def is_preset(spec: str) -> bool:
-    return "/" not in spec and (model_builder.PRESET_DIR / f"{spec}.yaml").is_file()
+    return "/" not in spec and (builder.PRESET_DIR / f"{spec}.yaml").is_file()
 
 
 def resolve_model(spec: str | os.PathLike | None = None, build: bool = True) -> Path:
@@ -52,7 +52,7 @@ def resolve_model(spec: str | os.PathLike | None = None, build: bool = True) -> 
             with open(target.parent / f".{target.name}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (target / "model_index.json").is_file():
-                    model_builder.build_model(spec, target)
+                    builder.build_model(spec, target)
         return target
     path = Path(spec).expanduser().resolve()
     check_model_folder(path)
@@ -63,7 +63,7 @@ def check_model_folder(path: Path) -> None:
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"{path} is not a diffusers model folder (no model_index.json). Pass a preset "
-            f"name ({', '.join(sorted(p.stem for p in model_builder.PRESET_DIR.glob('*.yaml')))}) "
+            f"name ({', '.join(sorted(p.stem for p in builder.PRESET_DIR.glob('*.yaml')))}) "
             "or the path of a Stable Diffusion 1.x folder in the diffusers layout."
         )
     missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
@@ -121,10 +121,10 @@ def load_unet(path: Path, dtype=None):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from deployments import unet_pruning
+    from deployments.denoiser import pruning
 
-    if (Path(path) / "unet" / unet_pruning.PRUNING_FILE).is_file():  # a pruned variant folder
-        return unet_pruning.load_pruned_unet(Path(path), dtype)
+    if (Path(path) / "unet" / pruning.PRUNING_FILE).is_file():  # a pruned variant folder
+        return pruning.load_pruned_unet(Path(path), dtype)
 
     return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype or torch.float32).eval()
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from deployments.clip_vocab import write_tokenizer_files
+from deployments.models.clip_vocab import write_tokenizer_files
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 # Bump when the builder's code changes what it writes, so cached folders are rebuilt.
 BUILDER_VERSION = 2  # 2: image-prompt adapter (image_encoder/, feature_extractor/, ip_adapter/)
 CLIP_MAX_LENGTH = 77
@@ -152,7 +152,7 @@ def build_model(preset_name: str, destination: Path) -> Path:
         if image_encoder is not None:
             from safetensors.torch import save_file
 
-            from deployments.models import IP_ADAPTER_FILE
+            from deployments.models.loading import IP_ADAPTER_FILE
 
             (model_dir / IP_ADAPTER_FILE).parent.mkdir(parents=True)
             save_file(_ip_adapter_weights(unet, image_encoder.config.projection_dim, seed + 40),

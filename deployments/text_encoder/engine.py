@@ -20,10 +20,10 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments import models
-from deployments.block_pool import BlockPool, CacheEntry, chain_hashes, hash_block
-from deployments.cache_watchdog import HitRateWatchdog
-from deployments.clip_prefix_forward import CachedPrefix, PrefixReuseForward
+from deployments.models import loading
+from deployments.text_encoder.block_pool import BlockPool, CacheEntry, chain_hashes, hash_block
+from deployments.text_encoder.watchdog import HitRateWatchdog
+from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class TextEncoderEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None,
                  cache: EncoderCacheSettings | dict | None = None):
         model_path = Path(model_path)
-        self._setup(models.load_text_encoder(model_path), models.load_tokenizer(model_path),
-                    models.model_id(model_path), num_threads, cache)
+        self._setup(loading.load_text_encoder(model_path), loading.load_tokenizer(model_path),
+                    loading.model_id(model_path), num_threads, cache)
 
     @classmethod
     def from_model(cls, model, tokenizer, model_id: str, num_threads: int | None = None,
@@ -159,7 +159,7 @@ class TextEncoderEngine:
     def encode_token_ids(self, token_ids: torch.Tensor, namespaces: list[str]) -> tuple[torch.Tensor, list[int]]:
         """Hidden states of [batch, 77] token ids, and per row the positions served from the cache."""
         with self._lock:
-            models.set_torch_threads(self.num_threads)
+            loading.set_torch_threads(self.num_threads)
             return self._encode(token_ids, namespaces)
 
     # -- the cached forward -----------------------------------------------------------------
@@ -353,9 +353,9 @@ class TextEncoderSettings(BaseModel):
 def build_deployment():
     from ray import serve
 
-    from deployments.cache_metrics import CacheMetrics
-    from deployments.image_prompt_encoder import LazyImagePromptEncoder
-    from deployments.serial_executor import SerialExecutor
+    from deployments.text_encoder.metrics import CacheMetrics
+    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
+    from deployments.common.serial_executor import SerialExecutor
 
     @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.2})
     class TextEncoder:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from serve_app.config import AppSettings, StepPolicy, StepSettings
-from serve_app.request import ImageRequest
+from serve_app.flow.request import ImageRequest
 
 
 # --------------------------------------------------------------------------- metrics
@@ -132,9 +132,9 @@ def variant_pipeline(spec: VariantSpec, settings: AppSettings, engines=None):
     (`local_pipeline_for`), but without the live quality guard: no shadow renders, no
     switching to the baseline mid-run. `engines`: an ImagePipeline whose four engines to
     reuse (the specs differ only in steps, policy or early stop)."""
-    from deployments import models
-    from serve_app.pipeline import ImagePipeline, local_pipeline
-    from serve_app.steps import StepController
+    from deployments.models import loading
+    from serve_app.flow.pipeline import ImagePipeline, local_pipeline
+    from serve_app.flow.steps import StepController
 
     step_settings = settings.steps.model_dump()
     if spec.policy is not None:
@@ -147,7 +147,7 @@ def variant_pipeline(spec: VariantSpec, settings: AppSettings, engines=None):
     encoder_cache = settings.text_encoder.cache.model_dump() | {"enabled": spec.encoder_cache == "on"}
     # exactly this backend, no fallback chain: the guard must judge the variant it was asked about
     denoiser = settings.denoiser.model_dump() | {"backends": [{"backend": spec.backend, "precision": spec.precision}]}
-    return local_pipeline(models.resolve_model(spec.model or settings.model), settings.num_threads, step_settings,
+    return local_pipeline(loading.resolve_model(spec.model or settings.model), settings.num_threads, step_settings,
                           stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
                           encoder_cache=encoder_cache, denoiser_settings=denoiser)
 

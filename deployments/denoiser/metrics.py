@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deployments.step_batcher import LoadSnapshot
+from deployments.denoiser.step_batcher import LoadSnapshot
 
 
 class DenoiserMetrics:

@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = PROJECT_DIR / "configs" / "kuberay" / "rayservice.yaml"
 DEFAULT_PROFILE = "cluster"
 DEFAULT_IMAGE = "fusionserve:0.1.0"  # configs/kuberay/Dockerfile: FROM rayproject/ray:<rayVersion>-py311-gpu

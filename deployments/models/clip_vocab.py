@@ -1,16 +1,16 @@
 """The real CLIP BPE vocabulary, converted to the `vocab.json` + `merges.txt` pair that
 Hugging Face's CLIPTokenizer reads.
 
-OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT) ships inside the `clip-anytorch` wheel,
-which the project installs with `--no-deps` (its torchvision dependency is not wanted).
-We only read the data file; we never import the `clip` package itself.
+OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT, data/LICENSE-CLIP-VOCAB.txt) ships as
+package data in `data/`, copied from the `clip-anytorch` wheel, whose torchvision
+dependency we do not want: `pip install .` alone gives real token counts.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
+from importlib import resources
 from pathlib import Path
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -21,18 +21,8 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 def find_bpe_file() -> Path:
-    """Locate the gzipped BPE file inside the installed `clip` package without importing it."""
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The CLIP BPE vocabulary was not found. Install it with "
-            "`pip install --no-deps clip-anytorch==2.6.0` (done by `make install`)."
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / BPE_FILE_NAME
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{BPE_FILE_NAME} is missing from the installed clip package")
+    """The gzipped BPE file shipped as package data beside this module."""
+    return Path(str(resources.files("deployments.models").joinpath("data", BPE_FILE_NAME)))
 
 
 def bytes_to_unicode() -> dict[int, str]:

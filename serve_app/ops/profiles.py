@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 META_KEYS = {"description"}
 
 

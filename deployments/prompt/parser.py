@@ -1,6 +1,6 @@
 """Free-text portrait instructions (English and Chinese) -> structured attributes.
 
-Rule- and lexicon-based (`data/prompt_lexicon.yaml`), no model calls. Every span the
+Rule- and lexicon-based (`data/lexicon.yaml`), no model calls. Every span the
 rules understand is consumed; what is left after dropping filler and intensifiers is
 kept as extra phrases (English) or reported as a warning (Chinese, which CLIP cannot
 read), so nothing is dropped silently.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from deployments.prompt_lexicon import Lexicon
+from deployments.prompt.lexicon import Lexicon
 
 # Age grammar: number forms ("35 years old", "35-year-old", "aged 35", "age: 35", "around 35") and
 # decades ("in his thirties", "in her 40s"). Vague ages come from the lexicon's age_groups.

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from deployments.edit_latents import InpaintState
+from deployments.denoiser.edit_latents import InpaintState
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ The channels kept are those with the largest L1 weight norm.
 
 A variant folder is the model folder with `unet/` replaced: `unet/config.json` (the
 original config), `unet/pruning.json` (kept widths per module) and the pruned weights.
-`models.load_unet` sees `pruning.json`, builds the UNet from the config, narrows the same
+`loading.load_unet` sees `pruning.json`, builds the UNet from the config, narrows the same
 modules and loads the weights, so every backend (ONNX export included) loads it.
 """
 
@@ -127,10 +127,10 @@ def save_pruned_variant(model_path: Path, target: Path, fraction: float) -> dict
     """Write a model variant folder with the UNet pruned by `fraction`; returns a summary."""
     from safetensors.torch import save_file
 
-    from deployments import models
+    from deployments.models import loading
 
     model_path, target = Path(model_path), Path(target)
-    unet = models.load_unet(model_path)
+    unet = loading.load_unet(model_path)
     before = parameter_count(unet)
     plan = prune_unet(unet, fraction)
     after = parameter_count(unet)

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from deployments.denoiser import DenoiseJob
-from deployments.prompt_optimizer import OptimizedPrompt
-from deployments.text_encoder import Encoding
-from deployments.serial_executor import SerialExecutor
+from deployments.denoiser.engine import DenoiseJob
+from deployments.prompt.optimizer import OptimizedPrompt
+from deployments.text_encoder.engine import Encoding
+from deployments.common.serial_executor import SerialExecutor
 from serve_app.config import QualityGuardSettings, StepSettings
-from serve_app.quality_guard import LiveQualityGuard
-from serve_app.request import ImageRequest
-from serve_app.steps import StepController, StepDecision
+from serve_app.flow.quality_guard import LiveQualityGuard
+from serve_app.flow.request import ImageRequest
+from serve_app.flow.steps import StepController, StepDecision
 
 logger = logging.getLogger("ray.serve")
 
@@ -159,7 +159,7 @@ class ImagePipeline:
         async def reference():
             if request.reference_image is None:
                 return None
-            from deployments.image_prompt_encoder import image_hash
+            from deployments.text_encoder.image_prompt import image_hash
 
             with _timed(stage_ms, "reference"):
                 key = await asyncio.to_thread(image_hash, request.reference_image)
@@ -176,7 +176,7 @@ class ImagePipeline:
                 return None  # only the step controller's complexity score reads it
             import numpy as np
 
-            from serve_app.steps import image_detail
+            from serve_app.flow.steps import image_detail
 
             return await asyncio.to_thread(lambda: image_detail(np.asarray(request.image)))
 
@@ -253,7 +253,7 @@ class ImagePipeline:
 
     async def _shadow(self, job: DenoiseJob, served_png: list[bytes]) -> None:
         """Render `job` again with the baseline, in the background, and judge the served images."""
-        from serve_app.quality import psnr_db
+        from serve_app.flow.quality import psnr_db
 
         steps = self.quality_guard.settings.baseline_steps or job.num_inference_steps
         baseline_job = dataclasses.replace(job, variant="baseline", background=True, num_inference_steps=steps,
@@ -289,11 +289,11 @@ def local_pipeline(
     """All four engines in this process, no Ray. `stage_threads` overrides `num_threads`
     per stage, as AppSettings.stage_threads does for the served replicas."""
     stage_threads = stage_threads or {}
-    from deployments.denoiser import DenoiserEngine
-    from deployments.image_prompt_encoder import LazyImagePromptEncoder
-    from deployments.prompt_optimizer import PromptOptimizerEngine
-    from deployments.text_encoder import TextEncoderEngine
-    from deployments.vae_codec import VaeCodecEngine
+    from deployments.denoiser.engine import DenoiserEngine
+    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
+    from deployments.prompt.optimizer import PromptOptimizerEngine
+    from deployments.text_encoder.engine import TextEncoderEngine
+    from deployments.vae.codec import VaeCodecEngine
 
     return ImagePipeline(
         prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path, **(prompt_settings or {}))),

@@ -14,12 +14,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments import model_builder, models
-from deployments.block_pool import hash_block
-from deployments.prompt_lexicon import Lexicon, load_lexicon
-from deployments.prompt_parser import parse_instruction
+from deployments.models import builder
 
-CLIP_WINDOW = model_builder.CLIP_MAX_LENGTH  # positions CLIP sees, BOS and EOS included
+from deployments.models import loading
+from deployments.text_encoder.block_pool import hash_block
+from deployments.prompt.lexicon import Lexicon, load_lexicon
+from deployments.prompt.parser import parse_instruction
+
+CLIP_WINDOW = builder.CLIP_MAX_LENGTH  # positions CLIP sees, BOS and EOS included
 CONTENT_TOKENS = CLIP_WINDOW - 2
 DEFAULT_STYLE = "photorealistic"
 ROUTING_BLOCK_TOKENS = 16  # the text encoder's default block size
@@ -140,7 +142,7 @@ def routing_key_for(window_ids, namespace: str) -> str:
 class PromptOptimizerEngine:
     def __init__(self, model_path: Path, templates: dict[str, str] | None = None,
                  default_style: str = DEFAULT_STYLE, lexicon: Lexicon | None = None):
-        self.tokenizer = models.load_tokenizer(Path(model_path))
+        self.tokenizer = loading.load_tokenizer(Path(model_path))
         # The fast tokenizer keeps padding/truncation settings as state between calls, and
         # Serve runs this sync stage on a thread pool: one call at a time.
         self._lock = threading.RLock()
