@@ -26,31 +26,33 @@ from torch import nn
 PRUNING_FILE = "pruning.json"
 
 
-def _narrow_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def _sliced(layer: nn.Linear | nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight (and bias) keeping only output channels `rows` and input channels `cols`."""
     weight = layer.weight.data
     weight = weight[rows] if rows is not None else weight
     weight = weight[:, cols] if cols is not None else weight
-    bias = layer.bias.data[rows] if (layer.bias is not None and rows is not None) else (
-        layer.bias.data if layer.bias is not None else None)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    bias = None if layer.bias is None else layer.bias.data if rows is None else layer.bias.data[rows]
+    return weight, bias
+
+
+def _copy_into(new: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None):
     new.weight.data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias)
     return new
+
+
+def _narrow_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight, bias = _sliced(layer, rows, cols)
+    return _copy_into(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype),
+                      weight, bias)
 
 
 def _narrow_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Conv2d:
-    weight = conv.weight.data
-    weight = weight[out_idx] if out_idx is not None else weight
-    weight = weight[:, in_idx] if in_idx is not None else weight
-    bias = conv.bias.data[out_idx] if (conv.bias is not None and out_idx is not None) else (
-        conv.bias.data if conv.bias is not None else None)
-    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    bias=bias is not None, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
+    weight, bias = _sliced(conv, out_idx, in_idx)
+    return _copy_into(nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                                bias=bias is not None, dtype=weight.dtype), weight, bias)
 
 
 def _prunable(unet):
