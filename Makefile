@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test test-fast bench clean
+.PHONY: install model serve test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ test: model
 
 test-fast: model
 	$(PY) -m pytest -m "not slow"
+
+# ruff (lint + format) and mypy, as configured in pyproject.toml; CI runs this before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Every benchmark, each rewriting its README table (~45 min on 2 cores); each script has
 # --quick for a short check.

@@ -34,7 +34,7 @@ import random
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,9 +67,18 @@ def request_for(index: int, policy: str, size: int, target_ms: float, seeds: int
     prompt = PROMPTS[index % len(PROMPTS)]
     seed = index % seeds
     steps = {"fixed 30": 30, "fixed 15": 15}.get(policy)
-    return ImageRequest(prompt=prompt, negative_prompt="", width=size, height=size, n=1, seed=seed,
-                        guidance_scale=7.5, num_inference_steps=steps,
-                        step_policy=None if steps else policy, deadline_ms=target_ms if policy == "slo" else None)
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt="",
+        width=size,
+        height=size,
+        n=1,
+        seed=seed,
+        guidance_scale=7.5,
+        num_inference_steps=steps,
+        step_policy=None if steps else policy,
+        deadline_ms=target_ms if policy == "slo" else None,
+    )
 
 
 async def closed_loop(pipeline, size: int, clients: int, requests: int, target_ms: float, seeds: int) -> float:
@@ -94,8 +103,16 @@ async def open_loop(pipeline, policy: str, arrivals: list[float], size: int, tar
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         result = await pipeline.generate(request_for(index, policy, size, target_ms, seeds))
         done = time.perf_counter()
-        return (index, (done - start - at) * 1000.0, result.steps.steps, result.steps.reason, result.images_png[0], done,
-                result.steps.predicted_ms, result.usage["elapsed_ms"])
+        return (
+            index,
+            (done - start - at) * 1000.0,
+            result.steps.steps,
+            result.steps.reason,
+            result.images_png[0],
+            done,
+            result.steps.predicted_ms,
+            result.usage["elapsed_ms"],
+        )
 
     outcomes = await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
     return outcomes, max(o[5] for o in outcomes) - start
@@ -115,12 +132,19 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
 
 
-def run(size: int, load_factors: list[float], policies: list[str], requests: int, seeds: int,
-        target_factor: float, capacity_requests: int) -> dict:
+def run(
+    size: int,
+    load_factors: list[float],
+    policies: list[str],
+    requests: int,
+    seeds: int,
+    target_factor: float,
+    capacity_requests: int,
+) -> dict:
     from deployments.models import loading
-    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.quality import psnr_db
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
     pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
@@ -149,8 +173,9 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
             request = request_for(index, "fixed 30", size, 1e9, seeds)
             key = (request.prompt, request.seed)
             if key not in references:
-                references[key] = (await pipeline.generate(
-                    dataclasses.replace(request, num_inference_steps=50))).images_png[0]
+                references[key] = (
+                    await pipeline.generate(dataclasses.replace(request, num_inference_steps=50))
+                ).images_png[0]
         return statistics.median(alone), capacity, target_ms, runs, references
 
     alone_ms, capacity, target_ms, raw_runs, references = asyncio.run(measure())
@@ -166,15 +191,21 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
             steps.append(chosen)
             within += latency <= target_ms
         reasons = statistics.multimode([o[3] for o in raw["outcomes"]])
-        rows.append({
-            "policy": raw["policy"], "load_factor": raw["load_factor"],
-            "slo_attainment": round(within / len(latencies), 4),
-            "goodput_rps": round(within / raw["duration_s"], 4),
-            "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
-            "mean_steps": round(statistics.fmean(steps), 2), "mean_psnr_db": round(statistics.fmean(psnrs), 2),
-            "steps": steps, "main_reason": reasons[0],
-            "actual_over_predicted": round(statistics.median(errors), 3) if errors else None,
-        })
+        rows.append(
+            {
+                "policy": raw["policy"],
+                "load_factor": raw["load_factor"],
+                "slo_attainment": round(within / len(latencies), 4),
+                "goodput_rps": round(within / raw["duration_s"], 4),
+                "p50_ms": round(percentile(latencies, 0.5), 1),
+                "p95_ms": round(percentile(latencies, 0.95), 1),
+                "mean_steps": round(statistics.fmean(steps), 2),
+                "mean_psnr_db": round(statistics.fmean(psnrs), 2),
+                "steps": steps,
+                "main_reason": reasons[0],
+                "actual_over_predicted": round(statistics.median(errors), 3) if errors else None,
+            }
+        )
     same = {}
     for factor in load_factors:
         by_policy = {r["policy"]: r["steps"] for r in rows if r["load_factor"] == factor}
@@ -183,11 +214,17 @@ def run(size: int, load_factors: list[float], policies: list[str], requests: int
             same[str(factor)] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
     return {
         "config": {
-            "size": size, "requests_per_run": requests, "seeds": seeds, "max_batch_size": batch,
-            "fixed30_alone_ms": round(alone_ms, 1), "capacity_rps": round(capacity, 3),
-            "target_ms": round(target_ms, 1), "target_factor": target_factor,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "size": size,
+            "requests_per_run": requests,
+            "seeds": seeds,
+            "max_batch_size": batch,
+            "fixed30_alone_ms": round(alone_ms, 1),
+            "capacity_rps": round(capacity, 3),
+            "target_ms": round(target_ms, 1),
+            "target_factor": target_factor,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:]),
         },
         "runs": rows,
@@ -200,9 +237,9 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
     threshold: steps actually run, time, and PSNR against the same request run to the end
     and against 50 steps."""
     from deployments.models import loading
-    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.quality import psnr_db
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
     counted = []
@@ -230,30 +267,48 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
         vs_full = [psnr_db(r[0], f[0]) for r, f in zip(rows, full)]
         vs_fifty = [psnr_db(r[0], f[0]) for r, f in zip(rows, fifty)]
         mean_ms = statistics.fmean(r[2] for r in rows)
-        return {"threshold": threshold, "mean_steps_run": round(statistics.fmean(r[1] for r in rows), 2),
-                "mean_ms": round(mean_ms, 1), "speedup": round(base_ms / mean_ms, 3),
-                "psnr_vs_full_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_full), 2),
-                "min_psnr_vs_full_db": round(min(min(v, IDENTICAL_DB) for v in vs_full), 2),
-                "psnr_vs_50_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_fifty), 2)}
+        return {
+            "threshold": threshold,
+            "mean_steps_run": round(statistics.fmean(r[1] for r in rows), 2),
+            "mean_ms": round(mean_ms, 1),
+            "speedup": round(base_ms / mean_ms, 3),
+            "psnr_vs_full_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_full), 2),
+            "min_psnr_vs_full_db": round(min(min(v, IDENTICAL_DB) for v in vs_full), 2),
+            "psnr_vs_50_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_fifty), 2),
+        }
 
     rows = [summary(None, full)] + [summary(t, render(t)) for t in thresholds]
-    return {"config": {"size": size, "steps": steps, "requests": len(requests),
-                       "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:])},
-            "runs": rows}
+    return {
+        "config": {
+            "size": size,
+            "steps": steps,
+            "requests": len(requests),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:]),
+        },
+        "runs": rows,
+    }
 
 
 def early_stop_markdown(results: dict) -> str:
-    lines = ["| early stop threshold | mean steps run | mean ms | speed-up | PSNR vs run to the end (mean / min) "
-             "| PSNR vs 50 steps |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| early stop threshold | mean steps run | mean ms | speed-up | PSNR vs run to the end (mean / min) "
+        "| PSNR vs 50 steps |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results["runs"]:
         name = "off" if r["threshold"] is None else f"{r['threshold']:g}"
-        lines.append(f"| {name} | {r['mean_steps_run']:.1f} | {r['mean_ms']:,.0f} | {r['speedup']:.2f}x "
-                     f"| {r['psnr_vs_full_db']:.1f} / {r['min_psnr_vs_full_db']:.1f} dB | {r['psnr_vs_50_db']:.1f} dB |")
+        lines.append(
+            f"| {name} | {r['mean_steps_run']:.1f} | {r['mean_ms']:,.0f} | {r['speedup']:.2f}x "
+            f"| {r['psnr_vs_full_db']:.1f} / {r['min_psnr_vs_full_db']:.1f} dB | {r['psnr_vs_50_db']:.1f} dB |"
+        )
     c = results["config"]
-    lines += ["", f"Embedded model, {c['size']}x{c['size']}, {c['steps']} steps requested, {c['requests']} requests "
-              f"one at a time (100 dB = identical); {c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"Embedded model, {c['size']}x{c['size']}, {c['steps']} steps requested, {c['requests']} requests "
+        f"one at a time (100 dB = identical); {c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -279,8 +334,9 @@ def plot(results: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend()
     c = results["config"]
-    figure.suptitle(f"Step policies, {c['size']}x{c['size']}, target {c['target_ms'] / 1000:.1f} s "
-                    f"({c['machine']})", fontsize=10)
+    figure.suptitle(
+        f"Step policies, {c['size']}x{c['size']}, target {c['target_ms'] / 1000:.1f} s ({c['machine']})", fontsize=10
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
@@ -288,18 +344,25 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| load | policy | within target | goodput rps | p50 ms | p95 ms | mean steps | mean PSNR vs 50 steps |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| load | policy | within target | goodput rps | p50 ms | p95 ms | mean steps | mean PSNR vs 50 steps |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['load_factor']:.1f}x | {r['policy']} | {r['slo_attainment']:.0%} | {r['goodput_rps']:.2f} "
-                     f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {r['mean_steps']:.1f} | {r['mean_psnr_db']:.1f} dB |")
+        lines.append(
+            f"| {r['load_factor']:.1f}x | {r['policy']} | {r['slo_attainment']:.0%} | {r['goodput_rps']:.2f} "
+            f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {r['mean_steps']:.1f} | {r['mean_psnr_db']:.1f} dB |"
+        )
     c = results["config"]
     same = ", ".join(f"{float(k):.1f}x: {v:.0%}" for k, v in results["slo_same_steps_as_complexity"].items())
-    lines += ["", f"Embedded model, {c['size']}x{c['size']}, {c['requests_per_run']} Poisson arrivals per run; "
-              f"capacity of fixed 30 = {c['capacity_rps']:.2f} requests/s (closed loop, {c['max_batch_size']} clients); "
-              f"target = {c['target_factor']:g} x one fixed-30 request alone ({c['fixed30_alone_ms']:,.0f} ms) = "
-              f"{c['target_ms']:,.0f} ms. slo chose the complexity policy's steps for {same} of requests. "
-              f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"Embedded model, {c['size']}x{c['size']}, {c['requests_per_run']} Poisson arrivals per run; "
+        f"capacity of fixed 30 = {c['capacity_rps']:.2f} requests/s (closed loop, {c['max_batch_size']} clients); "
+        f"target = {c['target_factor']:g} x one fixed-30 request alone ({c['fixed30_alone_ms']:,.0f} ms) = "
+        f"{c['target_ms']:,.0f} ms. slo chose the complexity policy's steps for {same} of requests. "
+        f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -311,12 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per run")
     parser.add_argument("--seeds", type=int, default=4, help="distinct seeds (x prompts = 50-step references)")
-    parser.add_argument("--target-factor", type=float, default=2.0,
-                        help="latency target = this x one fixed-30 request alone")
-    parser.add_argument("--early-stop", action="store_true",
-                        help="instead: what convergence early stop saves and costs, per threshold")
+    parser.add_argument(
+        "--target-factor", type=float, default=2.0, help="latency target = this x one fixed-30 request alone"
+    )
+    parser.add_argument(
+        "--early-stop", action="store_true", help="instead: what convergence early stop saves and costs, per threshold"
+    )
     parser.add_argument("--thresholds", default="0.0002,0.0005,0.001,0.002,0.005,0.02")
-    parser.add_argument("--json", default=None, help=f"default: {DEFAULT_JSON.name} (early_stop.json with --early-stop)")
+    parser.add_argument(
+        "--json", default=None, help=f"default: {DEFAULT_JSON.name} (early_stop.json with --early-stop)"
+    )
     parser.add_argument("--plot", default=str(DEFAULT_PLOT))
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
@@ -328,8 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     if options.early_stop:
         thresholds = [float(t) for t in options.thresholds.split(",")]
         results = early_stop_study(options.size, thresholds, 1 if options.quick else 2)
-        publish(results, options.json or DEFAULT_JSON.with_name("early_stop.json"), early_stop_markdown(results),
-                options.update_readme, "early_stop")
+        publish(
+            results,
+            options.json or DEFAULT_JSON.with_name("early_stop.json"),
+            early_stop_markdown(results),
+            options.update_readme,
+            "early_stop",
+        )
         return 0
     requests, seeds, capacity_requests = options.requests, options.seeds, 24
     if options.quick:

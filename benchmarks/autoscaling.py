@@ -32,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,15 @@ SMALL = {"size": "64x64", "num_inference_steps": 15}
 LARGE = {"size": "256x256", "num_inference_steps": 30}
 # a large job: 30 steps x 32x32 latent pixels; the work policy keeps two of them per replica
 TARGET_WORK = 2 * 30 * 32 * 32
-COMMON = {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "metrics_interval_s": 0.5,
-          "look_back_period_s": 2, "upscale_delay_s": 3, "downscale_delay_s": 10}
+COMMON = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "initial_replicas": 1,
+    "metrics_interval_s": 0.5,
+    "look_back_period_s": 2,
+    "upscale_delay_s": 3,
+    "downscale_delay_s": 10,
+}
 # phases: half a large job per replica, so two large jobs in flight (their remaining work
 # averages one job's) ask for two replicas; six small jobs stay far under one
 PHASES_TARGET_WORK = 30 * 32 * 32 // 2
@@ -58,8 +65,13 @@ PHASES_TARGET_WORK = 30 * 32 * 32 // 2
 def policies(target_work: int) -> dict[str, dict]:
     return {
         "default (target_ongoing_requests 2)": {**COMMON, "target_ongoing_requests": 2},
-        "queued work": {**COMMON, "policy": {"policy_function": "deployments.denoiser.autoscaling:QueuedWorkPolicy",
-                                             "policy_kwargs": {"target_work_per_replica": target_work}}},
+        "queued work": {
+            **COMMON,
+            "policy": {
+                "policy_function": "deployments.denoiser.autoscaling:QueuedWorkPolicy",
+                "policy_kwargs": {"target_work_per_replica": target_work},
+            },
+        },
     }
 
 
@@ -89,8 +101,10 @@ class PhasesPlan:
     """(name, start, end, clients, kind) phases; nothing runs between them."""
 
     def __init__(self, heavy_s: float, gap_s: float, light_s: float, tail_s: float):
-        self.phases = [("heavy", 0.0, heavy_s, 2, LARGE),
-                       ("light", heavy_s + gap_s, heavy_s + gap_s + light_s, 6, SMALL)]
+        self.phases = [
+            ("heavy", 0.0, heavy_s, 2, LARGE),
+            ("light", heavy_s + gap_s, heavy_s + gap_s + light_s, 6, SMALL),
+        ]
         self.clients = max(phase[3] for phase in self.phases)
         self.load_end, self.tail = self.phases[-1][2], tail_s
 
@@ -108,14 +122,18 @@ class PhasesPlan:
 
 def deployment_options(base: dict, autoscaling: dict) -> dict:
     options = copy.deepcopy(base)
-    for name, entry in options.items():
+    for entry in options.values():
         entry.pop("autoscaling_config", None)
         entry.pop("request_router_config", None)
         entry.update(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=1)
     options["Denoiser"].pop("num_replicas")
     # a replica scaled down finishes the jobs it holds (a 1 s grace failed them with 500s)
-    options["Denoiser"].update(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4,
-                               autoscaling_config=autoscaling, graceful_shutdown_timeout_s=120)
+    options["Denoiser"].update(
+        ray_actor_options={"num_cpus": 0.5},
+        max_ongoing_requests=4,
+        autoscaling_config=autoscaling,
+        graceful_shutdown_timeout_s=120,
+    )
     return options
 
 
@@ -125,8 +143,11 @@ def running_denoisers(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None or "Denoiser" not in status.deployments:
         return 0
-    return sum(n for state, n in status.deployments["Denoiser"].replica_states.items()
-               if getattr(state, "value", str(state)) == "RUNNING")
+    return sum(
+        n
+        for state, n in status.deployments["Denoiser"].replica_states.items()
+        if getattr(state, "value", str(state)) == "RUNNING"
+    )
 
 
 def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed: int) -> dict:
@@ -136,8 +157,12 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed:
     from serve_app.app import build_application
 
     app = "autoscaling-bench"
-    serve.run(build_application(settings, deployment_options(base_options, autoscaling)), name=app,
-              route_prefix="/", blocking=False)
+    serve.run(
+        build_application(settings, deployment_options(base_options, autoscaling)),
+        name=app,
+        route_prefix="/",
+        blocking=False,
+    )
     url = f"http://127.0.0.1:{PORT}/v1/images/generations"
     while True:  # ready: one request through
         try:
@@ -162,8 +187,14 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed:
                 sent = time.perf_counter()
                 response = http.post(url, json={"prompt": "portrait of a person", "seed": rng.randrange(1000), **kind})
                 with lock:
-                    results.append({"t": sent - start, "ms": (time.perf_counter() - sent) * 1000.0,
-                                    "status": response.status_code, "large": kind is LARGE})
+                    results.append(
+                        {
+                            "t": sent - start,
+                            "ms": (time.perf_counter() - sent) * 1000.0,
+                            "status": response.status_code,
+                            "large": kind is LARGE,
+                        }
+                    )
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(plan.clients)]
     for thread in threads:
@@ -189,10 +220,12 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed:
         "time_to_scale_up_s": None if scaled_up is None else round(scaled_up, 1),
         "time_to_scale_down_s": back_down,
         "replica_seconds": round(sum(p["replicas"] for p in timeline) * 0.5, 1),
-        "requests": len(results), "errors": sum(r["status"] != 200 for r in results),
+        "requests": len(results),
+        "errors": sum(r["status"] != 200 for r in results),
         "error_statuses": sorted({r["status"] for r in results if r["status"] != 200}),
         "p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1) if len(latencies) >= 2 else None,
-        "timeline": timeline, "latencies": results,
+        "timeline": timeline,
+        "latencies": results,
     }
 
 
@@ -204,12 +237,17 @@ def phase_summary(phase, timeline: list[dict], results: list[dict]) -> dict:
     at_start = window[0]["replicas"] if window else 1
     first_up = next((p["t"] - begin for p in window if p["replicas"] > at_start), None)
     ok = [r["ms"] for r in results if begin <= r["t"] < end and r["status"] == 200]
-    return {"phase": name, "seconds": end - begin, "replicas_at_start": at_start,
-            "peak_replicas": max((p["replicas"] for p in window), default=0),
-            "time_to_scale_up_s": None if first_up is None else round(first_up, 1),
-            "replica_seconds": round(sum(p["replicas"] for p in window) * 0.5, 1),
-            "requests": len(ok), "p50_ms": round(statistics.median(ok), 1) if ok else None,
-            "p95_ms": round(statistics.quantiles(ok, n=20)[-1], 1) if len(ok) >= 2 else None}
+    return {
+        "phase": name,
+        "seconds": end - begin,
+        "replicas_at_start": at_start,
+        "peak_replicas": max((p["replicas"] for p in window), default=0),
+        "time_to_scale_up_s": None if first_up is None else round(first_up, 1),
+        "replica_seconds": round(sum(p["replicas"] for p in window) * 0.5, 1),
+        "requests": len(ok),
+        "p50_ms": round(statistics.median(ok), 1) if ok else None,
+        "p95_ms": round(statistics.quantiles(ok, n=20)[-1], 1) if len(ok) >= 2 else None,
+    }
 
 
 def run(plan, target_work: int, target_ms: float) -> dict:
@@ -233,15 +271,30 @@ def run(plan, target_work: int, target_ms: float) -> dict:
             rows.append(row)
     finally:
         ray.shutdown()
-    shape = ({"phases": [{"phase": n, "start_s": b, "end_s": e, "clients": c, "request": k}
-                         for n, b, e, c, k in plan.phases], "tail_s": plan.tail} if plan.phases else
-             {"ramp_s": {"up": plan.up, "hold": plan.hold, "down": plan.down, "tail": plan.tail},
-              "large_share": plan.large_share})
+    shape = (
+        {
+            "phases": [
+                {"phase": n, "start_s": b, "end_s": e, "clients": c, "request": k} for n, b, e, c, k in plan.phases
+            ],
+            "tail_s": plan.tail,
+        }
+        if plan.phases
+        else {
+            "ramp_s": {"up": plan.up, "hold": plan.hold, "down": plan.down, "tail": plan.tail},
+            "large_share": plan.large_share,
+        }
+    )
     return {
-        "config": {**shape, "clients": plan.clients, "target_ms": target_ms, "target_work_per_replica": target_work,
-                   "autoscaling": COMMON, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "command": "python benchmarks/autoscaling.py " + " ".join(sys.argv[1:])},
+        "config": {
+            **shape,
+            "clients": plan.clients,
+            "target_ms": target_ms,
+            "target_work_per_replica": target_work,
+            "autoscaling": COMMON,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "python benchmarks/autoscaling.py " + " ".join(sys.argv[1:]),
+        },
         "policies": rows,
     }
 
@@ -261,8 +314,12 @@ def plot(results: dict, path: Path) -> None:
         large = [(r["t"], r["ms"] / 1000) for r in row["latencies"] if r["large"]]
         small = [(r["t"], r["ms"] / 1000) for r in row["latencies"] if not r["large"]]
         twin = axis.twinx()
-        twin.scatter(*zip(*small), s=6, color="tab:green", alpha=0.5, label="small request latency (s)") if small else None
-        twin.scatter(*zip(*large), s=10, color="tab:red", alpha=0.6, label="large request latency (s)") if large else None
+        twin.scatter(
+            *zip(*small), s=6, color="tab:green", alpha=0.5, label="small request latency (s)"
+        ) if small else None
+        twin.scatter(
+            *zip(*large), s=10, color="tab:red", alpha=0.6, label="large request latency (s)"
+        ) if large else None
         twin.set_ylabel("latency (s)")
         axis.set_title(row["policy"], fontsize=10)
         axis.set_ylabel("count")
@@ -281,41 +338,59 @@ def show(value, fmt: str = "{:.1f}") -> str:
 
 
 def phases_markdown(results: dict) -> str:
-    lines = ["| phase | policy | replicas at start | first scale-up (s after phase start) | peak replicas "
-             "| replica-seconds | requests done | p50 ms | p95 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| phase | policy | replicas at start | first scale-up (s after phase start) | peak replicas "
+        "| replica-seconds | requests done | p50 ms | p95 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     names = [phase["phase"] for phase in results["policies"][0]["phases"]]
     for name in names:
         for row in results["policies"]:
             phase = next(p for p in row["phases"] if p["phase"] == name)
-            lines.append(f"| {name} | {row['policy']} | {phase['replicas_at_start']} "
-                         f"| {show(phase['time_to_scale_up_s'])} | {phase['peak_replicas']} "
-                         f"| {phase['replica_seconds']:.0f} | {phase['requests']} | {show(phase['p50_ms'], '{:,.0f}')} "
-                         f"| {show(phase['p95_ms'], '{:,.0f}')} |")
+            lines.append(
+                f"| {name} | {row['policy']} | {phase['replicas_at_start']} "
+                f"| {show(phase['time_to_scale_up_s'])} | {phase['peak_replicas']} "
+                f"| {phase['replica_seconds']:.0f} | {phase['requests']} | {show(phase['p50_ms'], '{:,.0f}')} "
+                f"| {show(phase['p95_ms'], '{:,.0f}')} |"
+            )
     c = results["config"]
-    described = "; ".join(f"{p['phase']} {p['end_s'] - p['start_s']:g} s: {p['clients']} clients sending only "
-                          f"{p['request']['size']} x {p['request']['num_inference_steps']} steps"
-                          for p in c["phases"])
-    lines += ["", f"Tiny model served on localhost; {described}; idle between the phases and {c['tail_s']:g} s "
-              f"after; queued-work target {c['target_work_per_replica']} (half a large job); upscale delay "
-              f"{c['autoscaling']['upscale_delay_s']} s, downscale delay {c['autoscaling']['downscale_delay_s']} s; "
-              f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    described = "; ".join(
+        f"{p['phase']} {p['end_s'] - p['start_s']:g} s: {p['clients']} clients sending only "
+        f"{p['request']['size']} x {p['request']['num_inference_steps']} steps"
+        for p in c["phases"]
+    )
+    lines += [
+        "",
+        f"Tiny model served on localhost; {described}; idle between the phases and {c['tail_s']:g} s "
+        f"after; queued-work target {c['target_work_per_replica']} (half a large job); upscale delay "
+        f"{c['autoscaling']['upscale_delay_s']} s, downscale delay {c['autoscaling']['downscale_delay_s']} s; "
+        f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
-    lines = ["| policy | peak replicas | first scale-up (s) | back to 1 after load (s) | replica-seconds | requests "
-             "| p95 ms | within target |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| policy | peak replicas | first scale-up (s) | back to 1 after load (s) | replica-seconds | requests "
+        "| p95 ms | within target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["policies"]:
-        lines.append(f"| {r['policy']} | {r['peak_replicas']} | {show(r['time_to_scale_up_s'])} "
-                     f"| {show(r['time_to_scale_down_s'])} | {r['replica_seconds']:.0f} | {r['requests']} "
-                     f"({r['errors']} errors) | {show(r['p95_ms'], '{:,.0f}')} | {r['slo_attainment']:.0%} |")
+        lines.append(
+            f"| {r['policy']} | {r['peak_replicas']} | {show(r['time_to_scale_up_s'])} "
+            f"| {show(r['time_to_scale_down_s'])} | {r['replica_seconds']:.0f} | {r['requests']} "
+            f"({r['errors']} errors) | {show(r['p95_ms'], '{:,.0f}')} | {r['slo_attainment']:.0%} |"
+        )
     c = results["config"]
     ramp = c["ramp_s"]
-    lines += ["", f"Tiny model served on localhost; {c['clients']} client threads ramped up {ramp['up']:g} s, held "
-              f"{ramp['hold']:g} s, down {ramp['down']:g} s, then {ramp['tail']:g} s idle; {c['large_share']:.0%} of "
-              f"requests 256x256 x 30 steps, the rest 64x64 x 15; target {c['target_ms']:,.0f} ms; upscale delay "
-              f"{c['autoscaling']['upscale_delay_s']} s, downscale delay {c['autoscaling']['downscale_delay_s']} s; "
-              f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"Tiny model served on localhost; {c['clients']} client threads ramped up {ramp['up']:g} s, held "
+        f"{ramp['hold']:g} s, down {ramp['down']:g} s, then {ramp['tail']:g} s idle; {c['large_share']:.0%} of "
+        f"requests 256x256 x 30 steps, the rest 64x64 x 15; target {c['target_ms']:,.0f} ms; upscale delay "
+        f"{c['autoscaling']['upscale_delay_s']} s, downscale delay {c['autoscaling']['downscale_delay_s']} s; "
+        f"{c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -325,10 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--large-share", type=float, default=0.2)
     parser.add_argument("--target-ms", type=float, default=10_000)
-    parser.add_argument("--workload", choices=["ramp", "phases"], default="ramp",
-                        help="ramp: mixed requests up/hold/down; phases: heavy then light (default: %(default)s)")
-    parser.add_argument("--target-work", type=int, help="the queued-work policy's target per replica (default: "
-                        f"{TARGET_WORK} for ramp, {PHASES_TARGET_WORK} for phases)")
+    parser.add_argument(
+        "--workload",
+        choices=["ramp", "phases"],
+        default="ramp",
+        help="ramp: mixed requests up/hold/down; phases: heavy then light (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--target-work",
+        type=int,
+        help="the queued-work policy's target per replica (default: "
+        f"{TARGET_WORK} for ramp, {PHASES_TARGET_WORK} for phases)",
+    )
     parser.add_argument("--json", help="results file (default: benchmarks/results/<section>.json)")
     parser.add_argument("--plot", help="timeline PNG (default: benchmarks/results/<section>.png)")
     parser.add_argument("--update-readme", metavar="README")
@@ -337,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = PhasesPlan(*((30.0, 15.0, 20.0, 20.0) if options.quick else (45.0, 20.0, 30.0, 25.0)))
         section, target_work, render = f"{SECTION}_phases", options.target_work or PHASES_TARGET_WORK, phases_markdown
     else:
-        plan = RampPlan((10.0, 20.0, 10.0, 30.0) if options.quick else (15.0, 45.0, 15.0, 40.0), options.clients,
-                        options.large_share)
+        plan = RampPlan(
+            (10.0, 20.0, 10.0, 30.0) if options.quick else (15.0, 45.0, 15.0, 40.0),
+            options.clients,
+            options.large_share,
+        )
         section, target_work, render = SECTION, options.target_work or TARGET_WORK, markdown
     results = run(plan, target_work, options.target_ms)
     plot_path = Path(options.plot or RESULTS / f"{section}.png")

@@ -27,7 +27,7 @@ import statistics
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,13 +88,17 @@ def drive(engine, jobs, concurrency: int) -> dict:
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    return {"requests": len(latencies), "rps": round(len(latencies) / seconds, 4),
-            "p50_ms": round(statistics.median(latencies), 1), "p95_ms": round(percentile(latencies, 0.95), 1)}
+    return {
+        "requests": len(latencies),
+        "rps": round(len(latencies) / seconds, 4),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p95_ms": round(percentile(latencies, 0.95), 1),
+    }
 
 
 def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, threads: int, model: str = "tiny") -> dict:
-    from deployments.models import loading
     from deployments.denoiser.engine import DenoiserEngine
+    from deployments.models import loading
 
     model_path = loading.resolve_model(model)
     runs = []
@@ -106,15 +110,27 @@ def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, thread
         for concurrency in levels:
             jobs = make_jobs(max(per_level, rounds * concurrency), size, hidden, seed=concurrency)
             for mode, engine in engines.items():
-                row = {"model": model, "size": size, "mode": mode, "concurrency": concurrency,
-                       **drive(engine, jobs, concurrency)}
+                row = {
+                    "model": model,
+                    "size": size,
+                    "mode": mode,
+                    "concurrency": concurrency,
+                    **drive(engine, jobs, concurrency),
+                }
                 print(json.dumps(row), flush=True)
                 runs.append(row)
-    return {"runs": runs, "config": {
-        "command": "benchmarks/denoiser_batching.py " + " ".join(sys.argv[1:]), "threads": threads,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "steps": "15-30, guidance 7.5",
-        "model": model, "unet_parameters": unet_parameters(model_path)}}
+    return {
+        "runs": runs,
+        "config": {
+            "command": "benchmarks/denoiser_batching.py " + " ".join(sys.argv[1:]),
+            "threads": threads,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+            "steps": "15-30, guidance 7.5",
+            "model": model,
+            "unet_parameters": unet_parameters(model_path),
+        },
+    }
 
 
 def unet_parameters(model_path) -> int:
@@ -124,17 +140,24 @@ def unet_parameters(model_path) -> int:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| size | concurrency | mode | requests | rps | p50 ms | p95 ms | rps vs single |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| size | concurrency | mode | requests | rps | p50 ms | p95 ms | rps vs single |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     single = {(r["size"], r["concurrency"]): r["rps"] for r in results["runs"] if r["mode"] == "single"}
     for r in results["runs"]:
         ratio = r["rps"] / single[(r["size"], r["concurrency"])]
-        lines.append(f"| {r['size']}x{r['size']} | {r['concurrency']} | {r['mode']} | {r['requests']} | {r['rps']:.3f} "
-                     f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {ratio:.2f}x |")
+        lines.append(
+            f"| {r['size']}x{r['size']} | {r['concurrency']} | {r['mode']} | {r['requests']} | {r['rps']:.3f} "
+            f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {ratio:.2f}x |"
+        )
     c = results["config"]
-    lines += ["", f"{c.get('model', 'tiny')} model ({c.get('unet_parameters', 0) / 1e6:.1f}M UNet parameters), "
-              f"{c['steps']}, {c['threads']} torch threads, {c['machine']}; {c['date'][:10]}; "
-              f"`{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"{c.get('model', 'tiny')} model ({c.get('unet_parameters', 0) / 1e6:.1f}M UNet parameters), "
+        f"{c['steps']}, {c['threads']} torch threads, {c['machine']}; {c['date'][:10]}; "
+        f"`{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -146,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-level", type=int, default=6, help="at least this many requests per level")
     parser.add_argument("--rounds", type=int, default=2, help="at least this many requests per client")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--model", default="tiny", help="preset or model folder (default: %(default)s; the "
-                        "mid-size preset is `small`, 24M UNet parameters)")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="preset or model folder (default: %(default)s; the mid-size preset is `small`, 24M UNet parameters)",
+    )
     parser.add_argument("--json", help="results file (default: benchmarks/results/<section>.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)

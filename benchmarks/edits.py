@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,23 +51,32 @@ def centre_mask(size: int):
     from PIL import Image
 
     mask = np.zeros((size, size), np.uint8)
-    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
     return Image.fromarray(mask, "L")
 
 
 def run(size: int, steps: int, repeats: int) -> dict:
     from deployments.models import loading
-    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.request import ImageRequest
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"), "tiny")
     pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
     target = synthetic_photo(size, 0)
 
     def request(seed: int, **edit) -> ImageRequest:
-        return ImageRequest(prompt=PROMPT, negative_prompt="", width=size, height=size, n=1, seed=seed,
-                            guidance_scale=7.5, num_inference_steps=steps, **edit)
+        return ImageRequest(
+            prompt=PROMPT,
+            negative_prompt="",
+            width=size,
+            height=size,
+            n=1,
+            seed=seed,
+            guidance_scale=7.5,
+            num_inference_steps=steps,
+            **edit,
+        )
 
     async def timed(req: ImageRequest) -> tuple[float, dict]:
         start = time.perf_counter()
@@ -75,10 +84,14 @@ def run(size: int, steps: int, repeats: int) -> dict:
         return (time.perf_counter() - start) * 1000.0, result
 
     async def measure() -> dict:
-        modes = [("generation", None, lambda s: request(s)),
-                 *[("img2img", strength, lambda s, st=strength: request(s, image=target, strength=st))
-                   for strength in (0.3, 0.6, 1.0)],
-                 ("inpaint", 1.0, lambda s: request(s, image=target, mask=centre_mask(size), strength=1.0))]
+        modes = [
+            ("generation", None, lambda s: request(s)),
+            *[
+                ("img2img", strength, lambda s, st=strength: request(s, image=target, strength=st))
+                for strength in (0.3, 0.6, 1.0)
+            ],
+            ("inpaint", 1.0, lambda s: request(s, image=target, mask=centre_mask(size), strength=1.0)),
+        ]
         # reference faces: a new one each time (miss) or face 1000 again (hit, after the warm-up)
         reference_modes = [("miss", lambda i: 1000 + i + 1), ("hit", lambda i: 1000)]
 
@@ -101,8 +114,14 @@ def run(size: int, steps: int, repeats: int) -> dict:
         runs = []
         for i, (mode, strength, _) in enumerate(modes):
             p50 = statistics.median(ms for ms, _ in samples[i])
-            runs.append({"mode": mode, "strength": strength,
-                         "denoising_steps": samples[i][-1][1].usage["denoising_steps"], "p50_ms": round(p50, 1)})
+            runs.append(
+                {
+                    "mode": mode,
+                    "strength": strength,
+                    "denoising_steps": samples[i][-1][1].usage["denoising_steps"],
+                    "p50_ms": round(p50, 1),
+                }
+            )
             print(f"{mode} {strength}: {p50:.0f} ms", file=sys.stderr)
         base = runs[0]["p50_ms"]
         for row in runs:
@@ -128,8 +147,10 @@ def table(results: dict) -> str:
     ]
     for row in results["runs"]:
         strength = "" if row["strength"] is None else f"{row['strength']:.1f}"
-        lines.append(f"| {row['mode']} | {strength} | {row['denoising_steps']} | {row['p50_ms']:.0f} | "
-                     f"{row['ratio_to_generation']:.2f}x |")
+        lines.append(
+            f"| {row['mode']} | {strength} | {row['denoising_steps']} | {row['p50_ms']:.0f} | "
+            f"{row['ratio_to_generation']:.2f}x |"
+        )
     ref = results["reference"]
     lines += [
         "",
@@ -157,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         options.size, options.repeats = 128, 3
     command = "python benchmarks/edits.py" + (" --quick" if options.quick else "")
     results = run(options.size, options.steps, options.repeats)
-    results["setup"] = {"size": options.size, "steps": options.steps, "repeats": options.repeats,
-                        "command": command, "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
-                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    results["setup"] = {
+        "size": options.size,
+        "steps": options.steps,
+        "repeats": options.repeats,
+        "command": command,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
     publish(results, options.json, table(results), options.update_readme, SECTION)
     return 0
 

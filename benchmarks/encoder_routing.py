@@ -24,7 +24,7 @@ import json
 import random
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,14 +79,15 @@ def run(options) -> dict:
     from ray.serve.config import RequestRouterConfig
 
     from deployments.models import loading
-
     from deployments.text_encoder import engine as text_encoder
 
     model_path = loading.resolve_model("tiny")
     tokenizer = loading.load_tokenizer(model_path)
     requests = workload(tokenizer, options.templates, options.requests, seed=0)
-    settings = {"cache": {"max_mib": options.max_mib, "exact_prompts": True, "watchdog": {"enabled": False}},
-                "batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.002}}
+    settings = {
+        "cache": {"max_mib": options.max_mib, "exact_prompts": True, "watchdog": {"enabled": False}},
+        "batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.002},
+    }
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     rows = []
     try:
@@ -94,40 +95,60 @@ def run(options) -> dict:
             options_ = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.2}, "max_ongoing_requests": 16}
             if router == "affinity":
                 options_["request_router_config"] = RequestRouterConfig(
-                    request_router_class=ROUTER, request_router_kwargs={"busy_threshold": options.busy_threshold})
+                    request_router_class=ROUTER, request_router_kwargs={"busy_threshold": options.busy_threshold}
+                )
             app = text_encoder.build_deployment().options(**options_).bind(str(model_path), 1, settings)
             handle = serve.run(app, name=f"routing-{router}", route_prefix=None)
             asyncio.run(drive(handle, requests[:8], options.concurrency))  # start-up costs, not counted
             results, seconds = asyncio.run(drive(handle, requests[8:], options.concurrency))
             measured = requests[8:]
             cached = [r.cached_tokens[0] for r in results]
-            rows.append({
-                "router": router, "requests": len(measured), "seconds": round(seconds, 3),
-                "rps": round(len(measured) / seconds, 2),
-                "prompt_cached_share": round(sum(cached) / (77 * len(cached)), 4),
-                "template_hit_share": round(sum(c >= 32 for c in cached) / len(cached), 4),
-            })
+            rows.append(
+                {
+                    "router": router,
+                    "requests": len(measured),
+                    "seconds": round(seconds, 3),
+                    "rps": round(len(measured) / seconds, 2),
+                    "prompt_cached_share": round(sum(cached) / (77 * len(cached)), 4),
+                    "template_hit_share": round(sum(c >= 32 for c in cached) / len(cached), 4),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             serve.delete(f"routing-{router}")
     finally:
         ray.shutdown()
-    return {"rows": rows, "config": {
-        "templates": options.templates, "requests": options.requests, "concurrency": options.concurrency,
-        "max_mib_per_replica": options.max_mib, "replicas": 2, "busy_threshold": options.busy_threshold,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "benchmarks/encoder_routing.py " + " ".join(sys.argv[1:])}}
+    return {
+        "rows": rows,
+        "config": {
+            "templates": options.templates,
+            "requests": options.requests,
+            "concurrency": options.concurrency,
+            "max_mib_per_replica": options.max_mib,
+            "replicas": 2,
+            "busy_threshold": options.busy_threshold,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "benchmarks/encoder_routing.py " + " ".join(sys.argv[1:]),
+        },
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| router | requests | prompt positions from cache | requests hitting their template | rps |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| router | requests | prompt positions from cache | requests hitting their template | rps |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in results["rows"]:
-        lines.append(f"| {r['router']} | {r['requests']} | {r['prompt_cached_share']:.0%} "
-                     f"| {r['template_hit_share']:.0%} | {r['rps']:.1f} |")
+        lines.append(
+            f"| {r['router']} | {r['requests']} | {r['prompt_cached_share']:.0%} "
+            f"| {r['template_hit_share']:.0%} | {r['rps']:.1f} |"
+        )
     c = results["config"]
-    lines += ["", f"2 TextEncoder replicas (tiny model), {c['max_mib_per_replica']} MiB cache each, {c['templates']} "
-              f"namespace templates (skewed), concurrency {c['concurrency']}, affinity spill at "
-              f"{c['busy_threshold']} in flight; {c['date'][:10]}; `{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"2 TextEncoder replicas (tiny model), {c['max_mib_per_replica']} MiB cache each, {c['templates']} "
+        f"namespace templates (skewed), concurrency {c['concurrency']}, affinity spill at "
+        f"{c['busy_threshold']} in flight; {c['date'][:10]}; `{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 

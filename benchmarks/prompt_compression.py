@@ -23,7 +23,7 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,10 @@ DATASET = REPO_ROOT / "tests" / "data" / "portrait_instructions.jsonl"
 HELD_OUT = REPO_ROOT / "tests" / "data" / "portrait_instructions_heldout.jsonl"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "prompt_compression.json"
 SECTION = "prompt_compression"
-EXAMPLE = ("A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
-           "with soft lighting, highly detailed skin texture, sharp focus")
+EXAMPLE = (
+    "A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
+    "with soft lighting, highly detailed skin texture, sharp focus"
+)
 
 
 def load_dataset(path: Path = DATASET) -> list[dict]:
@@ -57,16 +59,18 @@ def evaluate(engine, rows: list[dict]) -> list[dict]:
         optimized = engine.optimize(row["instruction"])
         text = optimized.prompt.lower()
         missing = [term for term in expected_terms(row["expected"]) if term.lower() not in text]
-        results.append({
-            "id": row["id"],
-            "lang": row["lang"],
-            "compact": bool(row.get("compact")),
-            "original_tokens": optimized.original_tokens,
-            "optimized_tokens": optimized.prompt_tokens,
-            "reduction": 1 - optimized.prompt_tokens / optimized.original_tokens,
-            "missing": missing,
-            "prompt": optimized.prompt,
-        })
+        results.append(
+            {
+                "id": row["id"],
+                "lang": row["lang"],
+                "compact": bool(row.get("compact")),
+                "original_tokens": optimized.original_tokens,
+                "optimized_tokens": optimized.prompt_tokens,
+                "reduction": 1 - optimized.prompt_tokens / optimized.original_tokens,
+                "missing": missing,
+                "prompt": optimized.prompt,
+            }
+        )
     return results
 
 
@@ -110,32 +114,54 @@ def run(model: str) -> dict:
     example = engine.optimize(EXAMPLE)
     return {
         "summary": summarize(results),
-        "example": {"instruction": EXAMPLE, "prompt": example.prompt, "attributes": example.attributes,
-                    "original_tokens": example.original_tokens, "optimized_tokens": example.prompt_tokens},
+        "example": {
+            "instruction": EXAMPLE,
+            "prompt": example.prompt,
+            "attributes": example.attributes,
+            "original_tokens": example.original_tokens,
+            "optimized_tokens": example.prompt_tokens,
+        },
         "rows": results,
-        "config": {"dataset": str(DATASET.relative_to(REPO_ROOT)), "held_out": str(HELD_OUT.relative_to(REPO_ROOT)),
-                   "model": model,
-                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "command": "benchmarks/prompt_compression.py"},
+        "config": {
+            "dataset": str(DATASET.relative_to(REPO_ROOT)),
+            "held_out": str(HELD_OUT.relative_to(REPO_ROOT)),
+            "model": model,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "benchmarks/prompt_compression.py",
+        },
     }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| set | instructions | mean tokens before → after | mean reduction | median reduction "
-             "| every attribute kept | made longer |", "|---|---:|---:|---:|---:|---:|---:|"]
-    labels = {"verbose": "verbose, all", "verbose_en": "verbose, English", "verbose_zh": "verbose, Chinese",
-              "compact": "already compact", "held_out_en": "held out, English", "held_out_zh": "held out, Chinese"}
+    lines = [
+        "| set | instructions | mean tokens before → after | mean reduction | median reduction "
+        "| every attribute kept | made longer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {
+        "verbose": "verbose, all",
+        "verbose_en": "verbose, English",
+        "verbose_zh": "verbose, Chinese",
+        "compact": "already compact",
+        "held_out_en": "held out, English",
+        "held_out_zh": "held out, Chinese",
+    }
     for key, label in labels.items():
         if key not in results["summary"]:
             continue
         s = results["summary"][key]
-        lines.append(f"| {label} | {s['count']} | {s['mean_original_tokens']:.1f} → {s['mean_optimized_tokens']:.1f} "
-                     f"| {s['mean_reduction']:.0%} | {s['median_reduction']:.0%} "
-                     f"| {s['all_attributes_kept']}/{s['count']} ({s['attribute_retention']:.1%}) "
-                     f"| {s['made_longer']} |")
+        lines.append(
+            f"| {label} | {s['count']} | {s['mean_original_tokens']:.1f} → {s['mean_optimized_tokens']:.1f} "
+            f"| {s['mean_reduction']:.0%} | {s['median_reduction']:.0%} "
+            f"| {s['all_attributes_kept']}/{s['count']} ({s['attribute_retention']:.1%}) "
+            f"| {s['made_longer']} |"
+        )
     example = results["example"]
-    lines += ["", f"Example: *{example['instruction']}* ({example['original_tokens']} tokens) → "
-              f"`{example['prompt']}` ({example['optimized_tokens']} tokens)."]
+    lines += [
+        "",
+        f"Example: *{example['instruction']}* ({example['original_tokens']} tokens) → "
+        f"`{example['prompt']}` ({example['optimized_tokens']} tokens).",
+    ]
     return "\n".join(lines)
 
 
@@ -150,8 +176,13 @@ def plot(results: dict, path: Path) -> None:
     for lang, color in (("en", "tab:blue"), ("zh", "tab:orange")):
         picked = [r for r in rows if r["lang"] == lang]
         left.hist([100 * r["reduction"] for r in picked], bins=20, alpha=0.7, color=color, label=lang)
-        right.scatter([r["original_tokens"] for r in picked], [r["optimized_tokens"] for r in picked], s=12,
-                      color=color, label=lang)
+        right.scatter(
+            [r["original_tokens"] for r in picked],
+            [r["optimized_tokens"] for r in picked],
+            s=12,
+            color=color,
+            label=lang,
+        )
     left.set(xlabel="token reduction (%)", ylabel="instructions", title="Reduction per instruction")
     top = max(r["original_tokens"] for r in rows)
     right.plot([0, top], [0, top], color="gray", linestyle="--", linewidth=1, label="no change")

@@ -29,9 +29,8 @@ def update_readme(path: Path, markdown: str, section: str) -> bool:
     start = text.find(readme_start)
     end = text.find(readme_end, start + len(readme_start)) if start >= 0 else -1
     if start < 0 or end < 0:
-        print(f"warning: {path} lacks the markers {readme_start} ... {readme_end}; README not updated",
-              file=sys.stderr)
+        print(f"warning: {path} lacks the markers {readme_start} ... {readme_end}; README not updated", file=sys.stderr)
         return False
-    path.write_text(f"{text[:start + len(readme_start)]}\n{markdown.strip()}\n{text[end:]}")
+    path.write_text(f"{text[: start + len(readme_start)]}\n{markdown.strip()}\n{text[end:]}")
     print(f"updated {path}")
     return True

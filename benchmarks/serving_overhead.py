@@ -41,10 +41,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Awaitable, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -146,8 +146,9 @@ def baseline_sender(client) -> Send:
 
 def _raise_for_status(response) -> None:
     if response.status_code != 200:
-        raise RuntimeError(f"{response.request.method} {response.request.url} -> {response.status_code}: "
-                           f"{response.text[:500]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text[:500]}"
+        )
 
 
 def http_client(port: int, max_connections: int):
@@ -240,9 +241,12 @@ def summarize(mode: str, concurrency: int, result: LevelResult, was_interleaved:
 
 def progress(run: dict) -> None:
     note = " (interleaved)" if run["interleaved"] else ""
-    print(f"  {run['mode']:<17} c={run['concurrency']:<2} {run['requests']:>3} requests  "
-          f"{run['rps']:6.3f} rps  p50 {run['p50_ms']:8.0f} ms  p95 {run['p95_ms']:8.0f} ms  "
-          f"[{run['busy_s']:.1f} s]{note}", flush=True)
+    print(
+        f"  {run['mode']:<17} c={run['concurrency']:<2} {run['requests']:>3} requests  "
+        f"{run['rps']:6.3f} rps  p50 {run['p50_ms']:8.0f} ms  p95 {run['p95_ms']:8.0f} ms  "
+        f"[{run['busy_s']:.1f} s]{note}",
+        flush=True,
+    )
 
 
 def max_pixel_difference(png_a: bytes, png_b: bytes) -> int:
@@ -256,8 +260,14 @@ def max_pixel_difference(png_a: bytes, png_b: bytes) -> int:
     return int(np.abs(a - b).max())
 
 
-async def measure_modes(senders: dict[str, Send], workload: Workload, levels: list[int],
-                        minimum: int, per_client: int, warmups: dict[str, bytes]) -> list[dict]:
+async def measure_modes(
+    senders: dict[str, Send],
+    workload: Workload,
+    levels: list[int],
+    minimum: int,
+    per_client: int,
+    warmups: dict[str, bytes],
+) -> list[dict]:
     """Warm up each mode, then every level; concurrency 1 interleaves the modes."""
     for name, send in senders.items():
         started = time.perf_counter()
@@ -330,8 +340,7 @@ def start_ray(num_cpus: int, port: int, serve_config: dict) -> None:
     # Serve's INFO lines ("Connecting to existing Serve app...") would drown the progress lines.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # address="local": always a fresh instance, never a cluster named by RAY_ADDRESS.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     http_options = {**(serve_config.get("http_options") or {}), "host": "127.0.0.1", "port": port}
     serve.start(http_options=http_options, proxy_location=serve_config.get("proxy_location", "HeadOnly"))
 
@@ -371,22 +380,25 @@ def build_baseline_app(model_path: str, num_threads: int | None, ingress_options
             self.handle = diffusion_model_handle
 
         @api.get("/imagine", responses={200: {"content": {"image/png": {}}}}, response_class=Response)
-        async def generate(self, prompt: str, img_size: int = 512, seed: int = 0, steps: int = 20,
-                           guidance_scale: float = 7.5):
+        async def generate(
+            self, prompt: str, img_size: int = 512, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5
+        ):
             assert len(prompt), "prompt parameter cannot be empty"
             image = await self.handle.generate.remote(prompt, img_size, seed, steps, guidance_scale)
             file_stream = BytesIO()
             image.save(file_stream, "PNG")
             return Response(content=file_stream.getvalue(), media_type="image/png")
 
-    @serve.deployment(name="StableDiffusion", num_replicas=1, max_ongoing_requests=1,
-                      ray_actor_options={"num_cpus": model_cpus})
+    @serve.deployment(
+        name="StableDiffusion", num_replicas=1, max_ongoing_requests=1, ray_actor_options={"num_cpus": model_cpus}
+    )
     class StableDiffusion:
         def __init__(self, path: str, threads: int | None) -> None:
             from diffusers import StableDiffusionPipeline
 
-            self.pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None,
-                                                                requires_safety_checker=False)
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                path, safety_checker=None, requires_safety_checker=False
+            )
             self.pipe.set_progress_bar_config(disable=True)
             self.threads = int(threads or os.cpu_count() or 1)
 
@@ -398,8 +410,14 @@ def build_baseline_app(model_path: str, num_threads: int | None, ingress_options
             torch.set_num_threads(self.threads)
             generator = torch.Generator("cpu").manual_seed(seed)  # the noise our denoiser draws
             with torch.inference_mode():
-                return self.pipe(prompt, height=img_size, width=img_size, num_inference_steps=steps,
-                                 guidance_scale=guidance_scale, generator=generator).images[0]
+                return self.pipe(
+                    prompt,
+                    height=img_size,
+                    width=img_size,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    generator=generator,
+                ).images[0]
 
     return APIIngress.bind(StableDiffusion.bind(model_path, num_threads))
 
@@ -423,8 +441,8 @@ def deploy_baseline(model_path: Path, settings, deployment_options: dict, total_
 
 def run_benchmark(options: argparse.Namespace) -> dict:
     from deployments.models import loading
-    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.flow.pipeline import local_pipeline_for
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     started = time.perf_counter()
     serve_config = load_serve_config(options.config)
@@ -439,8 +457,11 @@ def run_benchmark(options: argparse.Namespace) -> dict:
     runs: list[dict] = []
     warmups: dict[str, bytes] = {}
 
-    print(f"serving_overhead: {model_path.name}, {workload.size}x{workload.size}, {workload.steps} steps, "
-          f"modes {','.join(modes)}, concurrency {','.join(map(str, levels))}", flush=True)
+    print(
+        f"serving_overhead: {model_path.name}, {workload.size}x{workload.size}, {workload.steps} steps, "
+        f"modes {','.join(modes)}, concurrency {','.join(map(str, levels))}",
+        flush=True,
+    )
     if use_ray:
         check_port_free(options.port)
     # One event loop for every phase: the in-process engines keep their worker threads
@@ -459,8 +480,9 @@ def run_benchmark(options: argparse.Namespace) -> dict:
                 deploy_dag(settings, deployment_options)
                 print(f"deployed {APP_NAME} ({shares} CPU shares) in {time.perf_counter() - phase:.1f} s", flush=True)
             if senders or "served" in modes:
-                runs += runner.run(_phase_one(senders, "served" in modes, options, workload, levels,
-                                              minimum, per_client, warmups))
+                runs += runner.run(
+                    _phase_one(senders, "served" in modes, options, workload, levels, minimum, per_client, warmups)
+                )
             if "single_deployment" in modes:
                 from ray import serve
 
@@ -468,19 +490,22 @@ def run_benchmark(options: argparse.Namespace) -> dict:
                     serve.delete(APP_NAME)  # frees its CPU shares for the baseline
                 phase = time.perf_counter()
                 deploy_baseline(model_path, settings, deployment_options, shares)
-                print(f"deployed {BASELINE_NAME} ({shares} CPU shares) in {time.perf_counter() - phase:.1f} s",
-                      flush=True)
+                print(
+                    f"deployed {BASELINE_NAME} ({shares} CPU shares) in {time.perf_counter() - phase:.1f} s", flush=True
+                )
                 runs += runner.run(_phase_two(options, workload, levels, minimum, per_client, warmups))
         finally:
             if use_ray:
                 stop_ray()
 
-    return assemble_results(runs, warmups, options, settings, model_path, workload, shares, num_cpus,
-                            time.perf_counter() - started)
+    return assemble_results(
+        runs, warmups, options, settings, model_path, workload, shares, num_cpus, time.perf_counter() - started
+    )
 
 
-async def _phase_one(senders: dict[str, Send], served: bool, options, workload, levels, minimum, per_client,
-                     warmups) -> list[dict]:
+async def _phase_one(
+    senders: dict[str, Send], served: bool, options, workload, levels, minimum, per_client, warmups
+) -> list[dict]:
     """in_process and served, level by level (interleaved at concurrency 1)."""
     async with http_client(options.port, max(levels)) as client:
         if served:
@@ -496,8 +521,7 @@ async def _phase_two(options, workload, levels, minimum, per_client, warmups) ->
         return await measure_modes(senders, workload, levels, minimum, per_client, warmups)
 
 
-def assemble_results(runs, warmups, options, settings, model_path, workload, shares, num_cpus,
-                     elapsed_s) -> dict:
+def assemble_results(runs, warmups, options, settings, model_path, workload, shares, num_cpus, elapsed_s) -> dict:
     from deployments.models import loading
 
     results: dict = {"runs": runs}
@@ -524,9 +548,10 @@ def assemble_results(runs, warmups, options, settings, model_path, workload, sha
         # Same seed and math in every mode: the warm-up images should be identical.
         "warmup_max_pixel_diff": {name: max_pixel_difference(reference, png) for name, png in warmups.items()},
         "elapsed_s": round(elapsed_s, 1),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/serving_overhead.py",
-                                                      *sys.argv[1:]]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(
+            shlex.quote(a) for a in [".venv/bin/python", "benchmarks/serving_overhead.py", *sys.argv[1:]]
+        ),
     }
     return results
 
@@ -541,13 +566,14 @@ def derived_ratios(runs: list[dict]) -> dict:
         derived["overhead_ratio_c1"] = round(served["p50_ms"] / local["p50_ms"], 4)
         if served["interleaved"] and local["interleaved"]:
             # Paired differences of back-to-back requests: less sensitive to drift than the p50s.
-            pairs = [s - l for s, l in zip(served["latencies_ms"], local["latencies_ms"])]
+            pairs = [a - b for a, b in zip(served["latencies_ms"], local["latencies_ms"])]
             derived["overhead_ms_c1_paired_median"] = round(percentile(pairs, 50), 1)
     levels = sorted({run["concurrency"] for run in runs})
     for numerator, denominator in (("served", "single_deployment"), ("served", "in_process")):
         ratios = {
             str(c): round(by_key[(numerator, c)]["rps"] / by_key[(denominator, c)]["rps"], 4)
-            for c in levels if (numerator, c) in by_key and (denominator, c) in by_key
+            for c in levels
+            if (numerator, c) in by_key and (denominator, c) in by_key
         }
         derived[f"rps_ratio_{numerator}_vs_{denominator}"] = ratios or None
     return derived
@@ -590,10 +616,12 @@ def cpu_model() -> str:
 
 def git_commit() -> str | None:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}{'-dirty' if dirty else ''}"
@@ -609,8 +637,10 @@ def _ordered_runs(results: dict) -> list[dict]:
 def console_table(results: dict) -> str:
     lines = [f"{'mode':<18}{'conc':>5}{'reqs':>6}{'rps':>9}{'p50 ms':>10}{'p95 ms':>10}"]
     for run in _ordered_runs(results):
-        lines.append(f"{run['mode']:<18}{run['concurrency']:>5}{run['requests']:>6}{run['rps']:>9.3f}"
-                     f"{run['p50_ms']:>10.0f}{run['p95_ms']:>10.0f}")
+        lines.append(
+            f"{run['mode']:<18}{run['concurrency']:>5}{run['requests']:>6}{run['rps']:>9.3f}"
+            f"{run['p50_ms']:>10.0f}{run['p95_ms']:>10.0f}"
+        )
     summary = summary_lines(results)
     return "\n".join(lines + (["", *summary] if summary else []))
 
@@ -618,14 +648,18 @@ def console_table(results: dict) -> str:
 def summary_lines(results: dict) -> list[str]:
     lines = []
     if results.get("overhead_ms_c1") is not None:
-        line = (f"Serving overhead at concurrency 1 (p50 served - p50 in_process): "
-                f"{results['overhead_ms_c1']:+.0f} ms per request, served/in_process = "
-                f"{results['overhead_ratio_c1']:.3f}x")
+        line = (
+            f"Serving overhead at concurrency 1 (p50 served - p50 in_process): "
+            f"{results['overhead_ms_c1']:+.0f} ms per request, served/in_process = "
+            f"{results['overhead_ratio_c1']:.3f}x"
+        )
         if results.get("overhead_ms_c1_paired_median") is not None:
             line += f" (median of back-to-back pairs: {results['overhead_ms_c1_paired_median']:+.0f} ms)"
         lines.append(line + ".")
-    for key, label in (("rps_ratio_served_vs_single_deployment", "Throughput served / single_deployment"),
-                       ("rps_ratio_served_vs_in_process", "Throughput served / in_process")):
+    for key, label in (
+        ("rps_ratio_served_vs_single_deployment", "Throughput served / single_deployment"),
+        ("rps_ratio_served_vs_in_process", "Throughput served / in_process"),
+    ):
         if results.get(key):
             lines.append(f"{label}: " + ", ".join(f"c={c} {r:.2f}x" for c, r in results[key].items()) + ".")
     return lines
@@ -638,14 +672,18 @@ def markdown_table(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for run in _ordered_runs(results):
-        lines.append(f"| {run['mode']} | {run['concurrency']} | {run['requests']} | {run['rps']:.3f} | "
-                     f"{run['p50_ms']:,.0f} | {run['p95_ms']:,.0f} |")
+        lines.append(
+            f"| {run['mode']} | {run['concurrency']} | {run['requests']} | {run['rps']:.3f} | "
+            f"{run['p50_ms']:,.0f} | {run['p95_ms']:,.0f} |"
+        )
     config = results.get("config", {})
-    note = (f"{config.get('model', '?')} model, {config.get('size', '?')}, {config.get('steps', '?')} steps, "
-            f"guidance {config.get('guidance_scale', '?')}; {config.get('cpu_count', '?')} CPUs "
-            f"({config.get('cpu_model', '?')}), {'GPU ' + config['gpu'] if config.get('gpu') else 'no GPU'}; "
-            f"torch {config.get('torch', '?')}, Ray {config.get('ray', '?')}; {config.get('date', '?')}; "
-            f"`{config.get('command', '')}`")
+    note = (
+        f"{config.get('model', '?')} model, {config.get('size', '?')}, {config.get('steps', '?')} steps, "
+        f"guidance {config.get('guidance_scale', '?')}; {config.get('cpu_count', '?')} CPUs "
+        f"({config.get('cpu_model', '?')}), {'GPU ' + config['gpu'] if config.get('gpu') else 'no GPU'}; "
+        f"torch {config.get('torch', '?')}, Ray {config.get('ray', '?')}; {config.get('date', '?')}; "
+        f"`{config.get('command', '')}`"
+    )
     return "\n".join(lines + [""] + [f"{line}  " for line in summary_lines(results)] + ["", f"<sub>{note}</sub>"])
 
 
@@ -666,8 +704,7 @@ def plot(results: dict, path: Path) -> None:
         color = colors[mode]
         rps_axis.plot(x, [r["rps"] for r in runs], "o-", color=color, label=mode)
         latency_axis.plot(x, [r["p50_ms"] / 1000 for r in runs], "o-", color=color, label=f"{mode} p50")
-        latency_axis.plot(x, [r["p95_ms"] / 1000 for r in runs], "s--", color=color, alpha=0.7,
-                          label=f"{mode} p95")
+        latency_axis.plot(x, [r["p95_ms"] / 1000 for r in runs], "s--", color=color, alpha=0.7, label=f"{mode} p95")
     rps_axis.set(title="Throughput", xlabel="concurrent clients", ylabel="requests / s", xticks=levels)
     latency_axis.set(title="Latency", xlabel="concurrent clients", ylabel="seconds per request", xticks=levels)
     for axis in (rps_axis, latency_axis):
@@ -675,9 +712,12 @@ def plot(results: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     config = results.get("config", {})
-    figure.suptitle(f"Serving overhead — {config.get('model', '?')} model, {config.get('size', '?')}, "
-                    f"{config.get('steps', '?')} steps, {config.get('cpu_count', '?')} CPUs, "
-                    f"{config.get('date', '')[:10]}", fontsize=10)
+    figure.suptitle(
+        f"Serving overhead — {config.get('model', '?')} model, {config.get('size', '?')}, "
+        f"{config.get('steps', '?')} steps, {config.get('cpu_count', '?')} CPUs, "
+        f"{config.get('date', '')[:10]}",
+        fontsize=10,
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -722,16 +762,26 @@ def _modes(text: str) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root.add_argument("--quick", action="store_true",
-                      help="one request per client per level, at least 3 (under three minutes on 2 cores)")
+    root.add_argument(
+        "--quick",
+        action="store_true",
+        help="one request per client per level, at least 3 (under three minutes on 2 cores)",
+    )
     root.add_argument("--concurrency", type=_int_list, default=[1, 4, 8], help="levels (default: 1,4,8)")
-    root.add_argument("--requests-per-level", type=int,
-                      help="minimum requests per (mode, level); a level sends max(concurrency x 2, this) "
-                           "(x 1 with --quick). Default 8, or 3 with --quick")
+    root.add_argument(
+        "--requests-per-level",
+        type=int,
+        help="minimum requests per (mode, level); a level sends max(concurrency x 2, this) "
+        "(x 1 with --quick). Default 8, or 3 with --quick",
+    )
     root.add_argument("--modes", type=_modes, default=list(MODES), help=f"default: {','.join(MODES)}")
     root.add_argument("--port", type=int, default=8300, help="Serve HTTP port (default: %(default)s)")
-    root.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1,
-                      help="CPUs given to Ray (default: this machine's, %(default)s)")
+    root.add_argument(
+        "--num-cpus",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPUs given to Ray (default: this machine's, %(default)s)",
+    )
     root.add_argument("--config", default=str(REPO_ROOT / "serve_config.yaml"), help="Serve config file")
     root.add_argument("--model", help="model preset or folder (default: the config's, tiny)")
     root.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
@@ -741,8 +791,9 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--plot", help="PNG plot (default: the JSON path with .png)")
     root.add_argument("--markdown", action="store_true", help="also print the README table (markdown)")
     root.add_argument("--update-readme", metavar="README", help="rewrite the table between the markers in this file")
-    root.add_argument("--readme-section", default=README_SECTION,
-                      help="marker name in the README (default: %(default)s)")
+    root.add_argument(
+        "--readme-section", default=README_SECTION, help="marker name in the README (default: %(default)s)"
+    )
     root.add_argument("--from-json", metavar="PATH", help="no run: redraw plot and table from this results file")
     return root
 

@@ -31,7 +31,7 @@ import random
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,7 @@ def load_engine(model: str, threads: int):
     import yaml
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from deployments.models import builder
-
-    from deployments.models import loading
+    from deployments.models import builder, loading
     from deployments.text_encoder.engine import TextEncoderEngine
 
     tiny = loading.resolve_model("tiny")
@@ -76,8 +74,9 @@ def measure(engine, prefix_tokens: int, batch: int, repeats: int, rng: random.Ra
     import torch
 
     def windows(prefix: list[int], count: int) -> torch.Tensor:
-        return torch.tensor([prefix + [rng.randrange(VOCAB) for _ in range(WINDOW - len(prefix))]
-                             for _ in range(count)])
+        return torch.tensor(
+            [prefix + [rng.randrange(VOCAB) for _ in range(WINDOW - len(prefix))] for _ in range(count)]
+        )
 
     namespaces = ["bench"] * batch
     cold, prefix_hit, exact_hit, baseline, diffs, cached = [], [], [], [], [], []
@@ -85,16 +84,16 @@ def measure(engine, prefix_tokens: int, batch: int, repeats: int, rng: random.Ra
         prefix = [49406] + [rng.randrange(VOCAB) for _ in range(prefix_tokens - 1)]  # BOS + P-1 tokens
         engine.clear_cache()
         ids = windows(prefix, batch)
-        ms, _ = timed(lambda: engine.encode_token_ids(ids, namespaces))
+        ms, _ = timed(lambda ids=ids: engine.encode_token_ids(ids, namespaces))
         cold.append(ms)
         ids = windows(prefix, batch)  # new suffixes: only the prefix blocks are cached
-        ms, (hidden, hit_tokens) = timed(lambda: engine.encode_token_ids(ids, namespaces))
+        ms, (hidden, hit_tokens) = timed(lambda ids=ids: engine.encode_token_ids(ids, namespaces))
         prefix_hit.append(ms)
         cached.append(min(hit_tokens))
-        ms, (again, _) = timed(lambda: engine.encode_token_ids(ids, namespaces))
+        ms, (again, _) = timed(lambda ids=ids: engine.encode_token_ids(ids, namespaces))
         exact_hit.append(ms)
         with torch.inference_mode():
-            ms, reference = timed(lambda: engine.model(ids)[0])
+            ms, reference = timed(lambda ids=ids: engine.model(ids)[0])
         baseline.append(ms)
         diffs.append(max((hidden - reference).abs().max().item(), (again - reference).abs().max().item()))
         if repeat == 0:
@@ -104,11 +103,18 @@ def measure(engine, prefix_tokens: int, batch: int, repeats: int, rng: random.Ra
     cold_ms, hit_ms = med(cold), med(prefix_hit)
     ceiling = WINDOW / (WINDOW - prefix_tokens)
     return {
-        "prefix_tokens": prefix_tokens, "batch": batch, "cached_tokens": min(cached),
-        "baseline_ms": round(med(baseline), 3), "cold_ms": round(cold_ms, 3), "prefix_hit_ms": round(hit_ms, 3),
-        "exact_hit_ms": round(med(exact_hit), 4), "speedup": round(cold_ms / hit_ms, 3), "ceiling": round(ceiling, 3),
+        "prefix_tokens": prefix_tokens,
+        "batch": batch,
+        "cached_tokens": min(cached),
+        "baseline_ms": round(med(baseline), 3),
+        "cold_ms": round(cold_ms, 3),
+        "prefix_hit_ms": round(hit_ms, 3),
+        "exact_hit_ms": round(med(exact_hit), 4),
+        "speedup": round(cold_ms / hit_ms, 3),
+        "ceiling": round(ceiling, 3),
         "fraction_of_ceiling": round(cold_ms / hit_ms / ceiling, 3),
-        "exact_speedup": round(cold_ms / med(exact_hit), 1), "max_abs_diff": max(diffs),
+        "exact_speedup": round(cold_ms / med(exact_hit), 1),
+        "max_abs_diff": max(diffs),
     }
 
 
@@ -122,37 +128,53 @@ def run(models_: list[str], prefixes: list[int], batches: list[int], repeats: in
         engine = load_engine(model, threads)
         engine.encode_token_ids(torch.randint(0, VOCAB, (2, WINDOW)), ["warmup"] * 2)  # first-call costs
         hidden = engine.model.config.hidden_size
-        memory[model] = {"kv_bytes_per_token": engine.forward.kv_bytes_per_token(),
-                         "bytes_per_cached_token": engine.forward.kv_bytes_per_token() + hidden * 4,
-                         "exact_entry_bytes": WINDOW * hidden * 4}
+        memory[model] = {
+            "kv_bytes_per_token": engine.forward.kv_bytes_per_token(),
+            "bytes_per_cached_token": engine.forward.kv_bytes_per_token() + hidden * 4,
+            "exact_entry_bytes": WINDOW * hidden * 4,
+        }
         for batch in batches:
             for prefix_tokens in prefixes:
                 case = {"model": model, **measure(engine, prefix_tokens, batch, repeats, rng)}
                 print(json.dumps(case), flush=True)
                 cases.append(case)
     return {
-        "cases": cases, "memory": memory,
-        "config": {"command": "benchmarks/text_encoder_cache.py " + " ".join(sys.argv[1:]),
-                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": threads,
-                   "repeats": repeats, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-                   "torch": torch.__version__},
+        "cases": cases,
+        "memory": memory,
+        "config": {
+            "command": "benchmarks/text_encoder_cache.py " + " ".join(sys.argv[1:]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "threads": threads,
+            "repeats": repeats,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+            "torch": torch.__version__,
+        },
     }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | batch | prefix P | cold ms | prefix hit ms | speed-up | ceiling 77/(77-P) | of ceiling "
-             "| exact hit ms | exact speed-up | max abs diff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | batch | prefix P | cold ms | prefix hit ms | speed-up | ceiling 77/(77-P) | of ceiling "
+        "| exact hit ms | exact speed-up | max abs diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in results["cases"]:
-        lines.append(f"| {c['model']} | {c['batch']} | {c['prefix_tokens']} | {c['cold_ms']:.1f} | {c['prefix_hit_ms']:.1f} "
-                     f"| {c['speedup']:.2f}x | {c['ceiling']:.2f}x | {c['fraction_of_ceiling']:.0%} "
-                     f"| {c['exact_hit_ms']:.2f} | {c['exact_speedup']:.0f}x | {c['max_abs_diff']:.1g} |")
-    memory = "; ".join(f"{model}: {m['bytes_per_cached_token'] / 1024:.1f} KiB per cached token "
-                       f"(K/V of every layer + output row), {m['exact_entry_bytes'] / 1024:.0f} KiB per exact entry"
-                       for model, m in results["memory"].items())
+        lines.append(
+            f"| {c['model']} | {c['batch']} | {c['prefix_tokens']} | {c['cold_ms']:.1f} | {c['prefix_hit_ms']:.1f} "
+            f"| {c['speedup']:.2f}x | {c['ceiling']:.2f}x | {c['fraction_of_ceiling']:.0%} "
+            f"| {c['exact_hit_ms']:.2f} | {c['exact_speedup']:.0f}x | {c['max_abs_diff']:.1g} |"
+        )
+    memory = "; ".join(
+        f"{model}: {m['bytes_per_cached_token'] / 1024:.1f} KiB per cached token "
+        f"(K/V of every layer + output row), {m['exact_entry_bytes'] / 1024:.0f} KiB per exact entry"
+        for model, m in results["memory"].items()
+    )
     config = results["config"]
-    lines += ["", f"Cache memory: {memory}. Measured {config['date'][:10]} on {config['machine']}, "
-              f"{config['threads']} torch threads, median of {config['repeats']}; `{config['command'].strip()}`."]
+    lines += [
+        "",
+        f"Cache memory: {memory}. Measured {config['date'][:10]} on {config['machine']}, "
+        f"{config['threads']} torch threads, median of {config['repeats']}; `{config['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -170,9 +192,14 @@ def plot(results: dict, path: Path) -> None:
         axis.plot(prefixes, [WINDOW / (WINDOW - p) for p in prefixes], "k--", label="ceiling 77/(77-P)")
         for batch in sorted({c["batch"] for c in cases}):
             picked = sorted((c for c in cases if c["batch"] == batch), key=lambda c: c["prefix_tokens"])
-            axis.plot([c["prefix_tokens"] for c in picked], [c["speedup"] for c in picked], "o-", label=f"batch {batch}")
-        axis.set(xlabel="cached prefix P (tokens)", ylabel="speed-up of a prefix hit over a cold encode",
-                 title=f"{model} text encoder")
+            axis.plot(
+                [c["prefix_tokens"] for c in picked], [c["speedup"] for c in picked], "o-", label=f"batch {batch}"
+            )
+        axis.set(
+            xlabel="cached prefix P (tokens)",
+            ylabel="speed-up of a prefix hit over a cold encode",
+            title=f"{model} text encoder",
+        )
         axis.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = options.repeats
     if options.quick:
         prefixes, repeats = [32, 64], 2
-    results = run(options.models.split(","), prefixes, [int(b) for b in options.batches.split(",")], repeats,
-                  options.threads)
+    results = run(
+        options.models.split(","), prefixes, [int(b) for b in options.batches.split(",")], repeats, options.threads
+    )
     json_path = publish(results, options.json, markdown(results), options.update_readme, SECTION)
     plot(results, Path(options.plot) if options.plot else json_path.with_suffix(".png"))
     return 0

@@ -25,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +51,11 @@ def inputs(unet, rows: int, size: int, hidden: int):
 
     generator = torch.Generator().manual_seed(rows)
     latent = size // 8
-    return (torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator),
-            torch.full((rows,), 500), torch.randn(rows, 77, hidden, generator=generator))
+    return (
+        torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator),
+        torch.full((rows,), 500),
+        torch.randn(rows, 77, hidden, generator=generator),
+    )
 
 
 def time_forwards(unet, row_counts: list[int], size: int, hidden: int, repeats: int) -> dict[int, float]:
@@ -111,30 +114,50 @@ def run(models_to_run: list[str], sizes: list[int], images: list[int], repeats: 
                 seconds = medians[2 * count]
                 per_image = seconds / count
                 base = base or per_image
-                row = {"model": model, "size": size, "images": count, "rows": 2 * count,
-                       "ms_per_forward": seconds * 1e3, "ms_per_image": per_image * 1e3,
-                       "throughput_vs_one": base / per_image, **op_shares(unet, 2 * count, size, hidden)}
+                row = {
+                    "model": model,
+                    "size": size,
+                    "images": count,
+                    "rows": 2 * count,
+                    "ms_per_forward": seconds * 1e3,
+                    "ms_per_image": per_image * 1e3,
+                    "throughput_vs_one": base / per_image,
+                    **op_shares(unet, 2 * count, size, hidden),
+                }
                 print(row, flush=True)
                 rows.append(row)
-    return {"rows": rows, "config": {
-        "command": "benchmarks/unet_batch_scaling.py " + " ".join(sys.argv[1:]), "threads": threads,
-        "repeats": repeats, "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU"}}
+    return {
+        "rows": rows,
+        "config": {
+            "command": "benchmarks/unet_batch_scaling.py " + " ".join(sys.argv[1:]),
+            "threads": threads,
+            "repeats": repeats,
+            "torch": torch.__version__,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+        },
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | size | guided images | ms per forward | ms per image | throughput vs 1 image "
-             "| attention | convolution | linear | other |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | size | guided images | ms per forward | ms per image | throughput vs 1 image "
+        "| attention | convolution | linear | other |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['size']}x{r['size']} | {r['images']} | {r['ms_per_forward']:.1f} "
-                     f"| {r['ms_per_image']:.1f} | {r['throughput_vs_one']:.2f}x | {r['attention']:.0%} "
-                     f"| {r['convolution']:.0%} | {r['linear']:.0%} | {r['other']:.0%} |")
+        lines.append(
+            f"| {r['model']} | {r['size']}x{r['size']} | {r['images']} | {r['ms_per_forward']:.1f} "
+            f"| {r['ms_per_image']:.1f} | {r['throughput_vs_one']:.2f}x | {r['attention']:.0%} "
+            f"| {r['convolution']:.0%} | {r['linear']:.0%} | {r['other']:.0%} |"
+        )
     c = results["config"]
-    lines += ["", f"One UNet forward with classifier-free guidance (2 rows per image), median of {c['repeats']}; "
-              f"{c['threads']} torch threads, torch {c['torch']}, {c['machine']}; {c['date'][:10]}; "
-              f"`{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"One UNet forward with classifier-free guidance (2 rows per image), median of {c['repeats']}; "
+        f"{c['threads']} torch threads, torch {c['torch']}, {c['machine']}; {c['date'][:10]}; "
+        f"`{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 
@@ -148,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
-    results = run(options.models.split(","), [int(s) for s in options.sizes.split(",")],
-                  [int(n) for n in options.images.split(",")], options.repeats, options.threads)
+    results = run(
+        options.models.split(","),
+        [int(s) for s in options.sizes.split(",")],
+        [int(n) for n in options.images.split(",")],
+        options.repeats,
+        options.threads,
+    )
     publish(results, options.json, markdown(results), options.update_readme, SECTION)
     return 0
 

@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +30,12 @@ from benchmarks.readme_table import publish  # noqa: E402
 
 SECTION = "unet_variants"
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "unet_variants.json"
-PROMPTS = ["Asian man, age:35, smiling expression, wearing glasses, photorealistic",
-           "elderly woman, long red hair, side view, soft lighting",
-           "young man, short black hair, beard, studio lighting, plain grey background",
-           "woman, age:28, neutral expression, earrings, sharp focus"]
+PROMPTS = [
+    "Asian man, age:35, smiling expression, wearing glasses, photorealistic",
+    "elderly woman, long red hair, side view, soft lighting",
+    "young man, short black hair, beard, studio lighting, plain grey background",
+    "woman, age:28, neutral expression, earrings, sharp focus",
+]
 VARIANTS = [
     {"backend": "torch", "precision": "fp32"},
     {"backend": "torch", "precision": "fp32", "channels_last": True},
@@ -50,17 +52,17 @@ def psnr(a, b) -> float:
     import numpy as np
 
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dict:
     import torch
 
-    from deployments.models import loading
-    from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
-    from deployments.text_encoder.engine import TextEncoderEngine
     from deployments.denoiser.backends import BackendSpec
+    from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
     from deployments.denoiser.pruning import save_pruned_variant
+    from deployments.models import loading
+    from deployments.text_encoder.engine import TextEncoderEngine
     from deployments.vae.codec import VaeCodecEngine
 
     torch.set_num_threads(threads)
@@ -102,34 +104,58 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
         scores = [psnr(a, b) for a, b in zip(images, reference)]
         finite = [s for s in scores if math.isfinite(s)]
         mean_psnr = statistics.mean(finite) if finite else math.inf
-        row = {"name": name, "backend": spec.backend, "precision": spec.precision,
-               "channels_last": spec.channels_last, "params_reduction": reduction,
-               "ms_per_step": round(statistics.median(times), 2), "psnr_db": round(mean_psnr, 2),
-               "min_psnr_db": round(min(scores), 2)}
+        row = {
+            "name": name,
+            "backend": spec.backend,
+            "precision": spec.precision,
+            "channels_last": spec.channels_last,
+            "params_reduction": reduction,
+            "ms_per_step": round(statistics.median(times), 2),
+            "psnr_db": round(mean_psnr, 2),
+            "min_psnr_db": round(min(scores), 2),
+        }
         rows.append(row)
     base = rows[0]["ms_per_step"]
     for row in rows:
         row["speedup"] = round(base / row["ms_per_step"], 3)
         row["allowed"] = row["psnr_db"] >= min_psnr
         print(json.dumps(row), flush=True)
-    return {"variants": rows, "config": {
-        "size": size, "steps": steps, "images": len(jobs), "min_psnr_db": min_psnr, "threads": threads,
-        "command": "benchmarks/unet_variants.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU", "torch": torch.__version__}}
+    return {
+        "variants": rows,
+        "config": {
+            "size": size,
+            "steps": steps,
+            "images": len(jobs),
+            "min_psnr_db": min_psnr,
+            "threads": threads,
+            "command": "benchmarks/unet_variants.py " + " ".join(sys.argv[1:]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+            "torch": torch.__version__,
+        },
+    }
 
 
 def markdown(results: dict) -> str:
-    lines = ["| variant | UNet parameters removed | ms per step | speed-up vs fp32 | PSNR vs fp32 (mean / min) "
-             "| allowed (≥ 32 dB) |", "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| variant | UNet parameters removed | ms per step | speed-up vs fp32 | PSNR vs fp32 (mean / min) "
+        "| allowed (≥ 32 dB) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in results["variants"]:
         mean = "identical" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f} dB"
         low = "identical" if math.isinf(r["min_psnr_db"]) else f"{r['min_psnr_db']:.1f} dB"
-        lines.append(f"| {r['name']} | {r['params_reduction']:.0%} | {r['ms_per_step']:.1f} | {r['speedup']:.2f}x | {mean} / {low} "
-                     f"| {'yes' if r['allowed'] else 'no'} |")
+        lines.append(
+            f"| {r['name']} | {r['params_reduction']:.0%} | {r['ms_per_step']:.1f} | {r['speedup']:.2f}x "
+            f"| {mean} / {low} "
+            f"| {'yes' if r['allowed'] else 'no'} |"
+        )
     c = results["config"]
-    lines += ["", f"tiny model, {c['size']}x{c['size']}, {c['steps']} steps, {c['images']} images, a guided step at batch "
-              f"2; {c['threads']} threads, {c['machine']}, torch {c['torch']}; {c['date'][:10]}; `{c['command'].strip()}`."]
+    lines += [
+        "",
+        f"tiny model, {c['size']}x{c['size']}, {c['steps']} steps, {c['images']} images, a guided step at batch "
+        f"2; {c['threads']} threads, {c['machine']}, torch {c['torch']}; {c['date'][:10]}; `{c['command'].strip()}`.",
+    ]
     return "\n".join(lines)
 
 

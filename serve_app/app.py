@@ -10,20 +10,16 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.denoiser import engine as denoiser
-
 from deployments.models import loading
-
 from deployments.prompt import optimizer as prompt_optimizer
-
 from deployments.text_encoder import engine as text_encoder
-
 from deployments.vae import codec as vae_codec
-from serve_app.http import routes as api
 from serve_app.config import AppSettings
-from serve_app.flow.pipeline import ImagePipeline
 from serve_app.flow.metrics import PipelineMetrics
+from serve_app.flow.pipeline import ImagePipeline
 from serve_app.flow.quality_guard import LiveQualityGuard
 from serve_app.flow.steps import StepController
+from serve_app.http import routes as api
 
 STAGE_NAMES = ("PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 
@@ -33,15 +29,32 @@ STAGE_NAMES = ("PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 class Ingress:
     """Validates HTTP requests and drives them through the stages (one handle hop each)."""
 
-    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, settings: dict, model_id: str,
-                 features: dict | None = None):
+    def __init__(
+        self,
+        prompt_optimizer,
+        text_encoder,
+        denoiser,
+        vae_codec,
+        settings: dict,
+        model_id: str,
+        features: dict | None = None,
+    ):
         settings = AppSettings.model_validate(settings)
-        pipeline = ImagePipeline(prompt_optimizer, text_encoder, denoiser, vae_codec, StepController(settings.steps),
-                                 LiveQualityGuard(settings.quality_guard), PipelineMetrics())
+        pipeline = ImagePipeline(
+            prompt_optimizer,
+            text_encoder,
+            denoiser,
+            vae_codec,
+            StepController(settings.steps),
+            LiveQualityGuard(settings.quality_guard),
+            PipelineMetrics(),
+        )
         api.install(pipeline, settings, model_id, features)
 
 
-def build_application(settings: AppSettings, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+def build_application(
+    settings: AppSettings, deployment_options: dict[str, dict[str, Any]] | None = None
+) -> Application:
     """Bind the DAG. `deployment_options` (by deployment name) are applied on top of the
     code defaults, as `serve run` applies a config file's `deployments:` entries."""
     options = deployment_options or {}
@@ -58,9 +71,11 @@ def build_application(settings: AppSettings, deployment_options: dict[str, dict[
     return configured(Ingress, "Ingress").bind(
         configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path, settings.prompt.model_dump()),
         configured(text_encoder.build_deployment(), "TextEncoder").bind(
-            path, threads("TextEncoder"), settings.text_encoder.model_dump()),
+            path, threads("TextEncoder"), settings.text_encoder.model_dump()
+        ),
         configured(denoiser.build_deployment(), "Denoiser").bind(
-            path, threads("Denoiser"), settings.denoiser.model_dump()),
+            path, threads("Denoiser"), settings.denoiser.model_dump()
+        ),
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
         settings.model_dump(),
         loading.model_id(model_path),

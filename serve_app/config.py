@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,9 +31,13 @@ class PromptSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    templates: dict[str, str] = Field(default_factory=lambda: {
-        "studio-portrait": "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background",
-    })
+    templates: dict[str, str] = Field(
+        default_factory=lambda: {
+            "studio-portrait": (
+                "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background"
+            ),
+        }
+    )
     default_style: str = "photorealistic"
 
 
@@ -51,15 +54,21 @@ class StepSettings(BaseModel):
     fixed_steps: int = Field(20, ge=1, le=150, description="the `fixed` policy's step count")
     # quality tier -> [min, max] steps. Measured on the embedded model (README): 15 steps are
     # ~30-33 dB PSNR against 50, 20 steps ~35 dB, 30 steps ~40 dB.
-    ranges: dict[QualityTier, tuple[Annotated[int, Field(ge=1, le=150)], Annotated[int, Field(ge=1, le=150)]]] = \
-        Field(default_factory=lambda: {"fast": (15, 20), "balanced": (15, 30), "best": (25, 40)})
+    ranges: dict[QualityTier, tuple[Annotated[int, Field(ge=1, le=150)], Annotated[int, Field(ge=1, le=150)]]] = Field(
+        default_factory=lambda: {"fast": (15, 20), "balanced": (15, 30), "best": (25, 40)}
+    )
     default_quality: QualityTier = "balanced"
-    deadline_ms: float = Field(30000.0, gt=0, description="the `slo` policy's latency target unless a request "
-                               "gives deadline_ms")
+    deadline_ms: float = Field(
+        30000.0, gt=0, description="the `slo` policy's latency target unless a request gives deadline_ms"
+    )
 
     early_stop_threshold: float | None = Field(
-        None, gt=0, lt=1, description="convergence early stop (off: null): a job ends once its predicted clean "
-        "latent changes by less than this share between steps; measured in README before turning it on")
+        None,
+        gt=0,
+        lt=1,
+        description="convergence early stop (off: null): a job ends once its predicted clean "
+        "latent changes by less than this share between steps; measured in README before turning it on",
+    )
 
     @field_validator("ranges")
     @classmethod
@@ -81,8 +90,13 @@ class QualityGuardSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of requests shadowed (0: off)")
-    baseline_steps: int | None = Field(None, ge=1, le=150, description="the baseline's steps (null: the same "
-                                       "steps as the served request, so only the UNet variant is judged)")
+    baseline_steps: int | None = Field(
+        None,
+        ge=1,
+        le=150,
+        description="the baseline's steps (null: the same "
+        "steps as the served request, so only the UNet variant is judged)",
+    )
     min_psnr_db: float = Field(32.0, gt=0)
     window: int = Field(20, ge=1, description="rolling mean over the last N shadow comparisons")
     min_samples: int = Field(10, ge=1, description="no verdict on fewer comparisons than this")
@@ -96,7 +110,8 @@ class AppSettings(BaseModel):
     model: str = Field("tiny", description="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica; default: all cores")
     stage_threads: dict[Literal["TextEncoder", "Denoiser", "VaeCodec"], Annotated[int, Field(ge=1)]] = Field(
-        default_factory=dict, description="per-stage torch threads, overriding num_threads")
+        default_factory=dict, description="per-stage torch threads, overriding num_threads"
+    )
     default_size: str = "512x512"
     default_guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     limits: Limits = Limits()

@@ -26,8 +26,8 @@ def tiny_model_path():
 def local_pipe(tiny_model_path):
     """In-process pipeline with the served settings. Torch thread counts change float
     summation order, so bytes match the served images only with the same stage_threads."""
-    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.flow.pipeline import local_pipeline_for
+    from serve_app.ops.cli import load_serve_config, split_app_config
 
     settings, _, _ = split_app_config(load_serve_config("serve_config.yaml"))
     return local_pipeline_for(tiny_model_path, settings)

@@ -47,4 +47,3 @@ class QueuedWorkPolicy:
         elif queued_at_handles:  # replicas idle but requests waiting: at least one target's worth each
             work += queued_at_handles * self.target_work_per_replica
         return math.ceil(work / self.target_work_per_replica), {"queued_work": work}
-

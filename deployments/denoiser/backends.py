@@ -18,8 +18,9 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,8 +89,9 @@ def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
 
     def run(sample, timesteps, context):
         sample = sample.to(device, dtype).contiguous(memory_format=memory_format)
-        noise = forward(sample, timesteps.to(device), encoder_hidden_states=context.to(device, dtype),
-                        return_dict=False)[0]
+        noise = forward(
+            sample, timesteps.to(device), encoder_hidden_states=context.to(device, dtype), return_dict=False
+        )[0]
         return noise.float().cpu().contiguous()
 
     run.unet = unet  # for callers that need the module's config
@@ -119,11 +121,19 @@ def export_onnx(model_path: Path, target: Path) -> Path:
     partial = target.with_suffix(".partial.onnx")
     with torch.inference_mode():
         torch.onnx.export(
-            Wrapper(unet).eval(), (sample, timesteps, context), str(partial),
-            input_names=["sample", "timesteps", "context"], output_names=["noise"],
-            dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"}, "timesteps": {0: "batch"},
-                          "context": {0: "batch"}, "noise": {0: "batch", 2: "height", 3: "width"}},
-            opset_version=17, dynamo=False,
+            Wrapper(unet).eval(),
+            (sample, timesteps, context),
+            str(partial),
+            input_names=["sample", "timesteps", "context"],
+            output_names=["noise"],
+            dynamic_axes={
+                "sample": {0: "batch", 2: "height", 3: "width"},
+                "timesteps": {0: "batch"},
+                "context": {0: "batch"},
+                "noise": {0: "batch", 2: "height", 3: "width"},
+            },
+            opset_version=17,
+            dynamo=False,
         )
     partial.replace(target)
     return target
@@ -169,8 +179,14 @@ def onnxruntime_runner(model_path: Path, spec: BackendSpec, num_threads: int | N
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(sample, timesteps, context):
-        (noise,) = session.run(None, {"sample": sample.float().numpy(), "timesteps": timesteps.long().numpy(),
-                                      "context": context.float().numpy()})
+        (noise,) = session.run(
+            None,
+            {
+                "sample": sample.float().numpy(),
+                "timesteps": timesteps.long().numpy(),
+                "context": context.float().numpy(),
+            },
+        )
         return torch.from_numpy(noise)
 
     return run
@@ -247,8 +263,12 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
 
     def run(sample, timesteps, context_embeds):
         if sample.shape[0] > max_rows:  # larger batches than the profile: in slices
-            return torch.cat([run(sample[i:i + max_rows], timesteps[i:i + max_rows], context_embeds[i:i + max_rows])
-                              for i in range(0, sample.shape[0], max_rows)])
+            return torch.cat(
+                [
+                    run(sample[i : i + max_rows], timesteps[i : i + max_rows], context_embeds[i : i + max_rows])
+                    for i in range(0, sample.shape[0], max_rows)
+                ]
+            )
         inputs = {"sample": sample, "timesteps": timesteps, "context": context_embeds}
         inputs = {name: tensor.to("cuda", dtype_of[name]).contiguous() for name, tensor in inputs.items()}
         for name, tensor in inputs.items():
@@ -279,8 +299,13 @@ def ip_adapter_runner(model_path: Path) -> Runner:
         # per batch: jobs batch together only with the same scale (their variant names it)
         for processor in processors:
             processor.scale = [scale] * len(processor.scale)
-        return unet(sample, timesteps, encoder_hidden_states=context,
-                    added_cond_kwargs={"image_embeds": [image_embeds]}, return_dict=False)[0]
+        return unet(
+            sample,
+            timesteps,
+            encoder_hidden_states=context,
+            added_cond_kwargs={"image_embeds": [image_embeds]},
+            return_dict=False,
+        )[0]
 
     run.unet = unet
     return run
@@ -290,8 +315,13 @@ def ip_adapter_runner(model_path: Path) -> Runner:
 class FallbackUNet:
     """The first backend of `specs` that loads; on a run-time error, the next one."""
 
-    def __init__(self, model_path: Path, specs: list[BackendSpec], num_threads: int | None = None,
-                 loaders: dict[str, Callable[[Path, BackendSpec], Runner]] | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        specs: list[BackendSpec],
+        num_threads: int | None = None,
+        loaders: dict[str, Callable[[Path, BackendSpec], Runner]] | None = None,
+    ):
         self.model_path = Path(model_path)
         self.specs = list(specs) or [BackendSpec()]
         self.num_threads = num_threads

@@ -46,7 +46,7 @@ def edit_timesteps(scheduler, num_inference_steps: int, strength: float) -> torc
     start = num_inference_steps - denoising_steps(num_inference_steps, strength)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
-    return scheduler.timesteps[start * scheduler.order:]
+    return scheduler.timesteps[start * scheduler.order :]
 
 
 @dataclass
@@ -75,10 +75,15 @@ class InpaintState:
         return (1 - self.mask) * known + self.mask * latents
 
 
-def edit_start(scheduler, image: ImageLatentDistribution, generators: list[torch.Generator], timesteps: torch.Tensor,
-               strength: float, inpaint_mask: torch.Tensor | None,
-               masked_image: ImageLatentDistribution | None = None
-               ) -> tuple[torch.Tensor, InpaintState | None, torch.Tensor | None]:
+def edit_start(
+    scheduler,
+    image: ImageLatentDistribution,
+    generators: list[torch.Generator],
+    timesteps: torch.Tensor,
+    strength: float,
+    inpaint_mask: torch.Tensor | None,
+    masked_image: ImageLatentDistribution | None = None,
+) -> tuple[torch.Tensor, InpaintState | None, torch.Tensor | None]:
     """Starting latents for an edit of `image`, one per image's generator (seeded by the caller,
     which keeps drawing from it for stochastic scheduler steps); the inpainting state when there
     is a mask (4-channel UNets); the extra input channels [images, 5, h, w] when there is a

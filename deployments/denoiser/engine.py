@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.models import loading
+from deployments.denoiser.backends import BackendSpec, FallbackUNet, ip_adapter_runner
 from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
 from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
-from deployments.denoiser.backends import BackendSpec, FallbackUNet, ip_adapter_runner
+from deployments.models import loading
 
 __all__ = ["DenoiseJob", "DenoiserEngine", "DenoiserSettings", "JobCancelled", "LoadSnapshot"]
 
@@ -38,13 +38,17 @@ class DenoiserSettings(BaseModel):
     admit_between_steps: bool = Field(True, description="false: request-level batching (for comparison)")
     backends: list[BackendSpec] = Field(
         default_factory=lambda: [BackendSpec()],
-        description="UNet backends, first that works wins; a failing one falls back to the next")
+        description="UNet backends, first that works wins; a failing one falls back to the next",
+    )
     baseline_backends: list[BackendSpec] = Field(
         default_factory=lambda: [BackendSpec()],
-        description="the quality guard's full-precision baseline (shadow renders, switch-back); loaded on first use")
+        description="the quality guard's full-precision baseline (shadow renders, switch-back); loaded on first use",
+    )
     preload_ip_adapter: bool = Field(
-        True, description="when the model has an image-prompt adapter, load its UNet at start; false: at the "
-        "first reference edit, on the step loop (every batch waits for the load)")
+        True,
+        description="when the model has an image-prompt adapter, load its UNet at start; false: at the "
+        "first reference edit, on the step loop (every batch waits for the load)",
+    )
 
 
 @dataclass
@@ -92,8 +96,13 @@ def initial_latents(generator: torch.Generator, channels: int, height: int, widt
 
 
 class DenoiserEngine:
-    def __init__(self, model_path: Path, num_threads: int | None = None,
-                 settings: DenoiserSettings | dict | None = None, unet_loaders: dict | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        num_threads: int | None = None,
+        settings: DenoiserSettings | dict | None = None,
+        unet_loaders: dict | None = None,
+    ):
         """`unet_loaders` replaces the backend loaders (backend name -> loader): fault injection in tests."""
         self.num_threads = num_threads
         self.settings = DenoiserSettings.model_validate(settings or {})
@@ -113,16 +122,21 @@ class DenoiserEngine:
             # while it loads (accelerate's init_empty_weights), so a concurrent load elsewhere
             # in the process would get meta tensors
             self._load_ip_adapter()
-        self.batcher = StepBatcher(self.unet, lambda: loading.set_torch_threads(self.num_threads),
-                                   self.settings.max_batch_size, self.settings.admit_between_steps,
-                                   self.unet_for_variant)
+        self.batcher = StepBatcher(
+            self.unet,
+            lambda: loading.set_torch_threads(self.num_threads),
+            self.settings.max_batch_size,
+            self.settings.admit_between_steps,
+            self.unet_for_variant,
+        )
 
     def unet_for_variant(self, variant: str) -> Callable:
         if variant == "ip_adapter" or variant.startswith("ip_adapter@"):  # "ip_adapter@0.6": at scale 0.6
             scale = float(variant.partition("@")[2] or 1.0)
             runner = self._load_ip_adapter()
-            return lambda sample, timesteps, context, image_embeds: runner(sample, timesteps, context, image_embeds,
-                                                                          scale)
+            return lambda sample, timesteps, context, image_embeds: runner(
+                sample, timesteps, context, image_embeds, scale
+            )
         if variant != "baseline":
             raise ValueError(f"unknown UNet variant {variant!r}; known: {', '.join(VARIANTS)}")
         if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
@@ -162,8 +176,9 @@ class DenoiserEngine:
         generators = image_generators(job.seeds)
         if job.init_image is not None:
             timesteps = edit_timesteps(scheduler, job.num_inference_steps, job.strength)
-            latents, inpaint, conditioning = edit_start(scheduler, job.init_image, generators, timesteps, job.strength,
-                                                        job.mask, job.masked_image)
+            latents, inpaint, conditioning = edit_start(
+                scheduler, job.init_image, generators, timesteps, job.strength, job.mask, job.masked_image
+            )
         else:
             latents = torch.cat([initial_latents(g, channels, job.height, job.width) for g in generators])
             latents = latents * scheduler.init_noise_sigma
@@ -177,12 +192,26 @@ class DenoiserEngine:
             if guided:
                 image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
         early_stop = None if inpaint is not None else job.early_stop  # x0 would overwrite the kept region
-        return ActiveJob(scheduler, latents, context, job.guidance_scale, timesteps, early_stop=early_stop,
-                         early_stop_min_steps=job.early_stop_min_steps, inpaint=inpaint, image_embeds=image_embeds,
-                         extra_channels=conditioning, generators=generators)
+        return ActiveJob(
+            scheduler,
+            latents,
+            context,
+            job.guidance_scale,
+            timesteps,
+            early_stop=early_stop,
+            early_stop_min_steps=job.early_stop_min_steps,
+            inpaint=inpaint,
+            image_embeds=image_embeds,
+            extra_channels=conditioning,
+            generators=generators,
+        )
 
-    def submit(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
-               cancelled: threading.Event | None = None) -> Future:
+    def submit(
+        self,
+        job: DenoiseJob,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Future:
         """Queue the job for the step loop; the future gets latents [len(seeds), 4, H/8, W/8]."""
         if job.height % VAE_SCALE or job.width % VAE_SCALE:
             raise ValueError(f"height and width must be multiples of {VAE_SCALE}")
@@ -197,8 +226,9 @@ class DenoiserEngine:
             if tuple(job.init_image.mean.shape[-2:]) != latent_shape:
                 raise ValueError(f"the image's latents are {tuple(job.init_image.mean.shape[-2:])}, not {latent_shape}")
         if self.inpainting_unet and (job.mask is None or job.masked_image is None):
-            raise ValueError("this model's UNet is an inpainting UNet (9 input channels): it serves only edits "
-                             "with a mask")
+            raise ValueError(
+                "this model's UNet is an inpainting UNet (9 input channels): it serves only edits with a mask"
+            )
         if (job.image_embeds is not None) != (job.variant == "ip_adapter"):
             raise ValueError("image_embeds go with the ip_adapter variant, and only with it")
         if not 0.0 <= job.image_prompt_scale <= 2.0:
@@ -206,11 +236,23 @@ class DenoiserEngine:
         variant = job.variant
         if variant == "ip_adapter" and job.image_prompt_scale != 1.0:  # batches hold one adapter scale
             variant = f"ip_adapter@{job.image_prompt_scale!r}"
-        return self.batcher.submit(lambda: self.prepare(job), len(job.seeds), latent_shape,
-                                   job.steps_to_run, on_step, cancelled, variant, job.background)
+        return self.batcher.submit(
+            lambda: self.prepare(job),
+            len(job.seeds),
+            latent_shape,
+            job.steps_to_run,
+            on_step,
+            cancelled,
+            variant,
+            job.background,
+        )
 
-    def denoise(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None,
-                cancelled: threading.Event | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        job: DenoiseJob,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> torch.Tensor:
         """Run the job (batched with whatever else is running) and wait for its latents.
 
         `cancelled` set from another thread stops it at the next step boundary (JobCancelled)."""
@@ -229,8 +271,9 @@ class DenoiserEngine:
             raise
 
     def load(self) -> LoadSnapshot:
-        return dataclasses.replace(self.batcher.snapshot(), backend=self.unet.active.name,
-                                   backend_fallbacks=len(self.unet.fallbacks))
+        return dataclasses.replace(
+            self.batcher.snapshot(), backend=self.unet.active.name, backend_fallbacks=len(self.unet.fallbacks)
+        )
 
 
 def build_deployment():

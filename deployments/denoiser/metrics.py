@@ -10,20 +10,30 @@ class DenoiserMetrics:
         from ray.serve import metrics
 
         self._gauges = {
-            "waiting_jobs": metrics.Gauge("fusionserve_denoiser_waiting_jobs", description="jobs queued for the step loop"),
+            "waiting_jobs": metrics.Gauge(
+                "fusionserve_denoiser_waiting_jobs", description="jobs queued for the step loop"
+            ),
             "active_jobs": metrics.Gauge("fusionserve_denoiser_active_jobs", description="jobs in the running batch"),
-            "active_images": metrics.Gauge("fusionserve_denoiser_active_images", description="images in the running batch"),
-            "queued_steps": metrics.Gauge("fusionserve_denoiser_queued_steps",
-                                          description="image-steps left, waiting and running jobs"),
-            "queued_work": metrics.Gauge("fusionserve_denoiser_queued_work",
-                                         description="latent pixels x steps left, waiting and running jobs"),
+            "active_images": metrics.Gauge(
+                "fusionserve_denoiser_active_images", description="images in the running batch"
+            ),
+            "queued_steps": metrics.Gauge(
+                "fusionserve_denoiser_queued_steps", description="image-steps left, waiting and running jobs"
+            ),
+            "queued_work": metrics.Gauge(
+                "fusionserve_denoiser_queued_work", description="latent pixels x steps left, waiting and running jobs"
+            ),
         }
-        self._step_ms = metrics.Gauge("fusionserve_denoiser_step_ms", description="median ms of one batched UNet "
-                                      "forward, by images in the batch", tag_keys=("occupancy",))
+        self._step_ms = metrics.Gauge(
+            "fusionserve_denoiser_step_ms",
+            description="median ms of one batched UNet forward, by images in the batch",
+            tag_keys=("occupancy",),
+        )
         self._steps = metrics.Counter("fusionserve_denoiser_steps", description="UNet forwards run")
         self._cancelled = metrics.Counter("fusionserve_denoiser_cancelled_jobs", description="jobs whose client left")
-        self._fallbacks = metrics.Counter("fusionserve_denoiser_backend_fallbacks",
-                                          description="UNet backends given up (load or run-time failure)")
+        self._fallbacks = metrics.Counter(
+            "fusionserve_denoiser_backend_fallbacks", description="UNet backends given up (load or run-time failure)"
+        )
         self._last = (0, 0, 0)
 
     def update(self, load: LoadSnapshot) -> None:

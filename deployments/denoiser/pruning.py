@@ -26,8 +26,9 @@ from torch import nn
 PRUNING_FILE = "pruning.json"
 
 
-def _sliced(layer: nn.Linear | nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _sliced(
+    layer: nn.Linear | nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's weight (and bias) keeping only output channels `rows` and input channels `cols`."""
     weight = layer.weight.data
     weight = weight[rows] if rows is not None else weight
@@ -45,14 +46,26 @@ def _copy_into(new: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: torch.Ten
 
 def _narrow_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     weight, bias = _sliced(layer, rows, cols)
-    return _copy_into(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype),
-                      weight, bias)
+    return _copy_into(
+        nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype), weight, bias
+    )
 
 
 def _narrow_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Conv2d:
     weight, bias = _sliced(conv, out_idx, in_idx)
-    return _copy_into(nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                                bias=bias is not None, dtype=weight.dtype), weight, bias)
+    return _copy_into(
+        nn.Conv2d(
+            weight.shape[1],
+            weight.shape[0],
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            bias=bias is not None,
+            dtype=weight.dtype,
+        ),
+        weight,
+        bias,
+    )
 
 
 def _prunable(unet):
@@ -60,8 +73,11 @@ def _prunable(unet):
     from diffusers.models.resnet import ResnetBlock2D
 
     for name, module in unet.named_modules():
-        if isinstance(module, ResnetBlock2D) and module.time_emb_proj is not None \
-                and module.time_embedding_norm == "default":
+        if (
+            isinstance(module, ResnetBlock2D)
+            and module.time_emb_proj is not None
+            and module.time_embedding_norm == "default"
+        ):
             yield name, "resnet", module
         elif isinstance(module, FeedForward) and type(module.net[0]).__name__ == "GEGLU":
             yield name, "geglu", module
@@ -141,11 +157,19 @@ def save_pruned_variant(model_path: Path, target: Path, fraction: float) -> dict
     shutil.copytree(model_path, partial, ignore=shutil.ignore_patterns("unet"))
     (partial / "unet").mkdir()
     shutil.copy(model_path / "unet" / "config.json", partial / "unet" / "config.json")
-    summary = {"fraction": fraction, "source": str(model_path), "parameters_before": before,
-               "parameters_after": after, "params_reduction": round(1 - after / before, 4), "kept": plan}
+    summary = {
+        "fraction": fraction,
+        "source": str(model_path),
+        "parameters_before": before,
+        "parameters_after": after,
+        "params_reduction": round(1 - after / before, 4),
+        "kept": plan,
+    }
     (partial / "unet" / PRUNING_FILE).write_text(json.dumps(summary, indent=2))
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
-              str(partial / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in unet.state_dict().items()},
+        str(partial / "unet" / "diffusion_pytorch_model.safetensors"),
+    )
     shutil.rmtree(target, ignore_errors=True)
     partial.replace(target)
     return summary

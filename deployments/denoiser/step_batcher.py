@@ -29,9 +29,10 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from deployments.denoiser.edit_latents import InpaintState
 logger = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_takes_generator(scheduler_cls: type) -> bool:
     """Does this scheduler's step draw noise (DDPM, Euler ancestral, DDIM with eta > 0)? As
     diffusers' pipelines ask it (prepare_extra_step_kwargs)."""
@@ -148,11 +149,11 @@ class LoadSnapshot:
 
 
 class StepTimings:
-    """(Not thread-safe: the StepBatcher uses it under its condition lock.) ms of one batched step (inputs, UNet forward, the jobs' scheduler steps) by latent
-    size and images in the batch: the median of the
-    last few forwards, robust to the seconds-long stalls a shared CPU (or the first
-    forwards' one-time set-up) throws in, which a moving average would carry for dozens of
-    steps."""
+    """ms of one batched step (inputs, UNet forward, the jobs' scheduler steps) by latent
+    size and images in the batch: the median of the last few forwards, robust to the
+    seconds-long stalls a shared CPU (or the first forwards' one-time set-up) throws in,
+    which a moving average would carry for dozens of steps. Not thread-safe: the
+    StepBatcher uses it under its condition lock."""
 
     SAMPLES = 9
     OCCUPANCY_STEPS = 32
@@ -184,9 +185,14 @@ class StepTimings:
 
 
 class StepBatcher:
-    def __init__(self, run_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 num_threads_setter: Callable[[], None], max_batch_size: int = 8, admit_between_steps: bool = True,
-                 unet_for_variant: Callable[[str], Callable] | None = None):
+    def __init__(
+        self,
+        run_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        num_threads_setter: Callable[[], None],
+        max_batch_size: int = 8,
+        admit_between_steps: bool = True,
+        unet_for_variant: Callable[[str], Callable] | None = None,
+    ):
         """`run_unet(sample, timesteps, context) -> noise`: one UNet forward (any backend);
         `unet_for_variant(name)` gives the forward of a job's other variant."""
         if max_batch_size < 1:
@@ -207,10 +213,17 @@ class StepBatcher:
         self._early_stops = 0
 
     # -- the callers' side ---------------------------------------------------------------
-    def submit(self, prepare: Callable[[], ActiveJob], images: int, latent_shape: tuple[int, int], steps: int,
-               on_step: Callable[[int, int], None] | None = None,
-               cancelled: threading.Event | None = None, variant: str = "production",
-               background: bool = False) -> Future:
+    def submit(
+        self,
+        prepare: Callable[[], ActiveJob],
+        images: int,
+        latent_shape: tuple[int, int],
+        steps: int,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: threading.Event | None = None,
+        variant: str = "production",
+        background: bool = False,
+    ) -> Future:
         """Queue a job; the future gets its final latents, or the job's own error."""
         if variant != "production" and self.unet_for_variant is None:
             raise ValueError(f"no UNet variant {variant!r} here")
@@ -237,8 +250,9 @@ class StepBatcher:
                 active_jobs=len(active),
                 active_images=sum(t.images for t in active),
                 queued_steps=sum(t.steps_left * t.images for t in tickets),
-                queued_work=float(sum(t.steps_left * t.images * t.latent_shape[0] * t.latent_shape[1]
-                                      for t in tickets)),
+                queued_work=float(
+                    sum(t.steps_left * t.images * t.latent_shape[0] * t.latent_shape[1] for t in tickets)
+                ),
                 ms_per_step=self._timings.by_images(),
                 steps_run=self._steps_run,
                 cancelled_jobs=self._cancelled,
@@ -280,7 +294,9 @@ class StepBatcher:
 
     def _drop_cancelled(self) -> None:
         for queue in (self._waiting, self._background, self._active):
-            for ticket in [t for t in queue if t.future.cancelled() or (t.cancelled is not None and t.cancelled.is_set())]:
+            for ticket in [
+                t for t in queue if t.future.cancelled() or (t.cancelled is not None and t.cancelled.is_set())
+            ]:
                 queue.remove(ticket)
                 self._cancelled += 1
                 _settle(ticket.future, error=JobCancelled())
@@ -346,7 +362,7 @@ class StepBatcher:
         offset = 0
         finished = []
         for ticket, state in zip(active, states):
-            part = noise[offset:offset + state.rows]
+            part = noise[offset : offset + state.rows]
             offset += state.rows
             if state.guided:
                 uncond, cond = part.chunk(2)
@@ -358,8 +374,9 @@ class StepBatcher:
             else:
                 takes_generator = state.generators and _step_takes_generator(type(state.scheduler))
                 extra_step = {"generator": state.generators} if takes_generator else {}
-                state.latents = state.scheduler.step(part, state.timesteps[state.step], state.latents,
-                                                     return_dict=False, **extra_step)[0]
+                state.latents = state.scheduler.step(
+                    part, state.timesteps[state.step], state.latents, return_dict=False, **extra_step
+                )[0]
                 state.step += 1
                 if state.inpaint is not None:
                     following = state.timesteps[state.step] if state.step < len(state.timesteps) else None
@@ -374,8 +391,9 @@ class StepBatcher:
         with self._condition:  # snapshot() reads the timings from other threads
             if variant == "production":  # the cost model is about the served UNet
                 images = sum(state.images for state in states)
-                self._timings.record("{}x{}".format(*active[0].latent_shape), images,
-                                     (time.perf_counter() - start) * 1000.0)
+                self._timings.record(
+                    "{}x{}".format(*active[0].latent_shape), images, (time.perf_counter() - start) * 1000.0
+                )
             for ticket in finished:
                 self._active.remove(ticket)
         for ticket in finished:

@@ -88,9 +88,9 @@ def _ip_adapter_weights(unet, projection_dim: int, seed: int) -> dict:
 
 def build_model(preset_name: str, destination: Path) -> Path:
     """Build the preset into `destination` (atomically: a half-written folder is never seen)."""
+    import diffusers
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     preset = load_preset(preset_name)
@@ -133,8 +133,9 @@ def build_model(preset_name: str, destination: Path) -> Path:
             vision_config = CLIPVisionConfig(**preset["image_encoder"])
             image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
             side = vision_config.image_size
-            feature_extractor = CLIPImageProcessor(size={"shortest_edge": side},
-                                                   crop_size={"height": side, "width": side})
+            feature_extractor = CLIPImageProcessor(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+            )
 
         pipe = StableDiffusionPipeline(
             vae=vae,
@@ -155,8 +156,10 @@ def build_model(preset_name: str, destination: Path) -> Path:
             from deployments.models.loading import IP_ADAPTER_FILE
 
             (model_dir / IP_ADAPTER_FILE).parent.mkdir(parents=True)
-            save_file(_ip_adapter_weights(unet, image_encoder.config.projection_dim, seed + 40),
-                      str(model_dir / IP_ADAPTER_FILE))
+            save_file(
+                _ip_adapter_weights(unet, image_encoder.config.projection_dim, seed + 40),
+                str(model_dir / IP_ADAPTER_FILE),
+            )
         (model_dir / "fusionserve_preset.yaml").write_text(preset_path(preset_name).read_text())
         if destination.exists():
             shutil.rmtree(destination)

@@ -28,9 +28,7 @@ def find_bpe_file() -> Path:
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = printable[:]
     extra = 0
@@ -45,7 +43,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def write_tokenizer_files(destination: Path, bpe_file: Path | None = None) -> tuple[Path, Path]:
     """Write `vocab.json` and `merges.txt` for the full 49,408-token CLIP vocabulary."""
     bpe_file = bpe_file or find_bpe_file()
-    lines = gzip.open(bpe_file, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as bpe:
+        lines = bpe.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
 
     tokens = list(bytes_to_unicode().values())

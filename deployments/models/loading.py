@@ -99,6 +99,7 @@ def _one_load_at_a_time(load):
     def locked(*args, **kwargs):
         with _LOADING:
             return load(*args, **kwargs)
+
     return locked
 
 
@@ -164,14 +165,19 @@ def is_inpainting_unet(unet_config: dict) -> bool:
 
 def features(path: Path) -> dict[str, bool]:
     """What a model folder can serve beyond text-to-image (the ingress answers 400 otherwise)."""
-    return {"image_prompt_adapter": has_image_prompt_adapter(path),
-            "inpainting_unet": is_inpainting_unet(load_unet_config(path))}
+    return {
+        "image_prompt_adapter": has_image_prompt_adapter(path),
+        "inpainting_unet": is_inpainting_unet(load_unet_config(path)),
+    }
 
 
 def has_image_prompt_adapter(path: Path) -> bool:
     path = Path(path)
-    return ((path / IP_ADAPTER_FILE).is_file() and (path / "image_encoder" / "config.json").is_file()
-            and (path / "feature_extractor").is_dir())
+    return (
+        (path / IP_ADAPTER_FILE).is_file()
+        and (path / "image_encoder" / "config.json").is_file()
+        and (path / "feature_extractor").is_dir()
+    )
 
 
 def load_ip_adapter_state_dict(path: Path) -> dict[str, dict]:

@@ -96,7 +96,7 @@ class LongestMatch:
     def subn(self, replacement: str, text: str) -> tuple[str, int]:
         parts, count, pos = [], 0, 0
         while (match := self.search(text, pos)) is not None and match.end() > match.start():
-            parts += [text[pos:match.start()], replacement]
+            parts += [text[pos : match.start()], replacement]
             pos, count = match.end(), count + 1
         return "".join(parts) + text[pos:], count
 
@@ -149,9 +149,15 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
     `_compile_group` ("golden hour light" is not "golden hour" + a leftover "light")."""
     lead = "|".join(re.escape(m) for m in modifiers)
     gap = r"(?:[a-z]+\s+)?" if skip_one_word else ""
-    return {value: LongestMatch([re.compile(rf"(?<![\w-])(?:((?:(?:{lead})\s+)+){gap})?(?:{alternative})(?![\w-])",
-                                            re.IGNORECASE) for alternative in [re.escape(value), *patterns]])
-            for value, patterns in group.items()}
+    return {
+        value: LongestMatch(
+            [
+                re.compile(rf"(?<![\w-])(?:((?:(?:{lead})\s+)+){gap})?(?:{alternative})(?![\w-])", re.IGNORECASE)
+                for alternative in [re.escape(value), *patterns]
+            ]
+        )
+        for value, patterns in group.items()
+    }
 
 
 def _hair_phrase(nouns: dict[str, list[str]]) -> re.Pattern:
@@ -204,21 +210,29 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         ethnicity_in_context=_ethnicity_in_context(data),
         gendered_roles={gender: _words(names) for gender, names in data["gendered_roles"].items()},
         gendered_ethnicity={w: gender for gender, words in data.get("gendered_ethnicity", {}).items() for w in words},
-        ethnicity_context=re.compile(rf"(?<!\w)(?:of\s+)?(?:{'|'.join(data['ethnicity_context'])})(?!\w)",
-                                     re.IGNORECASE),
+        ethnicity_context=re.compile(
+            rf"(?<!\w)(?:of\s+)?(?:{'|'.join(data['ethnicity_context'])})(?!\w)", re.IGNORECASE
+        ),
         age_words=dict(data["age_words"]),
         age_groups=_english([re.escape(word) for word in data["age_groups"]]),
         number_words={str(word): int(n) for word, n in data["number_words"].items()},
         number_word=_number_word(data["number_words"]),
-        age_nouns={age: _english([re.escape(n) for n, a in data.get("age_nouns", {}).items() if a == age])
-                   for age in set(data.get("age_nouns", {}).values())},
+        age_nouns={
+            age: _english([re.escape(n) for n, a in data.get("age_nouns", {}).items() if a == age])
+            for age in set(data.get("age_nouns", {}).values())
+        },
         bare_age=_bare_age(data),
         adult_age=int(data["youth"]["adult_age"]),
         minor_age_groups=tuple(data["youth"]["minor_age_groups"]),
         adult_of=dict(data["youth"]["adult_of"]),
-        attributes={key: _compile_group(_with_nouns(values, data.get(f"{key}_nouns", ()),
-                                                    data.get(f"{key}_suffixes", ())), _english, canonical=True)
-                    for key, values in data["attributes"].items()},
+        attributes={
+            key: _compile_group(
+                _with_nouns(values, data.get(f"{key}_nouns", ()), data.get(f"{key}_suffixes", ())),
+                _english,
+                canonical=True,
+            )
+            for key, values in data["attributes"].items()
+        },
         implied={key: _compile_group(values, _english) for key, values in data.get("implied", {}).items()},
         hair_nouns=_compile_group(data["hair_nouns"], _english),
         hair_phrase=_hair_phrase(data["hair_phrase_nouns"]),
@@ -228,8 +242,11 @@ def load_lexicon(path: Path = LEXICON_FILE) -> Lexicon:
         hair_style_words=frozenset(w for style in data["hair_styles"] if " " in style for w in style.split()),
         hair_shades=_english([re.escape(word) for word in data["hair_shades"]]),
         accessories=_with_modifiers(data["attributes"]["accessories"], data["accessory_modifiers"], skip_one_word=True),
-        modified={key: _with_modifiers(values, data[f"{key}_modifiers"], skip_one_word=False)
-                  for key, values in data["attributes"].items() if f"{key}_modifiers" in data},
+        modified={
+            key: _with_modifiers(values, data[f"{key}_modifiers"], skip_one_word=False)
+            for key, values in data["attributes"].items()
+            if f"{key}_modifiers" in data
+        },
         styles=_compile_group(data["styles"], _english, canonical=True),
         quality=_compile_group(data["quality"], _english, canonical=True),
         quality_groups=tuple(tuple(group) for group in data.get("quality_groups", ())),

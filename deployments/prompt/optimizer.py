@@ -14,12 +14,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments.models import builder
-
-from deployments.models import loading
-from deployments.text_encoder.block_pool import hash_block
+from deployments.models import builder, loading
 from deployments.prompt.lexicon import Lexicon, load_lexicon
 from deployments.prompt.parser import parse_instruction
+from deployments.text_encoder.block_pool import hash_block
 
 CLIP_WINDOW = builder.CLIP_MAX_LENGTH  # positions CLIP sees, BOS and EOS included
 CONTENT_TOKENS = CLIP_WINDOW - 2
@@ -140,8 +138,13 @@ def routing_key_for(window_ids, namespace: str) -> str:
 
 
 class PromptOptimizerEngine:
-    def __init__(self, model_path: Path, templates: dict[str, str] | None = None,
-                 default_style: str = DEFAULT_STYLE, lexicon: Lexicon | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        templates: dict[str, str] | None = None,
+        default_style: str = DEFAULT_STYLE,
+        lexicon: Lexicon | None = None,
+    ):
         self.tokenizer = loading.load_tokenizer(Path(model_path))
         # The fast tokenizer keeps padding/truncation settings as state between calls, and
         # Serve runs this sync stage on a thread pool: one call at a time.
@@ -161,8 +164,9 @@ class PromptOptimizerEngine:
         with self._lock:
             return len(self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
-    def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default",
-                 enabled: bool = True) -> OptimizedPrompt:
+    def optimize(
+        self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default", enabled: bool = True
+    ) -> OptimizedPrompt:
         with self._lock:  # the whole decision sees one consistent tokenizer
             return self._optimize(prompt, negative_prompt, cache_namespace, enabled)
 
@@ -181,8 +185,10 @@ class PromptOptimizerEngine:
             if asked_away:
                 # "no glasses" as written would put glasses in front of CLIP: what is asked away
                 # goes to the negative prompt only, the prompt keeps the style and quality asked for.
-                warnings.append(f"the prompt only asks things away ({', '.join(asked_away)}): they are in the "
-                                "negative prompt; the prompt is the style alone")
+                warnings.append(
+                    f"the prompt only asks things away ({', '.join(asked_away)}): they are in the "
+                    "negative prompt; the prompt is the style alone"
+                )
                 text = _join_unique([template, parsed.style or self.default_style, *parsed.quality])
             else:
                 # Nothing but filler words ("a portrait, please"): still a valid prompt, as written.
@@ -194,8 +200,9 @@ class PromptOptimizerEngine:
         quality, extra = list(parsed.quality), list(parsed.extra)
 
         def build(style_hint):
-            return optimize_prompt(parsed.identity, parsed.attributes, style_hint, quality, extra, template,
-                                   self.lexicon)
+            return optimize_prompt(
+                parsed.identity, parsed.attributes, style_hint, quality, extra, template, self.lexicon
+            )
 
         text = build(style)
         # An already compact prompt is never made longer (the namespace template aside):
@@ -206,14 +213,16 @@ class PromptOptimizerEngine:
             style = None
             text = build(None)
         # several values of a key are one comma-separated string: each must be in the text
-        values = [v for value in attributes.values()
-                  for v in (value if isinstance(value, list) else value.split(", "))]
-        already_compact = all(re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", original, re.IGNORECASE)
-                              for v in values)  # whole words: "man" is not said by "fisherman"
+        values = [v for value in attributes.values() for v in (value if isinstance(value, list) else value.split(", "))]
+        already_compact = all(
+            re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", original, re.IGNORECASE) for v in values
+        )  # whole words: "man" is not said by "fisherman"
         structured_tokens = self.count_tokens(text) - template_tokens
         if structured_tokens > original_tokens and already_compact:
-            warnings.append(f"kept as written: the structured form ({structured_tokens} tokens) is longer than "
-                            f"the prompt ({original_tokens})")
+            warnings.append(
+                f"kept as written: the structured form ({structured_tokens} tokens) is longer than "
+                f"the prompt ({original_tokens})"
+            )
             text = _join_unique([template, original]) if template else original
         else:
             # The 77-token window: drop the lowest-value terms first, never identity or attributes,
@@ -231,8 +240,9 @@ class PromptOptimizerEngine:
         negative = merge_negative_prompt(negative_prompt, self.lexicon.negative_default, negative_terms(parsed.negated))
         return self._result(text, negative, original_tokens, cache_namespace, attributes, warnings, template)
 
-    def _result(self, text, negative, original_tokens, namespace, attributes, warnings,
-                template: str = "") -> OptimizedPrompt:
+    def _result(
+        self, text, negative, original_tokens, namespace, attributes, warnings, template: str = ""
+    ) -> OptimizedPrompt:
         tokens = self.count_tokens(text)
         if tokens > CONTENT_TOKENS:
             warnings = [*warnings, f"the prompt is {tokens} tokens; CLIP reads the first {CONTENT_TOKENS}"]
@@ -253,7 +263,6 @@ class PromptOptimizerEngine:
 
 def build_deployment():
     from ray import serve
-
     from ray.serve import metrics
 
     @serve.deployment(name="PromptOptimizer", ray_actor_options={"num_cpus": 0.1, "num_gpus": 0})
@@ -261,14 +270,20 @@ def build_deployment():
         def __init__(self, model_path: str, settings: dict | None = None):
             self.engine = PromptOptimizerEngine(Path(model_path), **(settings or {}))
             # tokens saved = original - optimized (Grafana: configs/grafana/fusionserve.json)
-            self._original = metrics.Counter("fusionserve_prompt_original_tokens",
-                                             description="CLIP tokens of prompts as written", tag_keys=("namespace",))
-            self._optimized = metrics.Counter("fusionserve_prompt_optimized_tokens",
-                                              description="CLIP tokens of prompts as sent to the encoder",
-                                              tag_keys=("namespace",))
+            self._original = metrics.Counter(
+                "fusionserve_prompt_original_tokens",
+                description="CLIP tokens of prompts as written",
+                tag_keys=("namespace",),
+            )
+            self._optimized = metrics.Counter(
+                "fusionserve_prompt_optimized_tokens",
+                description="CLIP tokens of prompts as sent to the encoder",
+                tag_keys=("namespace",),
+            )
 
-        def optimize(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default",
-                     enabled: bool = True) -> OptimizedPrompt:
+        def optimize(
+            self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default", enabled: bool = True
+        ) -> OptimizedPrompt:
             optimized = self.engine.optimize(prompt, negative_prompt, cache_namespace, enabled)
             tags = {"namespace": cache_namespace}
             if optimized.original_tokens:

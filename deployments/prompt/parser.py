@@ -21,12 +21,18 @@ AGE_NUMBER = [
     re.compile(r"(?<!\d)(\d{1,3})\s*-?\s*(?:years?|yrs?|yo)(?:\s*-?\s*old)?(?!\w)", re.IGNORECASE),
     re.compile(r"(?<![\w.])(\d{1,3})-?ish(?!\w)", re.IGNORECASE),  # "45ish", "30-ish"
     # "around 25", "roughly 40": a hedged bare number, unless a unit follows ("about 85mm")
-    re.compile(rf"(?<!\w)(?:{HEDGES})\s+(\d{{1,3}})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
-               r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))", re.IGNORECASE),
+    re.compile(
+        rf"(?<!\w)(?:{HEDGES})\s+(\d{{1,3}})(?![\d.,]?\d|\s*(?:%|mm|cm|px|k\b|x\b|"
+        r"°|degrees?|percent|inch|in\b|fps|steps?|people|persons|men|women))",
+        re.IGNORECASE,
+    ),
 ]
 # a decade after "in his", after early/mid/late, or as a phrase of its own ("Caucasian female, 50s, ...")
-AGE_DECADE = re.compile(r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+"
-                        r"|(?:^|(?<=[,:]))\s*(?=[\w']+\s*(?:[,.;]|$)))(\d0'?s|[a-z]+)(?!\w)", re.IGNORECASE)
+AGE_DECADE = re.compile(
+    r"(?:in\s+(?:his|her|their)\s+(?:early\s+|mid\s+|mid-|late\s+)?|(?<!\w)(?:early|mid|late)[\s-]+"
+    r"|(?:^|(?<=[,:]))\s*(?=[\w']+\s*(?:[,.;]|$)))(\d0'?s|[a-z]+)(?!\w)",
+    re.IGNORECASE,
+)
 AGE_PHRASE = re.compile(r"(?:^|,)\s*(\d{1,3})\s*(?=,|$)")
 # where a number written in words is an age: "around six", "aged forty-two", "six years old"
 AGE_WORD_BEFORE = re.compile(rf"(?<!\w)(?:(?:age|aged)\s*[:=]?|{HEDGES})\s+$", re.IGNORECASE)
@@ -34,8 +40,9 @@ AGE_WORD_AFTER = re.compile(r"^(?:\s*-?\s*(?:years?|yrs?|yo)|-?ish)(?!\w)", re.I
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 PHRASE_BREAK = re.compile(r"[,.;:!?\n/|()\[\]\"]+|\s-\s")
 CONSUMED = " , "  # what a consumed span becomes: keeps phrase boundaries
-NEGATION = re.compile(r"(?<![\w-])(?:no|not|without|never|isn't|aren't|doesn't|don't)\s+(?:a\s+|an\s+|any\s+|wearing\s+)?$",
-                      re.IGNORECASE)
+NEGATION = re.compile(
+    r"(?<![\w-])(?:no|not|without|never|isn't|aren't|doesn't|don't)\s+(?:a\s+|an\s+|any\s+|wearing\s+)?$", re.IGNORECASE
+)
 ZH_NEGATION = re.compile(r"(?:不要|不|没有|没|无|别)$")
 
 
@@ -133,8 +140,9 @@ def _add(parsed: ParsedInstruction, key: str, values: list[str]) -> None:
         parsed.attributes[key] = ", ".join(merged)
 
 
-def _take_values(work: "_Text", values: dict[str, re.Pattern], parsed: ParsedInstruction,
-                 modified: bool = False) -> list[str]:
+def _take_values(
+    work: _Text, values: dict[str, re.Pattern], parsed: ParsedInstruction, modified: bool = False
+) -> list[str]:
     """The values whose patterns match, in the order the instruction names them (spans consumed).
     A value right after a negation ("no smile", "without glasses") goes to `parsed.negated`
     instead. `modified`: the pattern captures modifier words first (accessories, facial hair)."""
@@ -223,7 +231,7 @@ def _age_words_as_digits(work: _Text, lexicon: Lexicon) -> None:
     """'a girl around six' -> 'a girl around 6': number words become digits where they say an
     age, so the number patterns read them; 'one earring' stays as written."""
     for match in reversed(list(lexicon.number_word.finditer(work.text))):
-        if AGE_WORD_BEFORE.search(work.text[:match.start()]) or AGE_WORD_AFTER.match(work.text[match.end():]):
+        if AGE_WORD_BEFORE.search(work.text[: match.start()]) or AGE_WORD_AFTER.match(work.text[match.end() :]):
             value = sum(lexicon.number_words[w.lower()] for w in re.split(r"[\s-]+", match.group(0)))
             work.cut(match.start(), match.end(), str(value))
 
@@ -332,7 +340,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
                 own += 1
             else:
                 break
-        spans = spans[len(spans) - own:]
+        spans = spans[len(spans) - own :]
         while spans and spans[0].group(0).lower() in ("and", "&"):
             spans = spans[1:]
         words = [m.group(0) for m in spans]
@@ -355,12 +363,14 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
 def _describes_hair(word: str, lexicon: Lexicon) -> bool:
     # a word of a two-word style counts too: the "shoulder" and "length" of shoulder length
     return word.lower() in lexicon.hair_style_words or any(
-        p.fullmatch(word) for p in (*lexicon.hair_styles.values(), *lexicon.hair_colors.values(), lexicon.hair_shades))
+        p.fullmatch(word) for p in (*lexicon.hair_styles.values(), *lexicon.hair_colors.values(), lexicon.hair_shades)
+    )
 
 
 def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
     """The colours among a hair phrase's words, in their order ("blonde and brown"); a shade
     right before a colour qualifies it ("dark brown", not black and brown)."""
+
     def color_of(word: str) -> str | None:
         return next((c for c, p in lexicon.hair_colors.items() if p.fullmatch(word)), None)
 
@@ -391,8 +401,13 @@ def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) ->
     # then a role that tells the gender ("a bride", kept as content) or a gendered ethnicity word
     # ("a Latina college student")
     gendered = {name: p for name, p in lexicon.gender.items() if name != "person"}
-    gender = (_first_match(work, gendered) or _first_match(work, lexicon.gendered_roles) or ethnicity_gender
-              or _first_match(work, {"person": lexicon.gender["person"]}) or _first_match(work, lexicon.pronouns))
+    gender = (
+        _first_match(work, gendered)
+        or _first_match(work, lexicon.gendered_roles)
+        or ethnicity_gender
+        or _first_match(work, {"person": lexicon.gender["person"]})
+        or _first_match(work, lexicon.pronouns)
+    )
     for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
         work.take_all(pattern)
     if ethnicity:

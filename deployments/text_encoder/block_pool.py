@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, extra_keys: Sequence
     hashes: list[BlockHash] = []
     parent: BlockHash | None = None
     for start in range(0, len(data) - step + 1, step):
-        parent = _hash(parent, data[start:start + step], extra)
+        parent = _hash(parent, data[start : start + step], extra)
         hashes.append(parent)
     return hashes
 
@@ -73,7 +73,7 @@ class CacheEntry:
     key: BlockHash
     namespace: str
     tensors: tuple[torch.Tensor, ...]
-    parent: "CacheEntry | None" = None
+    parent: CacheEntry | None = None
     nbytes: int = 0
     ref_count: int = 0
     num_children: int = 0
@@ -147,8 +147,14 @@ class BlockPool:
                 self._free[entry.key] = entry
 
     # -- insertion and eviction ----------------------------------------------------------
-    def insert(self, key: BlockHash, namespace: str, tensors: tuple[torch.Tensor, ...],
-               parent: CacheEntry | None = None, meta: dict | None = None) -> CacheEntry | None:
+    def insert(
+        self,
+        key: BlockHash,
+        namespace: str,
+        tensors: tuple[torch.Tensor, ...],
+        parent: CacheEntry | None = None,
+        meta: dict | None = None,
+    ) -> CacheEntry | None:
         """Store a new free entry (most recently used). Returns the existing entry if `key`
         is cached already, None if it cannot fit without evicting something in use."""
         existing = self._entries.get(key)
@@ -185,7 +191,7 @@ class BlockPool:
 
     def _evict_one(self, namespace: str | None, protect: CacheEntry | None) -> bool:
         """Evict the least recently used free leaf (of `namespace` if given)."""
-        for key, entry in self._free.items():
+        for entry in self._free.values():
             if entry.num_children or entry is protect:
                 continue
             if namespace is not None and entry.namespace != namespace:
@@ -210,8 +216,11 @@ class BlockPool:
         """Remove every free entry (of `namespace`) not in `keep`, leaves first; returns how many."""
         dropped = 0
         while True:
-            victims = [e for e in self._free.values()
-                       if not e.num_children and e.key not in keep and (namespace is None or e.namespace == namespace)]
+            victims = [
+                e
+                for e in self._free.values()
+                if not e.num_children and e.key not in keep and (namespace is None or e.namespace == namespace)
+            ]
             if not victims:
                 return dropped
             for entry in victims:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
 from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.models import loading
 from deployments.text_encoder.block_pool import BlockPool, CacheEntry, chain_hashes, hash_block
-from deployments.text_encoder.watchdog import HitRateWatchdog
 from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
+from deployments.text_encoder.watchdog import HitRateWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ class WatchdogSettings(BaseModel):
 
     enabled: bool = True
     window: int = Field(64, ge=1, description="computed prompts per namespace in the rolling hit rate")
-    min_hit_rate: float = Field(0.1, ge=0.0, le=1.0, description="rebuild when the rolling prefix hit rate stays below this")
+    min_hit_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="rebuild when the rolling prefix hit rate stays below this"
+    )
     sketch_size: int = Field(64, ge=1, description="counters of the frequency sketch of block hashes")
     warm_prefixes: int = Field(4, ge=0, description="frequent prefixes re-warmed and pinned by a rebuild")
     max_pinned_fraction: float = Field(0.25, ge=0.0, le=1.0, description="of the byte budget")
@@ -60,7 +62,8 @@ class EncoderCacheSettings(BaseModel):
     exact_prompts: bool = Field(True, description="a repeated window returns its stored output")
     isolate_namespaces: bool = Field(True, description="equal text in two namespaces shares no block")
     namespace_shares: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
-        default_factory=dict, description="namespace -> max fraction of the budget")
+        default_factory=dict, description="namespace -> max fraction of the budget"
+    )
     watchdog: WatchdogSettings = WatchdogSettings()
 
 
@@ -95,30 +98,44 @@ class _Row:
 
 
 class TextEncoderEngine:
-    def __init__(self, model_path: Path, num_threads: int | None = None,
-                 cache: EncoderCacheSettings | dict | None = None):
+    def __init__(
+        self, model_path: Path, num_threads: int | None = None, cache: EncoderCacheSettings | dict | None = None
+    ):
         model_path = Path(model_path)
-        self._setup(loading.load_text_encoder(model_path), loading.load_tokenizer(model_path),
-                    loading.model_id(model_path), num_threads, cache)
+        self._setup(
+            loading.load_text_encoder(model_path),
+            loading.load_tokenizer(model_path),
+            loading.model_id(model_path),
+            num_threads,
+            cache,
+        )
 
     @classmethod
-    def from_model(cls, model, tokenizer, model_id: str, num_threads: int | None = None,
-                   cache: EncoderCacheSettings | dict | None = None) -> "TextEncoderEngine":
+    def from_model(
+        cls,
+        model,
+        tokenizer,
+        model_id: str,
+        num_threads: int | None = None,
+        cache: EncoderCacheSettings | dict | None = None,
+    ) -> TextEncoderEngine:
         """Around an already loaded `CLIPTextModel` (the benchmark's SD-1.5-shaped encoder)."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, model_id, num_threads, cache)
         return engine
 
-    def _setup(self, model, tokenizer, model_id: str, num_threads: int | None,
-               cache: EncoderCacheSettings | dict | None) -> None:
+    def _setup(
+        self, model, tokenizer, model_id: str, num_threads: int | None, cache: EncoderCacheSettings | dict | None
+    ) -> None:
         self.num_threads = num_threads
         self.model_id = model_id
         self.tokenizer = tokenizer
         self.model = model
         self.forward = PrefixReuseForward(self.model)
         self.settings = EncoderCacheSettings.model_validate(cache or {})
-        self.pool = BlockPool(int(self.settings.max_mib * 2**20),
-                              {ns: share for ns, share in self.settings.namespace_shares.items()})
+        self.pool = BlockPool(
+            int(self.settings.max_mib * 2**20), {ns: share for ns, share in self.settings.namespace_shares.items()}
+        )
         watchdog = self.settings.watchdog
         self.watchdog = HitRateWatchdog(watchdog.window, watchdog.min_hit_rate, watchdog.sketch_size)
         self._pinned: dict[str, list[list[CacheEntry]]] = {}  # namespace -> chains held by its last rebuild
@@ -263,12 +280,15 @@ class TextEncoderEngine:
         else:
             stats.misses += 1
         watchdog = self.settings.watchdog
-        if self.settings.enabled and watchdog.enabled:
-            if self.watchdog.observe(row.namespace, cached, window, row.chain, row.token_ids.tolist()):
-                try:
-                    self._rebuild(row.namespace)
-                except Exception:  # the cache stays correct either way; the request must not fail for it
-                    logger.exception("text encoder cache rebuild for namespace %r failed", row.namespace)
+        if (
+            self.settings.enabled
+            and watchdog.enabled
+            and self.watchdog.observe(row.namespace, cached, window, row.chain, row.token_ids.tolist())
+        ):
+            try:
+                self._rebuild(row.namespace)
+            except Exception:  # the cache stays correct either way; the request must not fail for it
+                logger.exception("text encoder cache rebuild for namespace %r failed", row.namespace)
 
     # -- watchdog rebuild ---------------------------------------------------------------------
     def _rebuild(self, namespace: str) -> None:
@@ -303,8 +323,14 @@ class TextEncoderEngine:
         logger.warning(
             "text encoder cache rebuilt for namespace %r: rolling prefix hit rate %.2f < %.2f over %d prompts; "
             "dropped %d stale blocks, pinned %d frequent prefixes (%d blocks, %.1f MiB)",
-            namespace, rate, settings.min_hit_rate, settings.window, dropped, len(pinned),
-            sum(len(c) for c in pinned), pinned_bytes / 2**20,
+            namespace,
+            rate,
+            settings.min_hit_rate,
+            settings.window,
+            dropped,
+            len(pinned),
+            sum(len(c) for c in pinned),
+            pinned_bytes / 2**20,
         )
 
     # -- figures ---------------------------------------------------------------------------
@@ -347,15 +373,16 @@ class TextEncoderSettings(BaseModel):
     cache: EncoderCacheSettings = EncoderCacheSettings()
     batch: EncoderBatchSettings = EncoderBatchSettings()
     image_prompt_cache_entries: int = Field(
-        256, ge=1, description="reference-image embeddings kept (LRU, by pixel hash); each is a few KB")
+        256, ge=1, description="reference-image embeddings kept (LRU, by pixel hash); each is a few KB"
+    )
 
 
 def build_deployment():
     from ray import serve
 
-    from deployments.text_encoder.metrics import CacheMetrics
-    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
     from deployments.common.serial_executor import SerialExecutor
+    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
+    from deployments.text_encoder.metrics import CacheMetrics
 
     @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.2})
     class TextEncoder:
@@ -366,15 +393,18 @@ def build_deployment():
             self.metrics = CacheMetrics()
             self._encode_batch.set_max_batch_size(settings.batch.max_batch_size)
             self._encode_batch.set_batch_wait_timeout_s(settings.batch.batch_wait_timeout_s)
-            self.image_prompts = LazyImagePromptEncoder(Path(model_path), num_threads,
-                                                        settings.image_prompt_cache_entries)
+            self.image_prompts = LazyImagePromptEncoder(
+                Path(model_path), num_threads, settings.image_prompt_cache_entries
+            )
 
         async def encode_image_prompt(self, image, routing_key: str | None = None):
             """A reference image's IP-Adapter embedding (deployments/image_prompt_encoder.py).
             `routing_key` (the image's hash) sends one face to one replica, where it is cached."""
             return await self.executor.run(self.image_prompts.encode_image_prompt, image)
 
-        async def encode(self, texts: list[str], namespace: str = "default", routing_key: str | None = None) -> Encoding:
+        async def encode(
+            self, texts: list[str], namespace: str = "default", routing_key: str | None = None
+        ) -> Encoding:
             """`routing_key` is read by the request router (prefix affinity), not here."""
             check_texts(texts, namespace)  # a bad request fails alone, not its whole batch
             return await self._encode_batch(texts, namespace)

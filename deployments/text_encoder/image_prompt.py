@@ -40,8 +40,10 @@ def image_hash(image: Image.Image) -> str:
 class ImagePromptEncoderEngine:
     def __init__(self, model_path: Path, num_threads: int | None = None, cache_entries: int = 256):
         if not loading.has_image_prompt_adapter(model_path):
-            raise ValueError(f"{model_path} has no image-prompt adapter (image_encoder/, feature_extractor/, "
-                             f"{loading.IP_ADAPTER_FILE})")
+            raise ValueError(
+                f"{model_path} has no image-prompt adapter (image_encoder/, feature_extractor/, "
+                f"{loading.IP_ADAPTER_FILE})"
+            )
         self.num_threads = num_threads
         self.encoder, self.feature_extractor = loading.load_image_encoder(Path(model_path))
         self.cache_entries = cache_entries

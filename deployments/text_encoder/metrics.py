@@ -29,7 +29,9 @@ class CacheMetrics:
         }
         self._evictions = metrics.Counter("fusionserve_encoder_cache_evictions", description="cache entries evicted")
         self._bytes = metrics.Gauge("fusionserve_encoder_cache_bytes", description="bytes held by the cache")
-        self._entries = metrics.Gauge("fusionserve_encoder_cache_entries", description="blocks + whole-window outputs cached")
+        self._entries = metrics.Gauge(
+            "fusionserve_encoder_cache_entries", description="blocks + whole-window outputs cached"
+        )
         self._last: dict = {"namespaces": {}, "evictions": 0}
 
     def update(self, info: dict) -> None:

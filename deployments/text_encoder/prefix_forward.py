@@ -82,13 +82,15 @@ class PrefixReuseForward:
         for start, rows in groups.items():
             new = window - start
             positions = torch.arange(start, window).unsqueeze(0)
-            embedded.append(embeddings(input_ids=token_ids[rows, start:], position_ids=positions).reshape(-1, self.hidden_size))
-            kv = workspace[:, :, taken:taken + len(rows)]  # each [layer, 0|1] slice is contiguous
+            embedded.append(
+                embeddings(input_ids=token_ids[rows, start:], position_ids=positions).reshape(-1, self.hidden_size)
+            )
+            kv = workspace[:, :, taken : taken + len(rows)]  # each [layer, 0|1] slice is contiguous
             taken += len(rows)
             for i, row in enumerate(rows):
                 position = 0
                 for piece in prefixes[row].kv if start else ():
-                    kv[:, :, i, :, position:position + piece.shape[3]] = piece
+                    kv[:, :, i, :, position : position + piece.shape[3]] = piece
                     position += piece.shape[3]
             plan.append((start, rows, offset, offset + len(rows) * new, kv))
             offset += len(rows) * new
@@ -105,15 +107,16 @@ class PrefixReuseForward:
             for i, row in enumerate(rows):
                 position = 0
                 for piece in prefixes[row].hidden if start else ():
-                    out[row, position:position + piece.shape[0]] = piece
+                    out[row, position : position + piece.shape[0]] = piece
                     position += piece.shape[0]
                 kv_rows[row] = kv[:, :, i]
         return ForwardResult(out, kv_rows)
 
     def _workspace_for(self, batch: int) -> torch.Tensor:
         if self._workspace.dim() < 3 or self._workspace.shape[2] < batch:
-            self._workspace = torch.empty(self.num_layers, 2, batch, self.num_heads, self.window, self.head_dim,
-                                          dtype=self.dtype)
+            self._workspace = torch.empty(
+                self.num_layers, 2, batch, self.num_heads, self.window, self.head_dim, dtype=self.dtype
+            )
         return self._workspace
 
     def _layer(self, layer, layer_index: int, hidden: torch.Tensor, plan) -> torch.Tensor:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
 from ray.serve.request_router import (
     PendingRequest,
@@ -69,20 +69,16 @@ def rendezvous_weight(key: str, replica_id: str) -> int:
     A keyed cryptographic hash, not Python's ``hash()``: the weight must be the same in
     every process (Python salts ``str`` hashes per process) and independent per pair.
     """
-    digest = hashlib.blake2b(
-        key.encode("utf-8") + b"\x00" + replica_id.encode("utf-8"), digest_size=8
-    ).digest()
+    digest = hashlib.blake2b(key.encode("utf-8") + b"\x00" + replica_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
-def rendezvous_rank(key: str, replica_ids: Iterable[str]) -> List[str]:
+def rendezvous_rank(key: str, replica_ids: Iterable[str]) -> list[str]:
     """All distinct ``replica_ids`` ordered best-first for ``key`` (ties by id)."""
-    return sorted(
-        set(replica_ids), key=lambda rid: (rendezvous_weight(key, rid), rid), reverse=True
-    )
+    return sorted(set(replica_ids), key=lambda rid: (rendezvous_weight(key, rid), rid), reverse=True)
 
 
-def rendezvous_choice(key: str, replica_ids: Iterable[str]) -> Optional[str]:
+def rendezvous_choice(key: str, replica_ids: Iterable[str]) -> str | None:
     """The replica id that owns ``key``: the one with the highest weight (None if none)."""
     best, best_weight = None, -1
     for rid in replica_ids:
@@ -121,7 +117,7 @@ class PrefixAffinityRouter(RequestRouter):
         super().__init__(*args, **kwargs)
         # Picks already added to the queue-length cache whose on_send_request has not
         # come yet (per replica), so that it is not counted twice.
-        self._counted_before_send: Dict[ReplicaID, int] = defaultdict(int)
+        self._counted_before_send: dict[ReplicaID, int] = defaultdict(int)
 
     def initialize_state(
         self,
@@ -136,7 +132,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._busy_threshold = busy_threshold
         self._routing_key_kwarg = routing_key_kwarg
 
-    def routing_key(self, pending_request: Optional[PendingRequest]) -> Optional[str]:
+    def routing_key(self, pending_request: PendingRequest | None) -> str | None:
         """The call's routing key, or None (no request, no kwarg, None or empty)."""
         if pending_request is None or not pending_request.kwargs:
             return None
@@ -145,7 +141,7 @@ class PrefixAffinityRouter(RequestRouter):
             return None
         return str(value)
 
-    async def _queue_len(self, replica: RunningReplica) -> Optional[int]:
+    async def _queue_len(self, replica: RunningReplica) -> int | None:
         """Requests in flight on ``replica``: the cached value (kept current by Serve's
         on_send_request / completion hooks and refreshed by probes), else a probe.
         None when the replica does not answer within the probe deadline."""
@@ -155,16 +151,16 @@ class PrefixAffinityRouter(RequestRouter):
         return queue_len
 
     @staticmethod
-    def _power_of_two(replicas: List[RunningReplica]) -> List[RunningReplica]:
+    def _power_of_two(replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Two distinct random replicas (or all, if fewer); Serve then takes the one
         with the shorter queue that is not full."""
         return random.sample(replicas, min(2, len(replicas)))
 
     async def choose_replicas(
         self,
-        candidate_replicas: List[RunningReplica],
-        pending_request: Optional[PendingRequest] = None,
-    ) -> List[List[RunningReplica]]:
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
         """Ranks of candidates, best first. Serve tries each rank in order (the least
         loaded replica of a rank that has room wins) and, if none accepts, calls this
         again after a backoff."""

@@ -16,8 +16,8 @@ reuse to find does not rebuild over and over.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 
 @dataclass
@@ -85,8 +85,7 @@ class NamespaceWindow:
 
 
 class HitRateWatchdog:
-    def __init__(self, window: int = 64, min_hit_rate: float = 0.2, sketch_size: int = 64,
-                 max_namespaces: int = 256):
+    def __init__(self, window: int = 64, min_hit_rate: float = 0.2, sketch_size: int = 64, max_namespaces: int = 256):
         self.window = window
         self.min_hit_rate = min_hit_rate
         self.sketch_size = sketch_size
@@ -96,16 +95,18 @@ class HitRateWatchdog:
     def _state(self, namespace: str) -> NamespaceWindow:
         state = self._namespaces.get(namespace)
         if state is None:
-            state = NamespaceWindow(deque(maxlen=self.window), deque(maxlen=self.window),
-                                    SpaceSavingSketch(self.sketch_size))
+            state = NamespaceWindow(
+                deque(maxlen=self.window), deque(maxlen=self.window), SpaceSavingSketch(self.sketch_size)
+            )
             self._namespaces[namespace] = state
             if len(self._namespaces) > self.max_namespaces:
                 self._namespaces.popitem(last=False)
         self._namespaces.move_to_end(namespace)
         return state
 
-    def observe(self, namespace: str, hit_tokens: int, total_tokens: int,
-                chain: Sequence[bytes], token_ids: Sequence[int]) -> bool:
+    def observe(
+        self, namespace: str, hit_tokens: int, total_tokens: int, chain: Sequence[bytes], token_ids: Sequence[int]
+    ) -> bool:
         """Record one computed prompt; True when the namespace's cache should be rebuilt."""
         state = self._state(namespace)
         state.hit_tokens.append(hit_tokens)

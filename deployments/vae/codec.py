@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deployments.models import loading
 from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
+from deployments.models import loading
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
@@ -39,8 +39,9 @@ class VaeCodecEngine:
         self.scaling_factor = self.vae.config.scaling_factor
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
-        self.mask_processor = VaeImageProcessor(vae_scale_factor=scale, do_normalize=False, do_binarize=True,
-                                                do_convert_grayscale=True)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
         self._lock = threading.Lock()
         # a 9-channel (inpainting) UNet also takes the masked image's latents
         self.inpainting_unet = loading.is_inpainting_unet(loading.load_unet_config(Path(model_path)))
@@ -83,8 +84,10 @@ class VaeCodecEngine:
         size = (pixels.shape[2], pixels.shape[1])
         target = target if target.size == size else target.resize(size, Image.Resampling.LANCZOS)
         mask = mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
-        return [encode_png(np.asarray(self.image_processor.apply_overlay(mask, target, Image.fromarray(image))))
-                for image in pixels]
+        return [
+            encode_png(np.asarray(self.image_processor.apply_overlay(mask, target, Image.fromarray(image))))
+            for image in pixels
+        ]
 
 
 def build_deployment():

@@ -9,22 +9,36 @@ class PipelineMetrics:
     def __init__(self):
         from ray.serve import metrics
 
-        self._steps = metrics.Histogram("fusionserve_steps_chosen", description="denoising steps given to a "
-                                        "request", boundaries=STEP_BUCKETS, tag_keys=("policy", "reason"))
-        self._judged = metrics.Counter("fusionserve_deadline_requests", description="requests with a latency "
-                                       "target", tag_keys=("policy",))
-        self._missed = metrics.Counter("fusionserve_deadline_misses", description="requests that ended after "
-                                       "their latency target", tag_keys=("policy",))
-        self._rolling_psnr = metrics.Gauge("fusionserve_quality_guard_rolling_psnr_db",
-                                           description="rolling PSNR of served images vs the baseline's")
-        self._comparisons = metrics.Counter("fusionserve_quality_guard_comparisons",
-                                            description="shadow renders compared with the served image")
-        self._tripped = metrics.Gauge("fusionserve_quality_guard_tripped",
-                                      description="1 once the guard switched to the baseline variant")
+        self._steps = metrics.Histogram(
+            "fusionserve_steps_chosen",
+            description="denoising steps given to a request",
+            boundaries=STEP_BUCKETS,
+            tag_keys=("policy", "reason"),
+        )
+        self._judged = metrics.Counter(
+            "fusionserve_deadline_requests", description="requests with a latency target", tag_keys=("policy",)
+        )
+        self._missed = metrics.Counter(
+            "fusionserve_deadline_misses",
+            description="requests that ended after their latency target",
+            tag_keys=("policy",),
+        )
+        self._rolling_psnr = metrics.Gauge(
+            "fusionserve_quality_guard_rolling_psnr_db", description="rolling PSNR of served images vs the baseline's"
+        )
+        self._comparisons = metrics.Counter(
+            "fusionserve_quality_guard_comparisons", description="shadow renders compared with the served image"
+        )
+        self._tripped = metrics.Gauge(
+            "fusionserve_quality_guard_tripped", description="1 once the guard switched to the baseline variant"
+        )
         self._tripped.set(0)
-        self._edits = metrics.Counter("fusionserve_edit_requests", description="edits by kind (img2img, inpaint) "
-                                      "and reference face (none, new: encoded, cached: from the embedding cache)",
-                                      tag_keys=("kind", "reference"))
+        self._edits = metrics.Counter(
+            "fusionserve_edit_requests",
+            description="edits by kind (img2img, inpaint) "
+            "and reference face (none, new: encoded, cached: from the embedding cache)",
+            tag_keys=("kind", "reference"),
+        )
 
     def record_request(self, decision, deadline_met: bool | None) -> None:
         self._steps.observe(decision.steps, tags={"policy": decision.policy, "reason": decision.reason})

@@ -11,15 +11,16 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from deployments.common.serial_executor import SerialExecutor
 from deployments.denoiser.engine import DenoiseJob
 from deployments.prompt.optimizer import OptimizedPrompt
 from deployments.text_encoder.engine import Encoding
-from deployments.common.serial_executor import SerialExecutor
 from serve_app.config import QualityGuardSettings, StepSettings
 from serve_app.flow.quality_guard import LiveQualityGuard
 from serve_app.flow.request import ImageRequest
@@ -86,8 +87,14 @@ def _timed(stage_ms: dict[str, float], stage: str):
     stage_ms[stage] = (time.perf_counter() - start) * 1000.0
 
 
-def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding, total_ms: float,
-             job: DenoiseJob | None = None, reference_cached: bool | None = None) -> dict:
+def usage_of(
+    prompt: OptimizedPrompt,
+    steps: StepDecision,
+    encoding: Encoding,
+    total_ms: float,
+    job: DenoiseJob | None = None,
+    reference_cached: bool | None = None,
+) -> dict:
     """OpenAI Images `usage` shape, plus what we add (steps and why, truncation)."""
     deadline = steps.deadline_ms
     return {
@@ -121,8 +128,17 @@ def usage_of(prompt: OptimizedPrompt, steps: StepDecision, encoding: Encoding, t
 
 
 class ImagePipeline:
-    def __init__(self, prompt_optimizer, text_encoder, denoiser, vae_codec, step_controller: StepController,
-                 quality_guard: LiveQualityGuard | None = None, metrics=None, image_prompt_encoder=None):
+    def __init__(
+        self,
+        prompt_optimizer,
+        text_encoder,
+        denoiser,
+        vae_codec,
+        step_controller: StepController,
+        quality_guard: LiveQualityGuard | None = None,
+        metrics=None,
+        image_prompt_encoder=None,
+    ):
         """`metrics`: a `PipelineMetrics` when served (Ray metrics), None in-process.
         `image_prompt_encoder`: whatever has `encode_image_prompt` (the TextEncoder
         deployment when served); default: `text_encoder`."""
@@ -136,8 +152,9 @@ class ImagePipeline:
         self.metrics = metrics
         self._shadows: set[asyncio.Task] = set()
 
-    async def optimize_prompt(self, prompt: str, negative_prompt: str = "",
-                              cache_namespace: str = "default") -> OptimizedPrompt:
+    async def optimize_prompt(
+        self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default"
+    ) -> OptimizedPrompt:
         return await self.prompt_optimizer.optimize.remote(prompt, negative_prompt, cache_namespace, True)
 
     async def generate(self, request: ImageRequest) -> GenerationResult:
@@ -156,6 +173,7 @@ class ImagePipeline:
 
     async def _encode_edit_inputs(self, request: ImageRequest, stage_ms: dict[str, float]):
         """(EncodedEdit, the reference's ImagePromptEmbedding or None, image detail or None)."""
+
         async def reference():
             if request.reference_image is None:
                 return None
@@ -163,13 +181,15 @@ class ImagePipeline:
 
             with _timed(stage_ms, "reference"):
                 key = await asyncio.to_thread(image_hash, request.reference_image)
-                return await self.image_prompt_encoder.encode_image_prompt.remote(request.reference_image,
-                                                                                  routing_key=key)
+                return await self.image_prompt_encoder.encode_image_prompt.remote(
+                    request.reference_image, routing_key=key
+                )
 
         async def image():
             with _timed(stage_ms, "encode_image"):
-                return await self.vae_codec.encode_image.remote(request.image, request.width, request.height,
-                                                                request.mask)
+                return await self.vae_codec.encode_image.remote(
+                    request.image, request.width, request.height, request.mask
+                )
 
         async def detail():
             if request.num_inference_steps is not None:
@@ -183,8 +203,9 @@ class ImagePipeline:
         encoded, embedding, image_detail_score = await asyncio.gather(image(), reference(), detail())
         return encoded, embedding, image_detail_score
 
-    async def _generate(self, request: ImageRequest, start: float, stage_ms: dict[str, float],
-                        image_inputs: asyncio.Future | None) -> GenerationResult:
+    async def _generate(
+        self, request: ImageRequest, start: float, stage_ms: dict[str, float], image_inputs: asyncio.Future | None
+    ) -> GenerationResult:
         with _timed(stage_ms, "optimize"):
             prompt: OptimizedPrompt = await self.prompt_optimizer.optimize.remote(
                 request.prompt, request.negative_prompt, request.cache_namespace, request.optimize_prompt
@@ -192,18 +213,25 @@ class ImagePipeline:
         # One encoder call for both texts: [0] conditional, [1] unconditional / negative.
         with _timed(stage_ms, "encode"):
             encoding: Encoding = await self.text_encoder.encode.remote(
-                [prompt.prompt, prompt.negative_prompt], namespace=prompt.cache_namespace, routing_key=prompt.routing_key
+                [prompt.prompt, prompt.negative_prompt],
+                namespace=prompt.cache_namespace,
+                routing_key=prompt.routing_key,
             )
         embeddings = encoding.hidden
         edit = {}
         detail = embedding = None
         if image_inputs is not None:
             encoded, embedding, detail = await image_inputs
-            edit = {"init_image": encoded.image, "mask": encoded.mask, "masked_image": encoded.masked_image,
-                    "strength": request.strength}
+            edit = {
+                "init_image": encoded.image,
+                "mask": encoded.mask,
+                "masked_image": encoded.masked_image,
+                "strength": request.strength,
+            }
             if embedding is not None:
-                edit.update(image_embeds=embedding.embeds, variant="ip_adapter",
-                            image_prompt_scale=request.reference_scale)
+                edit.update(
+                    image_embeds=embedding.embeds, variant="ip_adapter", image_prompt_scale=request.reference_scale
+                )
         steps = await self.choose_steps(request, prompt, start, stage_ms, detail)
         guard = self.quality_guard
         job = DenoiseJob(
@@ -239,12 +267,19 @@ class ImagePipeline:
             task.add_done_callback(self._shadows.discard)
         return GenerationResult(images, request.seeds, prompt, steps, usage, stage_ms)
 
-    async def choose_steps(self, request: ImageRequest, prompt: OptimizedPrompt, start: float,
-                           stage_ms: dict[str, float], detail: float | None = None) -> StepDecision:
+    async def choose_steps(
+        self,
+        request: ImageRequest,
+        prompt: OptimizedPrompt,
+        start: float,
+        stage_ms: dict[str, float],
+        detail: float | None = None,
+    ) -> StepDecision:
         controller, guard = self.step_controller, self.quality_guard
         if guard.tripped and guard.settings.baseline_steps and request.num_inference_steps is None:
-            return StepDecision(controller.at_least_one_step(guard.settings.baseline_steps, request), "quality-guard",
-                                "fixed")
+            return StepDecision(
+                controller.at_least_one_step(guard.settings.baseline_steps, request), "quality-guard", "fixed"
+            )
         load = None
         if controller.needs_load(request):  # the live cost per step and the queue ahead
             with _timed(stage_ms, "steps"):  # the step controller asks the denoiser its load
@@ -256,8 +291,9 @@ class ImagePipeline:
         from serve_app.flow.quality import psnr_db
 
         steps = self.quality_guard.settings.baseline_steps or job.num_inference_steps
-        baseline_job = dataclasses.replace(job, variant="baseline", background=True, num_inference_steps=steps,
-                                           early_stop=None)
+        baseline_job = dataclasses.replace(
+            job, variant="baseline", background=True, num_inference_steps=steps, early_stop=None
+        )
         try:
             baseline_png = await self.vae_codec.decode_png.remote(await self.denoiser.denoise.remote(baseline_job))
             for served, baseline in zip(served_png, baseline_png):
@@ -290,32 +326,44 @@ def local_pipeline(
     per stage, as AppSettings.stage_threads does for the served replicas."""
     stage_threads = stage_threads or {}
     from deployments.denoiser.engine import DenoiserEngine
-    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
     from deployments.prompt.optimizer import PromptOptimizerEngine
     from deployments.text_encoder.engine import TextEncoderEngine
+    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
     from deployments.vae.codec import VaeCodecEngine
 
     return ImagePipeline(
         prompt_optimizer=LocalHandle(PromptOptimizerEngine(model_path, **(prompt_settings or {}))),
         text_encoder=LocalHandle(
-            TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads), encoder_cache)),
+            TextEncoderEngine(model_path, stage_threads.get("TextEncoder", num_threads), encoder_cache)
+        ),
         denoiser=LocalDenoiserHandle(
-            DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads), denoiser_settings), on_step),
+            DenoiserEngine(model_path, stage_threads.get("Denoiser", num_threads), denoiser_settings), on_step
+        ),
         vae_codec=LocalHandle(VaeCodecEngine(model_path, stage_threads.get("VaeCodec", num_threads))),
         step_controller=StepController(StepSettings.model_validate(step_settings or {})),
         quality_guard=LiveQualityGuard(QualityGuardSettings.model_validate(quality_guard or {})),
-        image_prompt_encoder=LocalHandle(LazyImagePromptEncoder(
-            model_path, stage_threads.get("TextEncoder", num_threads),
-            **({"cache_entries": image_prompt_cache_entries} if image_prompt_cache_entries else {}))),
+        image_prompt_encoder=LocalHandle(
+            LazyImagePromptEncoder(
+                model_path,
+                stage_threads.get("TextEncoder", num_threads),
+                **({"cache_entries": image_prompt_cache_entries} if image_prompt_cache_entries else {}),
+            )
+        ),
     )
 
 
 def local_pipeline_for(model_path: Path, settings, on_step: Callable[[int, int], None] | None = None) -> ImagePipeline:
     """`local_pipeline` configured as the served application is (an `AppSettings`): same
     thread counts, so the same bytes; same prompt templates and encoder cache."""
-    return local_pipeline(model_path, settings.num_threads, settings.steps.model_dump(), on_step=on_step,
-                          stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
-                          encoder_cache=settings.text_encoder.cache.model_dump(),
-                          denoiser_settings=settings.denoiser.model_dump(),
-                          quality_guard=settings.quality_guard.model_dump(),
-                          image_prompt_cache_entries=settings.text_encoder.image_prompt_cache_entries)
+    return local_pipeline(
+        model_path,
+        settings.num_threads,
+        settings.steps.model_dump(),
+        on_step=on_step,
+        stage_threads=settings.stage_threads,
+        prompt_settings=settings.prompt.model_dump(),
+        encoder_cache=settings.text_encoder.cache.model_dump(),
+        denoiser_settings=settings.denoiser.model_dump(),
+        quality_guard=settings.quality_guard.model_dump(),
+        image_prompt_cache_entries=settings.text_encoder.image_prompt_cache_entries,
+    )

@@ -17,9 +17,10 @@ import io
 import math
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -142,14 +143,25 @@ def variant_pipeline(spec: VariantSpec, settings: AppSettings, engines=None):
     if spec.early_stop is not None:
         step_settings["early_stop_threshold"] = None if spec.early_stop == "off" else spec.early_stop
     if engines is not None:
-        return ImagePipeline(engines.prompt_optimizer, engines.text_encoder, engines.denoiser, engines.vae_codec,
-                             StepController(StepSettings.model_validate(step_settings)))
+        return ImagePipeline(
+            engines.prompt_optimizer,
+            engines.text_encoder,
+            engines.denoiser,
+            engines.vae_codec,
+            StepController(StepSettings.model_validate(step_settings)),
+        )
     encoder_cache = settings.text_encoder.cache.model_dump() | {"enabled": spec.encoder_cache == "on"}
     # exactly this backend, no fallback chain: the guard must judge the variant it was asked about
     denoiser = settings.denoiser.model_dump() | {"backends": [{"backend": spec.backend, "precision": spec.precision}]}
-    return local_pipeline(loading.resolve_model(spec.model or settings.model), settings.num_threads, step_settings,
-                          stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
-                          encoder_cache=encoder_cache, denoiser_settings=denoiser)
+    return local_pipeline(
+        loading.resolve_model(spec.model or settings.model),
+        settings.num_threads,
+        step_settings,
+        stage_threads=settings.stage_threads,
+        prompt_settings=settings.prompt.model_dump(),
+        encoder_cache=encoder_cache,
+        denoiser_settings=denoiser,
+    )
 
 
 # --------------------------------------------------------------------------- the A/B run
@@ -193,15 +205,24 @@ class ABResult:
 
     def to_json(self) -> dict:
         """JSON has no infinity: an identical pair's psnr_db (and an all-identical mean) is null."""
+
         def finite(value: float) -> float | None:
             return value if math.isfinite(value) else None
 
-        pairs = [asdict(p) | {"psnr_db": finite(p.psnr_db), "identical": not math.isfinite(p.psnr_db)}
-                 for p in self.pairs]
-        return {"baseline": self.baseline, "candidate": self.candidate, "size": f"{self.width}x{self.height}",
-                "min_psnr_db": self.min_psnr_db, "mean_psnr_db": finite(self.mean_psnr_db),
-                "differing": self.differing,
-                "mean_ssim": self.mean_ssim, "passed": self.passed, "pairs": pairs}
+        pairs = [
+            asdict(p) | {"psnr_db": finite(p.psnr_db), "identical": not math.isfinite(p.psnr_db)} for p in self.pairs
+        ]
+        return {
+            "baseline": self.baseline,
+            "candidate": self.candidate,
+            "size": f"{self.width}x{self.height}",
+            "min_psnr_db": self.min_psnr_db,
+            "mean_psnr_db": finite(self.mean_psnr_db),
+            "differing": self.differing,
+            "mean_ssim": self.mean_ssim,
+            "passed": self.passed,
+            "pairs": pairs,
+        }
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -216,10 +237,17 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def run_ab_test(baseline: VariantSpec, candidate: VariantSpec, prompts: list[str], seeds: int,
-                settings: AppSettings, size: tuple[int, int] = (128, 128), seed_base: int = 0,
-                min_psnr_db: float | None = None,
-                on_image: Callable[[], None] | None = None) -> ABResult:
+def run_ab_test(
+    baseline: VariantSpec,
+    candidate: VariantSpec,
+    prompts: list[str],
+    seeds: int,
+    settings: AppSettings,
+    size: tuple[int, int] = (128, 128),
+    seed_base: int = 0,
+    min_psnr_db: float | None = None,
+    on_image: Callable[[], None] | None = None,
+) -> ABResult:
     """Render every prompt x seed (seed_base .. seed_base + seeds - 1) with both variants and
     compare each pair. `min_psnr_db` None: the live guard's (settings.quality_guard).
 
@@ -234,14 +262,23 @@ def run_ab_test(baseline: VariantSpec, candidate: VariantSpec, prompts: list[str
     result = ABResult(str(baseline), str(candidate), width, height, min_psnr_db)
     for prompt in prompts:
         for seed in range(seed_base, seed_base + seeds):
-            request = ImageRequest(prompt=prompt, negative_prompt="", width=width, height=height, n=1, seed=seed,
-                                   guidance_scale=settings.default_guidance_scale, num_inference_steps=None)
+            request = ImageRequest(
+                prompt=prompt,
+                negative_prompt="",
+                width=width,
+                height=height,
+                n=1,
+                seed=seed,
+                guidance_scale=settings.default_guidance_scale,
+                num_inference_steps=None,
+            )
             images = []
             for spec, pipe in ((baseline, baseline_pipe), (candidate, candidate_pipe)):
                 images.append(asyncio.run(pipe.generate(replace(request, num_inference_steps=spec.steps))))
                 if on_image:
                     on_image()
             a, b = (generated.images_png[0] for generated in images)
-            result.pairs.append(ImagePair(prompt, seed, images[0].steps.steps, images[1].steps.steps,
-                                          psnr_db(a, b), ssim(a, b)))
+            result.pairs.append(
+                ImagePair(prompt, seed, images[0].steps.steps, images[1].steps.steps, psnr_db(a, b), ssim(a, b))
+            )
     return result

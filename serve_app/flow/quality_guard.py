@@ -32,8 +32,11 @@ class LiveQualityGuard:
         self.comparisons = 0
 
     def should_shadow(self) -> bool:
-        return not self.tripped and self.settings.shadow_fraction > 0 and \
-            self._rng.random() < self.settings.shadow_fraction
+        return (
+            not self.tripped
+            and self.settings.shadow_fraction > 0
+            and self._rng.random() < self.settings.shadow_fraction
+        )
 
     @property
     def rolling_psnr_db(self) -> float | None:
@@ -47,7 +50,9 @@ class LiveQualityGuard:
         if self.tripped or len(self._window) < self.settings.min_samples or rolling >= self.settings.min_psnr_db:
             return False
         self.tripped = True
-        self.reason = (f"rolling PSNR {rolling:.1f} dB over the last {len(self._window)} shadow renders is under "
-                       f"{self.settings.min_psnr_db:g} dB: serving the baseline variant from now on")
+        self.reason = (
+            f"rolling PSNR {rolling:.1f} dB over the last {len(self._window)} shadow renders is under "
+            f"{self.settings.min_psnr_db:g} dB: serving the baseline variant from now on"
+        )
         logger.warning("quality guard: %s", self.reason)
         return True

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deployments.denoiser.engine import VAE_SCALE, LoadSnapshot
 from deployments.denoiser.edit_latents import denoising_steps
+from deployments.denoiser.engine import VAE_SCALE, LoadSnapshot
 from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import StepSettings
 from serve_app.flow.request import ImageRequest
@@ -61,8 +61,7 @@ def prompt_complexity(prompt: OptimizedPrompt) -> float:
     """0 (a bare word) to 1 (many attributes, a long prompt)."""
     attributes = sum(len(v) if isinstance(v, (list, tuple)) else 1 for v in prompt.attributes.values() if v)
     own_tokens = max(0, prompt.prompt_tokens - max(0, prompt.prefix_tokens - 1))
-    return (0.6 * min(1.0, attributes / ATTRIBUTES_FOR_FULL_SCORE)
-            + 0.4 * min(1.0, own_tokens / TOKENS_FOR_FULL_SCORE))
+    return 0.6 * min(1.0, attributes / ATTRIBUTES_FOR_FULL_SCORE) + 0.4 * min(1.0, own_tokens / TOKENS_FOR_FULL_SCORE)
 
 
 def image_detail(pixels: np.ndarray) -> float:
@@ -167,8 +166,14 @@ class StepController:
             return request.deadline_ms
         return request.deadline_ms or self.settings.deadline_ms
 
-    def choose(self, request: ImageRequest, prompt: OptimizedPrompt, load: LoadSnapshot | None = None,
-               elapsed_ms: float = 0.0, detail: float | None = None) -> StepDecision:
+    def choose(
+        self,
+        request: ImageRequest,
+        prompt: OptimizedPrompt,
+        load: LoadSnapshot | None = None,
+        elapsed_ms: float = 0.0,
+        detail: float | None = None,
+    ) -> StepDecision:
         """`elapsed_ms`: time the request has already spent (prompt, encoder); `detail`: the
         input image's `image_detail` for edits."""
         deadline = self.deadline_for(request)
@@ -193,10 +198,12 @@ class StepController:
                 return StepDecision(target, "slo:no-timings", policy, score, deadline)
             if spent + raw * self.calibration <= deadline:
                 reason = "slo" if steps == target else "slo:reduced"
-                return StepDecision(steps, reason, policy, score, deadline,
-                                    round(spent + raw * self.calibration, 1), raw)
-        return StepDecision(low, "slo:infeasible", policy, score, deadline, round(spent + raw * self.calibration, 1),
-                            raw)
+                return StepDecision(
+                    steps, reason, policy, score, deadline, round(spent + raw * self.calibration, 1), raw
+                )
+        return StepDecision(
+            low, "slo:infeasible", policy, score, deadline, round(spent + raw * self.calibration, 1), raw
+        )
 
     @staticmethod
     def steps_run(num_inference_steps: int, request: ImageRequest) -> int:

@@ -37,8 +37,14 @@ logger = logging.getLogger("ray.serve")
 class ApiError(Exception):
     """A request we refuse, with the parameter to fix."""
 
-    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None,
-                 error_type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status_code: int = 400,
+        code: str | None = None,
+        error_type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -50,8 +56,13 @@ class ApiError(Exception):
         return error_response(self.status_code, self.message, self.param, self.code, self.error_type)
 
 
-def error_response(status_code: int, message: str, param: str | None = None, code: str | None = None,
-                   error_type: str = "invalid_request_error") -> JSONResponse:
+def error_response(
+    status_code: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    error_type: str = "invalid_request_error",
+) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status_code)
 
@@ -72,12 +83,22 @@ class ImageOptions(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     optimize_prompt: bool = Field(True, description="Rewrite the prompt into the compact structured form.")
     cache_namespace: str = Field("default", pattern=NAMESPACE_PATTERN, description=NAMESPACE_HELP)
-    step_policy: StepPolicy | None = Field(None, description="fixed | complexity | slo (default: the server's; "
-                                           "slo when deadline_ms is given). num_inference_steps overrides it.")
-    deadline_ms: float | None = Field(None, gt=0, le=3_600_000, allow_inf_nan=False, description="Latency target "
-                                      "in ms for the slo policy: the most steps that still meet it.")
-    quality: QualityTier | None = Field(None, description="fast | balanced | best: the step range the policies "
-                                        "choose in (15-20, 15-30, 25-40 by default).")
+    step_policy: StepPolicy | None = Field(
+        None,
+        description="fixed | complexity | slo (default: the server's; "
+        "slo when deadline_ms is given). num_inference_steps overrides it.",
+    )
+    deadline_ms: float | None = Field(
+        None,
+        gt=0,
+        le=3_600_000,
+        allow_inf_nan=False,
+        description="Latency target in ms for the slo policy: the most steps that still meet it.",
+    )
+    quality: QualityTier | None = Field(
+        None,
+        description="fast | balanced | best: the step range the policies choose in (15-20, 15-30, 25-40 by default).",
+    )
 
 
 class ImageGenerationBody(ImageOptions):
@@ -95,14 +116,29 @@ class ImageEditForm(ImageOptions):
 
     model_config = ConfigDict(extra="forbid")
 
-    strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description=(
-        "How much of the target is redrawn: the last strength x steps run. Default 0.8, with a mask 1.0."))
+    strength: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=("How much of the target is redrawn: the last strength x steps run. Default 0.8, with a mask 1.0."),
+    )
     keep_unmasked: bool = Field(True, description="With a mask: outside it, the output is the target's pixels.")
-    reference_image: str | None = Field(None, description="The source face as base64 (or a data: URL), for "
-                                        "clients that send only image and mask as files; or send it as a file.")
-    reference_scale: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description=(
-        "How strongly the reference face conditions the image (the IP-Adapter scale; 0.5-0.8 keeps more of "
-        "the prompt)."))
+    reference_image: str | None = Field(
+        None,
+        description="The source face as base64 (or a data: URL), for "
+        "clients that send only image and mask as files; or send it as a file.",
+    )
+    reference_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description=(
+            "How strongly the reference face conditions the image (the IP-Adapter scale; 0.5-0.8 keeps more of "
+            "the prompt)."
+        ),
+    )
 
 
 class PromptOptimizeBody(BaseModel):
@@ -124,8 +160,9 @@ def check_text(value: str, param: str, settings: AppSettings) -> str:
         raise ApiError(f"{param} is {len(value)} characters; the maximum is {limit}", param, code="prompt_too_long")
     bad = next((ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
     if bad is not None:
-        raise ApiError(f"{param} contains the control character U+{ord(bad):04X}; remove it", param,
-                       code="control_character")
+        raise ApiError(
+            f"{param} contains the control character U+{ord(bad):04X}; remove it", param, code="control_character"
+        )
     return value
 
 
@@ -139,8 +176,11 @@ def to_image_request(body: ImageOptions, settings: AppSettings, **edit) -> Image
     if body.n > limits.max_images:
         raise ApiError(f"n must be between 1 and {limits.max_images}, got {body.n}", "n")
     default_size = edit.pop("default_size", None)
-    width, height = _checked_size(body.size, settings) if body.size else (
-        default_size or _checked_size(settings.default_size, settings))
+    width, height = (
+        _checked_size(body.size, settings)
+        if body.size
+        else (default_size or _checked_size(settings.default_size, settings))
+    )
     if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
         raise ApiError(f"num_inference_steps must be between 1 and {limits.max_steps}", "num_inference_steps")
     return ImageRequest(
@@ -172,7 +212,8 @@ def _checked_size(size: str, settings: AppSettings) -> tuple[int, int]:
             raise ApiError(
                 f"size {size!r}: width and height must be multiples of 8 between "
                 f"{limits.min_side} and {limits.max_side}",
-                "size", code="invalid_size",
+                "size",
+                code="invalid_size",
             )
     return width, height
 
@@ -264,8 +305,10 @@ async def healthz() -> dict:
 async def list_models() -> dict:
     """OpenAI `GET /v1/models`: the one model this server runs (`client.models.list()`)."""
     ready_pipeline()
-    return {"object": "list", "data": [{"id": _serving.model_id, "object": "model", "created": 0,
-                                        "owned_by": "fusionserve"}]}
+    return {
+        "object": "list",
+        "data": [{"id": _serving.model_id, "object": "model", "created": 0, "owned_by": "fusionserve"}],
+    }
 
 
 def server_timing(stage_ms: dict[str, float]) -> str:
@@ -275,8 +318,11 @@ def server_timing(stage_ms: dict[str, float]) -> str:
 
 def check_generation_supported(features: dict) -> None:
     if features.get("inpainting_unet"):
-        raise ApiError("this model has an inpainting UNet (9 input channels): it serves edits with a mask "
-                       "(POST /v1/images/edits with image and mask), not generations", code="unsupported_model")
+        raise ApiError(
+            "this model has an inpainting UNet (9 input channels): it serves edits with a mask "
+            "(POST /v1/images/edits with image and mask), not generations",
+            code="unsupported_model",
+        )
 
 
 @app.post("/v1/images/generations")
@@ -313,14 +359,19 @@ async def edit_image(request: Request, response: Response) -> dict:
     ready_pipeline()
     settings = _serving.settings
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError("send the edit as multipart/form-data (fields image, prompt, optional mask, ...)",
-                       code="invalid_content_type")
+        raise ApiError(
+            "send the edit as multipart/form-data (fields image, prompt, optional mask, ...)",
+            code="invalid_content_type",
+        )
     limits = settings.limits
     length = request.headers.get("content-length", "")
     most = 4 * limits.max_upload_bytes + 2**20  # three files, or two and a base64 one, and the fields
     if length.isdigit() and int(length) > most:  # refused before a byte of it is read
-        raise ApiError(f"the request body is {length} bytes; the limit is {most} (files of at most "
-                       f"{limits.max_upload_bytes} bytes each)", code="request_too_large")
+        raise ApiError(
+            f"the request body is {length} bytes; the limit is {most} (files of at most "
+            f"{limits.max_upload_bytes} bytes each)",
+            code="request_too_large",
+        )
     try:  # text parts can carry a base64 reference image
         form = await request.form(max_files=8, max_fields=64, max_part_size=2 * limits.max_upload_bytes)
     except StarletteHTTPException as error:
@@ -348,26 +399,35 @@ def _split_form(form, max_bytes: int) -> tuple[dict[str, bytes], dict[str, str]]
             continue
         name = EDIT_FILE_FIELDS.get(key)
         if name is None:
-            raise ApiError(f"unknown file field {key!r}; files go in image, mask and reference_image", key,
-                           code="unknown_parameter")
+            raise ApiError(
+                f"unknown file field {key!r}; files go in image, mask and reference_image",
+                key,
+                code="unknown_parameter",
+            )
         if name in files:
-            raise ApiError(f"one file per field: {name!r} was sent more than once (the target is one image; "
-                           "the source face goes in reference_image)", name, code="too_many_files")
+            raise ApiError(
+                f"one file per field: {name!r} was sent more than once (the target is one image; "
+                "the source face goes in reference_image)",
+                name,
+                code="too_many_files",
+            )
         if value.size is not None and value.size > max_bytes:
-            raise ApiError(f"{name} is {value.size} bytes; the limit is {max_bytes} bytes", name,
-                           code="file_too_large")
+            raise ApiError(f"{name} is {value.size} bytes; the limit is {max_bytes} bytes", name, code="file_too_large")
         files[name] = value.file.read(max_bytes + 1)
     if "image" not in files:
-        raise ApiError("missing required parameter: 'image' (the target image file)", "image",
-                       code="missing_required_parameter")
+        raise ApiError(
+            "missing required parameter: 'image' (the target image file)", "image", code="missing_required_parameter"
+        )
     if "reference_image" in files and "reference_image" in fields:
-        raise ApiError("reference_image is given both as a file and as text; send one", "reference_image",
-                       code="duplicate_parameter")
+        raise ApiError(
+            "reference_image is given both as a file and as text; send one",
+            "reference_image",
+            code="duplicate_parameter",
+        )
     return files, fields
 
 
-def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: AppSettings,
-                        features: dict) -> dict:
+def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: AppSettings, features: dict) -> dict:
     """Decode and check the uploads (served: on a worker thread, decoding is CPU work);
     the keyword arguments of `to_image_request` for an edit. `features`: the model's."""
     from serve_app.http import uploads
@@ -388,24 +448,38 @@ def decoded_edit_inputs(files: dict[str, bytes], form: ImageEditForm, settings: 
             reference = _base64_image(form.reference_image)
         if reference is not None:
             if not features.get("image_prompt_adapter"):
-                raise ApiError("this model has no image-prompt adapter, so reference_image cannot be used "
-                               "(it needs image_encoder/, feature_extractor/ and ip_adapter/ in the model folder)",
-                               "reference_image", code="unsupported_parameter")
+                raise ApiError(
+                    "this model has no image-prompt adapter, so reference_image cannot be used "
+                    "(it needs image_encoder/, feature_extractor/ and ip_adapter/ in the model folder)",
+                    "reference_image",
+                    code="unsupported_parameter",
+                )
             reference = uploads.as_rgb(decode(reference, "reference_image"))
-        default_size = None if form.size else uploads.default_edit_size(*target.size, limits.min_side,
-                                                                       limits.max_side)
+        default_size = None if form.size else uploads.default_edit_size(*target.size, limits.min_side, limits.max_side)
     except uploads.UploadError as error:
         raise ApiError(error.message, error.param, code=error.code) from None
     if mask is None and features.get("inpainting_unet"):
-        raise ApiError("this model has an inpainting UNet (9 input channels): send a mask (white or transparent = "
-                       "repaint)", "mask", code="missing_required_parameter")
+        raise ApiError(
+            "this model has an inpainting UNet (9 input channels): send a mask (white or transparent = repaint)",
+            "mask",
+            code="missing_required_parameter",
+        )
     strength = form.strength if form.strength is not None else (1.0 if mask is not None else 0.8)
     if form.num_inference_steps is not None and int(form.num_inference_steps * strength) < 1:
-        raise ApiError(f"strength {strength} x num_inference_steps {form.num_inference_steps} runs no step; "
-                       "raise either", "strength", code="invalid_value")
-    return {"image": uploads.as_rgb(target), "mask": mask, "reference_image": reference, "strength": strength,
-            "keep_unmasked": form.keep_unmasked, "reference_scale": form.reference_scale,
-            "default_size": default_size}
+        raise ApiError(
+            f"strength {strength} x num_inference_steps {form.num_inference_steps} runs no step; raise either",
+            "strength",
+            code="invalid_value",
+        )
+    return {
+        "image": uploads.as_rgb(target),
+        "mask": mask,
+        "reference_image": reference,
+        "strength": strength,
+        "keep_unmasked": form.keep_unmasked,
+        "reference_scale": form.reference_scale,
+        "default_size": default_size,
+    }
 
 
 def _base64_image(text: str) -> bytes:
@@ -414,8 +488,11 @@ def _base64_image(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError("reference_image as text must be base64 (or a data: URL) of a PNG, JPEG or WebP image",
-                       "reference_image", code="invalid_image") from None
+        raise ApiError(
+            "reference_image as text must be base64 (or a data: URL) of a PNG, JPEG or WebP image",
+            "reference_image",
+            code="invalid_image",
+        ) from None
 
 
 def optimized_prompt_body(prompt) -> dict:

@@ -35,16 +35,23 @@ def decode_image(data: bytes, param: str, max_bytes: int, max_pixels: int) -> Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(f"{param} has too many pixels (decompression bomb guard); the limit is {max_pixels}",
-                          param, "image_too_large") from None
+        raise UploadError(
+            f"{param} has too many pixels (decompression bomb guard); the limit is {max_pixels}",
+            param,
+            "image_too_large",
+        ) from None
     except UnidentifiedImageError:
         raise UploadError(f"{param} is not a PNG, JPEG or WebP image", param, "invalid_image_format") from None
     except Exception as error:  # a header Pillow chokes on
         raise UploadError(f"{param} could not be read as an image ({error})", param, "invalid_image") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise UploadError(f"{param} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
-                          "(decompression bomb guard)", param, "image_too_large")
+        raise UploadError(
+            f"{param} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+            "(decompression bomb guard)",
+            param,
+            "image_too_large",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -72,14 +79,22 @@ def as_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
     are (diffusers' convention); masks with an alpha channel follow OpenAI's: transparent
     (alpha 0) = repaint."""
     if mask.size != image_size:
-        raise UploadError(f"mask is {mask.width}x{mask.height} but image is {image_size[0]}x{image_size[1]}; "
-                          "they must be the same size", "mask", "mask_size_mismatch")
+        raise UploadError(
+            f"mask is {mask.width}x{mask.height} but image is {image_size[0]}x{image_size[1]}; "
+            "they must be the same size",
+            "mask",
+            "mask_size_mismatch",
+        )
     if mask.mode in ("L", "1"):
         return mask.convert("L")
     if _has_alpha(mask):
         return _transparent_is_white(mask)
-    raise UploadError(f"mask must be a single-channel image (L: white = repaint) or have an alpha channel "
-                      f"(transparent = repaint); got mode {mask.mode}", "mask", "invalid_mask")
+    raise UploadError(
+        f"mask must be a single-channel image (L: white = repaint) or have an alpha channel "
+        f"(transparent = repaint); got mode {mask.mode}",
+        "mask",
+        "invalid_mask",
+    )
 
 
 def transparency_mask(image: Image.Image) -> Image.Image | None:
@@ -96,6 +111,10 @@ def default_edit_size(width: int, height: int, min_side: int, max_side: int) -> 
     scale = min(1.0, max_side / max(width, height))
     out_width, out_height = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
     if min(out_width, out_height) < min_side:
-        raise UploadError(f"image is {width}x{height}; the output would be {out_width}x{out_height}, and each side "
-                          f"must be at least {min_side} (or pass size)", "image", "image_too_small")
+        raise UploadError(
+            f"image is {width}x{height}; the output would be {out_width}x{out_height}, and each side "
+            f"must be at least {min_side} (or pass size)",
+            "image",
+            "image_too_small",
+        )
     return out_width, out_height

@@ -100,8 +100,11 @@ def cmd_serve(options: argparse.Namespace) -> int:
     print(f"Dashboard:  {dashboard or 'not running'}", flush=True)
     token_file = Path.home() / ".ray" / "auth_token"
     if dashboard and token_file.is_file():
-        print(f"            (Ray token auth is on: sign in with the token in {token_file}, "
-              "also printed by `ray get-auth-token`)", flush=True)
+        print(
+            f"            (Ray token auth is on: sign in with the token in {token_file}, "
+            "also printed by `ray get-auth-token`)",
+            flush=True,
+        )
     print("Logs:       /tmp/ray/session_latest/logs/serve/", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
 
@@ -130,18 +133,25 @@ def cmd_serve(options: argparse.Namespace) -> int:
 
 def _request_options(options: argparse.Namespace) -> dict:
     """The fields `generate` and `edit` share, from their command-line options."""
-    return dict(prompt=options.prompt, n=options.n, size=options.size, negative_prompt=options.negative_prompt,
-                seed=options.seed, num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
-                optimize_prompt=not options.no_optimize, step_policy=options.step_policy,
-                deadline_ms=options.deadline_ms, quality=options.quality)
+    return dict(
+        prompt=options.prompt,
+        n=options.n,
+        size=options.size,
+        negative_prompt=options.negative_prompt,
+        seed=options.seed,
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance_scale,
+        optimize_prompt=not options.no_optimize,
+        step_policy=options.step_policy,
+        deadline_ms=options.deadline_ms,
+        quality=options.quality,
+    )
 
 
 def cmd_generate(options: argparse.Namespace) -> int:
-    from serve_app.http.routes import ImageGenerationBody, to_image_request
-
     # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
     from deployments.models import loading
-    from serve_app.http.routes import check_generation_supported
+    from serve_app.http.routes import ImageGenerationBody, check_generation_supported, to_image_request
 
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
 
@@ -168,8 +178,12 @@ def cmd_edit(options: argparse.Namespace) -> int:
                 return 2
 
     def request():
-        form = ImageEditForm(**_request_options(options), strength=options.strength,
-                             keep_unmasked=not options.blend_only, reference_scale=options.reference_scale)
+        form = ImageEditForm(
+            **_request_options(options),
+            strength=options.strength,
+            keep_unmasked=not options.blend_only,
+            reference_scale=options.reference_scale,
+        )
         features = loading.features(loading.resolve_model(settings.model))
         return to_image_request(form, settings, **decoded_edit_inputs(files, form, settings, features))
 
@@ -181,8 +195,8 @@ def _render(options: argparse.Namespace, settings, make_request) -> int:
     from tqdm import tqdm
 
     from deployments.models import loading
-    from serve_app.http.routes import ApiError
     from serve_app.flow.pipeline import local_pipeline_for
+    from serve_app.http.routes import ApiError
 
     try:
         request = make_request()
@@ -212,18 +226,22 @@ def _render(options: argparse.Namespace, settings, make_request) -> int:
     bar.close()
 
     output = Path(options.output)
-    paths = [output] if len(result.images_png) == 1 else [
-        output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(result.images_png))
-    ]
+    paths = (
+        [output]
+        if len(result.images_png) == 1
+        else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(result.images_png))]
+    )
     for path, png in zip(paths, result.images_png):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png)
         print(f"wrote {path}")
     steps = result.steps.steps
     ran = result.usage["denoising_steps"]
-    print(f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), seed {request.seed}, "
-          f"{steps} steps ({result.steps.reason})" + (f", {ran} run at strength {request.strength}"
-                                                        if request.is_edit else ""))
+    print(
+        f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), seed {request.seed}, "
+        f"{steps} steps ({result.steps.reason})"
+        + (f", {ran} run at strength {request.strength}" if request.is_edit else "")
+    )
     return 0
 
 
@@ -248,16 +266,18 @@ def cmd_optimize(options: argparse.Namespace) -> int:
         print(json.dumps(body, ensure_ascii=False, indent=2))
     else:
         print(body["prompt"])
-        print(f"tokens: {body['original_tokens']} -> {body['optimized_tokens']} "
-              f"({body['saved_fraction']:.0%} saved), shared prefix {body['prefix_tokens']}", file=sys.stderr)
+        print(
+            f"tokens: {body['original_tokens']} -> {body['optimized_tokens']} "
+            f"({body['saved_fraction']:.0%} saved), shared prefix {body['prefix_tokens']}",
+            file=sys.stderr,
+        )
         for warning in body["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_build_model(options: argparse.Namespace) -> int:
-    from deployments.models import builder
-    from deployments.models import loading
+    from deployments.models import builder, loading
 
     target = Path(options.output) if options.output else loading.preset_model_dir(options.preset)
     if options.output or options.force or not (target / "model_index.json").is_file():
@@ -267,18 +287,23 @@ def cmd_build_model(options: argparse.Namespace) -> int:
 
 
 def cmd_prune_unet(options: argparse.Namespace) -> int:
-    from deployments.models import loading
     from deployments.denoiser.pruning import save_pruned_variant
+    from deployments.models import loading
 
     if not 0.0 < options.fraction < 1.0:
         print("error: --fraction must be between 0 and 1 (exclusive)", file=sys.stderr)
         return 2
     source = loading.resolve_model(options.model)
-    target = Path(options.output) if options.output else \
-        source.with_name(f"{source.name}-pruned{round(options.fraction * 100)}")
+    target = (
+        Path(options.output)
+        if options.output
+        else source.with_name(f"{source.name}-pruned{round(options.fraction * 100)}")
+    )
     summary = save_pruned_variant(source, target, options.fraction)
-    print(f"{target}  (UNet parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,}, "
-          f"-{summary['params_reduction']:.0%}); serve it with --model {target}")
+    print(
+        f"{target}  (UNet parameters {summary['parameters_before']:,} -> {summary['parameters_after']:,}, "
+        f"-{summary['params_reduction']:.0%}); serve it with --model {target}"
+    )
     return 0
 
 
@@ -290,10 +315,10 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from deployments.models import loading
     from deployments.denoiser.backends import BackendUnavailable
-    from serve_app.http.routes import ApiError, ImageGenerationBody, to_image_request
+    from deployments.models import loading
     from serve_app.flow.quality import VariantSpec, read_prompts, run_ab_test
+    from serve_app.http.routes import ApiError, ImageGenerationBody, to_image_request
 
     settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
     try:
@@ -301,8 +326,10 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
         if options.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {options.seeds}")
         # the API's own checks (text, size limits, multiples of 8) on every prompt
-        requests = [to_image_request(ImageGenerationBody(prompt=prompt, size=options.size, seed=0), settings)
-                    for prompt in read_prompts(options.prompts)]
+        requests = [
+            to_image_request(ImageGenerationBody(prompt=prompt, size=options.size, seed=0), settings)
+            for prompt in read_prompts(options.prompts)
+        ]
     except ApiError as exc:
         print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
         return 2
@@ -313,8 +340,17 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
     prompts, size = [r.prompt for r in requests], (requests[0].width, requests[0].height)
     bar = tqdm(total=2 * len(prompts) * options.seeds, desc="rendering", unit="image")
     try:
-        result = run_ab_test(baseline, candidate, prompts, options.seeds, settings, size=size,
-                             seed_base=options.seed_base, min_psnr_db=options.min_psnr, on_image=bar.update)
+        result = run_ab_test(
+            baseline,
+            candidate,
+            prompts,
+            options.seeds,
+            settings,
+            size=size,
+            seed_base=options.seed_base,
+            min_psnr_db=options.min_psnr,
+            on_image=bar.update,
+        )
     except (loading.ModelNotFoundError, BackendUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -325,11 +361,15 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
     print(f"{'prompt':<44} {'seed':>5} {'steps b/c':>9} {'PSNR dB':>8} {'SSIM':>7}")
     for pair in result.pairs:
         steps = f"{pair.baseline_steps}/{pair.candidate_steps}"
-        print(f"{textwrap.shorten(pair.prompt, 44, placeholder='...'):<44} {pair.seed:>5} {steps:>9} "
-              f"{pair.psnr_db:>8.2f} {pair.ssim:>7.4f}")
+        print(
+            f"{textwrap.shorten(pair.prompt, 44, placeholder='...'):<44} {pair.seed:>5} {steps:>9} "
+            f"{pair.psnr_db:>8.2f} {pair.ssim:>7.4f}"
+        )
     verdict = "PASS" if result.passed else "FAIL"
-    print(f"\nmean PSNR {result.mean_psnr_db:.2f} dB over the {result.differing} of {len(result.pairs)} images that "
-          f"differ, mean SSIM {result.mean_ssim:.4f}; threshold {result.min_psnr_db:g} dB: {verdict}")
+    print(
+        f"\nmean PSNR {result.mean_psnr_db:.2f} dB over the {result.differing} of {len(result.pairs)} images that "
+        f"differ, mean SSIM {result.mean_ssim:.4f}; threshold {result.min_psnr_db:g} dB: {verdict}"
+    )
     if options.json:
         Path(options.json).parent.mkdir(parents=True, exist_ok=True)
         Path(options.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
@@ -347,8 +387,9 @@ def cmd_status(options: argparse.Namespace) -> int:
     try:
         ray.init(address=options.address, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as exc:
-        print(f"error: no running Ray cluster to connect to ({exc}); start one with `fusionserve serve`",
-              file=sys.stderr)
+        print(
+            f"error: no running Ray cluster to connect to ({exc}); start one with `fusionserve serve`", file=sys.stderr
+        )
         return 2
     try:
         report = status.collect(options.app)
@@ -364,8 +405,9 @@ def cmd_status(options: argparse.Namespace) -> int:
 def cmd_export_config(options: argparse.Namespace) -> int:
     """The config with a profile applied, for Ray's own `serve run` / `serve deploy`."""
     config = load_serve_config(options.config, options.profile)
-    text = f"# generated by: fusionserve export-config --profile {options.profile}\n" + \
-        yaml.safe_dump(config, sort_keys=False, width=120)
+    text = f"# generated by: fusionserve export-config --profile {options.profile}\n" + yaml.safe_dump(
+        config, sort_keys=False, width=120
+    )
     if options.output:
         Path(options.output).write_text(text)
         print(f"wrote {options.output}", file=sys.stderr)
@@ -395,8 +437,11 @@ def cmd_export_kuberay(options: argparse.Namespace) -> int:
             print(f"{shown} is up to date", file=sys.stderr)
             return 0
         changes = kuberay.diff(committed, text, shown)
-        print(f"{shown} differs from what `fusionserve export-kuberay` generates from {options.config} and "
-              f"profile {options.profile}; regenerate it:\n{changes}", file=sys.stderr)
+        print(
+            f"{shown} differs from what `fusionserve export-kuberay` generates from {options.config} and "
+            f"profile {options.profile}; regenerate it:\n{changes}",
+            file=sys.stderr,
+        )
         return 1
     if options.output == "-":
         print(text, end="")
@@ -413,12 +458,18 @@ def _image_options(command: argparse.ArgumentParser, default_size: str | None) -
     command.add_argument("--model", help="preset or model folder (default: the config's, tiny)")
     command.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
     command.add_argument("--seed", type=int)
-    command.add_argument("--size", default=default_size,
-                         help="WIDTHxHEIGHT (default: %(default)s)" if default_size else
-                         "WIDTHxHEIGHT (default: the image's, within the limits)")
+    command.add_argument(
+        "--size",
+        default=default_size,
+        help="WIDTHxHEIGHT (default: %(default)s)"
+        if default_size
+        else "WIDTHxHEIGHT (default: the image's, within the limits)",
+    )
     command.add_argument("-n", type=int, default=1)
     command.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
-    command.add_argument("--quality", choices=["fast", "balanced", "best"], help="the step range (default: the config's)")
+    command.add_argument(
+        "--quality", choices=["fast", "balanced", "best"], help="the step range (default: the config's)"
+    )
     command.add_argument("--step-policy", choices=["fixed", "complexity", "slo"], help="default: the config's")
     command.add_argument("--deadline-ms", type=float, help="latency target for the slo policy")
     command.add_argument("--guidance-scale", type=float)
@@ -433,8 +484,11 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start Ray and the Serve application")
     serve.add_argument("--model", help="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
     serve.add_argument("--config", default=DEFAULT_CONFIG, help="Ray Serve config file (default: %(default)s)")
-    serve.add_argument("--profile", help="deployment profile merged over the config: laptop (default), single-gpu, "
-                       "cluster (configs/profiles/), or a path")
+    serve.add_argument(
+        "--profile",
+        help="deployment profile merged over the config: laptop (default), single-gpu, "
+        "cluster (configs/profiles/), or a path",
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=cmd_serve)
@@ -449,8 +503,12 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--image", required=True, help="the target image B (PNG, JPEG, WebP)")
     edit.add_argument("--mask", help="where to repaint: white on black (L), or transparent pixels (RGBA)")
     edit.add_argument("--reference", help="the source face A (needs a model with an image-prompt adapter)")
-    edit.add_argument("--reference-scale", type=float, default=1.0,
-                      help="how strongly the reference face conditions the image, 0-2 (default: %(default)s)")
+    edit.add_argument(
+        "--reference-scale",
+        type=float,
+        default=1.0,
+        help="how strongly the reference face conditions the image, 0-2 (default: %(default)s)",
+    )
     edit.add_argument("--strength", type=float, help="share of the steps run, (0, 1] (default 0.8; 1.0 with --mask)")
     edit.add_argument("--blend-only", action="store_true", help="do not paste the target back outside the mask")
     _image_options(edit, default_size=None)
@@ -477,18 +535,29 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="file to write (default: stdout)")
     export.set_defaults(run=cmd_export_config)
 
-    kuberay = commands.add_parser("export-kuberay", help="write the KubeRay RayService manifest (serveConfigV2 from "
-                                  "the config and a profile)")
+    kuberay = commands.add_parser(
+        "export-kuberay", help="write the KubeRay RayService manifest (serveConfigV2 from the config and a profile)"
+    )
     kuberay.add_argument("--config", default=DEFAULT_CONFIG)
     kuberay.add_argument("--profile", default="cluster", help="profile merged over the config (default: %(default)s)")
-    kuberay.add_argument("-o", "--output", help="file to write, - for stdout "
-                         "(default: configs/kuberay/rayservice.yaml)")
-    kuberay.add_argument("--image", default="fusionserve:0.1.0", help="container image of every Ray pod "
-                         "(default: %(default)s, configs/kuberay/Dockerfile)")
-    kuberay.add_argument("--model-path", default="/models/sd15", help="model folder inside the pods, on the models "
-                         "volume (default: %(default)s)")
-    kuberay.add_argument("--check", action="store_true", help="write nothing; exit 1 with a diff when the file "
-                         "differs from what would be generated")
+    kuberay.add_argument(
+        "-o", "--output", help="file to write, - for stdout (default: configs/kuberay/rayservice.yaml)"
+    )
+    kuberay.add_argument(
+        "--image",
+        default="fusionserve:0.1.0",
+        help="container image of every Ray pod (default: %(default)s, configs/kuberay/Dockerfile)",
+    )
+    kuberay.add_argument(
+        "--model-path",
+        default="/models/sd15",
+        help="model folder inside the pods, on the models volume (default: %(default)s)",
+    )
+    kuberay.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff when the file differs from what would be generated",
+    )
     kuberay.set_defaults(run=cmd_export_kuberay)
 
     build = commands.add_parser("build-model", help="build a model preset (tiny, sd15) and print its folder")
@@ -504,16 +573,19 @@ def parser() -> argparse.ArgumentParser:
     prune.set_defaults(run=cmd_prune_unet)
 
     ab_test = commands.add_parser("ab-test", help="quality guard: PSNR/SSIM of a candidate variant against a baseline")
-    spec_help = ("variant spec key=value,...: backend (torch|onnxruntime|tensorrt), precision (fp32|bf16|fp16|int8), "
-                 "model, steps, policy (fixed|complexity|slo), encoder_cache (on|off), early_stop (0..1|off)")
+    spec_help = (
+        "variant spec key=value,...: backend (torch|onnxruntime|tensorrt), precision (fp32|bf16|fp16|int8), "
+        "model, steps, policy (fixed|complexity|slo), encoder_cache (on|off), early_stop (0..1|off)"
+    )
     ab_test.add_argument("--baseline", default="default", help=f"{spec_help} (default: %(default)s, torch fp32)")
     ab_test.add_argument("--candidate", required=True, help="variant spec, as --baseline")
     ab_test.add_argument("--prompts", required=True, help="text file, one prompt per line (# comments)")
     ab_test.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: %(default)s)")
     ab_test.add_argument("--seed-base", type=int, default=0, help="first seed (default: %(default)s)")
     ab_test.add_argument("--size", default="128x128", help="WIDTHxHEIGHT (default: %(default)s)")
-    ab_test.add_argument("--min-psnr", type=float, help="mean PSNR to pass, dB (default: the config's "
-                         "quality_guard.min_psnr_db, 32)")
+    ab_test.add_argument(
+        "--min-psnr", type=float, help="mean PSNR to pass, dB (default: the config's quality_guard.min_psnr_db, 32)"
+    )
     ab_test.add_argument("--json", help="also write the whole result to this file")
     ab_test.add_argument("--model", help="model of variants that name none (default: the config's)")
     ab_test.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")

@@ -34,8 +34,11 @@ def scrape(urls: list[str], timeout_s: float = 5.0) -> list:
 def metrics_urls() -> list[str]:
     import ray
 
-    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-            for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
+    return [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("MetricsExportPort")
+    ]
 
 
 def _sum(samples, name: str, **labels) -> float:
@@ -63,9 +66,12 @@ def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dic
         replicas = defaultdict(int)
         for state, count in deployment.replica_states.items():
             replicas[getattr(state, "value", str(state))] += count
-        stages[name] = {"status": getattr(deployment.status, "value", str(deployment.status)),
-                        "replicas": dict(replicas), "running": replicas.get("RUNNING", 0),
-                        "mean_latency_ms": _mean_latency_ms(samples, name)}
+        stages[name] = {
+            "status": getattr(deployment.status, "value", str(deployment.status)),
+            "replicas": dict(replicas),
+            "running": replicas.get("RUNNING", 0),
+            "mean_latency_ms": _mean_latency_ms(samples, name),
+        }
     original = _sum(samples, "ray_fusionserve_prompt_original_tokens_total")
     optimized = _sum(samples, "ray_fusionserve_prompt_optimized_tokens_total")
     window = _sum(samples, "ray_fusionserve_encoder_window_tokens_total")
@@ -74,8 +80,10 @@ def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dic
         "application": app_name,
         "status": getattr(application.status, "value", str(application.status)),
         "stages": stages,
-        "denoiser": {name: _sum(samples, f"ray_fusionserve_denoiser_{name}")
-                     for name in ("waiting_jobs", "active_jobs", "active_images", "queued_steps")},
+        "denoiser": {
+            name: _sum(samples, f"ray_fusionserve_denoiser_{name}")
+            for name in ("waiting_jobs", "active_jobs", "active_images", "queued_steps")
+        },
         "prompt_tokens_saved": 1 - optimized / original if original else None,
         "encoder_cache_hit_rate": cached / window if window else None,
         "encoder_cache_bytes": _sum(samples, "ray_fusionserve_encoder_cache_bytes"),
@@ -102,10 +110,14 @@ def render(report: dict) -> str:
     hit = report["encoder_cache_hit_rate"]
     console = Console(record=True, width=100)
     console.print(table)
-    console.print(f"denoiser: {denoiser['active_images']:.0f} images in the batch, {denoiser['waiting_jobs']:.0f} jobs "
-                  f"waiting, {denoiser['queued_steps']:.0f} image-steps queued")
+    console.print(
+        f"denoiser: {denoiser['active_images']:.0f} images in the batch, {denoiser['waiting_jobs']:.0f} jobs "
+        f"waiting, {denoiser['queued_steps']:.0f} image-steps queued"
+    )
     saved = report["prompt_tokens_saved"]
     console.print(f"prompt optimizer: {'-' if saved is None else f'{saved:.0%}'} of prompt tokens saved")
-    console.print(f"text encoder cache: hit rate {'-' if hit is None else f'{hit:.0%}'} of window tokens, "
-                  f"{report['encoder_cache_bytes'] / 2**20:.1f} MiB; deadline misses: {report['deadline_misses']:.0f}")
+    console.print(
+        f"text encoder cache: hit rate {'-' if hit is None else f'{hit:.0%}'} of window tokens, "
+        f"{report['encoder_cache_bytes'] / 2**20:.1f} MiB; deadline misses: {report['deadline_misses']:.0f}"
+    )
     return console.export_text()

@@ -76,10 +76,14 @@ DEPLOYMENT_OPTIONS = {
         "max_ongoing_requests": 2,
         "ray_actor_options": {"num_cpus": 0.5, "resources": {UNET_RESOURCE: 1}},
         "autoscaling_config": {
-            "min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "initial_replicas": 1,
             "target_ongoing_requests": 1,
-            "upscale_delay_s": 2, "downscale_delay_s": 5,
-            "metrics_interval_s": 0.5, "look_back_period_s": 2,
+            "upscale_delay_s": 2,
+            "downscale_delay_s": 5,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2,
         },
     },
 }
@@ -137,7 +141,10 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             "rsync_filter": [],
         }
         config["available_node_types"]["ray.head.default"] = {
-            "resources": dict(head_resources), "node_config": {}, "max_workers": 0}
+            "resources": dict(head_resources),
+            "node_config": {},
+            "max_workers": 0,
+        }
         config.update(config_kwargs)
         return config
 
@@ -153,7 +160,11 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             json.dump(self._config, f)
         resources = dict(self._head_resources)
         cmd = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
             f"--autoscaling-config={config_file}",
             f"--port={self.gcs_port}",
             f"--node-ip-address={self.node_ip}",
@@ -177,8 +188,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         # A session of its own: `ray start` leads it, and every process of the cluster
         # (head daemons, the fake worker nodes the autoscaler starts, their workers) stays
         # in it, so shutdown() can kill exactly these processes.
-        process = subprocess.Popen(cmd, env=env, start_new_session=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.session_id = process.pid
         output, _ = process.communicate(timeout=120)
         if process.returncode != 0:
@@ -232,9 +244,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
 
 def build_app():
     from serve_app.app import build_application
-    from serve_app.ops.profiles import merge  # the profiles' semantics: dicts merge, None deletes
-    from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.config import AppSettings
+    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.ops.profiles import merge  # the profiles' semantics: dicts merge, None deletes
 
     settings, options, _ = split_app_config(load_serve_config(ROOT / "serve_config.yaml"), model="tiny")
     settings = AppSettings.model_validate(merge(settings.model_dump(), SETTINGS_OVERRIDES))
@@ -245,7 +257,7 @@ def build_app():
 class Observer:
     """Samples Denoiser replicas (serve.status) and alive worker nodes (ray.nodes)."""
 
-    def __init__(self, t0: float, cluster: "LocalAutoscalingCluster"):
+    def __init__(self, t0: float, cluster: LocalAutoscalingCluster):
         self.t0 = t0
         self.cluster = cluster
         self.timeline: list[dict] = []
@@ -307,8 +319,14 @@ class Load:
                 except Exception as exc:
                     status, error = None, repr(exc)
                 with self.lock:
-                    self.results.append({"t": round(start - self.t0, 2), "latency_s": round(time.monotonic() - start, 2),
-                                         "status": status, "error": error})
+                    self.results.append(
+                        {
+                            "t": round(start - self.t0, 2),
+                            "latency_s": round(time.monotonic() - start, 2),
+                            "status": status,
+                            "error": error,
+                        }
+                    )
                 if self.interval_s:
                     self.stop_event.wait(self.interval_s)
 
@@ -345,9 +363,13 @@ def run(args, report: dict) -> dict:
         cluster.start()
         if args.session_file:  # for the caller's clean-up if this process gets killed
             Path(args.session_file).write_text(str(cluster.session_id))
-        report["cluster"] = {"gcs_address": cluster.address, "temp_dir": cluster.temp_dir,
-                             "head_resources": HEAD_RESOURCES, "worker_node_types": WORKER_NODE_TYPES,
-                             "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES}
+        report["cluster"] = {
+            "gcs_address": cluster.address,
+            "temp_dir": cluster.temp_dir,
+            "head_resources": HEAD_RESOURCES,
+            "worker_node_types": WORKER_NODE_TYPES,
+            "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
+        }
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         report["t_cluster_up"] = round(time.monotonic() - t0, 1)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, proxy_location="HeadOnly")
@@ -365,9 +387,14 @@ def run(args, report: dict) -> dict:
 
         deployer = threading.Thread(target=deploy, daemon=True)
         deployer.start()
-        ok = observer.wait("start", lambda p: bool(deploy_error) or (
-            not deployer.is_alive() and p["running"] == 1 and p["replicas"] == 1 and p["worker_nodes"] == 1),
-            args.start_timeout)
+        ok = observer.wait(
+            "start",
+            lambda p: (
+                bool(deploy_error)
+                or (not deployer.is_alive() and p["running"] == 1 and p["replicas"] == 1 and p["worker_nodes"] == 1)
+            ),
+            args.start_timeout,
+        )
         if deploy_error:
             raise RuntimeError(f"serve.run failed: {deploy_error[0]!r}") from deploy_error[0]
         deadline = time.monotonic() + 30
@@ -400,8 +427,9 @@ def run(args, report: dict) -> dict:
 
         # (3) no load (one light probe every 2 s): back to 1 replica and 1 worker node.
         probes = Load(url, PROBE_BODY, 1, t0, interval_s=2.0).start()
-        down = observer.wait("cooldown", lambda p: p["replicas"] == 1 and p["running"] == 1 and p["worker_nodes"] == 1,
-                             args.down_timeout)
+        down = observer.wait(
+            "cooldown", lambda p: p["replicas"] == 1 and p["running"] == 1 and p["worker_nodes"] == 1, args.down_timeout
+        )
         probes.stop()
         report["t_down"] = round(time.monotonic() - t0, 1)
         if not down:

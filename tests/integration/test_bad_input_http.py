@@ -62,20 +62,23 @@ def assert_openai_error(response, param, fragment):
     assert fragment.lower() in error["message"].lower(), error["message"]
 
 
-@pytest.mark.parametrize("body,param,fragment", [case[1:] for case in BAD_BODIES],
-                         ids=[case[0] for case in BAD_BODIES])
+@pytest.mark.parametrize("body,param,fragment", [case[1:] for case in BAD_BODIES], ids=[case[0] for case in BAD_BODIES])
 def test_bad_body_is_a_400_naming_the_parameter(http, body, param, fragment):
     assert_openai_error(http.post("/v1/images/generations", json=body), param, fragment)
 
 
-@pytest.mark.parametrize("raw,fragment", [
-    (b'{"prompt": "x",', "not valid JSON"),
-    (b"not json at all", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'"a string"', "JSON object"),
-    (b"null", "JSON object"),
-    (b"", "JSON object"),
-], ids=["truncated", "garbage", "array", "string", "null", "empty"])
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        (b'{"prompt": "x",', "not valid JSON"),
+        (b"not json at all", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'"a string"', "JSON object"),
+        (b"null", "JSON object"),
+        (b"", "JSON object"),
+    ],
+    ids=["truncated", "garbage", "array", "string", "null", "empty"],
+)
 def test_body_that_is_not_a_json_object(http, raw, fragment):
     response = http.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
     assert_openai_error(response, None, fragment)

@@ -71,15 +71,27 @@ def test_start_serve_and_stop_on_ctrl_c(command, tmp_path):
     assert port_is_free(PORT), f"port {PORT} is taken"
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command(tmp_path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log survives a kill
-                                   preexec_fn=default_sigint)
+        process = subprocess.Popen(
+            command(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log survives a kill
+            preexec_fn=default_sigint,
+        )
     url = f"http://127.0.0.1:{PORT}"
     try:
         wait_healthy(process, url, log_path)
-        response = httpx.post(f"{url}/v1/images/generations", timeout=120, json={
-            "prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
-            "size": "64x64", "seed": 7, "num_inference_steps": 2})
+        response = httpx.post(
+            f"{url}/v1/images/generations",
+            timeout=120,
+            json={
+                "prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
+                "size": "64x64",
+                "seed": 7,
+                "num_inference_steps": 2,
+            },
+        )
         assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
         if command is fusionserve_serve:
             deadline = time.time() + 30

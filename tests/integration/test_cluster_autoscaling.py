@@ -57,8 +57,10 @@ def _timeline(report: dict) -> str:
     for point in report.get("timeline", []):
         key = (point["phase"], json.dumps(point["states"], sort_keys=True), point["worker_nodes"])
         if key != last:
-            lines.append(f"  {point['t']:7.1f}s {point['phase']:9s} denoiser {point['states']} "
-                         f"worker nodes {point['worker_nodes']}")
+            lines.append(
+                f"  {point['t']:7.1f}s {point['phase']:9s} denoiser {point['states']} "
+                f"worker nodes {point['worker_nodes']}"
+            )
         last = key
     return "\n".join(lines)
 
@@ -68,11 +70,20 @@ def test_unet_replicas_and_worker_nodes_scale_up_and_down(tmp_path, tiny_model_p
     out = tmp_path / "cluster_autoscaling.json"
     session_file = tmp_path / "cluster.session"
     port = int(os.environ.get("FUSIONSERVE_CLUSTER_TEST_PORT", "0")) or _free_port()
-    command = [sys.executable, str(DRIVER), "--json", str(out), "--port", str(port),
-               "--session-file", str(session_file)]
+    command = [
+        sys.executable,
+        str(DRIVER),
+        "--json",
+        str(out),
+        "--port",
+        str(port),
+        "--session-file",
+        str(session_file),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = driver.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

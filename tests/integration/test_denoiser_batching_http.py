@@ -12,7 +12,6 @@ import pytest
 
 from tests.integration.test_generation_http import generate, png_of
 
-
 _LOOP = asyncio.new_event_loop()  # one loop for the module: a handle stays bound to the loop it first ran on
 
 
@@ -29,8 +28,7 @@ def denoiser_load():
 
 def test_concurrent_requests_share_unet_forwards(http):
     before = denoiser_load()
-    bodies = [{"prompt": f"portrait {i}", "size": "64x64", "seed": 50 + i, "num_inference_steps": 12}
-              for i in range(4)]
+    bodies = [{"prompt": f"portrait {i}", "size": "64x64", "seed": 50 + i, "num_inference_steps": 12} for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         images = list(pool.map(lambda b: png_of(generate(http, **b)["data"][0]), bodies))
     after = denoiser_load()

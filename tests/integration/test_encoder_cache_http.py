@@ -24,20 +24,39 @@ def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tin
     assert again["usage"]["input_tokens_details"]["cached_tokens"] == 77
     assert png_of(second["data"][0]) == png_of(again["data"][0])
 
-    uncached = local_pipeline(tiny_model_path, settings.num_threads, settings.steps.model_dump(),
-                              stage_threads=settings.stage_threads, prompt_settings=settings.prompt.model_dump(),
-                              encoder_cache={"enabled": False})
-    request = ImageRequest(prompt="an elderly woman with long red hair, side view", negative_prompt="", width=64,
-                           height=64, n=1, seed=5, guidance_scale=settings.default_guidance_scale,
-                           num_inference_steps=4, cache_namespace=NAMESPACE)
+    uncached = local_pipeline(
+        tiny_model_path,
+        settings.num_threads,
+        settings.steps.model_dump(),
+        stage_threads=settings.stage_threads,
+        prompt_settings=settings.prompt.model_dump(),
+        encoder_cache={"enabled": False},
+    )
+    request = ImageRequest(
+        prompt="an elderly woman with long red hair, side view",
+        negative_prompt="",
+        width=64,
+        height=64,
+        n=1,
+        seed=5,
+        guidance_scale=settings.default_guidance_scale,
+        num_inference_steps=4,
+        cache_namespace=NAMESPACE,
+    )
     result = run(uncached.generate(request))
     assert result.usage["input_tokens_details"]["cached_tokens"] == 0
     assert png_of(second["data"][0]) == result.images_png[0]
 
 
 def test_cache_counters_reach_rays_metrics_endpoint(http):
-    generate(http, prompt="portrait of a bald man", size="64x64", seed=1, num_inference_steps=2,
-             cache_namespace="metrics-check")
+    generate(
+        http,
+        prompt="portrait of a bald man",
+        size="64x64",
+        seed=1,
+        num_inference_steps=2,
+        cache_namespace="metrics-check",
+    )
     lines, text = metric_lines("ray_fusionserve_encoder_window_tokens", 'namespace="metrics-check"')
     assert lines, "ray_fusionserve_encoder_window_tokens{namespace=metrics-check} not exported"
     assert float(lines[0].rsplit(" ", 1)[1]) >= 154  # prompt + negative prompt, 77 positions each
@@ -53,19 +72,28 @@ def test_affinity_router_keeps_a_prefix_on_the_replica_that_cached_it(base_url, 
 
     from ray import serve
 
-    from deployments.text_encoder import engine as text_encoder
-    from deployments.prompt.optimizer import routing_key_for
     from deployments.models.loading import load_tokenizer
+    from deployments.prompt.optimizer import routing_key_for
+    from deployments.text_encoder import engine as text_encoder
 
     tokenizer = load_tokenizer(tiny_model_path)
-    app = text_encoder.build_deployment().options(
-        num_replicas=2, ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=1,
-        request_router_config={"request_router_class": "deployments.text_encoder.router:PrefixAffinityRouter",
-                               "request_router_kwargs": {"busy_threshold": 8}},
-    ).bind(str(tiny_model_path), 1, {})
+    app = (
+        text_encoder.build_deployment()
+        .options(
+            num_replicas=2,
+            ray_actor_options={"num_cpus": 0.1},
+            graceful_shutdown_timeout_s=1,
+            request_router_config={
+                "request_router_class": "deployments.text_encoder.router:PrefixAffinityRouter",
+                "request_router_kwargs": {"busy_threshold": 8},
+            },
+        )
+        .bind(str(tiny_model_path), 1, {})
+    )
     handle = serve.run(app, name="routing-check", route_prefix=None)
-    templates = [f"template number {i}: a studio portrait with soft light and a plain background, sharp"
-                 for i in range(8)]
+    templates = [
+        f"template number {i}: a studio portrait with soft light and a plain background, sharp" for i in range(8)
+    ]
 
     async def send_all():
         cached = {}
@@ -73,8 +101,9 @@ def test_affinity_router_keeps_a_prefix_on_the_replica_that_cached_it(base_url, 
             for i, template in enumerate(templates):
                 prompt = f"{template}, person {round_}"
                 ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
-                encoding = await handle.encode.remote([prompt], namespace="routing",
-                                                      routing_key=routing_key_for(ids, "routing"))
+                encoding = await handle.encode.remote(
+                    [prompt], namespace="routing", routing_key=routing_key_for(ids, "routing")
+                )
                 cached.setdefault(i, []).append(encoding.cached_tokens[0])
         return cached
 

@@ -9,8 +9,11 @@ from serve_app.flow.request import ImageRequest
 from serve_app.flow.steps import steps_for_score
 from tests.conftest import max_pixel_diff, png_pixels, run
 
-CURL_BODY = {"prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
-             "size": "256x256", "seed": 7}
+CURL_BODY = {
+    "prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
+    "size": "256x256",
+    "seed": 7,
+}
 
 
 def generate(http, **body):
@@ -61,11 +64,25 @@ def test_same_seed_gives_byte_identical_png(http):
 
 
 def test_served_image_equals_in_process_image(http, local_pipe):
-    body = {"prompt": "a smiling woman, wearing glasses", "size": "96x64", "seed": 3, "num_inference_steps": 8,
-            "negative_prompt": "blurry", "guidance_scale": 6.0}
+    body = {
+        "prompt": "a smiling woman, wearing glasses",
+        "size": "96x64",
+        "seed": 3,
+        "num_inference_steps": 8,
+        "negative_prompt": "blurry",
+        "guidance_scale": 6.0,
+    }
     served = png_of(generate(http, **body)["data"][0])
-    request = ImageRequest(prompt=body["prompt"], negative_prompt="blurry", width=96, height=64, n=1, seed=3,
-                           guidance_scale=6.0, num_inference_steps=8)
+    request = ImageRequest(
+        prompt=body["prompt"],
+        negative_prompt="blurry",
+        width=96,
+        height=64,
+        n=1,
+        seed=3,
+        guidance_scale=6.0,
+        num_inference_steps=8,
+    )
     assert served == run(local_pipe.generate(request)).images_png[0]
 
 
@@ -75,13 +92,24 @@ def test_served_image_equals_diffusers_image(http, tiny_model_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    body = {"prompt": "portrait of a man with a beard", "size": "64x64", "seed": 21, "num_inference_steps": 10,
-            "optimize_prompt": False}
+    body = {
+        "prompt": "portrait of a man with a beard",
+        "size": "64x64",
+        "seed": 21,
+        "num_inference_steps": 10,
+        "optimize_prompt": False,
+    }
     served = png_of(generate(http, **body)["data"][0])
     reference = StableDiffusionPipeline.from_pretrained(str(tiny_model_path))
     reference.set_progress_bar_config(disable=True)
-    image = reference(body["prompt"], width=64, height=64, num_inference_steps=10, guidance_scale=7.5,
-                      generator=torch.Generator("cpu").manual_seed(21)).images[0]
+    image = reference(
+        body["prompt"],
+        width=64,
+        height=64,
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(21),
+    ).images[0]
     assert max_pixel_diff(served, np.asarray(image)) <= 1
 
 
@@ -103,8 +131,9 @@ def test_default_size_comes_from_the_config(http, serve_settings):
 
 
 def test_concurrent_requests_each_get_their_own_image(http):
-    bodies = [{"prompt": f"portrait number {i}", "size": "64x64", "seed": i, "num_inference_steps": 5}
-              for i in range(4)]
+    bodies = [
+        {"prompt": f"portrait number {i}", "size": "64x64", "seed": i, "num_inference_steps": 5} for i in range(4)
+    ]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda b: png_of(generate(http, **b)["data"][0]), bodies))
     alone = [png_of(generate(http, **b)["data"][0]) for b in bodies]
@@ -116,34 +145,59 @@ def test_concurrent_requests_each_get_their_own_image(http):
 
 
 def test_prompt_optimize_endpoint(http):
-    response = http.post("/v1/prompts/optimize", json={
-        "prompt": "A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
-                  "with soft lighting, highly detailed skin texture, sharp focus",
-        "cache_namespace": "studio-portrait"})
+    response = http.post(
+        "/v1/prompts/optimize",
+        json={
+            "prompt": "A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
+            "with soft lighting, highly detailed skin texture, sharp focus",
+            "cache_namespace": "studio-portrait",
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) >= {"prompt", "negative_prompt", "attributes", "original_tokens", "optimized_tokens",
-                         "prefix_tokens", "warnings"}
-    assert body["prompt"].startswith("portrait photo, front view, head and shoulders, soft studio lighting, plain grey background, Asian man, age:35")
+    assert set(body) >= {
+        "prompt",
+        "negative_prompt",
+        "attributes",
+        "original_tokens",
+        "optimized_tokens",
+        "prefix_tokens",
+        "warnings",
+    }
+    assert body["prompt"].startswith(
+        "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background, Asian man, age:35"
+    )
     assert body["attributes"]["identity"] == "Asian man"
     assert body["prefix_tokens"] == 19  # BOS + the template's 17 tokens + its comma: a full first block
     assert body["negative_prompt"].startswith("blurry, deformed eyes")
 
 
 def test_prompt_optimize_rejects_bad_input(http):
-    for body, param in [({"prompt": "  "}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": "a\x07b"}, "prompt"),
-                        ({"prompt": "x" * 4001}, "prompt"), ({}, "prompt")]:
+    for body, param in [
+        ({"prompt": "  "}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "a\x07b"}, "prompt"),
+        ({"prompt": "x" * 4001}, "prompt"),
+        ({}, "prompt"),
+    ]:
         response = http.post("/v1/prompts/optimize", json=body)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == param
 
 
 def test_generation_reports_the_optimized_prompt(http):
-    body = generate(http, prompt="A smiling Asian man who is wearing glasses", size="64x64", seed=1,
-                    num_inference_steps=2)
+    body = generate(
+        http, prompt="A smiling Asian man who is wearing glasses", size="64x64", seed=1, num_inference_steps=2
+    )
     assert body["data"][0]["revised_prompt"] == "Asian man, smiling expression, wearing glasses"
     assert body["usage"]["original_input_tokens"] == 8
-    raw = generate(http, prompt="A smiling Asian man who is wearing glasses", size="64x64", seed=1,
-                   num_inference_steps=2, optimize_prompt=False)
+    raw = generate(
+        http,
+        prompt="A smiling Asian man who is wearing glasses",
+        size="64x64",
+        seed=1,
+        num_inference_steps=2,
+        optimize_prompt=False,
+    )
     assert raw["data"][0]["revised_prompt"] == "A smiling Asian man who is wearing glasses"
     assert raw["usage"]["input_tokens"] == 8

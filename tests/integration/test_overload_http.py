@@ -24,14 +24,16 @@ def test_a_burst_beyond_the_queues_gets_503_with_retry_after(serve_settings, bas
 
     settings, options = serve_settings
     options = copy.deepcopy(options)
-    for name, entry in options.items():
+    for entry in options.values():
         entry.pop("autoscaling_config", None)
         entry.pop("request_router_config", None)
         entry.update(num_replicas=1, ray_actor_options={"num_cpus": 0.05}, graceful_shutdown_timeout_s=1)
-    options["Ingress"].update(max_ongoing_requests=4, max_queued_requests=2,
-                              backpressure_config={"status_code": 503, "retry_after_s": 5})
-    options["Denoiser"].update(max_ongoing_requests=1, max_queued_requests=1,
-                               backpressure_config={"status_code": 503, "retry_after_s": 5})
+    options["Ingress"].update(
+        max_ongoing_requests=4, max_queued_requests=2, backpressure_config={"status_code": 503, "retry_after_s": 5}
+    )
+    options["Denoiser"].update(
+        max_ongoing_requests=1, max_queued_requests=1, backpressure_config={"status_code": 503, "retry_after_s": 5}
+    )
     serve.run(build_application(settings, options), name="overload-check", route_prefix="/overload")
     url = f"{base_url}/overload/v1/images/generations"
     try:
@@ -40,7 +42,9 @@ def test_a_burst_beyond_the_queues_gets_503_with_retry_after(serve_settings, bas
         statuses = sorted(r.status_code for r in responses)
         assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
         refused = [r for r in responses if r.status_code == 503]
-        assert all(r.headers.get("retry-after") == "5" for r in refused), [(r.text, r.headers.get("retry-after")) for r in refused]
+        assert all(r.headers.get("retry-after") == "5" for r in refused), [
+            (r.text, r.headers.get("retry-after")) for r in refused
+        ]
         messages = {r.text.split(" (")[0] for r in refused}
         assert messages == {"Request dropped due to backpressure"}, messages
         limits = {r.text.split("max_queued_requests=")[1].rstrip(").") for r in refused}

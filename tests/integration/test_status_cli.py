@@ -31,11 +31,16 @@ def test_status_reports_every_stage_and_the_live_figures(http):
 
 
 def test_status_cli_connects_to_the_running_cluster(http):
-    done = subprocess.run([sys.executable, "-m", "serve_app.ops.cli", "status", "--json"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.ops.cli", "status", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["stages"]["Denoiser"]["running"] >= 1
-    missing = subprocess.run([sys.executable, "-m", "serve_app.ops.cli", "status", "--app", "nope"],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "serve_app.ops.cli", "status", "--app", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no application 'nope' is running" in missing.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 from tests.integration.conftest import metric_lines
 from tests.integration.test_generation_http import generate
 
-BUSY = ("A young woman with long curly red hair and freckles, smiling, wearing earrings and a green scarf, "
-        "soft window light, bokeh background")
+BUSY = (
+    "A young woman with long curly red hair and freckles, smiling, wearing earrings and a green scarf, "
+    "soft window light, bokeh background"
+)
 COMMON = {"size": "64x64", "seed": 4}
 
 
@@ -42,4 +44,4 @@ def test_steps_and_deadline_misses_reach_rays_metrics_endpoint(http):
     usage(http, prompt="portrait", deadline_ms=1)  # a miss
     misses, text = metric_lines("ray_fusionserve_deadline_misses", 'policy="slo"')
     assert misses and float(misses[0].rsplit(" ", 1)[1]) >= 1
-    assert 'ray_fusionserve_steps_chosen_bucket' in text and 'reason="slo:infeasible"' in text
+    assert "ray_fusionserve_steps_chosen_bucket" in text and 'reason="slo:infeasible"' in text

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.ops import cli
 from serve_app.flow.quality import ABResult, ImagePair, VariantSpec, psnr_db, read_prompts, ssim
+from serve_app.ops import cli
 
 PROMPTS = ["A smiling Asian man wearing glasses, about 35 years old", "portrait of an old woman with grey hair"]
 
@@ -31,8 +31,24 @@ def prompts_file(tmp_path):
 
 def ab_test(tmp_path, prompts_file, baseline: str, candidate: str, *extra: str) -> tuple[int, dict]:
     out = tmp_path / "ab.json"
-    status = cli.main(["ab-test", "--baseline", baseline, "--candidate", candidate, "--prompts", str(prompts_file),
-                       "--seeds", "1", "--size", "64x64", "--json", str(out), *extra])
+    status = cli.main(
+        [
+            "ab-test",
+            "--baseline",
+            baseline,
+            "--candidate",
+            candidate,
+            "--prompts",
+            str(prompts_file),
+            "--seeds",
+            "1",
+            "--size",
+            "64x64",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     return status, json.loads(out.read_text()) if out.exists() else {}
 
 
@@ -71,27 +87,38 @@ def test_mean_psnr_is_over_the_pairs_that_differ():
 
 # --------------------------------------------------------------------------- variant specs
 def test_variant_spec_parses_every_key():
-    spec = VariantSpec.parse("backend=onnxruntime, precision=int8,model=tiny,steps=30,policy=fixed,"
-                             "encoder_cache=off,early_stop=0.02")
-    assert (spec.backend, spec.precision, spec.model, spec.steps, spec.policy, spec.encoder_cache, spec.early_stop) \
-        == ("onnxruntime", "int8", "tiny", 30, "fixed", "off", 0.02)
+    spec = VariantSpec.parse(
+        "backend=onnxruntime, precision=int8,model=tiny,steps=30,policy=fixed,encoder_cache=off,early_stop=0.02"
+    )
+    assert (spec.backend, spec.precision, spec.model, spec.steps, spec.policy, spec.encoder_cache, spec.early_stop) == (
+        "onnxruntime",
+        "int8",
+        "tiny",
+        30,
+        "fixed",
+        "off",
+        0.02,
+    )
     assert VariantSpec.parse(str(spec)) == spec
     assert VariantSpec.parse("early_stop=off").early_stop == "off"
     assert VariantSpec.parse("") == VariantSpec.parse("default") == VariantSpec()
     assert (VariantSpec().backend, VariantSpec().precision, VariantSpec().encoder_cache) == ("torch", "fp32", "on")
 
 
-@pytest.mark.parametrize("text,key", [
-    ("foo=1", "unknown key 'foo'"),
-    ("steps=0", "steps='0'"),
-    ("steps=many", "steps='many'"),
-    ("precision=fp8", "precision='fp8'"),
-    ("policy=fast", "policy='fast'"),
-    ("encoder_cache=maybe", "encoder_cache='maybe'"),
-    ("early_stop=1.5", "early_stop='1.5'"),
-    ("steps=20,steps=30", "'steps' given twice"),
-    ("steps", "'steps' is not key=value"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("foo=1", "unknown key 'foo'"),
+        ("steps=0", "steps='0'"),
+        ("steps=many", "steps='many'"),
+        ("precision=fp8", "precision='fp8'"),
+        ("policy=fast", "policy='fast'"),
+        ("encoder_cache=maybe", "encoder_cache='maybe'"),
+        ("early_stop=1.5", "early_stop='1.5'"),
+        ("steps=20,steps=30", "'steps' given twice"),
+        ("steps", "'steps' is not key=value"),
+    ],
+)
 def test_bad_variant_specs_name_the_key(text, key):
     with pytest.raises(ValueError, match=key):
         VariantSpec.parse(text)
@@ -132,11 +159,17 @@ def test_bf16_differs_a_little_and_the_threshold_decides(tmp_path, prompts_file)
     assert status == 1 and not result["passed"]
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--candidate", "steps=2", "--prompts", "missing.txt"], "missing.txt not found"),
-    (["--candidate", "colour=red", "--prompts", "benchmarks/data/ab_prompts.txt"], "unknown key 'colour'"),
-    (["--candidate", "steps=2", "--prompts", "benchmarks/data/ab_prompts.txt", "--size", "60x64"], "multiples of 8"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--candidate", "steps=2", "--prompts", "missing.txt"], "missing.txt not found"),
+        (["--candidate", "colour=red", "--prompts", "benchmarks/data/ab_prompts.txt"], "unknown key 'colour'"),
+        (
+            ["--candidate", "steps=2", "--prompts", "benchmarks/data/ab_prompts.txt", "--size", "60x64"],
+            "multiples of 8",
+        ),
+    ],
+)
 def test_bad_input_exits_2(args, fragment, capsys):
     assert cli.main(["ab-test", *args]) == 2
     assert fragment in capsys.readouterr().err

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from serve_app.ops import cli
 from serve_app.config import AppSettings
 from serve_app.flow.request import ImageRequest
+from serve_app.ops import cli
 from tests.conftest import max_pixel_diff, png_pixels, run
 
 
 def test_generate_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
     out = tmp_path / "out.png"
-    status = cli.main(["generate", "portrait of a smiling man", "-o", str(out), "--seed", "7", "--size", "64x64",
-                       "--steps", "6"])
+    status = cli.main(
+        ["generate", "portrait of a smiling man", "-o", str(out), "--seed", "7", "--size", "64x64", "--steps", "6"]
+    )
     assert status == 0
-    request = ImageRequest(prompt="portrait of a smiling man", negative_prompt="", width=64, height=64, n=1, seed=7,
-                           guidance_scale=7.5, num_inference_steps=6)
+    request = ImageRequest(
+        prompt="portrait of a smiling man",
+        negative_prompt="",
+        width=64,
+        height=64,
+        n=1,
+        seed=7,
+        guidance_scale=7.5,
+        num_inference_steps=6,
+    )
     assert out.read_bytes() == run(local_pipe.generate(request)).images_png[0]
     captured = capsys.readouterr()
     assert "denoising" in captured.err  # the tqdm progress bar
@@ -26,18 +37,23 @@ def test_generate_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
 
 def test_generate_n_writes_numbered_files(tmp_path):
     out = tmp_path / "img.png"
-    assert cli.main(["generate", "portrait", "-o", str(out), "--seed", "1", "--size", "64x64", "--steps", "2",
-                     "-n", "2"]) == 0
+    assert (
+        cli.main(["generate", "portrait", "-o", str(out), "--seed", "1", "--size", "64x64", "--steps", "2", "-n", "2"])
+        == 0
+    )
     first, second = tmp_path / "img-0.png", tmp_path / "img-1.png"
     assert png_pixels(first.read_bytes()).shape == (64, 64, 3)
     assert max_pixel_diff(first.read_bytes(), second.read_bytes()) > 0
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["generate", "   ", "--size", "64x64"], "prompt"),
-    (["generate", "portrait", "--size", "65x64"], "multiples of 8"),
-    (["generate", "portrait", "--steps", "0"], "num_inference_steps"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["generate", "   ", "--size", "64x64"], "prompt"),
+        (["generate", "portrait", "--size", "65x64"], "multiples of 8"),
+        (["generate", "portrait", "--steps", "0"], "num_inference_steps"),
+    ],
+)
 def test_generate_rejects_bad_input(argv, fragment, capsys, tmp_path):
     assert cli.main([*argv, "-o", str(tmp_path / "x.png")]) == 2
     assert fragment in capsys.readouterr().err
@@ -45,7 +61,6 @@ def test_generate_rejects_bad_input(argv, fragment, capsys, tmp_path):
 
 
 def test_edit_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
-    from PIL import Image
 
     from tests.unit.test_edit_parity import box_mask, portrait
 
@@ -53,25 +68,56 @@ def test_edit_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
     for name, image in (("b.png", target), ("a.png", face), ("m.png", mask)):
         image.save(tmp_path / name)
     out = tmp_path / "out.png"
-    status = cli.main(["edit", "portrait of a smiling man", "--image", str(tmp_path / "b.png"), "--mask",
-                       str(tmp_path / "m.png"), "--reference", str(tmp_path / "a.png"), "--strength", "0.5",
-                       "-o", str(out), "--seed", "3", "--steps", "10"])
+    status = cli.main(
+        [
+            "edit",
+            "portrait of a smiling man",
+            "--image",
+            str(tmp_path / "b.png"),
+            "--mask",
+            str(tmp_path / "m.png"),
+            "--reference",
+            str(tmp_path / "a.png"),
+            "--strength",
+            "0.5",
+            "-o",
+            str(out),
+            "--seed",
+            "3",
+            "--steps",
+            "10",
+        ]
+    )
     assert status == 0
-    request = ImageRequest(prompt="portrait of a smiling man", negative_prompt="", width=64, height=64, n=1, seed=3,
-                           guidance_scale=7.5, num_inference_steps=10, image=target, mask=mask,
-                           reference_image=face, strength=0.5)
+    request = ImageRequest(
+        prompt="portrait of a smiling man",
+        negative_prompt="",
+        width=64,
+        height=64,
+        n=1,
+        seed=3,
+        guidance_scale=7.5,
+        num_inference_steps=10,
+        image=target,
+        mask=mask,
+        reference_image=face,
+        strength=0.5,
+    )
     assert out.read_bytes() == run(local_pipe.generate(request)).images_png[0]
     captured = capsys.readouterr()
     assert "5/5" in captured.err  # the progress bar counts the steps an edit runs
     assert "5 run at strength 0.5" in captured.out
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--image", "{bad}"], "image: image is not a PNG, JPEG or WebP image"),
-    (["--image", "{missing}"], "image: [Errno 2]"),
-    (["--image", "{good}", "--mask", "{bad}"], "mask: mask is not a PNG"),
-    (["--image", "{good}", "--strength", "1.5"], "strength"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--image", "{bad}"], "image: image is not a PNG, JPEG or WebP image"),
+        (["--image", "{missing}"], "image: [Errno 2]"),
+        (["--image", "{good}", "--mask", "{bad}"], "mask: mask is not a PNG"),
+        (["--image", "{good}", "--strength", "1.5"], "strength"),
+    ],
+)
 def test_edit_rejects_bad_input(argv, fragment, capsys, tmp_path):
     from tests.unit.test_edit_parity import portrait
 
@@ -92,7 +138,7 @@ def test_build_model_prints_the_cached_folder(tiny_model_path, capsys):
 def test_serve_config_is_a_valid_ray_serve_config():
     from ray.serve.schema import ServeDeploySchema
 
-    config = yaml.safe_load(open("serve_config.yaml"))
+    config = yaml.safe_load(Path("serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"
@@ -102,9 +148,12 @@ def test_serve_config_is_a_valid_ray_serve_config():
         assert "ray_actor_options" in deployment and "max_ongoing_requests" in deployment
         if deployment["name"] != "Ingress":
             assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(deployment["autoscaling_config"])
-    total_cpus = sum(d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"]
-                     if "autoscaling_config" in d else d["ray_actor_options"]["num_cpus"]
-                     for d in config["applications"][0]["deployments"])
+    total_cpus = sum(
+        d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"]
+        if "autoscaling_config" in d
+        else d["ray_actor_options"]["num_cpus"]
+        for d in config["applications"][0]["deployments"]
+    )
     assert total_cpus <= 2  # the laptop profile must schedule on 2 cores
 
 
@@ -115,7 +164,7 @@ def test_build_app_works_as_rays_application_builder(tiny_model_path):
 
     from serve_app.app import build_app
 
-    config = yaml.safe_load(open("serve_config.yaml"))
+    config = yaml.safe_load(Path("serve_config.yaml").read_text())
     app = call_user_app_builder_with_args_if_necessary(build_app, config["applications"][0]["args"])
     assert isinstance(app, Application)
     with pytest.raises(Exception, match="max_images"):
@@ -148,7 +197,10 @@ def test_stage_threads_override_num_threads():
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_a_model_path_that_is_not_a_model_folder_is_a_clear_error(command, tmp_path, capsys):
-    argv = ["serve", "--model", str(tmp_path)] if command == "serve" else \
-        ["generate", "portrait", "--model", str(tmp_path), "-o", str(tmp_path / "x.png")]
+    argv = (
+        ["serve", "--model", str(tmp_path)]
+        if command == "serve"
+        else ["generate", "portrait", "--model", str(tmp_path), "-o", str(tmp_path / "x.png")]
+    )
     assert cli.main(argv) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err

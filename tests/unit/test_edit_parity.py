@@ -28,16 +28,40 @@ def portrait(width: int, height: int, seed: int = 0) -> Image.Image:
 def box_mask(width: int, height: int) -> Image.Image:
     """White (repaint) in the middle half, black (keep) around it."""
     mask = np.zeros((height, width), np.uint8)
-    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
     return Image.fromarray(mask, "L")
 
 
-def edit_request(image, prompt="portrait of a smiling woman", mask=None, reference=None, strength=0.6,
-                 steps=20, seed=3, guidance=7.5, n=1, keep_unmasked=True, reference_scale=1.0):
-    return ImageRequest(prompt=prompt, negative_prompt="", width=image.width, height=image.height, n=n, seed=seed,
-                        guidance_scale=guidance, num_inference_steps=steps, optimize_prompt=False, image=image,
-                        mask=mask, reference_image=reference, strength=strength, keep_unmasked=keep_unmasked,
-                        reference_scale=reference_scale)
+def edit_request(
+    image,
+    prompt="portrait of a smiling woman",
+    mask=None,
+    reference=None,
+    strength=0.6,
+    steps=20,
+    seed=3,
+    guidance=7.5,
+    n=1,
+    keep_unmasked=True,
+    reference_scale=1.0,
+):
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt="",
+        width=image.width,
+        height=image.height,
+        n=n,
+        seed=seed,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        optimize_prompt=False,
+        image=image,
+        mask=mask,
+        reference_image=reference,
+        strength=strength,
+        keep_unmasked=keep_unmasked,
+        reference_scale=reference_scale,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +88,27 @@ def with_adapter(pipe, model_path):
 
         pipe.register_modules(
             image_encoder=CLIPVisionModelWithProjection.from_pretrained(str(model_path), subfolder="image_encoder"),
-            feature_extractor=CLIPImageProcessor.from_pretrained(str(model_path), subfolder="feature_extractor"))
-    pipe.load_ip_adapter(str(model_path), subfolder="ip_adapter", weight_name="ip-adapter.safetensors",
-                         image_encoder_folder=None)  # the model folder's own image_encoder/ is loaded already
+            feature_extractor=CLIPImageProcessor.from_pretrained(str(model_path), subfolder="feature_extractor"),
+        )
+    pipe.load_ip_adapter(
+        str(model_path), subfolder="ip_adapter", weight_name="ip-adapter.safetensors", image_encoder_folder=None
+    )  # the model folder's own image_encoder/ is loaded already
     return pipe
 
 
-@pytest.mark.parametrize("strength,steps,guidance", [(0.3, 20, 7.5), (0.75, 12, 5.0), (1.0, 10, 7.5),
-                                                     (0.5, 10, 1.0)])
+@pytest.mark.parametrize("strength,steps,guidance", [(0.3, 20, 7.5), (0.75, 12, 5.0), (1.0, 10, 7.5), (0.5, 10, 1.0)])
 def test_img2img_matches_diffusers(local_pipe, img2img, strength, steps, guidance):
     image = portrait(96, 64)
     request = edit_request(image, strength=strength, steps=steps, guidance=guidance)
     result = run(local_pipe.generate(request))
-    reference = img2img(request.prompt, image=image, strength=strength, num_inference_steps=steps,
-                        guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    reference = img2img(
+        request.prompt,
+        image=image,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images[0]
     assert max_pixel_diff(result.images_png[0], np.asarray(reference)) <= 1
     assert result.usage["denoising_steps"] == min(int(steps * strength), steps)
 
@@ -88,8 +119,16 @@ def test_inpaint_matches_diffusers(local_pipe, inpaint, strength, keep_unmasked)
     image, mask = portrait(64, 80, seed=1), box_mask(64, 80)
     request = edit_request(image, mask=mask, strength=strength, steps=12, keep_unmasked=keep_unmasked)
     ours = run(local_pipe.generate(request)).images_png[0]
-    reference = inpaint(request.prompt, image=image, mask_image=mask, strength=strength, num_inference_steps=12,
-                        height=80, width=64, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    reference = inpaint(
+        request.prompt,
+        image=image,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=12,
+        height=80,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images[0]
     if keep_unmasked:
         reference = inpaint.image_processor.apply_overlay(mask, image, reference)
     assert max_pixel_diff(ours, np.asarray(reference)) <= 1
@@ -109,8 +148,14 @@ def test_reference_image_matches_diffusers_ip_adapter(local_pipe, tiny_model_pat
         image, face = portrait(64, 64, seed=4), portrait(80, 96, seed=5)
         request = edit_request(image, reference=face, strength=0.8, steps=10)
         ours = run(local_pipe.generate(request))
-        reference = pipe(request.prompt, image=image, ip_adapter_image=face, strength=0.8, num_inference_steps=10,
-                         generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+        reference = pipe(
+            request.prompt,
+            image=image,
+            ip_adapter_image=face,
+            strength=0.8,
+            num_inference_steps=10,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+        ).images[0]
         assert max_pixel_diff(ours.images_png[0], np.asarray(reference)) <= 1
         # the reference changes the image (the adapter is not a no-op) ...
         plain = run(local_pipe.generate(edit_request(image, strength=0.8, steps=10))).images_png[0]
@@ -140,8 +185,14 @@ def test_reference_scales_match_diffusers_and_do_not_mix_in_one_batch(local_pipe
         results = run(together())
         for scale, result in zip(scales, results):
             pipe.set_ip_adapter_scale(scale)
-            reference = pipe(requests[0].prompt, image=image, ip_adapter_image=face, strength=0.8,
-                             num_inference_steps=10, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+            reference = pipe(
+                requests[0].prompt,
+                image=image,
+                ip_adapter_image=face,
+                strength=0.8,
+                num_inference_steps=10,
+                generator=torch.Generator("cpu").manual_seed(3),
+            ).images[0]
             assert max_pixel_diff(result.images_png[0], np.asarray(reference)) <= 1, scale
         plain = run(local_pipe.generate(edit_request(image, strength=0.8, steps=10))).images_png[0]
         assert max_pixel_diff(results[2].images_png[0], plain) <= 1  # scale 0: the adapter adds nothing
@@ -156,9 +207,17 @@ def test_inpainting_with_a_reference_matches_diffusers_ip_adapter(local_pipe, ti
         image, face, mask = portrait(64, 64, seed=10), portrait(64, 64, seed=11), box_mask(64, 64)
         request = edit_request(image, mask=mask, reference=face, strength=0.9, steps=10, keep_unmasked=False)
         ours = run(local_pipe.generate(request)).images_png[0]
-        reference = pipe(request.prompt, image=image, mask_image=mask, ip_adapter_image=face, strength=0.9,
-                         num_inference_steps=10, height=64, width=64,
-                         generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+        reference = pipe(
+            request.prompt,
+            image=image,
+            mask_image=mask,
+            ip_adapter_image=face,
+            strength=0.9,
+            num_inference_steps=10,
+            height=64,
+            width=64,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+        ).images[0]
         assert max_pixel_diff(ours, np.asarray(reference)) <= 1
     finally:
         pipe.unload_ip_adapter()
@@ -183,8 +242,11 @@ def test_inpaint_keeps_the_unmasked_region(local_pipe):
     kept = png_pixels(run(local_pipe.generate(edit_request(image, mask=mask, strength=1.0, steps=12))).images_png[0])
     assert np.abs(kept - target)[keep].max() == 0
     assert np.abs(kept - target)[~keep].mean() > 10  # the masked region was repainted
-    blended = png_pixels(run(local_pipe.generate(
-        edit_request(image, mask=mask, strength=1.0, steps=12, keep_unmasked=False))).images_png[0])
+    blended = png_pixels(
+        run(
+            local_pipe.generate(edit_request(image, mask=mask, strength=1.0, steps=12, keep_unmasked=False))
+        ).images_png[0]
+    )
     assert np.array_equal(blended[~keep], kept[~keep])  # the overlay touches nothing inside the mask
     assert np.abs(blended - target)[keep].mean() > 5  # and is what keeps the outside
 
@@ -210,9 +272,29 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_model, streng
     ours = run(pipe.generate(request)).images_png[0]
     reference_pipe = StableDiffusionInpaintPipeline.from_pretrained(str(inpainting_model))
     reference_pipe.set_progress_bar_config(disable=True)
-    reference = reference_pipe(request.prompt, image=image, mask_image=mask, strength=strength, num_inference_steps=10,
-                               height=64, width=64, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+    reference = reference_pipe(
+        request.prompt,
+        image=image,
+        mask_image=mask,
+        strength=strength,
+        num_inference_steps=10,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images[0]
     assert max_pixel_diff(ours, np.asarray(reference)) <= 1
     with pytest.raises(ValueError, match="inpainting UNet"):  # a generation has no mask to give it
-        run(pipe.generate(ImageRequest(prompt="p", negative_prompt="", width=64, height=64, n=1, seed=1,
-                                       guidance_scale=7.5, num_inference_steps=2)))
+        run(
+            pipe.generate(
+                ImageRequest(
+                    prompt="p",
+                    negative_prompt="",
+                    width=64,
+                    height=64,
+                    n=1,
+                    seed=1,
+                    guidance_scale=7.5,
+                    num_inference_steps=2,
+                )
+            )
+        )

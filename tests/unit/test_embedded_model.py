@@ -6,9 +6,7 @@ import json
 
 import torch
 
-from deployments.models import builder
-
-from deployments.models import loading
+from deployments.models import builder, loading
 
 # From ../shared/ARCHITECTURE.md: OpenAI CLIP's tokenizer on this sentence.
 SENTENCE = "A smiling Asian man who is wearing glasses"

@@ -150,9 +150,7 @@ def _request(routing_key=None, internal_request_id=None) -> PendingRequest:
     return PendingRequest(
         args=[["a portrait"]],
         kwargs=kwargs,
-        metadata=RequestMetadata(
-            request_id=rid, internal_request_id=internal_request_id or rid, call_method="encode"
-        ),
+        metadata=RequestMetadata(request_id=rid, internal_request_id=internal_request_id or rid, call_method="encode"),
     )
 
 

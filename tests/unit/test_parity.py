@@ -33,13 +33,28 @@ CASES = [
 
 
 @pytest.mark.parametrize("prompt,negative,width,height,seed,steps,guidance", CASES)
-def test_matches_stable_diffusion_pipeline(local_pipe, diffusers_pipe, prompt, negative, width, height, seed, steps,
-                                           guidance):
-    request = ImageRequest(prompt=prompt, negative_prompt=negative, width=width, height=height, n=1, seed=seed,
-                           guidance_scale=guidance, num_inference_steps=steps, optimize_prompt=False)
+def test_matches_stable_diffusion_pipeline(
+    local_pipe, diffusers_pipe, prompt, negative, width, height, seed, steps, guidance
+):
+    request = ImageRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        n=1,
+        seed=seed,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        optimize_prompt=False,
+    )
     ours = run(local_pipe.generate(request)).images_png[0]
     reference = diffusers_pipe(
-        prompt, negative_prompt=negative or None, width=width, height=height, num_inference_steps=steps,
-        guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
+        prompt,
+        negative_prompt=negative or None,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
     assert max_pixel_diff(ours, np.asarray(reference)) <= 1

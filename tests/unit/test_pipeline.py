@@ -15,8 +15,16 @@ from tests.conftest import max_pixel_diff, png_pixels, run
 
 
 def request(**overrides) -> ImageRequest:
-    fields = dict(prompt="portrait of a smiling woman", negative_prompt="", width=64, height=64, n=1, seed=11,
-                  guidance_scale=7.5, num_inference_steps=10)
+    fields = dict(
+        prompt="portrait of a smiling woman",
+        negative_prompt="",
+        width=64,
+        height=64,
+        n=1,
+        seed=11,
+        guidance_scale=7.5,
+        num_inference_steps=10,
+    )
     fields.update(overrides)
     return ImageRequest(**fields)
 
@@ -50,8 +58,13 @@ def test_output_size_follows_the_request(local_pipe):
 
 
 def test_usage_counts_clip_tokens(local_pipe):
-    result = run(local_pipe.generate(request(prompt="A  smiling Asian man\nwho is wearing glasses",
-                                             num_inference_steps=None, optimize_prompt=False)))
+    result = run(
+        local_pipe.generate(
+            request(
+                prompt="A  smiling Asian man\nwho is wearing glasses", num_inference_steps=None, optimize_prompt=False
+            )
+        )
+    )
     assert result.prompt.prompt == "A smiling Asian man who is wearing glasses"  # whitespace normalised
     assert result.usage["input_tokens"] == 8  # 10 CLIP ids minus BOS/EOS
     assert result.usage["total_tokens"] == 8

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.ops import cli
 from deployments.denoiser.autoscaling import QueuedWorkPolicy
+from serve_app.ops import cli
 from serve_app.ops.profiles import apply_profile, merge, profile_names
 
 
@@ -50,11 +50,19 @@ def test_merge_semantics():
     assert merge(base, {"a": {"y": [3]}, "b": None, "d": 4}) == {"a": {"x": 1, "y": [3]}, "c": 3, "d": 4}
     assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 2, "c": 3}  # not modified
     config = {"applications": [{"args": {}, "deployments": [{"name": "Denoiser", "max_ongoing_requests": 8}]}]}
-    merged = apply_profile(config, {"deployments": [{"name": "Denoiser", "ray_actor_options": {"num_gpus": 1}},
-                                                    {"name": "Extra", "num_replicas": 1}]})
-    assert deployments(merged) == {"Denoiser": {"name": "Denoiser", "max_ongoing_requests": 8,
-                                                "ray_actor_options": {"num_gpus": 1}},
-                                   "Extra": {"name": "Extra", "num_replicas": 1}}
+    merged = apply_profile(
+        config,
+        {
+            "deployments": [
+                {"name": "Denoiser", "ray_actor_options": {"num_gpus": 1}},
+                {"name": "Extra", "num_replicas": 1},
+            ]
+        },
+    )
+    assert deployments(merged) == {
+        "Denoiser": {"name": "Denoiser", "max_ongoing_requests": 8, "ray_actor_options": {"num_gpus": 1}},
+        "Extra": {"name": "Extra", "num_replicas": 1},
+    }
 
 
 def test_unknown_profile_is_a_clear_error(capsys):
@@ -70,8 +78,9 @@ def test_export_config_writes_the_merged_config(tmp_path):
 
 def context(work: dict, jobs: dict, queued_at_handles=0.0, target=1, metrics=True):
     aggregated = {"queued_work": work, "jobs": jobs} if metrics else {}
-    return SimpleNamespace(aggregated_metrics=aggregated, total_queued_requests=queued_at_handles,
-                           target_num_replicas=target)
+    return SimpleNamespace(
+        aggregated_metrics=aggregated, total_queued_requests=queued_at_handles, target_num_replicas=target
+    )
 
 
 def test_queued_work_policy_sizes_replicas_to_the_work_not_the_request_count():

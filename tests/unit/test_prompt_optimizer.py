@@ -10,8 +10,10 @@ import pytest
 
 from deployments.prompt.optimizer import PromptOptimizerEngine, merge_negative_prompt, optimize_prompt
 
-EXAMPLE = ("A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
-           "with soft lighting, highly detailed skin texture, sharp focus")
+EXAMPLE = (
+    "A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
+    "with soft lighting, highly detailed skin texture, sharp focus"
+)
 TEMPLATE = "portrait photo, front view, studio lighting"
 DATASET = Path(__file__).resolve().parents[1] / "data" / "portrait_instructions.jsonl"
 
@@ -23,41 +25,61 @@ def engine(tiny_model_path):
 
 def test_issue_example_yields_the_core_attributes(engine):
     result = engine.optimize(EXAMPLE)
-    assert result.attributes == {"identity": "Asian man", "age": "age:35", "expression": "smiling expression",
-                                 "glasses": "wearing glasses", "lighting": "soft lighting"}
+    assert result.attributes == {
+        "identity": "Asian man",
+        "age": "age:35",
+        "expression": "smiling expression",
+        "glasses": "wearing glasses",
+        "lighting": "soft lighting",
+    }
     assert result.prompt.startswith("Asian man, age:35, smiling expression, wearing glasses")
     assert result.prompt_tokens < result.original_tokens
 
 
 def test_structured_builder_orders_keys_and_omits_neutral():
-    text = optimize_prompt("Asian", {"lighting": "soft lighting", "glasses": True, "expression": "neutral",
-                                     "age": 35, "gender": "man", "accessories": ["earrings", "hat"],
-                                     "pose": "side profile", "hair": "short black hair"},
-                           quality=["sharp focus"])
-    assert text == ("Asian man, age:35, wearing glasses, short black hair, side profile, soft lighting, earrings, "
-                    "hat, photorealistic, sharp focus")
+    text = optimize_prompt(
+        "Asian",
+        {
+            "lighting": "soft lighting",
+            "glasses": True,
+            "expression": "neutral",
+            "age": 35,
+            "gender": "man",
+            "accessories": ["earrings", "hat"],
+            "pose": "side profile",
+            "hair": "short black hair",
+        },
+        quality=["sharp focus"],
+    )
+    assert text == (
+        "Asian man, age:35, wearing glasses, short black hair, side profile, soft lighting, earrings, "
+        "hat, photorealistic, sharp focus"
+    )
 
 
-@pytest.mark.parametrize("phrase,key,value", [
-    ("a man about 35 years old", "age", "age:35"),
-    ("a 35-year-old man", "age", "age:35"),
-    ("a man in his thirties", "age", "age:35"),
-    ("a woman in her 40s", "age", "age:45"),
-    ("a woman aged 52", "age", "age:52"),
-    ("a woman around 25 with red hair", "age", "age:25"),
-    ("a man, roughly 60, side view", "age", "age:60"),
-    ("a grinning woman", "expression", "smiling expression"),
-    ("a man wearing spectacles", "glasses", "wearing glasses"),
-    ("a bespectacled man", "glasses", "wearing glasses"),
-    ("a woman in sunglasses", "glasses", "wearing sunglasses"),
-    ("a woman with curly red hair", "hair", "curly red hair"),
-    ("a Black woman, gray hair", "hair", "gray hair"),
-    ("a redhead woman", "hair", "red hair"),
-    ("a man with a thick beard", "facial_hair", "full beard"),
-    ("a woman looking at the camera", "view", "front view"),
-    ("a man under golden hour light", "lighting", "golden hour"),
-    ("a woman, bokeh", "background", "blurred background"),
-])
+@pytest.mark.parametrize(
+    "phrase,key,value",
+    [
+        ("a man about 35 years old", "age", "age:35"),
+        ("a 35-year-old man", "age", "age:35"),
+        ("a man in his thirties", "age", "age:35"),
+        ("a woman in her 40s", "age", "age:45"),
+        ("a woman aged 52", "age", "age:52"),
+        ("a woman around 25 with red hair", "age", "age:25"),
+        ("a man, roughly 60, side view", "age", "age:60"),
+        ("a grinning woman", "expression", "smiling expression"),
+        ("a man wearing spectacles", "glasses", "wearing glasses"),
+        ("a bespectacled man", "glasses", "wearing glasses"),
+        ("a woman in sunglasses", "glasses", "wearing sunglasses"),
+        ("a woman with curly red hair", "hair", "curly red hair"),
+        ("a Black woman, gray hair", "hair", "gray hair"),
+        ("a redhead woman", "hair", "red hair"),
+        ("a man with a thick beard", "facial_hair", "full beard"),
+        ("a woman looking at the camera", "view", "front view"),
+        ("a man under golden hour light", "lighting", "golden hour"),
+        ("a woman, bokeh", "background", "blurred background"),
+    ],
+)
 def test_english_phrasings_map_to_canonical_attributes(engine, phrase, key, value):
     assert engine.optimize(phrase).attributes[key] == value
 
@@ -67,28 +89,36 @@ def test_a_hedged_number_with_a_unit_is_not_an_age(engine):
     assert "age" not in optimized.attributes and "85mm" in optimized.prompt
 
 
-@pytest.mark.parametrize("phrase,identity", [
-    ("an Asian man", "Asian man"),
-    ("a South Asian woman", "South Asian woman"),
-    ("a female engineer, Latina, smiling", "Hispanic woman"),
-    ("a man in a black suit", "man"),  # "black" describes the suit, not the man
-    ("she is smiling", "woman"),
-])
+@pytest.mark.parametrize(
+    "phrase,identity",
+    [
+        ("an Asian man", "Asian man"),
+        ("a South Asian woman", "South Asian woman"),
+        ("a female engineer, Latina, smiling", "Hispanic woman"),
+        ("a man in a black suit", "man"),  # "black" describes the suit, not the man
+        ("she is smiling", "woman"),
+    ],
+)
 def test_identity(engine, phrase, identity):
     assert engine.optimize(phrase).attributes["identity"] == identity
 
 
 def test_filler_intensifiers_and_synonym_stacks_collapse(engine):
-    result = engine.optimize("please make a really very beautiful photo of a man, highly detailed, ultra detailed, "
-                             "intricate details, very clear, 8k, uhd")
+    result = engine.optimize(
+        "please make a really very beautiful photo of a man, highly detailed, ultra detailed, "
+        "intricate details, very clear, 8k, uhd"
+    )
     assert result.prompt == "man, photorealistic, sharp focus, detailed"
 
 
-@pytest.mark.parametrize("text,quality", [
-    ("a man, 8k, uhd, high resolution", "4K"),  # asked only for resolution: kept
-    ("a man, 8k, highly detailed", "detailed"),  # detail and resolution: one term
-    ("a man, ultra detailed skin texture, 8k, intricate details", "detailed skin texture"),  # the most specific
-])
+@pytest.mark.parametrize(
+    "text,quality",
+    [
+        ("a man, 8k, uhd, high resolution", "4K"),  # asked only for resolution: kept
+        ("a man, 8k, highly detailed", "detailed"),  # detail and resolution: one term
+        ("a man, ultra detailed skin texture, 8k, intricate details", "detailed skin texture"),  # the most specific
+    ],
+)
 def test_detail_synonyms_collapse_to_one_term(engine, text, quality):
     prompt = engine.optimize(text).prompt
     assert prompt == f"man, photorealistic, {quality}"
@@ -99,22 +129,28 @@ def test_a_professional_photo_replaces_photorealistic(engine):
     assert engine.optimize("an oil painting of a man, very professional").prompt == "man, oil painting"
 
 
-@pytest.mark.parametrize("text,facial_hair", [
-    ("a man with a neatly trimmed gray beard", "neatly trimmed gray beard"),
-    ("a man with light stubble", "light stubble"),
-    ("a man with a thick beard", "full beard"),
-    ("a man with a beard and a white mustache", "beard and white mustache"),
-])
+@pytest.mark.parametrize(
+    "text,facial_hair",
+    [
+        ("a man with a neatly trimmed gray beard", "neatly trimmed gray beard"),
+        ("a man with light stubble", "light stubble"),
+        ("a man with a thick beard", "full beard"),
+        ("a man with a beard and a white mustache", "beard and white mustache"),
+    ],
+)
 def test_facial_hair_keeps_its_colour_and_every_kind(engine, text, facial_hair):
     assert engine.optimize(text).attributes["facial_hair"] == facial_hair
 
 
-@pytest.mark.parametrize("text,prompt", [  # short inputs: the default style would make them longer
-    ("close-up shot of a man", "man, closeup, photorealistic"),
-    ("a man with a stern look, plain gray backdrop", "man, serious expression, gray background, photorealistic"),
-    ("an African American woman laughing out loud", "Black woman, laughing expression"),
-    ("a woman in an office setting", "woman, office background"),
-])
+@pytest.mark.parametrize(
+    "text,prompt",
+    [  # short inputs: the default style would make them longer
+        ("close-up shot of a man", "man, closeup, photorealistic"),
+        ("a man with a stern look, plain gray backdrop", "man, serious expression, gray background, photorealistic"),
+        ("an African American woman laughing out loud", "Black woman, laughing expression"),
+        ("a woman in an office setting", "woman, office background"),
+    ],
+)
 def test_a_phrase_is_consumed_whole(engine, text, prompt):
     assert engine.optimize(text).prompt == prompt
 
@@ -126,28 +162,40 @@ def test_unknown_content_is_kept(engine):
 
 def test_chinese_maps_to_the_same_structure(engine):
     result = engine.optimize("一个35岁的亚洲男人，戴眼镜，微笑，黑发，白色背景，高清")
-    assert result.prompt.startswith("Asian man, age:35, smiling expression, wearing glasses, black hair, "
-                                    "white background")
+    assert result.prompt.startswith(
+        "Asian man, age:35, smiling expression, wearing glasses, black hair, white background"
+    )
     assert result.warnings == ()
 
 
-@pytest.mark.parametrize("text,age", [("一个三十五岁的亚洲男人", "age:35"), ("十八岁的女孩", "age:18"),
-                                      ("年龄二十，女性", "age:20"), ("四十多岁的男人", "age:45"),
-                                      ("一百零二岁的老人", "age:102"), ("年龄：28，男", "age:28")])
+@pytest.mark.parametrize(
+    "text,age",
+    [
+        ("一个三十五岁的亚洲男人", "age:35"),
+        ("十八岁的女孩", "age:18"),
+        ("年龄二十，女性", "age:20"),
+        ("四十多岁的男人", "age:45"),
+        ("一百零二岁的老人", "age:102"),
+        ("年龄：28，男", "age:28"),
+    ],
+)
 def test_chinese_numeral_ages(engine, text, age):
     result = engine.optimize(text)
     assert result.attributes["age"] == age
     assert not any("岁" in warning or "年龄" in warning for warning in result.warnings)
 
 
-@pytest.mark.parametrize("text,hair", [
-    ("a woman with long blonde and brown hair", "long blonde and brown hair"),
-    ("a man with dark brown hair", "dark brown hair"),
-    ("a man with dark hair", "black hair"),
-    ("a woman with platinum blonde hair", "platinum blonde hair"),
-    ("a man with a five o'clock shadow and short black hair", "short black hair"),
-    ("Black woman, gray hair", "gray hair"),
-])
+@pytest.mark.parametrize(
+    "text,hair",
+    [
+        ("a woman with long blonde and brown hair", "long blonde and brown hair"),
+        ("a man with dark brown hair", "dark brown hair"),
+        ("a man with dark hair", "black hair"),
+        ("a woman with platinum blonde hair", "platinum blonde hair"),
+        ("a man with a five o'clock shadow and short black hair", "short black hair"),
+        ("Black woman, gray hair", "gray hair"),
+    ],
+)
 def test_hair_colours(engine, text, hair):
     assert engine.optimize(text).attributes["hair"] == hair
 
@@ -177,10 +225,35 @@ def test_all_filler_still_gives_a_valid_prompt(engine):
 
 
 def test_window_drops_quality_before_attributes(engine):
-    long = EXAMPLE + ", " + ", ".join(f"{w} tattoo" for w in ("dragon", "rose", "anchor", "tiger", "skull",
-                                                               "eagle", "lotus", "compass", "wolf", "koi",
-                                                               "phoenix", "snake", "heart", "star", "moon",
-                                                               "sun", "owl", "fox", "bear", "crane"))
+    long = (
+        EXAMPLE
+        + ", "
+        + ", ".join(
+            f"{w} tattoo"
+            for w in (
+                "dragon",
+                "rose",
+                "anchor",
+                "tiger",
+                "skull",
+                "eagle",
+                "lotus",
+                "compass",
+                "wolf",
+                "koi",
+                "phoenix",
+                "snake",
+                "heart",
+                "star",
+                "moon",
+                "sun",
+                "owl",
+                "fox",
+                "bear",
+                "crane",
+            )
+        )
+    )
     result = engine.optimize(long)
     assert result.prompt_tokens <= 75
     assert result.prompt.startswith("Asian man, age:35, smiling expression, wearing glasses, soft lighting")
@@ -240,7 +313,8 @@ def test_concurrent_calls_give_the_sequential_results(tiny_model_path):
 
     engine = PromptOptimizerEngine(tiny_model_path)
     prompts = [f"portrait number {i} round {i % 3}" for i in range(8)] + [
-        "A smiling Asian man who is wearing glasses and looks about 35 years old"]
+        "A smiling Asian man who is wearing glasses and looks about 35 years old"
+    ]
     expected = {p: engine.optimize(p) for p in prompts}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda p: (p, engine.optimize(p)), prompts * 40))
@@ -248,20 +322,23 @@ def test_concurrent_calls_give_the_sequential_results(tiny_model_path):
     assert not wrong, wrong[:3]
 
 
-@pytest.mark.parametrize("text,key,value", [
-    ("a Nigerian woman, 34, with braided hair", "identity", "Black woman"),
-    ("a Nigerian woman, 34, with braided hair", "age", "age:34"),
-    ("a Vietnamese grandfather with a cane", "identity", "Asian man"),
-    ("a Black teenager in a hoodie", "identity", "Black person"),
-    ("a Black teenager in a hoodie", "age", "teenage"),
-    ("a teen girl with braids", "identity", "girl"),
-    ("a Korean man, early forties", "age", "age:45"),
-    ("a blonde Caucasian woman with long hair", "hair", "long blonde hair"),
-    ("a grey-haired man", "hair", "gray hair"),
-    ("a woman glaring angrily", "expression", "angry expression"),
-    ("a man, dramatic side lighting", "lighting", "dramatic lighting"),
-    ("a man on a city street", "background", "outdoors"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("a Nigerian woman, 34, with braided hair", "identity", "Black woman"),
+        ("a Nigerian woman, 34, with braided hair", "age", "age:34"),
+        ("a Vietnamese grandfather with a cane", "identity", "Asian man"),
+        ("a Black teenager in a hoodie", "identity", "Black person"),
+        ("a Black teenager in a hoodie", "age", "teenage"),
+        ("a teen girl with braids", "identity", "girl"),
+        ("a Korean man, early forties", "age", "age:45"),
+        ("a blonde Caucasian woman with long hair", "hair", "long blonde hair"),
+        ("a grey-haired man", "hair", "gray hair"),
+        ("a woman glaring angrily", "expression", "angry expression"),
+        ("a man, dramatic side lighting", "lighting", "dramatic lighting"),
+        ("a man on a city street", "background", "outdoors"),
+    ],
+)
 def test_phrasings_found_missing_by_the_held_out_set(engine, text, key, value):
     assert engine.optimize(text).attributes[key] == value
 
@@ -292,8 +369,10 @@ def test_implied_values_give_way_to_explicit_ones(engine):
 
 def test_the_longest_phrasing_wins_whatever_the_lexicon_order(engine):
     # 'outdoors?' and 'serious' are listed before the canonical values they are part of
-    result = engine.optimize("Please make an elderly woman with a serious expression, outdoor background, "
-                             "very very detailed, ultra sharp, 4k")
+    result = engine.optimize(
+        "Please make an elderly woman with a serious expression, outdoor background, "
+        "very very detailed, ultra sharp, 4k"
+    )
     terms = [term.strip() for term in result.prompt.split(",")]
     assert "background" not in terms and "expression" not in terms, terms
     assert result.attributes["background"] == "outdoors"
@@ -315,12 +394,15 @@ def test_black_and_white_is_a_style_not_an_identity(engine):
     assert result.attributes["identity"] == "woman" and "black and white photo" in result.prompt
 
 
-@pytest.mark.parametrize("text,attribute,negative", [
-    ("a man with no smile, stern", ("expression", "serious expression"), "smiling"),
-    ("a woman without glasses, not wearing a hat, smiling", ("expression", "smiling expression"), "glasses, hat"),
-    ("a man with no beard, short black hair", ("hair", "short black hair"), "beard"),
-    ("一个男人，不戴眼镜，微笑", ("expression", "smiling expression"), "glasses"),
-])
+@pytest.mark.parametrize(
+    "text,attribute,negative",
+    [
+        ("a man with no smile, stern", ("expression", "serious expression"), "smiling"),
+        ("a woman without glasses, not wearing a hat, smiling", ("expression", "smiling expression"), "glasses, hat"),
+        ("a man with no beard, short black hair", ("hair", "short black hair"), "beard"),
+        ("一个男人，不戴眼镜，微笑", ("expression", "smiling expression"), "glasses"),
+    ],
+)
 def test_what_is_asked_away_goes_to_the_negative_prompt(engine, text, attribute, negative):
     result = engine.optimize(text)
     key, value = attribute
@@ -329,36 +411,42 @@ def test_what_is_asked_away_goes_to_the_negative_prompt(engine, text, attribute,
     assert not any(word in result.prompt for word in negative.split(", "))
 
 
-@pytest.mark.parametrize("text,identity", [
-    ("a boy aged 10 with a cap", "boy"),
-    ("a Japanese girl aged 22", "Asian woman"),  # an adult: CLIP draws the noun
-    ("a man, 16, short black hair", "boy"),
-    ("a Latino boy, about 12 years old", "Hispanic boy"),
-    ("a teenage girl with long hair", "girl"),
-    ("a girl with red hair", "girl"),  # no age: the noun as written
-    ("小男孩，十岁，短发", "boy"),
-    ("一个女生，二十八岁", "woman"),
-])
+@pytest.mark.parametrize(
+    "text,identity",
+    [
+        ("a boy aged 10 with a cap", "boy"),
+        ("a Japanese girl aged 22", "Asian woman"),  # an adult: CLIP draws the noun
+        ("a man, 16, short black hair", "boy"),
+        ("a Latino boy, about 12 years old", "Hispanic boy"),
+        ("a teenage girl with long hair", "girl"),
+        ("a girl with red hair", "girl"),  # no age: the noun as written
+        ("小男孩，十岁，短发", "boy"),
+        ("一个女生，二十八岁", "woman"),
+    ],
+)
 def test_the_identity_noun_agrees_with_the_age(engine, text, identity):
     assert engine.optimize(text).attributes["identity"] == identity
 
 
-@pytest.mark.parametrize("text,key,value", [
-    ("a Latina college student with curly hair", "identity", "Hispanic woman"),
-    ("a Latina with curly hair", "identity", "Hispanic woman"),
-    ("a Kenyan farmer, weathered face", "identity", "Black person"),  # farmer stays as content
-    ("a South Asian bride, smiling", "identity", "South Asian woman"),
-    ("a dentist, bright clean office behind her", "background", "office background"),
-    ("a woman walking down a street", "background", "outdoors"),
-    ("a man, colored backlight", "lighting", "colored backlit"),
-    ("a woman with a blonde pixie cut", "hair", "pixie cut blonde hair"),
-    ("a man, soft studio light", "lighting", "soft studio lighting"),
-    ("a woman, warm natural light", "lighting", "warm natural lighting"),
-    ("a woman, soft lighting", "lighting", "soft lighting"),  # a modifier the value says is not doubled
-    ("a bearded Turkish man, thick black beard", "facial_hair", "thick black beard"),
-    ("a man, front facing", "view", "front view"),
-    ("一个男生，黑色短发", "hair", "short black hair"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("a Latina college student with curly hair", "identity", "Hispanic woman"),
+        ("a Latina with curly hair", "identity", "Hispanic woman"),
+        ("a Kenyan farmer, weathered face", "identity", "Black person"),  # farmer stays as content
+        ("a South Asian bride, smiling", "identity", "South Asian woman"),
+        ("a dentist, bright clean office behind her", "background", "office background"),
+        ("a woman walking down a street", "background", "outdoors"),
+        ("a man, colored backlight", "lighting", "colored backlit"),
+        ("a woman with a blonde pixie cut", "hair", "pixie cut blonde hair"),
+        ("a man, soft studio light", "lighting", "soft studio lighting"),
+        ("a woman, warm natural light", "lighting", "warm natural lighting"),
+        ("a woman, soft lighting", "lighting", "soft lighting"),  # a modifier the value says is not doubled
+        ("a bearded Turkish man, thick black beard", "facial_hair", "thick black beard"),
+        ("a man, front facing", "view", "front view"),
+        ("一个男生，黑色短发", "hair", "short black hair"),
+    ],
+)
 def test_phrasings_from_the_second_held_out_set(engine, text, key, value):
     assert engine.optimize(text).attributes[key] == value
 
@@ -370,8 +458,9 @@ def test_an_extra_phrase_already_said_by_a_structured_term_is_dropped(engine):
 
 
 def test_greetings_hedges_and_request_verbs_are_filler(engine):
-    prompt = engine.optimize("Good morning! Could you render me a woman, probably in her thirties, "
-                             "thanks so much").prompt
+    prompt = engine.optimize(
+        "Good morning! Could you render me a woman, probably in her thirties, thanks so much"
+    ).prompt
     assert prompt == "woman, age:35, photorealistic"
 
 
@@ -385,49 +474,61 @@ def test_canonical_values_are_spelled_in_the_fewest_clip_tokens(engine):
     assert engine.optimize("a man, 8k uhd").prompt == "man, photorealistic, 4K"
 
 
-@pytest.mark.parametrize("text,prompt", [
-    ("a man, golden hour lighting", "man, golden hour"),  # no leftover "lighting"
-    ("a woman, soft natural window light", "woman, soft natural lighting"),
-])
+@pytest.mark.parametrize(
+    "text,prompt",
+    [
+        ("a man, golden hour lighting", "man, golden hour"),  # no leftover "lighting"
+        ("a woman, soft natural window light", "woman, soft natural lighting"),
+    ],
+)
 def test_a_modified_value_takes_its_longest_phrasing(engine, text, prompt):
     assert engine.optimize(text).prompt == prompt
 
 
-@pytest.mark.parametrize("text,glasses", [
-    ("a man with round spectacles", "wearing round glasses"),
-    ("a nurse with thin rimmed glasses", "wearing thin rimmed glasses"),
-    ("a woman in reading glasses", "wearing reading glasses"),
-    ("a man wearing glasses", "wearing glasses"),
-])
+@pytest.mark.parametrize(
+    "text,glasses",
+    [
+        ("a man with round spectacles", "wearing round glasses"),
+        ("a nurse with thin rimmed glasses", "wearing thin rimmed glasses"),
+        ("a woman in reading glasses", "wearing reading glasses"),
+        ("a man wearing glasses", "wearing glasses"),
+    ],
+)
 def test_glasses_keep_their_shape_and_kind(engine, text, glasses):
     assert engine.optimize(text).attributes["glasses"] == glasses
 
 
-@pytest.mark.parametrize("text,key,value", [
-    ("a little girl around six with pigtails", "age", "age:6"),
-    ("a man aged forty-two", "age", "age:42"),
-    ("a woman, thirty five years old", "age", "age:35"),
-    ("Caucasian female, 50s, silver bob", "age", "age:55"),
-    ("East Asian businessman, forties, short hair", "age", "age:45"),
-    ("an older Korean gentleman, maybe 70, with a beard", "age", "age:70"),
-    ("an old fisherman", "age", "old"),
-    ("a serious-looking woman", "expression", "serious expression"),
-    ("a woman, blurry background", "background", "blurred background"),
-    ("a boy outside on a farm", "background", "outdoors"),
-    ("a man, soft morning light", "lighting", "soft natural lighting"),
-    ("a woman, softbox lighting", "lighting", "studio lighting"),
-    ("a woman with a short black bob", "hair", "short bob black hair"),
-    ("a woman with big curly brown hair", "hair", "big curly brown hair"),
-    ("a blonde woman with her hair down", "hair", "blonde hair"),  # raised IndexError before
-    ("一个男人，特写，戏剧性灯光", "lighting", "dramatic lighting"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("a little girl around six with pigtails", "age", "age:6"),
+        ("a man aged forty-two", "age", "age:42"),
+        ("a woman, thirty five years old", "age", "age:35"),
+        ("Caucasian female, 50s, silver bob", "age", "age:55"),
+        ("East Asian businessman, forties, short hair", "age", "age:45"),
+        ("an older Korean gentleman, maybe 70, with a beard", "age", "age:70"),
+        ("an old fisherman", "age", "old"),
+        ("a serious-looking woman", "expression", "serious expression"),
+        ("a woman, blurry background", "background", "blurred background"),
+        ("a boy outside on a farm", "background", "outdoors"),
+        ("a man, soft morning light", "lighting", "soft natural lighting"),
+        ("a woman, softbox lighting", "lighting", "studio lighting"),
+        ("a woman with a short black bob", "hair", "short bob black hair"),
+        ("a woman with big curly brown hair", "hair", "big curly brown hair"),
+        ("a blonde woman with her hair down", "hair", "blonde hair"),  # raised IndexError before
+        ("一个男人，特写，戏剧性灯光", "lighting", "dramatic lighting"),
+    ],
+)
 def test_phrasings_from_the_third_held_out_set(engine, text, key, value):
     assert engine.optimize(text).attributes[key] == value
 
 
 def test_number_words_are_ages_only_where_an_age_is_said(engine):
     assert engine.optimize("a man with one earring, smiling").attributes == {
-        "identity": "man", "expression": "smiling expression", "accessories": ["earrings"]}
+        "identity": "man",
+        "expression": "smiling expression",
+        "accessories": ["earrings"],
+    }
     assert "age" not in engine.optimize("a man named Bob, 80s style").attributes
 
 
@@ -454,32 +555,38 @@ def test_chinese_facial_hair_kinds_join_as_english_ones_do(engine):
     assert engine.optimize("一个男人，胡子，小胡子").attributes["facial_hair"] == "beard and mustache"
 
 
-@pytest.mark.parametrize("text,key,value", [
-    ("Ethiopian woman, 24, long braids, gold necklace", "hair", "long braided hair"),
-    ("a toddler boy, blond curls, wide eyes", "hair", "curly blonde hair"),
-    ("a woman with a high ponytail", "hair", "ponytail hair"),
-    ("a man with short dreadlocks", "hair", "short dreadlocks hair"),
-    ("chubby Latino dad, 45ish, bald", "age", "age:45"),
-    ("an angry Scottish man, fifty-ish, ginger hair", "age", "age:50"),
-    ("Headshot, Nigerian-American man, age 33", "identity", "Black man"),
-    ("a Korean-Canadian woman", "identity", "Asian woman"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("Ethiopian woman, 24, long braids, gold necklace", "hair", "long braided hair"),
+        ("a toddler boy, blond curls, wide eyes", "hair", "curly blonde hair"),
+        ("a woman with a high ponytail", "hair", "ponytail hair"),
+        ("a man with short dreadlocks", "hair", "short dreadlocks hair"),
+        ("chubby Latino dad, 45ish, bald", "age", "age:45"),
+        ("an angry Scottish man, fifty-ish, ginger hair", "age", "age:50"),
+        ("Headshot, Nigerian-American man, age 33", "identity", "Black man"),
+        ("a Korean-Canadian woman", "identity", "Asian woman"),
+    ],
+)
 def test_phrasings_from_the_fourth_held_out_set(engine, text, key, value):
     assert engine.optimize(text).attributes[key] == value
 
 
-@pytest.mark.parametrize("text,key,value", [
-    ("a woman with short white natural hair", "hair", "short natural gray hair"),
-    ("a ten-year-old Mexican girl", "age", "age:10"),
-    ("a grandfather in a tweed flat cap", "accessories", ["tweed flat hat"]),
-    ("a man in a charcoal suit and a maroon tie", "accessories", ["charcoal suit", "maroon tie"]),
-    ("a woman, blurred village background", "background", "blurred background"),
-    ("a bald Black man with a salt-and-pepper beard, 55, wearing a turtleneck", "age", "age:55"),
-    ("a bald Black man with a salt-and-pepper beard", "facial_hair", "salt-and-pepper beard"),
-    ("an old Polish man with a big white mustache", "facial_hair", "big white mustache"),
-    ("a tall Sudanese man", "identity", "Black man"),
-    ("a Thai monk, 60s, shaved head", "identity", "Asian man"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("a woman with short white natural hair", "hair", "short natural gray hair"),
+        ("a ten-year-old Mexican girl", "age", "age:10"),
+        ("a grandfather in a tweed flat cap", "accessories", ["tweed flat hat"]),
+        ("a man in a charcoal suit and a maroon tie", "accessories", ["charcoal suit", "maroon tie"]),
+        ("a woman, blurred village background", "background", "blurred background"),
+        ("a bald Black man with a salt-and-pepper beard, 55, wearing a turtleneck", "age", "age:55"),
+        ("a bald Black man with a salt-and-pepper beard", "facial_hair", "salt-and-pepper beard"),
+        ("an old Polish man with a big white mustache", "facial_hair", "big white mustache"),
+        ("a tall Sudanese man", "identity", "Black man"),
+        ("a Thai monk, 60s, shaved head", "identity", "Asian man"),
+    ],
+)
 def test_phrasings_from_the_fifth_held_out_set(engine, text, key, value):
     assert engine.optimize(text).attributes[key] == value
 
@@ -491,12 +598,15 @@ def test_a_compact_prompt_kept_as_written_says_why(engine):
     assert result.warnings == ("kept as written: the structured form (7 tokens) is longer than the prompt (6)",)
 
 
-@pytest.mark.parametrize("text,identity,kept", [
-    ("a South Asian bride, smiling", "South Asian woman", "bride"),
-    ("a Thai monk in orange robes", "Asian man", "monk"),
-    ("an elderly fisherman mending a net", "man", "fisherman"),
-    ("a Japanese grandmother knitting", "Asian woman", "grandmother"),  # says old, unlike "woman"
-])
+@pytest.mark.parametrize(
+    "text,identity,kept",
+    [
+        ("a South Asian bride, smiling", "South Asian woman", "bride"),
+        ("a Thai monk in orange robes", "Asian man", "monk"),
+        ("an elderly fisherman mending a net", "man", "fisherman"),
+        ("a Japanese grandmother knitting", "Asian woman", "grandmother"),  # says old, unlike "woman"
+    ],
+)
 def test_a_role_tells_the_gender_and_stays_in_the_prompt(engine, text, identity, kept):
     result = engine.optimize(text)
     assert result.attributes["identity"] == identity

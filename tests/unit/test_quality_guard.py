@@ -16,16 +16,26 @@ BF16 = {"backends": [{"backend": "torch", "precision": "bf16"}]}
 
 
 def request(seed: int) -> ImageRequest:
-    return ImageRequest(prompt="portrait of a smiling woman", negative_prompt="", width=64, height=64, n=1,
-                        seed=seed, guidance_scale=7.5, num_inference_steps=6)
+    return ImageRequest(
+        prompt="portrait of a smiling woman",
+        negative_prompt="",
+        width=64,
+        height=64,
+        n=1,
+        seed=seed,
+        guidance_scale=7.5,
+        num_inference_steps=6,
+    )
 
 
 def generate_and_judge(pipe, seed: int):
     """One request and its shadow render, in one event loop (the shadow is a task of it)."""
+
     async def both():
         result = await pipe.generate(request(seed))
         await pipe.wait_for_shadows()
         return result
+
     return run(both())
 
 
@@ -35,8 +45,9 @@ def pipeline(path, denoiser=None, **guard):
 
 
 def test_the_guard_trips_only_on_enough_bad_comparisons():
-    guard = LiveQualityGuard(QualityGuardSettings(shadow_fraction=0.5, window=3, min_samples=2, min_psnr_db=32),
-                             rng=random.Random(0))
+    guard = LiveQualityGuard(
+        QualityGuardSettings(shadow_fraction=0.5, window=3, min_samples=2, min_psnr_db=32), rng=random.Random(0)
+    )
     assert not guard.record(20.0)  # one sample is no verdict
     assert guard.record(math.inf) is False and guard.rolling_psnr_db == (20.0 + IDENTICAL_DB) / 2
     assert not guard.record(25.0) and not guard.tripped  # (20 + 100 + 25) / 3 = 48 dB

@@ -43,13 +43,27 @@ def test_sd15_builds_loads_and_matches_diffusers(tmp_path):
 
     path = builder.build_model("sd15", tmp_path / "sd15")
     try:
-        request = ImageRequest(prompt="portrait of a smiling man", negative_prompt="", width=64, height=64, n=1,
-                               seed=3, guidance_scale=7.5, num_inference_steps=2, optimize_prompt=False)
+        request = ImageRequest(
+            prompt="portrait of a smiling man",
+            negative_prompt="",
+            width=64,
+            height=64,
+            n=1,
+            seed=3,
+            guidance_scale=7.5,
+            num_inference_steps=2,
+            optimize_prompt=False,
+        )
         ours = run(local_pipeline(path).generate(request)).images_png[0]
         reference = StableDiffusionPipeline.from_pretrained(str(path))
         reference.set_progress_bar_config(disable=True)
-        image = reference("portrait of a smiling man", width=64, height=64, num_inference_steps=2,
-                          generator=torch.Generator("cpu").manual_seed(3)).images[0]
+        image = reference(
+            "portrait of a smiling man",
+            width=64,
+            height=64,
+            num_inference_steps=2,
+            generator=torch.Generator("cpu").manual_seed(3),
+        ).images[0]
         assert max_pixel_diff(ours, np.asarray(image)) <= 1
     finally:
         shutil.rmtree(path, ignore_errors=True)

@@ -30,8 +30,9 @@ def engine_for(path, **settings) -> DenoiserEngine:
     return DenoiserEngine(path, num_threads=2, settings=settings)
 
 
-def job(seed: int, steps: int = 8, scheduler: str | None = None, guidance: float = 7.5, size: int = SIZE,
-        images: int = 1) -> DenoiseJob:
+def job(
+    seed: int, steps: int = 8, scheduler: str | None = None, guidance: float = 7.5, size: int = SIZE, images: int = 1
+) -> DenoiseJob:
     generator = torch.Generator().manual_seed(1000 + seed)
     cond, uncond = torch.randn(2, 1, 77, 64, generator=generator)
     return DenoiseJob(cond, uncond, size, size, [seed + i for i in range(images)], steps, guidance, scheduler)
@@ -66,8 +67,12 @@ def test_a_job_batched_with_others_renders_its_image_alone(tiny_model_path, vae)
 
 
 def test_mixed_step_counts_schedulers_and_guidance_in_one_batch(tiny_model_path, vae):
-    jobs = [job(1, steps=5), job(2, steps=12, scheduler="EulerDiscreteScheduler"), job(3, steps=9, guidance=1.0),
-            job(4, steps=7, images=2)]
+    jobs = [
+        job(1, steps=5),
+        job(2, steps=12, scheduler="EulerDiscreteScheduler"),
+        job(3, steps=9, guidance=1.0),
+        job(4, steps=7, images=2),
+    ]
     engine = engine_for(tiny_model_path, max_batch_size=8)
     batched = together(engine, jobs)
     assert engine.load().steps_run <= 12 + 2  # all ran side by side: about as many forwards as the longest job
@@ -87,8 +92,11 @@ def test_a_cancelled_job_leaves_the_batch_and_the_others_finish(tiny_model_path,
             cancelled.set()
 
     jobs = [job(10, steps=10), job(11, steps=10), job(12, steps=10)]
-    futures = [engine.submit(jobs[0]), engine.submit(jobs[1], on_step=on_step, cancelled=cancelled),
-               engine.submit(jobs[2])]
+    futures = [
+        engine.submit(jobs[0]),
+        engine.submit(jobs[1], on_step=on_step, cancelled=cancelled),
+        engine.submit(jobs[2]),
+    ]
     with pytest.raises(JobCancelled):
         futures[1].result(timeout=120)
     assert steps_of_cancelled == [1, 2, 3]
@@ -116,6 +124,7 @@ def first_step_order(engine: DenoiserEngine, jobs: list[DenoiseJob], gap_s: floa
             if done == 1:
                 with lock:
                     order.append(index)
+
         return on_step
 
     futures = []
@@ -148,7 +157,7 @@ def test_step_level_admission_joins_a_running_batch_request_level_waits(tiny_mod
             time.sleep(0.01)
         short_job = engine.submit(job(41, steps=3))
         for name, future in (("short", short_job), ("long", long_job)):
-            future.add_done_callback(lambda _, name=name: finished.append(name))
+            future.add_done_callback(lambda _, name=name, finished=finished: finished.append(name))
         long_job.result(timeout=120), short_job.result(timeout=120)
         assert finished == (["short", "long"] if step_level else ["long", "short"])
 
@@ -171,15 +180,16 @@ def test_a_background_job_pauses_while_user_jobs_run_and_resumes_where_it_stoppe
     steps are all consecutive forwards; the background job still ends with its own image."""
     engine = engine_for(tiny_model_path, max_batch_size=8)
     log: list[str] = []
-    shadow = engine.submit(dataclasses.replace(job(60, steps=12), background=True),
-                           on_step=lambda done, total: log.append("shadow"))
+    shadow = engine.submit(
+        dataclasses.replace(job(60, steps=12), background=True), on_step=lambda done, total: log.append("shadow")
+    )
     while engine.load().steps_run < 2:
         time.sleep(0.005)
     user = engine.submit(job(61, steps=5), on_step=lambda done, total: log.append("user"))
     user_latents = user.result(timeout=120)
     shadow_latents = shadow.result(timeout=120)
     first_user = log.index("user")
-    assert log[first_user:first_user + 5] == ["user"] * 5  # no shadow step in between
+    assert log[first_user : first_user + 5] == ["user"] * 5  # no shadow step in between
     assert log.count("shadow") == 12 and 2 <= first_user < 12  # paused mid-way, then finished
     load = engine.load()
     assert load.background_jobs == 0 and load.queued_steps == 0
@@ -214,12 +224,14 @@ def test_early_stop_ends_a_converged_job_with_its_clean_latent(tiny_model_path, 
     engine = engine_for(tiny_model_path, max_batch_size=8)
     steps_run = []
     full = engine.denoise(job(65, steps=40))
-    early = engine.denoise(dataclasses.replace(job(65, steps=40), early_stop=0.05, early_stop_min_steps=10),
-                           on_step=lambda done, total: steps_run.append(done))
+    early = engine.denoise(
+        dataclasses.replace(job(65, steps=40), early_stop=0.05, early_stop_min_steps=10),
+        on_step=lambda done, total: steps_run.append(done),
+    )
     assert 10 <= len(steps_run) < 40 and steps_run[-1] == 40  # stopped early; progress reports completion
     assert engine.load().early_stops == 1
     a, b = vae.decode_pixels(early).astype(np.float64), vae.decode_pixels(full).astype(np.float64)
-    assert 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) > 25  # close to the full run, not the noise
+    assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 25  # close to the full run, not the noise
     never = engine.denoise(dataclasses.replace(job(65, steps=40), early_stop=1e-9, early_stop_min_steps=10))
     assert torch.equal(never, full)  # a threshold nothing meets: every step, the same latents
 
@@ -253,7 +265,14 @@ def test_a_stochastic_scheduler_matches_diffusers(tiny_model_path, scheduler):
     pipe.set_progress_bar_config(disable=True)
     target = job(11, steps=7, scheduler=scheduler)
     ours = engine_for(tiny_model_path, max_batch_size=4).denoise(target)
-    reference = pipe(prompt_embeds=target.prompt_embeds, negative_prompt_embeds=target.negative_prompt_embeds,
-                     height=SIZE, width=SIZE, num_inference_steps=7, guidance_scale=7.5, output_type="latent",
-                     generator=torch.Generator("cpu").manual_seed(11)).images
+    reference = pipe(
+        prompt_embeds=target.prompt_embeds,
+        negative_prompt_embeds=target.negative_prompt_embeds,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=7,
+        guidance_scale=7.5,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).images
     assert (ours - reference).abs().max().item() < 1e-4

@@ -7,24 +7,45 @@ import dataclasses
 import numpy as np
 import pytest
 
-from deployments.prompt.optimizer import OptimizedPrompt
 from deployments.denoiser.step_batcher import LoadSnapshot
+from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import StepSettings
 from serve_app.flow.request import ImageRequest
 from serve_app.flow.steps import StepController, StepDecision, image_detail, predict_denoise_ms, step_ms
 
-SIMPLE = OptimizedPrompt("portrait", "", prompt_tokens=1, negative_prompt_tokens=0, truncated_tokens=0,
-                         cache_namespace="default", attributes={})
-BUSY = OptimizedPrompt("Asian man, age:35, ...", "", prompt_tokens=60, negative_prompt_tokens=0, truncated_tokens=0,
-                       cache_namespace="default",
-                       attributes={"identity": "Asian man", "age": 35, "expression": "smiling", "glasses": "wearing "
-                                   "glasses", "hair": ["black", "short"], "facial_hair": "beard", "lighting": "soft"})
+SIMPLE = OptimizedPrompt(
+    "portrait",
+    "",
+    prompt_tokens=1,
+    negative_prompt_tokens=0,
+    truncated_tokens=0,
+    cache_namespace="default",
+    attributes={},
+)
+BUSY = OptimizedPrompt(
+    "Asian man, age:35, ...",
+    "",
+    prompt_tokens=60,
+    negative_prompt_tokens=0,
+    truncated_tokens=0,
+    cache_namespace="default",
+    attributes={
+        "identity": "Asian man",
+        "age": 35,
+        "expression": "smiling",
+        "glasses": "wearing glasses",
+        "hair": ["black", "short"],
+        "facial_hair": "beard",
+        "lighting": "soft",
+    },
+)
 MEDIUM = dataclasses.replace(BUSY, prompt_tokens=30, attributes={"identity": "man", "age": 35, "glasses": "glasses"})
 
 
 def request(**overrides) -> ImageRequest:
-    fields = dict(prompt="p", negative_prompt="", width=128, height=128, n=1, seed=1, guidance_scale=7.5,
-                  num_inference_steps=None)
+    fields = dict(
+        prompt="p", negative_prompt="", width=128, height=128, n=1, seed=1, guidance_scale=7.5, num_inference_steps=None
+    )
     fields.update(overrides)
     return ImageRequest(**fields)
 
@@ -32,9 +53,19 @@ def request(**overrides) -> ImageRequest:
 def load(active_images=0, waiting_images=0, queued_steps=0, batch=8, table=None) -> LoadSnapshot:
     """A replica whose 16x16-latent forward costs 20 ms + 10 ms per image."""
     table = table if table is not None else {1: 30.0, 2: 40.0, 4: 60.0, 8: 100.0}
-    return LoadSnapshot(waiting_jobs=0, active_jobs=0, active_images=active_images, queued_steps=queued_steps,
-                        queued_work=float(queued_steps * 16 * 16), ms_per_step={}, steps_run=0, cancelled_jobs=0,
-                        waiting_images=waiting_images, max_batch_size=batch, step_ms_by_shape={"16x16": table})
+    return LoadSnapshot(
+        waiting_jobs=0,
+        active_jobs=0,
+        active_images=active_images,
+        queued_steps=queued_steps,
+        queued_work=float(queued_steps * 16 * 16),
+        ms_per_step={},
+        steps_run=0,
+        cancelled_jobs=0,
+        waiting_images=waiting_images,
+        max_batch_size=batch,
+        step_ms_by_shape={"16x16": table},
+    )
 
 
 def slo(deadline_ms, **kwargs):
@@ -61,7 +92,9 @@ def test_an_edit_image_adds_its_detail():
     flat = np.full((64, 64, 3), 128, np.uint8)
     checkerboard = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
     assert image_detail(flat) == 0.0 and image_detail(checkerboard) == 1.0
-    assert controller.choose(request(), SIMPLE, detail=1.0).steps > controller.choose(request(), SIMPLE, detail=0.0).steps
+    assert (
+        controller.choose(request(), SIMPLE, detail=1.0).steps > controller.choose(request(), SIMPLE, detail=0.0).steps
+    )
 
 
 def test_slo_at_no_load_gives_the_complexity_choice():
@@ -101,8 +134,9 @@ def test_without_timings_slo_falls_back_to_the_complexity_choice():
 
 def test_explicit_steps_always_win():
     controller = StepController(StepSettings(policy="slo", deadline_ms=1))
-    decision = controller.choose(request(num_inference_steps=7, quality="best"), BUSY, load(active_images=8,
-                                                                                            queued_steps=10_000))
+    decision = controller.choose(
+        request(num_inference_steps=7, quality="best"), BUSY, load(active_images=8, queued_steps=10_000)
+    )
     assert (decision.steps, decision.reason) == (7, "explicit")
 
 

@@ -9,8 +9,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from deployments.text_encoder.block_pool import BlockPool, chain_hashes
-from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
 from deployments.text_encoder.engine import TextEncoderEngine
+from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
 
 WINDOW = 77
 VOCAB = 49406  # ids below BOS/EOS
@@ -39,9 +39,17 @@ def test_prefix_forward_is_bit_identical_to_clip_text_model():
     """Several layers and heads (not the tiny model's shape): the cached path, with rows of
     different start positions in one batch, equals transformers' CLIPTextModel exactly."""
     torch.manual_seed(0)
-    model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=96, intermediate_size=384,
-                                         num_hidden_layers=3, num_attention_heads=6,
-                                         max_position_embeddings=WINDOW, hidden_act="quick_gelu")).eval()
+    model = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=96,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            max_position_embeddings=WINDOW,
+            hidden_act="quick_gelu",
+        )
+    ).eval()
     forward = PrefixReuseForward(model)
     ids = torch.randint(0, VOCAB, (5, WINDOW))
     with torch.inference_mode():
@@ -50,8 +58,10 @@ def test_prefix_forward_is_bit_identical_to_clip_text_model():
     full.kv = [kv.clone() for kv in full.kv]  # views into the forward's workspace, reused by the next call
     assert torch.equal(full.hidden, expected)
     starts = [0, 16, 32, 64, 32]
-    prefixes = [None if s == 0 else CachedPrefix([full.kv[i][:, :, :, :s].clone()], [full.hidden[i, :s].clone()])
-                for i, s in enumerate(starts)]
+    prefixes = [
+        None if s == 0 else CachedPrefix([full.kv[i][:, :, :, :s].clone()], [full.hidden[i, :s].clone()])
+        for i, s in enumerate(starts)
+    ]
     resumed = forward(ids, prefixes)
     assert torch.equal(resumed.hidden, expected)
     for row in range(5):
@@ -228,8 +238,12 @@ def test_watchdog_rebuilds_and_recovers_hit_rate_on_a_shifting_workload(tiny_mod
     so plain LRU always loses the template. The watchdog sees the rolling hit rate at 0,
     re-warms and pins the frequent prefix, and template prompts hit from then on; when the
     workload shifts to a second template it fires again and moves the pin."""
-    engine = cached_engine(tiny_model_path, max_mib=0.4, exact_prompts=False,
-                           watchdog={"window": 15, "min_hit_rate": 0.05, "warm_prefixes": 1, "sketch_size": 256})
+    engine = cached_engine(
+        tiny_model_path,
+        max_mib=0.4,
+        exact_prompts=False,
+        watchdog={"window": 15, "min_hit_rate": 0.05, "warm_prefixes": 1, "sketch_size": 256},
+    )
     rng = random.Random(4)
     template_a = [rng.randrange(VOCAB) for _ in range(40)]
     template_b = [rng.randrange(VOCAB) for _ in range(40)]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
 from deployments.denoiser.backends import BackendSpec, BackendUnavailable, FallbackUNet, torch_runner
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
 from deployments.vae.codec import VaeCodecEngine
 
 SIZE, STEPS = 64, 8
@@ -28,8 +28,9 @@ def vae(tiny_model_path):
 @pytest.fixture(scope="module")
 def jobs():
     generator = torch.Generator().manual_seed(7)
-    return [DenoiseJob(*torch.randn(2, 1, 77, 64, generator=generator), SIZE, SIZE, [seed], STEPS, 7.5)
-            for seed in range(2)]
+    return [
+        DenoiseJob(*torch.randn(2, 1, 77, 64, generator=generator), SIZE, SIZE, [seed], STEPS, 7.5) for seed in range(2)
+    ]
 
 
 def images(path, vae, jobs, backends, **kwargs) -> list[np.ndarray]:
@@ -44,7 +45,7 @@ def reference(tiny_model_path, vae, jobs):
 
 def psnr(a, b) -> float:
     mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def test_onnxruntime_fp32_matches_torch(tiny_model_path, vae, jobs, reference):
@@ -61,9 +62,14 @@ def test_reduced_precision_stays_close(tiny_model_path, vae, jobs, reference, ba
 
 
 def test_unavailable_backends_are_skipped_at_load(tiny_model_path):
-    chain = FallbackUNet(tiny_model_path, [BackendSpec(backend="tensorrt", precision="fp16"),
-                                           BackendSpec(backend="torch", precision="fp16"),
-                                           BackendSpec(backend="torch", precision="fp32")])
+    chain = FallbackUNet(
+        tiny_model_path,
+        [
+            BackendSpec(backend="tensorrt", precision="fp16"),
+            BackendSpec(backend="torch", precision="fp16"),
+            BackendSpec(backend="torch", precision="fp32"),
+        ],
+    )
     assert chain.active.name == "torch-fp32"
     assert [name for name, _ in chain.fallbacks] == ["tensorrt-fp16", "torch-fp16"]
     with pytest.raises(BackendUnavailable):
@@ -83,11 +89,15 @@ def test_a_backend_failing_mid_batch_falls_back_without_failing_requests(tiny_mo
             if calls["n"] >= 5:
                 raise RuntimeError("CUDA out of memory (injected)")
             return runner(sample, timesteps, context)
+
         return run
 
-    engine = DenoiserEngine(tiny_model_path, num_threads=2,
-                            settings={"backends": [{"backend": "onnxruntime"}, {"backend": "torch"}]},
-                            unet_loaders={"onnxruntime": flaky_loader, "torch": torch_runner})
+    engine = DenoiserEngine(
+        tiny_model_path,
+        num_threads=2,
+        settings={"backends": [{"backend": "onnxruntime"}, {"backend": "torch"}]},
+        unet_loaders={"onnxruntime": flaky_loader, "torch": torch_runner},
+    )
     futures = [engine.submit(job) for job in jobs]
     got = [vae.decode_pixels(f.result(timeout=120))[0].astype(np.float64) for f in futures]
     load = engine.load()

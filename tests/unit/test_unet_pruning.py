@@ -7,14 +7,17 @@ import json
 
 import torch
 
-from deployments.models import loading
 from deployments.denoiser.pruning import parameter_count, prune_unet, save_pruned_variant
+from deployments.models import loading
 
 
 def unet_inputs():
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 900]),
-            torch.randn(2, 77, 64, generator=generator))
+    return (
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.tensor([10, 900]),
+        torch.randn(2, 77, 64, generator=generator),
+    )
 
 
 def forward(unet, inputs):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.config import AppSettings
 from serve_app.http import uploads
 from serve_app.http.routes import ApiError, ImageEditForm, decoded_edit_inputs
-from serve_app.config import AppSettings
 from tests.conftest import png_bytes
 
 
@@ -28,8 +28,10 @@ def test_alpha_masks_follow_openai_and_grey_masks_diffusers():
         uploads.as_mask(Image.new("RGB", (8, 8)), (8, 8))
 
 
-@pytest.mark.parametrize("size,expected", [((512, 512), (512, 512)), ((1000, 701), (1000, 696)),
-                                           ((2048, 1024), (1024, 512)), ((3000, 1000), (1024, 336))])
+@pytest.mark.parametrize(
+    "size,expected",
+    [((512, 512), (512, 512)), ((1000, 701), (1000, 696)), ((2048, 1024), (1024, 512)), ((3000, 1000), (1024, 336))],
+)
 def test_default_edit_size(size, expected):
     assert uploads.default_edit_size(*size, 64, 1024) == expected
 
@@ -76,6 +78,7 @@ def test_transparent_pixels_of_the_target_are_the_mask_without_one():
     holed.putpixel((2, 3), (10, 20, 30, 0))
     mask = np.asarray(uploads.transparency_mask(holed))
     assert mask[3, 2] == 255 and mask.sum() == 255  # that pixel only, white = repaint
-    edit = decoded_edit_inputs({"image": png_bytes(holed)}, ImageEditForm(prompt="p", size="64x64"), AppSettings(),
-                               features={})
+    edit = decoded_edit_inputs(
+        {"image": png_bytes(holed)}, ImageEditForm(prompt="p", size="64x64"), AppSettings(), features={}
+    )
     assert edit["mask"] is not None and edit["strength"] == 1.0 and edit["image"].mode == "RGB"
