@@ -238,11 +238,11 @@ class _FigurePainter:
         c, rng = self.canvas, self.rng
         scale = rng.uniform(0.92, 1.08) * (1.04 if age == "child" else 1.0)
         wf, hf = FACE_SHAPE_FACTORS[shape]
-        rx = c * 0.165 * scale * wf * (0.96 if not self.male else 1.0)
-        ry = c * (0.195 if age == "child" else 0.212) * scale * hf
+        rx = c * 0.19 * scale * wf * (0.96 if not self.male else 1.0)
+        ry = c * (0.22 if age == "child" else 0.24) * scale * hf
         return _Head(
             cx=c * (0.5 + rng.uniform(-0.04, 0.04)),
-            cy=c * (0.42 + rng.uniform(-0.03, 0.03)),
+            cy=c * (0.43 + rng.uniform(-0.025, 0.025)),
             rx=rx,
             ry=ry,
             turn=VIEW_TURN[view],
@@ -285,7 +285,7 @@ class _FigurePainter:
     def _torso(self, draw: ImageDraw.ImageDraw) -> None:
         h, c = self.head, self.canvas
         width = c * (0.5 if self.a.age == "child" else 0.74 if self.male else 0.64) * self.rng.uniform(0.95, 1.05)
-        top = h.cy + h.ry * 1.32
+        top = h.cy + h.ry * 1.25
         draw.ellipse((h.cx - width / 2, top, h.cx + width / 2, top + c * 0.7), fill=self.clothing)
         # The neckline: a V of skin, so the neck meets the clothes.
         v = h.rx * 0.38
@@ -340,9 +340,9 @@ class _FigurePainter:
             expression, 1.0
         )
         for x, y, wf in self._eye_positions():
-            w, eh = h.rx * 0.17 * size * wf, h.rx * 0.095 * size * height
+            w, eh = h.rx * 0.2 * size * wf, h.rx * 0.11 * size * height
             draw.ellipse((x - w, y - eh, x + w, y + eh), fill=(248, 246, 242), outline=self.line)
-            r = min(h.rx * 0.085 * size, eh * 1.05)
+            r = min(h.rx * 0.11 * size, eh * 1.05)
             ix = x + h.facing * h.turn * w * 0.3
             draw.ellipse((ix - r, y - r, ix + r, y + r), fill=EYE_RGB[self.a.eye_color])
             p = r * 0.45
@@ -396,7 +396,7 @@ class _FigurePainter:
         x, y, w = self._mouth_box()
         h, expression = self.head, self.a.expression
         lips = (176, 62, 70) if not self.male else _scaled(self.skin, 0.62)
-        width = max(2, int(h.rx * 0.055))
+        width = max(2, int(h.rx * 0.08))
         if expression == "smiling expression":
             draw.arc((x - w, y - h.ry * 0.14, x + w, y + h.ry * 0.1), 15, 165, fill=lips, width=width)
         elif expression == "laughing expression":
@@ -568,7 +568,7 @@ class _FigurePainter:
         width = max(2, int(h.rx * 0.08))
         eyes = self._eye_positions()
         for x, y, wf in eyes:
-            w, gh = h.rx * 0.27 * wf, h.rx * 0.2
+            w, gh = h.rx * 0.3 * wf, h.rx * 0.23
             box = (x - w, y - gh, x + w, y + gh)
             if kind == "wearing round glasses":
                 r = max(w, gh)

@@ -1,0 +1,174 @@
+"""The judge: a small CNN that reads a portrait's attributes back from any image.
+
+Trained on renders only (never on generated images), so it measures whether a picture shows
+what its prompt asked without having learnt the generator's habits. One softmax head per
+attribute, one sigmoid per accessory; its pooled features feed a Fréchet distance.
+
+Attributes the picture cannot show are not scored: hair colour and style under a headscarf,
+hair colour of a bald head, eye colour behind sunglasses. A `person` is drawn as a man, woman,
+boy or girl, so the identity head knows those four.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deployments.models.portrait.attributes import (
+    ACCESSORIES,
+    AGE_GROUPS,
+    BACKGROUNDS,
+    ETHNICITIES,
+    EXPRESSIONS,
+    EYE_COLORS,
+    FACE_SHAPES,
+    FACIAL_HAIR,
+    GLASSES,
+    HAIR_COLORS,
+    HAIR_STYLES,
+    LIGHTINGS,
+    VIEWS,
+    PortraitAttributes,
+)
+
+JUDGE_SIZE = 128
+DRAWN_IDENTITIES = ("man", "woman", "boy", "girl")
+# Head name -> the values it tells apart, in PortraitAttributes' field names.
+HEADS: dict[str, tuple[str, ...]] = {
+    "identity": DRAWN_IDENTITIES,
+    "ethnicity": ETHNICITIES,
+    "age": AGE_GROUPS,
+    "expression": EXPRESSIONS,
+    "glasses": GLASSES,
+    "hair_color": HAIR_COLORS,
+    "hair_style": HAIR_STYLES,
+    "facial_hair": FACIAL_HAIR,
+    "view": VIEWS,
+    "lighting": LIGHTINGS,
+    "background": BACKGROUNDS,
+    "face_shape": FACE_SHAPES,
+    "eye_color": EYE_COLORS,
+}
+IGNORE = -100  # torch's cross-entropy ignore_index: an attribute the picture cannot show
+
+
+def visible_labels(attributes: PortraitAttributes) -> dict[str, int]:
+    """The class index per head, IGNORE where the picture cannot show the attribute."""
+    labels = {name: values.index(getattr(attributes, name)) for name, values in HEADS.items() if name != "identity"}
+    labels["identity"] = DRAWN_IDENTITIES.index(attributes.identity) if attributes.identity != "person" else IGNORE
+    if "headscarf" in attributes.accessories:
+        labels["hair_style"] = IGNORE
+    if not attributes.hair_visible:
+        labels["hair_color"] = IGNORE
+    if not attributes.eyes_visible:
+        labels["eye_color"] = IGNORE
+    return labels
+
+
+class JudgeNet(nn.Module):
+    """Five stride-2 conv stages (128 -> 4), global average pooling, one linear head each."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        # Channels double as the resolution halves, so each stage costs about the same.
+        channels = [3, width, width * 2, width * 4, width * 8, width * 16]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = channels[-1]
+        self.heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(v)) for name, v in HEADS.items()})
+        self.accessories = nn.Linear(self.feature_dim, len(ACCESSORIES))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features of images in [-1, 1], (N, 3, H, W) -> (N, feature_dim)."""
+        return self.features(images).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(logits per head, accessory logits)."""
+        pooled = self.embed(images)
+        return {name: head(pooled) for name, head in self.heads.items()}, self.accessories(pooled)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (N, 3, JUDGE_SIZE, JUDGE_SIZE) in [-1, 1], resized if needed."""
+    arrays = [
+        np.asarray(
+            im.convert("RGB").resize((JUDGE_SIZE, JUDGE_SIZE), Image.Resampling.BICUBIC)
+            if im.size != (JUDGE_SIZE,) * 2
+            else im.convert("RGB"),
+            dtype=np.float32,
+        )
+        for im in images
+    ]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the judge sees in one image: a value per head (with its probability) and the
+    accessories it finds."""
+
+    values: dict[str, str]
+    confidence: dict[str, float]
+    accessories: frozenset[str]
+
+
+class Judge:
+    """A trained JudgeNet with its weights; `read` images, `embed` them for a Fréchet distance."""
+
+    def __init__(self, net: JudgeNet):
+        self.net = net.eval()
+
+    @classmethod
+    def load(cls, path: Path) -> Judge:
+        state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(str(path)).items()}
+        width = state["features.0.weight"].shape[0]
+        net = JudgeNet(width)
+        net.load_state_dict(state)
+        return cls(net)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.net.state_dict()
+        save_file(
+            {k: (v.to(torch.float16) if v.dtype.is_floating_point else v).contiguous() for k, v in state.items()},
+            str(path),
+        )
+
+    @torch.inference_mode()
+    def read(self, images: list[Image.Image], batch_size: int = 64) -> list[Reading]:
+        readings: list[Reading] = []
+        for start in range(0, len(images), batch_size):
+            logits, accessory_logits = self.net(to_tensor(images[start : start + batch_size]))
+            probs = {name: torch.softmax(x, dim=-1) for name, x in logits.items()}
+            worn = torch.sigmoid(accessory_logits) > 0.5
+            for i in range(worn.shape[0]):
+                best = {name: int(p[i].argmax()) for name, p in probs.items()}
+                readings.append(
+                    Reading(
+                        values={name: HEADS[name][k] for name, k in best.items()},
+                        confidence={name: round(float(probs[name][i, k]), 4) for name, k in best.items()},
+                        accessories=frozenset(a for a, on in zip(ACCESSORIES, worn[i].tolist()) if on),
+                    )
+                )
+        return readings
+
+    @torch.inference_mode()
+    def embed(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
+        chunks = [self.net.embed(to_tensor(images[s : s + batch_size])) for s in range(0, len(images), batch_size)]
+        return torch.cat(chunks).double().numpy()
