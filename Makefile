@@ -23,8 +23,9 @@ serve: model
 test: model
 	$(PY) -m pytest
 
-test-fast: model
-	$(PY) -m pytest -m "not slow"
+# Unit tests only: no model loaded, no Ray started.
+test-fast: install
+	$(PY) -m pytest -m "not slow and not component and not integration"
 
 # ruff (lint + format) and mypy, as configured in pyproject.toml; CI runs this before the tests.
 lint: install
@@ -32,25 +33,26 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Every benchmark, each rewriting its README table (~45 min on 2 cores); each script has
-# --quick for a short check.
+# Every benchmark, each rewriting its README table and its committed results in
+# benchmarks/results/ (~45 min on 2 cores); each has --quick for a short check, which writes
+# to benchmarks/results/quick/ (git-ignored) instead.
 bench: model
-	$(PY) benchmarks/prompt_compression.py --update-readme README.md
-	$(PY) benchmarks/serving_overhead.py --update-readme README.md
-	$(PY) benchmarks/serving_overhead.py --size 64 --steps 1 --concurrency 1 --requests-per-level 40 \
+	$(PY) -m benchmarks.prompt_compression --update-readme README.md
+	$(PY) -m benchmarks.serving_overhead --update-readme README.md
+	$(PY) -m benchmarks.serving_overhead --size 64 --steps 1 --concurrency 1 --requests-per-level 40 \
 	  --json benchmarks/results/serving_overhead_probe.json --update-readme README.md \
 	  --readme-section serving_overhead_probe
-	$(PY) benchmarks/text_encoder_cache.py --update-readme README.md
-	$(PY) benchmarks/encoder_routing.py --update-readme README.md
-	$(PY) benchmarks/denoiser_batching.py --update-readme README.md
-	$(PY) benchmarks/denoiser_batching.py --model small --sizes 256,64 --concurrency 1,8 --update-readme README.md
-	$(PY) benchmarks/unet_batch_scaling.py --update-readme README.md
-	$(PY) benchmarks/unet_variants.py --update-readme README.md
-	$(PY) benchmarks/adaptive_steps.py --update-readme README.md
-	$(PY) benchmarks/adaptive_steps.py --early-stop --update-readme README.md
-	$(PY) benchmarks/autoscaling.py --update-readme README.md
-	$(PY) benchmarks/autoscaling.py --workload phases --update-readme README.md
-	$(PY) benchmarks/edits.py --update-readme README.md
+	$(PY) -m benchmarks.text_encoder_cache --update-readme README.md
+	$(PY) -m benchmarks.encoder_routing --update-readme README.md
+	$(PY) -m benchmarks.denoiser_batching --update-readme README.md
+	$(PY) -m benchmarks.denoiser_batching --model small --sizes 256,64 --concurrency 1,8 --update-readme README.md
+	$(PY) -m benchmarks.unet_batch_scaling --update-readme README.md
+	$(PY) -m benchmarks.unet_variants --update-readme README.md
+	$(PY) -m benchmarks.adaptive_steps --update-readme README.md
+	$(PY) -m benchmarks.adaptive_steps --early-stop --update-readme README.md
+	$(PY) -m benchmarks.autoscaling --update-readme README.md
+	$(PY) -m benchmarks.autoscaling --workload phases --update-readme README.md
+	$(PY) -m benchmarks.edits --update-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,9 +17,9 @@ their scheduled arrival), goodput (requests within the target per second of the 
 p95 latency, mean steps, and mean PSNR of each image against a 50-step render of the same
 prompt and seed (identical images count as 100 dB).
 
-    .venv/bin/python benchmarks/adaptive_steps.py                   # ~10 min
-    .venv/bin/python benchmarks/adaptive_steps.py --quick           # < 3 min
-    .venv/bin/python benchmarks/adaptive_steps.py --update-readme README.md
+    .venv/bin/python -m benchmarks.adaptive_steps                   # ~10 min
+    .venv/bin/python -m benchmarks.adaptive_steps --quick           # < 3 min
+    .venv/bin/python -m benchmarks.adaptive_steps --update-readme README.md
 """
 
 from __future__ import annotations
@@ -37,15 +37,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, plot_path, publish, results_path
+from benchmarks.stats import percentile
 
 SECTION = "adaptive_steps"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "adaptive_steps.json"
-DEFAULT_PLOT = REPO_ROOT / "benchmarks" / "results" / "adaptive_steps.png"
 POLICIES = ("fixed 30", "fixed 15", "complexity", "slo")
 IDENTICAL_DB = 100.0
 # From a bare word to a busy portrait: the complexity policy spreads them over 15-30 steps.
@@ -111,7 +106,7 @@ async def open_loop(pipeline, policy: str, arrivals: list[float], size: int, tar
             result.images_png[0],
             done,
             result.steps.predicted_ms,
-            result.usage["elapsed_ms"],
+            result.usage.elapsed_ms,
         )
 
     outcomes = await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
@@ -127,11 +122,6 @@ def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
     return times
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
-
-
 def run(
     size: int,
     load_factors: list[float],
@@ -144,9 +134,9 @@ def run(
     from deployments.models import loading
     from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.quality import psnr_db
-    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
 
-    settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
+    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG))
     pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
     batch = settings.denoiser.max_batch_size
 
@@ -197,8 +187,8 @@ def run(
                 "load_factor": raw["load_factor"],
                 "slo_attainment": round(within / len(latencies), 4),
                 "goodput_rps": round(within / raw["duration_s"], 4),
-                "p50_ms": round(percentile(latencies, 0.5), 1),
-                "p95_ms": round(percentile(latencies, 0.95), 1),
+                "p50_ms": round(percentile(latencies, 50), 1),
+                "p95_ms": round(percentile(latencies, 95), 1),
                 "mean_steps": round(statistics.fmean(steps), 2),
                 "mean_psnr_db": round(statistics.fmean(psnrs), 2),
                 "steps": steps,
@@ -225,7 +215,7 @@ def run(
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.adaptive_steps"),
         },
         "runs": rows,
         "slo_same_steps_as_complexity": same,
@@ -239,9 +229,9 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
     from deployments.models import loading
     from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.quality import psnr_db
-    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
 
-    settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"))
+    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG))
     counted = []
     requests = [request_for(i, "fixed 30", size, 1e9, seeds) for i in range(len(PROMPTS) * seeds)]
     requests = [dataclasses.replace(r, num_inference_steps=steps) for r in requests]
@@ -285,7 +275,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
             "requests": len(requests),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python benchmarks/adaptive_steps.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.adaptive_steps"),
         },
         "runs": rows,
     }
@@ -382,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--thresholds", default="0.0002,0.0005,0.001,0.002,0.005,0.02")
     parser.add_argument(
-        "--json", default=None, help=f"default: {DEFAULT_JSON.name} (early_stop.json with --early-stop)"
+        "--json",
+        help="results file, its plot beside it (default: benchmarks/results/[quick/]adaptive_steps.json, "
+        "early_stop.json with --early-stop)",
     )
-    parser.add_argument("--plot", default=str(DEFAULT_PLOT))
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
     loads = [float(v) for v in options.loads.split(",")]
@@ -395,23 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     if options.early_stop:
         thresholds = [float(t) for t in options.thresholds.split(",")]
         results = early_stop_study(options.size, thresholds, 1 if options.quick else 2)
-        publish(
-            results,
-            options.json or DEFAULT_JSON.with_name("early_stop.json"),
-            early_stop_markdown(results),
-            options.update_readme,
-            "early_stop",
-        )
+        json_path = results_path("early_stop", options.quick, options.json)
+        publish(results, json_path, early_stop_markdown(results), options.update_readme, "early_stop")
         return 0
     requests, seeds, capacity_requests = options.requests, options.seeds, 24
     if options.quick:
         loads, requests, seeds, capacity_requests = [0.5, 2.0], 16, 2, 16
     results = run(options.size, loads, policies, requests, seeds, options.target_factor, capacity_requests)
-    plot(results, Path(options.plot))
+    json_path = results_path(SECTION, options.quick, options.json)
+    plot(results, plot_path(json_path))
     for row in results["runs"]:
         row.pop("steps")  # per-request detail: only for the comparison above
-    publish(results, options.json or DEFAULT_JSON, markdown(results), options.update_readme, SECTION)
-    print(f"plot: {options.plot}")
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
+    print(f"plot: {plot_path(json_path)}")
     return 0
 
 

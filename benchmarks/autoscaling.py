@@ -15,10 +15,10 @@ large requests: few requests, much work), an idle gap long enough to scale back,
 phase (6 clients, only small requests: many requests, little work). Per phase: seconds from
 its start to the first scale-up, peak replicas, replica-seconds, p95 latency.
 
-    .venv/bin/python benchmarks/autoscaling.py                   # ~6 min
-    .venv/bin/python benchmarks/autoscaling.py --quick           # < 5 min
-    .venv/bin/python benchmarks/autoscaling.py --update-readme README.md
-    .venv/bin/python benchmarks/autoscaling.py --workload phases --update-readme README.md   # ~6 min
+    .venv/bin/python -m benchmarks.autoscaling                   # ~6 min
+    .venv/bin/python -m benchmarks.autoscaling --quick           # < 5 min
+    .venv/bin/python -m benchmarks.autoscaling --update-readme README.md
+    .venv/bin/python -m benchmarks.autoscaling --workload phases --update-readme README.md   # ~6 min
 """
 
 from __future__ import annotations
@@ -28,21 +28,16 @@ import copy
 import os
 import platform
 import random
-import statistics
 import sys
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, plot_path, publish, results_path
+from benchmarks.stats import percentile
 
 SECTION = "autoscaling"
-RESULTS = REPO_ROOT / "benchmarks" / "results"
 PORT = 8131
 SMALL = {"size": "64x64", "num_inference_steps": 15}
 LARGE = {"size": "256x256", "num_inference_steps": 30}
@@ -223,7 +218,7 @@ def run_policy(name: str, autoscaling: dict, settings, base_options, plan, seed:
         "requests": len(results),
         "errors": sum(r["status"] != 200 for r in results),
         "error_statuses": sorted({r["status"] for r in results if r["status"] != 200}),
-        "p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1) if len(latencies) >= 2 else None,
+        "p95_ms": round(percentile(latencies, 95), 1) if latencies else None,
         "timeline": timeline,
         "latencies": results,
     }
@@ -245,8 +240,8 @@ def phase_summary(phase, timeline: list[dict], results: list[dict]) -> dict:
         "time_to_scale_up_s": None if first_up is None else round(first_up, 1),
         "replica_seconds": round(sum(p["replicas"] for p in window) * 0.5, 1),
         "requests": len(ok),
-        "p50_ms": round(statistics.median(ok), 1) if ok else None,
-        "p95_ms": round(statistics.quantiles(ok, n=20)[-1], 1) if len(ok) >= 2 else None,
+        "p50_ms": round(percentile(ok, 50), 1) if ok else None,
+        "p95_ms": round(percentile(ok, 95), 1) if ok else None,
     }
 
 
@@ -254,9 +249,9 @@ def run(plan, target_work: int, target_ms: float) -> dict:
     import ray
     from ray import serve
 
-    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
 
-    settings, base_options, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"), model="tiny")
+    settings, base_options, _ = split_app_config(load_serve_config(DEFAULT_CONFIG), model="tiny")
     settings = settings.model_copy(update={"num_threads": 1, "stage_threads": {}})
     settings.denoiser.max_batch_size = 4
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -293,7 +288,7 @@ def run(plan, target_work: int, target_ms: float) -> dict:
             "autoscaling": COMMON,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "python benchmarks/autoscaling.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.autoscaling"),
         },
         "policies": rows,
     }
@@ -412,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the queued-work policy's target per replica (default: "
         f"{TARGET_WORK} for ramp, {PHASES_TARGET_WORK} for phases)",
     )
-    parser.add_argument("--json", help="results file (default: benchmarks/results/<section>.json)")
-    parser.add_argument("--plot", help="timeline PNG (default: benchmarks/results/<section>.png)")
+    parser.add_argument(
+        "--json", help="results file, the timeline plot beside it (default: benchmarks/results/[quick/]<section>.json)"
+    )
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
     if options.workload == "phases":
@@ -427,12 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         section, target_work, render = SECTION, options.target_work or TARGET_WORK, markdown
     results = run(plan, target_work, options.target_ms)
-    plot_path = Path(options.plot or RESULTS / f"{section}.png")
-    plot(results, plot_path)
+    json_path = results_path(section, options.quick, options.json)
+    plot(results, plot_path(json_path))
     for row in results["policies"]:
         row.pop("latencies")
-    publish(results, options.json or RESULTS / f"{section}.json", render(results), options.update_readme, section)
-    print(f"plot: {plot_path}")
+    publish(results, json_path, render(results), options.update_readme, section)
+    print(f"plot: {plot_path(json_path)}")
     return 0
 
 

@@ -11,9 +11,9 @@ clients each send their next request when the last one returns; requests have fi
 seeds and step counts drawn from 15-30 (the step controller's range), the same list for
 every mode. Reported: requests/s, p50/p95 latency, and the ratio to `single`.
 
-    .venv/bin/python benchmarks/denoiser_batching.py                 # ~6 min
-    .venv/bin/python benchmarks/denoiser_batching.py --quick         # < 2 min
-    .venv/bin/python benchmarks/denoiser_batching.py --update-readme README.md
+    .venv/bin/python -m benchmarks.denoiser_batching                 # ~6 min
+    .venv/bin/python -m benchmarks.denoiser_batching --quick         # < 2 min
+    .venv/bin/python -m benchmarks.denoiser_batching --update-readme README.md
 """
 
 from __future__ import annotations
@@ -23,21 +23,16 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, publish, results_path
+from benchmarks.stats import percentile
 
 SECTION = "denoiser_batching"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "denoiser_batching.json"
 MODES = {
     "single": {"max_batch_size": 1},
     "request_batch": {"max_batch_size": 8, "admit_between_steps": False},
@@ -59,11 +54,6 @@ def make_jobs(count: int, size: int, hidden: int, seed: int):
     return jobs
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def drive(engine, jobs, concurrency: int) -> dict:
     """Closed loop: `concurrency` clients take the next job from the shared list."""
     latencies: list[float] = []
@@ -77,7 +67,7 @@ def drive(engine, jobs, concurrency: int) -> dict:
                     return
                 job = queue.pop(0)
             start = time.perf_counter()
-            engine.denoise(job)
+            engine.submit(job).result()
             with lock:
                 latencies.append((time.perf_counter() - start) * 1000.0)
 
@@ -91,8 +81,8 @@ def drive(engine, jobs, concurrency: int) -> dict:
     return {
         "requests": len(latencies),
         "rps": round(len(latencies) / seconds, 4),
-        "p50_ms": round(statistics.median(latencies), 1),
-        "p95_ms": round(percentile(latencies, 0.95), 1),
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p95_ms": round(percentile(latencies, 95), 1),
     }
 
 
@@ -106,7 +96,7 @@ def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, thread
         engines = {mode: DenoiserEngine(model_path, threads, settings) for mode, settings in MODES.items()}
         hidden = engines["single"].unet_config["cross_attention_dim"]
         for engine in engines.values():  # first-call costs
-            engine.denoise(make_jobs(1, size, hidden, seed=99)[0])
+            engine.submit(make_jobs(1, size, hidden, seed=99)[0]).result()
         for concurrency in levels:
             jobs = make_jobs(max(per_level, rounds * concurrency), size, hidden, seed=concurrency)
             for mode, engine in engines.items():
@@ -122,7 +112,7 @@ def run(sizes: list[int], levels: list[int], per_level: int, rounds: int, thread
     return {
         "runs": runs,
         "config": {
-            "command": "benchmarks/denoiser_batching.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.denoiser_batching"),
             "threads": threads,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
@@ -174,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         default="tiny",
         help="preset or model folder (default: %(default)s; the mid-size preset is `small`, 24M UNet parameters)",
     )
-    parser.add_argument("--json", help="results file (default: benchmarks/results/<section>.json)")
+    parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]<section>.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
     # one README table per model: denoiser_batching (tiny), denoiser_batching_<preset> otherwise
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.quick:
         sizes, levels, per_level, rounds = [256], [1, 8], 3, 1
     results = run(sizes, levels, per_level, rounds, options.threads, options.model)
-    json_path = options.json or DEFAULT_JSON.with_name(f"{section}.json")
+    json_path = results_path(section, options.quick, options.json)
     publish(results, json_path, markdown(results), options.update_readme, section)
     return 0
 

@@ -8,7 +8,7 @@ requests at one size and step count:
 - an edit with a reference face (image-prompt adapter), each time a new face (cache miss)
   vs the same face again (hit): the reference stage's time and the whole request's.
 
-    .venv/bin/python benchmarks/edits.py [--quick] [--json PATH] [--update-readme README.md]
+    .venv/bin/python -m benchmarks.edits [--quick] [--json PATH] [--update-readme README.md]
 """
 
 from __future__ import annotations
@@ -21,16 +21,11 @@ import statistics
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, publish, results_path
+from benchmarks.stats import percentile
 
 SECTION = "edits"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "edits.json"
 PROMPT = "portrait of a smiling woman, age:30, soft lighting"
 
 
@@ -59,9 +54,9 @@ def run(size: int, steps: int, repeats: int) -> dict:
     from deployments.models import loading
     from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.request import ImageRequest
-    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
 
-    settings, _, _ = split_app_config(load_serve_config(REPO_ROOT / "serve_config.yaml"), "tiny")
+    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG), "tiny")
     pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
     target = synthetic_photo(size, 0)
 
@@ -109,16 +104,16 @@ def run(size: int, steps: int, repeats: int) -> dict:
                 samples[i].append((ms, result))
             for name, face in reference_modes:
                 ms, result = await timed(reference_request(face(repeat), repeat))
-                assert result.usage["reference_image_cached"] == (name == "hit")
+                assert result.usage.reference_image_cached == (name == "hit")
                 reference[name].append((ms, result.stage_ms["reference"]))
         runs = []
         for i, (mode, strength, _) in enumerate(modes):
-            p50 = statistics.median(ms for ms, _ in samples[i])
+            p50 = percentile((ms for ms, _ in samples[i]), 50)
             runs.append(
                 {
                     "mode": mode,
                     "strength": strength,
-                    "denoising_steps": samples[i][-1][1].usage["denoising_steps"],
+                    "denoising_steps": samples[i][-1][1].usage.denoising_steps,
                     "p50_ms": round(p50, 1),
                 }
             )
@@ -128,7 +123,7 @@ def run(size: int, steps: int, repeats: int) -> dict:
             row["ratio_to_generation"] = round(row["p50_ms"] / base, 3)
         summary = {}
         for name, _ in reference_modes:
-            summary[f"{name}_p50_ms"] = round(statistics.median(ms for ms, _ in reference[name]), 1)
+            summary[f"{name}_p50_ms"] = round(percentile((ms for ms, _ in reference[name]), 50), 1)
             summary[f"{name}_reference_stage_ms"] = round(statistics.median(st for _, st in reference[name]), 2)
         return {"runs": runs, "reference": summary}
 
@@ -171,22 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="128x128, 3 repeats (about a minute)")
-    parser.add_argument("--json", default=str(DEFAULT_JSON), help="results file (default: %(default)s)")
+    parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]edits.json)")
     parser.add_argument("--update-readme", metavar="README", help="rewrite the README's edits table")
     options = parser.parse_args(argv)
     if options.quick:
         options.size, options.repeats = 128, 3
-    command = "python benchmarks/edits.py" + (" --quick" if options.quick else "")
     results = run(options.size, options.steps, options.repeats)
     results["setup"] = {
         "size": options.size,
         "steps": options.steps,
         "repeats": options.repeats,
-        "command": command,
+        "command": command_line("benchmarks.edits"),
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
     }
-    publish(results, options.json, table(results), options.update_readme, SECTION)
+    publish(results, results_path(SECTION, options.quick, options.json), table(results), options.update_readme, SECTION)
     return 0
 
 

@@ -13,7 +13,7 @@ from this process with `--concurrency` in flight. Reported per router: the share
 prompt window positions served from cache, the share of requests whose template blocks
 hit, and the requests per second.
 
-    .venv/bin/python benchmarks/encoder_routing.py [--quick] [--update-readme README.md]
+    .venv/bin/python -m benchmarks.encoder_routing [--quick] [--update-readme README.md]
 """
 
 from __future__ import annotations
@@ -25,16 +25,10 @@ import random
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, publish, results_path
 
 SECTION = "encoder_routing"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "encoder_routing.json"
 ROUTER = "deployments.text_encoder.router:PrefixAffinityRouter"
 
 
@@ -79,7 +73,7 @@ def run(options) -> dict:
     from ray.serve.config import RequestRouterConfig
 
     from deployments.models import loading
-    from deployments.text_encoder import engine as text_encoder
+    from deployments.text_encoder import deployment as text_encoder
 
     model_path = loading.resolve_model("tiny")
     tokenizer = loading.load_tokenizer(model_path)
@@ -127,7 +121,7 @@ def run(options) -> dict:
             "replicas": 2,
             "busy_threshold": options.busy_threshold,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "benchmarks/encoder_routing.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.encoder_routing"),
         },
     }
 
@@ -153,20 +147,28 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deployments.text_encoder.router import DEFAULT_BUSY_THRESHOLD
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests")
     parser.add_argument("--templates", type=int, default=48)
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-mib", type=float, default=4.0, help="cache budget per replica")
-    parser.add_argument("--busy-threshold", type=int, default=8, help="the affinity router's spill point")
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument(
+        "--busy-threshold",
+        type=int,
+        default=DEFAULT_BUSY_THRESHOLD,
+        help="the affinity router's spill point (default: the router's, %(default)s)",
+    )
+    parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]encoder_routing.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
     if options.quick:
         options.requests = 200
     results = run(options)
-    publish(results, options.json, markdown(results), options.update_readme, SECTION)
+    json_path = results_path(SECTION, options.quick, options.json)
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
     return 0
 
 

@@ -3,7 +3,7 @@ keeps every attribute, on our labelled set of portrait instructions.
 
 Reproduce (a few seconds, no Ray):
 
-    .venv/bin/python benchmarks/prompt_compression.py --update-readme README.md
+    .venv/bin/python -m benchmarks.prompt_compression --update-readme README.md
 
 Baseline: the instruction as the user wrote it (what the text encoder sees without the
 optimizer), counted with the same CLIP tokenizer in the same run. Token reduction is
@@ -13,8 +13,9 @@ instructions (`"compact": true`) are reported apart: they must not get longer.
 
 The held-out set (`tests/data/portrait_instructions_heldout.jsonl`) was written after the
 rules and measured before any rule was changed for it; its rows say how the rules carry
-to phrasings they were not tuned on. Keep it that way: a rule added because a held-out
-row failed makes that row part of the tuning set (move it there).
+to phrasings they were not tuned on. It is frozen: its rows never move, not even when a
+rule is added for one of them (tests/unit/test_prompt_optimizer.py pins its content). If
+a fresh measure of unseen phrasings is needed, write a new held-out set.
 """
 
 from __future__ import annotations
@@ -26,15 +27,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.readme_table import command_line, plot_path, publish, results_path
 
-from benchmarks.readme_table import publish  # noqa: E402
-
-DATASET = REPO_ROOT / "tests" / "data" / "portrait_instructions.jsonl"
-HELD_OUT = REPO_ROOT / "tests" / "data" / "portrait_instructions_heldout.jsonl"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "prompt_compression.json"
+CHECKOUT = Path(__file__).resolve().parents[1]  # the labelled sets live with the tests
+DATASET = CHECKOUT / "tests" / "data" / "portrait_instructions.jsonl"
+HELD_OUT = CHECKOUT / "tests" / "data" / "portrait_instructions_heldout.jsonl"
 SECTION = "prompt_compression"
 EXAMPLE = (
     "A smiling Asian man who is wearing glasses and looks about 35 years old, standing in a studio "
@@ -117,17 +114,17 @@ def run(model: str) -> dict:
         "example": {
             "instruction": EXAMPLE,
             "prompt": example.prompt,
-            "attributes": example.attributes,
+            "attributes": example.attribute_text(),
             "original_tokens": example.original_tokens,
             "optimized_tokens": example.prompt_tokens,
         },
         "rows": results,
         "config": {
-            "dataset": str(DATASET.relative_to(REPO_ROOT)),
-            "held_out": str(HELD_OUT.relative_to(REPO_ROOT)),
+            "dataset": str(DATASET.relative_to(CHECKOUT)),
+            "held_out": str(HELD_OUT.relative_to(CHECKOUT)),
             "model": model,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": "benchmarks/prompt_compression.py",
+            "command": command_line("benchmarks.prompt_compression"),
         },
     }
 
@@ -197,14 +194,18 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="model whose tokenizer counts (default: %(default)s)")
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
-    parser.add_argument("--plot", help="PNG plot (default: the JSON path with .png)")
+    parser.add_argument(
+        "--json", help="results file, its plot beside it (default: benchmarks/results/[quick/]prompt_compression.json)"
+    )
     parser.add_argument("--update-readme", metavar="README")
-    parser.add_argument("--quick", action="store_true", help="accepted for symmetry; the run takes seconds anyway")
+    parser.add_argument(
+        "--quick", action="store_true", help="the same run (it takes seconds), written to benchmarks/results/quick/"
+    )
     options = parser.parse_args(argv)
     results = run(options.model)
-    json_path = publish(results, options.json, markdown(results), options.update_readme, SECTION)
-    plot(results, Path(options.plot) if options.plot else json_path.with_suffix(".png"))
+    json_path = results_path(SECTION, options.quick, options.json)
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
+    plot(results, plot_path(json_path))
     failures = [r["id"] for r in results["rows"] if r["missing"]]
     if failures:
         print(f"\nattributes missing in: {', '.join(failures)}", file=sys.stderr)

@@ -1,10 +1,36 @@
-"""Publish a benchmark's results: the JSON file, the table on stdout, the README section."""
+"""Publish a benchmark's results: the JSON file, the table on stdout, the README section.
+
+Where results go: a full run writes benchmarks/results/NAME.json (committed: the README's
+tables and plots come from there); a `--quick` run writes benchmarks/results/quick/NAME.json
+(git-ignored), so checking that a benchmark runs never overwrites a committed result; `--json
+PATH` writes PATH. A plot goes beside its JSON file, with the suffix .png.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
+
+
+def results_path(name: str, quick: bool, given: str | None = None) -> Path:
+    """The JSON file of a run: `given` (--json) if any, else NAME.json in the folder for its kind of run."""
+    if given:
+        return Path(given)
+    return (QUICK_RESULTS_DIR if quick else RESULTS_DIR) / f"{name}.json"
+
+
+def plot_path(json_path: str | Path) -> Path:
+    """A run's plot: beside its JSON file, with the suffix .png."""
+    return Path(json_path).with_suffix(".png")
+
+
+def command_line(module: str) -> str:
+    """How this run was started, as README footers show it (`python -m benchmarks.NAME ...`)."""
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
 
 
 def publish(results: dict, json_path: str | Path, table: str, readme: str | None, section: str) -> Path:

@@ -3,7 +3,7 @@ DAG compares with the one-deployment shape of Ray Serve's Stable Diffusion examp
 
 Reproduce (about two and a half minutes on the 2-core development machine):
 
-    .venv/bin/python benchmarks/serving_overhead.py --quick
+    .venv/bin/python -m benchmarks.serving_overhead --quick
 
 The same requests (tiny model, 256x256, 20 steps, guidance 7.5, fixed seeds, a few
 portrait prompts) run in three modes:
@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import platform
-import shlex
 import socket
 import subprocess
 import sys
@@ -46,17 +45,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import update_readme  # noqa: E402
+from benchmarks.readme_table import command_line, plot_path, results_path, update_readme
+from benchmarks.stats import percentile
 
 MODES = ("in_process", "served", "single_deployment")
 APP_NAME = "fusionserve"
 BASELINE_NAME = "baseline"
 BASELINE_PREFIX = "/baseline"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "serving_overhead.json"
+CHECKOUT = Path(__file__).resolve().parents[1]  # for the git commit in the results
 README_SECTION = "serving_overhead"  # README markers: <!-- NAME:start --> ... <!-- NAME:end -->
 PROMPTS = (
     "portrait photo of a smiling woman with curly red hair, soft window light",
@@ -108,7 +104,8 @@ def requests_for_level(concurrency: int, minimum: int, per_client: int) -> int:
 
 
 def in_process_sender(pipeline, settings) -> Send:
-    from serve_app.http.routes import ImageGenerationBody, to_image_request
+    from serve_app.http.image_request import to_image_request
+    from serve_app.http.schemas import ImageGenerationBody
 
     async def send(body: dict) -> bytes:
         # The same validation and request type as the HTTP route, so both modes run the same job.
@@ -217,12 +214,6 @@ async def interleaved(senders: dict[str, Send], bodies: list[dict]) -> dict[str,
     return {name: LevelResult(values, sum(values)) for name, values in latencies.items()}
 
 
-def percentile(values: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(values, q))
-
-
 def summarize(mode: str, concurrency: int, result: LevelResult, was_interleaved: bool = False) -> dict:
     ms = [1000.0 * s for s in result.latencies_s]
     return {
@@ -292,10 +283,10 @@ async def measure_modes(
 
 def dag_cpu_shares(deployment_options: dict[str, dict]) -> float:
     """Logical CPUs the DAG holds at its initial size: replicas x num_cpus, config over code."""
-    from deployments.denoiser import engine as denoiser
-    from deployments.prompt import optimizer as prompt_optimizer
-    from deployments.text_encoder import engine as text_encoder
-    from deployments.vae import codec as vae_codec
+    from deployments.denoiser import deployment as denoiser
+    from deployments.prompt import deployment as prompt_optimizer
+    from deployments.text_encoder import deployment as text_encoder
+    from deployments.vae import deployment as vae_codec
     from serve_app.app import Ingress
 
     code_defaults = {
@@ -549,9 +540,7 @@ def assemble_results(runs, warmups, options, settings, model_path, workload, sha
         "warmup_max_pixel_diff": {name: max_pixel_difference(reference, png) for name, png in warmups.items()},
         "elapsed_s": round(elapsed_s, 1),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(
-            shlex.quote(a) for a in [".venv/bin/python", "benchmarks/serving_overhead.py", *sys.argv[1:]]
-        ),
+        "command": command_line("benchmarks.serving_overhead"),
     }
     return results
 
@@ -617,10 +606,10 @@ def cpu_model() -> str:
 def git_commit() -> str | None:
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain"], cwd=CHECKOUT, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -732,7 +721,7 @@ def write_json(results: dict, path: Path) -> None:
 
 
 def report(results: dict, options: argparse.Namespace, json_path: Path) -> None:
-    plot(results, Path(options.plot) if options.plot else json_path.with_suffix(".png"))
+    plot(results, plot_path(json_path))
     print()
     print(console_table(results))
     if options.markdown:
@@ -761,6 +750,8 @@ def _modes(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
+    from serve_app.ops.cli import DEFAULT_CONFIG
+
     root = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root.add_argument(
         "--quick",
@@ -782,19 +773,22 @@ def parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="CPUs given to Ray (default: this machine's, %(default)s)",
     )
-    root.add_argument("--config", default=str(REPO_ROOT / "serve_config.yaml"), help="Serve config file")
+    root.add_argument("--config", default=DEFAULT_CONFIG, help="Serve config file (default: %(default)s)")
     root.add_argument("--model", help="model preset or folder (default: the config's, tiny)")
     root.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     root.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     root.add_argument("--guidance-scale", type=float, default=7.5)
-    root.add_argument("--json", default=str(DEFAULT_JSON), help="results file (default: %(default)s)")
-    root.add_argument("--plot", help="PNG plot (default: the JSON path with .png)")
+    root.add_argument(
+        "--json", help="results file, its plot beside it (default: benchmarks/results/[quick/]serving_overhead.json)"
+    )
     root.add_argument("--markdown", action="store_true", help="also print the README table (markdown)")
     root.add_argument("--update-readme", metavar="README", help="rewrite the table between the markers in this file")
     root.add_argument(
         "--readme-section", default=README_SECTION, help="marker name in the README (default: %(default)s)"
     )
-    root.add_argument("--from-json", metavar="PATH", help="no run: redraw plot and table from this results file")
+    root.add_argument(
+        "--from-json", metavar="PATH", help="no run: redraw the plot (beside PATH) and the table from this results file"
+    )
     return root
 
 
@@ -808,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.requests_per_level is None:
         options.requests_per_level = 3 if options.quick else 8
     results = run_benchmark(options)
-    json_path = Path(options.json)
+    json_path = results_path(README_SECTION, options.quick, options.json)
     write_json(results, json_path)
     report(results, options, json_path)
     print(f"\ntotal {results['config']['elapsed_s']:.0f} s")

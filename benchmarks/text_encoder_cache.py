@@ -16,9 +16,9 @@ Each figure is the median over `--repeats` runs with fresh suffixes.
 Models: `sd15` is the real SD-1.5 text-encoder architecture (12 layers, width 768,
 77 tokens) with random weights, built in memory; `tiny` is the embedded default model.
 
-    .venv/bin/python benchmarks/text_encoder_cache.py                       # full grid, ~3 min
-    .venv/bin/python benchmarks/text_encoder_cache.py --quick               # < 1 min
-    .venv/bin/python benchmarks/text_encoder_cache.py --update-readme README.md
+    .venv/bin/python -m benchmarks.text_encoder_cache                       # full grid, ~3 min
+    .venv/bin/python -m benchmarks.text_encoder_cache --quick               # < 1 min
+    .venv/bin/python -m benchmarks.text_encoder_cache --update-readme README.md
 """
 
 from __future__ import annotations
@@ -34,14 +34,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, plot_path, publish, results_path
 
 SECTION = "text_encoder_cache"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "text_encoder_cache.json"
 WINDOW = 77
 VOCAB = 49406
 
@@ -142,7 +137,7 @@ def run(models_: list[str], prefixes: list[int], batches: list[int], repeats: in
         "cases": cases,
         "memory": memory,
         "config": {
-            "command": "benchmarks/text_encoder_cache.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.text_encoder_cache"),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "threads": threads,
             "repeats": repeats,
@@ -214,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", default=str(DEFAULT_JSON), help="results file (default: %(default)s)")
-    parser.add_argument("--plot", help="PNG plot (default: the JSON path with .png)")
+    parser.add_argument(
+        "--json", help="results file, its plot beside it (default: benchmarks/results/[quick/]text_encoder_cache.json)"
+    )
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
     prefixes = [int(p) for p in options.prefixes.split(",")]
@@ -225,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(
         options.models.split(","), prefixes, [int(b) for b in options.batches.split(",")], repeats, options.threads
     )
-    json_path = publish(results, options.json, markdown(results), options.update_readme, SECTION)
-    plot(results, Path(options.plot) if options.plot else json_path.with_suffix(".png"))
+    json_path = results_path(SECTION, options.quick, options.json)
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
+    plot(results, plot_path(json_path))
     return 0
 
 

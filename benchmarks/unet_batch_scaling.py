@@ -8,8 +8,9 @@ and splits each forward's time by operator kind with torch's profiler, so a miss
 batching target can be traced to the operators whose cost is per image (attention over
 the latent's positions) rather than per call.
 
-    .venv/bin/python benchmarks/unet_batch_scaling.py                      # ~2 min
-    .venv/bin/python benchmarks/unet_batch_scaling.py --update-readme README.md
+    .venv/bin/python -m benchmarks.unet_batch_scaling                      # ~2 min
+    .venv/bin/python -m benchmarks.unet_batch_scaling --quick              # tiny, 64x64: seconds
+    .venv/bin/python -m benchmarks.unet_batch_scaling --update-readme README.md
 
 Baseline: the forward of one guided image (batch 2), as the one-request-at-a-time server
 runs it. Reported: ms per forward, ms per image, throughput vs the baseline (the
@@ -26,16 +27,10 @@ import statistics
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, publish, results_path
 
 SECTION = "unet_batch_scaling"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / f"{SECTION}.json"
 # profiler op name -> kind (each op's total includes its children); everything else is
 # "other". diffusers' UNet attends through scaled_dot_product_attention (AttnProcessor2_0);
 # bmm is left out, since linear layers on 3-D inputs call it too and would count twice.
@@ -49,8 +44,10 @@ OP_KINDS = {
 def inputs(unet, rows: int, size: int, hidden: int):
     import torch
 
+    from deployments.common.vae_scale import VAE_SCALE_FACTOR
+
     generator = torch.Generator().manual_seed(rows)
-    latent = size // 8
+    latent = size // VAE_SCALE_FACTOR
     return (
         torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator),
         torch.full((rows,), 500),
@@ -129,7 +126,7 @@ def run(models_to_run: list[str], sizes: list[int], images: list[int], repeats: 
     return {
         "rows": rows,
         "config": {
-            "command": "benchmarks/unet_batch_scaling.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.unet_batch_scaling"),
             "threads": threads,
             "repeats": repeats,
             "torch": torch.__version__,
@@ -163,22 +160,22 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 64x64, 1-4 images, 3 repeats")
     parser.add_argument("--models", default="tiny,small", help="presets or model folders, comma-separated")
     parser.add_argument("--sizes", default="256,64")
     parser.add_argument("--images", default="1,2,4,8", help="guided images per forward; the first is the baseline")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]unet_batch_scaling.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
-    results = run(
-        options.models.split(","),
-        [int(s) for s in options.sizes.split(",")],
-        [int(n) for n in options.images.split(",")],
-        options.repeats,
-        options.threads,
-    )
-    publish(results, options.json, markdown(results), options.update_readme, SECTION)
+    models, sizes = options.models.split(","), [int(s) for s in options.sizes.split(",")]
+    images, repeats = [int(n) for n in options.images.split(",")], options.repeats
+    if options.quick:
+        models, sizes, images, repeats = ["tiny"], [64], [1, 2, 4], 3
+    results = run(models, sizes, images, repeats, options.threads)
+    json_path = results_path(SECTION, options.quick, options.json)
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
     return 0
 
 

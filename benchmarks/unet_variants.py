@@ -6,7 +6,8 @@ over torch fp32, and the PSNR of the final image against the torch fp32 image (f
 pipeline: the same text encoder and VAE, only the UNet differs). A variant is *allowed*
 when its mean PSNR is at least `--min-psnr` dB (the quality guard's 32 dB).
 
-    .venv/bin/python benchmarks/unet_variants.py [--size 256] [--steps 20] [--update-readme README.md]
+    .venv/bin/python -m benchmarks.unet_variants [--size 256] [--steps 20] [--update-readme README.md]
+    .venv/bin/python -m benchmarks.unet_variants --quick     # 64x64, 4 steps: every variant runs
 """
 
 from __future__ import annotations
@@ -20,16 +21,10 @@ import statistics
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # runnable as a script from any directory
-
-from benchmarks.readme_table import publish  # noqa: E402
+from benchmarks.readme_table import command_line, publish, results_path
 
 SECTION = "unet_variants"
-DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "unet_variants.json"
 PROMPTS = [
     "Asian man, age:35, smiling expression, wearing glasses, photorealistic",
     "elderly woman, long red hair, side view, soft lighting",
@@ -48,22 +43,17 @@ VARIANTS = [
 ]
 
 
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dict:
     import torch
 
+    from deployments.common.vae_scale import VAE_SCALE_FACTOR
     from deployments.denoiser.backends import BackendSpec
     from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
     from deployments.denoiser.pruning import save_pruned_variant
     from deployments.models import loading
     from deployments.text_encoder.engine import TextEncoderEngine
     from deployments.vae.codec import VaeCodecEngine
+    from serve_app.flow.quality import psnr_db
 
     torch.set_num_threads(threads)
     path = loading.resolve_model("tiny")
@@ -73,7 +63,8 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
     contexts = [encoder.encode([prompt, negative]).hidden for prompt in PROMPTS]
     jobs = [DenoiseJob(c[0:1], c[1:2], size, size, [seed], steps, 7.5) for c in contexts for seed in range(seeds)]
     config = loading.load_unet_config(path)
-    sample = torch.randn(2, config["in_channels"], size // 8, size // 8)
+    latent = size // VAE_SCALE_FACTOR
+    sample = torch.randn(2, config["in_channels"], latent, latent)
     timestep, context = torch.tensor([500, 500]), contexts[0].clone()
 
     reference, rows = None, []
@@ -98,10 +89,10 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
             start = time.perf_counter()
             run_unet(sample, timestep, context)
             times.append((time.perf_counter() - start) * 1000.0)
-        images = [vae.decode_pixels(engine.denoise(job))[0] for job in jobs]
+        images = [vae.decode_pixels(engine.submit(job).result())[0] for job in jobs]
         if reference is None:
             reference = images
-        scores = [psnr(a, b) for a, b in zip(images, reference)]
+        scores = [psnr_db(a, b) for a, b in zip(images, reference)]
         finite = [s for s in scores if math.isfinite(s)]
         mean_psnr = statistics.mean(finite) if finite else math.inf
         row = {
@@ -128,7 +119,7 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
             "images": len(jobs),
             "min_psnr_db": min_psnr,
             "threads": threads,
-            "command": "benchmarks/unet_variants.py " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.unet_variants"),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
             "torch": torch.__version__,
@@ -139,7 +130,7 @@ def run(size: int, steps: int, seeds: int, threads: int, min_psnr: float) -> dic
 def markdown(results: dict) -> str:
     lines = [
         "| variant | UNet parameters removed | ms per step | speed-up vs fp32 | PSNR vs fp32 (mean / min) "
-        "| allowed (≥ 32 dB) |",
+        f"| allowed (≥ {results['config']['min_psnr_db']:g} dB) |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in results["variants"]:
@@ -160,17 +151,27 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serve_app.config import QualityGuardSettings
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64x64, 4 steps, one image per prompt")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=1, help="images per prompt")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--min-psnr", type=float, default=32.0)
-    parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument(
+        "--min-psnr",
+        type=float,
+        default=QualityGuardSettings().min_psnr_db,
+        help="mean PSNR a variant needs to be allowed (default: the quality guard's, %(default)s dB)",
+    )
+    parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]unet_variants.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
-    results = run(options.size, options.steps, options.seeds, options.threads, options.min_psnr)
-    publish(results, options.json, markdown(results), options.update_readme, SECTION)
+    size, steps, seeds = (64, 4, 1) if options.quick else (options.size, options.steps, options.seeds)
+    results = run(size, steps, seeds, options.threads, options.min_psnr)
+    json_path = results_path(SECTION, options.quick, options.json)
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
     return 0
 
 

@@ -9,11 +9,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.denoiser import engine as denoiser
+from deployments.denoiser import deployment as denoiser
 from deployments.models import loading
-from deployments.prompt import optimizer as prompt_optimizer
-from deployments.text_encoder import engine as text_encoder
-from deployments.vae import codec as vae_codec
+from deployments.prompt import deployment as prompt_optimizer
+from deployments.text_encoder import deployment as text_encoder
+from deployments.vae import deployment as vae_codec
 from serve_app.config import AppSettings
 from serve_app.flow.metrics import PipelineMetrics
 from serve_app.flow.pipeline import ImagePipeline
@@ -35,11 +35,10 @@ class Ingress:
         text_encoder,
         denoiser,
         vae_codec,
-        settings: dict,
+        settings: AppSettings,
         model_id: str,
-        features: dict | None = None,
+        features: dict[str, bool] | None = None,
     ):
-        settings = AppSettings.model_validate(settings)
         pipeline = ImagePipeline(
             prompt_optimizer,
             text_encoder,
@@ -69,15 +68,13 @@ def build_application(
 
     threads = settings.threads_for
     return configured(Ingress, "Ingress").bind(
-        configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path, settings.prompt.model_dump()),
+        configured(prompt_optimizer.build_deployment(), "PromptOptimizer").bind(path, settings.prompt),
         configured(text_encoder.build_deployment(), "TextEncoder").bind(
-            path, threads("TextEncoder"), settings.text_encoder.model_dump()
+            path, threads("TextEncoder"), settings.text_encoder
         ),
-        configured(denoiser.build_deployment(), "Denoiser").bind(
-            path, threads("Denoiser"), settings.denoiser.model_dump()
-        ),
+        configured(denoiser.build_deployment(), "Denoiser").bind(path, threads("Denoiser"), settings.denoiser),
         configured(vae_codec.build_deployment(), "VaeCodec").bind(path, threads("VaeCodec")),
-        settings.model_dump(),
+        settings,
         loading.model_id(model_path),
         loading.features(model_path),
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.denoiser.engine import DenoiserSettings
-from deployments.text_encoder.engine import TextEncoderSettings
+from deployments.denoiser.settings import DenoiserSettings
+from deployments.prompt.settings import PromptSettings
+from deployments.text_encoder.settings import TextEncoderSettings
+
+MAX_STEPS = 150  # the most denoising steps any setting may name (and the default request limit)
 
 
 class Limits(BaseModel):
@@ -20,43 +23,30 @@ class Limits(BaseModel):
     max_side: int = Field(1024, ge=64)
     max_images: int = Field(4, ge=1, le=16)
     max_prompt_chars: int = Field(4000, ge=1)
-    max_steps: int = Field(150, ge=1)
+    max_steps: int = Field(MAX_STEPS, ge=1)
     # edits: per uploaded file; the pixel limit is checked on the header, before decoding
     max_upload_bytes: int = Field(16 * 2**20, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
 
 
-class PromptSettings(BaseModel):
-    """The prompt optimizer: per-namespace templates put first so prompts share a prefix."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    templates: dict[str, str] = Field(
-        default_factory=lambda: {
-            "studio-portrait": (
-                "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background"
-            ),
-        }
-    )
-    default_style: str = "photorealistic"
-
-
 StepPolicy = Literal["fixed", "complexity", "slo"]
 QualityTier = Literal["fast", "balanced", "best"]
+StepCount = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+StageName = Literal["TextEncoder", "Denoiser", "VaeCodec"]  # the stages that run torch
+
+# quality tier -> [min, max] steps. Measured on the embedded model (README): 15 steps are
+# ~30-33 dB PSNR against 50, 20 steps ~35 dB, 30 steps ~40 dB.
+DEFAULT_STEP_RANGES: dict[QualityTier, tuple[int, int]] = {"fast": (15, 20), "balanced": (15, 30), "best": (25, 40)}
 
 
 class StepSettings(BaseModel):
-    """The step controller (serve_config.yaml: args.steps); see serve_app/steps.py."""
+    """The step controller (serve_config.yaml: args.steps); see serve_app/flow/steps.py."""
 
     model_config = ConfigDict(extra="forbid")
 
     policy: StepPolicy = Field("slo", description="fixed | complexity | slo (per request: step_policy)")
-    fixed_steps: int = Field(20, ge=1, le=150, description="the `fixed` policy's step count")
-    # quality tier -> [min, max] steps. Measured on the embedded model (README): 15 steps are
-    # ~30-33 dB PSNR against 50, 20 steps ~35 dB, 30 steps ~40 dB.
-    ranges: dict[QualityTier, tuple[Annotated[int, Field(ge=1, le=150)], Annotated[int, Field(ge=1, le=150)]]] = Field(
-        default_factory=lambda: {"fast": (15, 20), "balanced": (15, 30), "best": (25, 40)}
-    )
+    fixed_steps: StepCount = Field(20, description="the `fixed` policy's step count")
+    ranges: dict[QualityTier, tuple[StepCount, StepCount]] = Field(default_factory=DEFAULT_STEP_RANGES.copy)
     default_quality: QualityTier = "balanced"
     deadline_ms: float = Field(
         30000.0, gt=0, description="the `slo` policy's latency target unless a request gives deadline_ms"
@@ -72,11 +62,11 @@ class StepSettings(BaseModel):
 
     @field_validator("ranges")
     @classmethod
-    def _ranges_are_ordered(cls, ranges: dict) -> dict:
+    def _ranges_are_ordered(cls, ranges: dict[QualityTier, tuple[int, int]]) -> dict[QualityTier, tuple[int, int]]:
         for tier, (low, high) in ranges.items():
             if low > high:
                 raise ValueError(f"steps range of {tier!r}: min {low} > max {high}")
-        missing = {"fast", "balanced", "best"} - set(ranges)
+        missing = set(get_args(QualityTier)) - set(ranges)
         if missing:
             raise ValueError(f"steps ranges missing for {sorted(missing)}")
         return ranges
@@ -90,10 +80,8 @@ class QualityGuardSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of requests shadowed (0: off)")
-    baseline_steps: int | None = Field(
+    baseline_steps: StepCount | None = Field(
         None,
-        ge=1,
-        le=150,
         description="the baseline's steps (null: the same "
         "steps as the served request, so only the UNet variant is judged)",
     )
@@ -109,7 +97,7 @@ class AppSettings(BaseModel):
 
     model: str = Field("tiny", description="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica; default: all cores")
-    stage_threads: dict[Literal["TextEncoder", "Denoiser", "VaeCodec"], Annotated[int, Field(ge=1)]] = Field(
+    stage_threads: dict[StageName, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="per-stage torch threads, overriding num_threads"
     )
     default_size: str = "512x512"
@@ -121,7 +109,7 @@ class AppSettings(BaseModel):
     text_encoder: TextEncoderSettings = TextEncoderSettings()
     denoiser: DenoiserSettings = DenoiserSettings()
 
-    def threads_for(self, stage: str) -> int | None:
+    def threads_for(self, stage: StageName) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)
 
     @field_validator("default_size")

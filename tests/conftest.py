@@ -14,6 +14,20 @@ from serve_app.config import apply_ray_environment
 # Ray Serve reads its environment when first imported; unit tests import it too.
 apply_ray_environment()
 
+# Fixtures that load the embedded model: a test that uses one (directly or through another
+# fixture) runs diffusion and is a `component` test, not a unit test.
+MODEL_FIXTURES = frozenset({"tiny_model_path"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `component` (loads a model) and `integration` (starts Ray Serve) by what a test
+    uses and where it lives, so `make test-fast` can leave both out without a list to keep."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.component)
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path():

@@ -1,2 +1,3 @@
-"""Small pieces more than one stage uses: the serial executor (one OS thread per engine).
-Imports nothing else of this project."""
+"""Small pieces more than one stage (or the ingress) uses: the serial executor (one OS thread
+per engine) and the VAE scale factor (one source for image size <-> latent grid). Imports
+nothing else of this project."""

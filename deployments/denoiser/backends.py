@@ -14,17 +14,15 @@ same forward, so no request in flight fails for it; both are logged and counted.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from filelock import FileLock
 
+from deployments.denoiser.settings import BackendName, BackendSpec
 from deployments.models import loading
 
 logger = logging.getLogger(__name__)
@@ -34,24 +32,6 @@ Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class BackendUnavailable(RuntimeError):
     """This backend cannot run here (library missing, no GPU, build failed)."""
-
-
-class BackendSpec(BaseModel):
-    """One link of the chain (serve_config.yaml: args.denoiser.backends[i])."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
-    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
-    device: Literal["cpu", "cuda"] = Field("cpu", description="torch backend: where the UNet runs")
-    channels_last: bool = False
-    compile: bool = Field(False, description="torch.compile the UNet (torch backend)")
-
-    @property
-    def name(self) -> str:
-        extras = "+channels_last" if self.channels_last else ""
-        extras += "+compile" if self.compile else ""
-        return f"{self.backend}-{self.precision}{extras}"
 
 
 def cache_root() -> Path:
@@ -87,14 +67,13 @@ def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
     # static 1.13x eager, dynamic 1.0x after a 100 s compile -- worth it only on GPUs.
     forward = torch.compile(unet, dynamic=True) if spec.compile else unet
 
-    def run(sample, timesteps, context):
+    def run(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         sample = sample.to(device, dtype).contiguous(memory_format=memory_format)
         noise = forward(
             sample, timesteps.to(device), encoder_hidden_states=context.to(device, dtype), return_dict=False
         )[0]
         return noise.float().cpu().contiguous()
 
-    run.unet = unet  # for callers that need the module's config
     return run
 
 
@@ -139,13 +118,10 @@ def export_onnx(model_path: Path, target: Path) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
+def _folder_lock(folder: Path) -> FileLock:
     """Replicas starting together export once: the others wait, then reuse the file."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    return FileLock(folder / ".lock")
 
 
 def onnx_model_file(model_path: Path, precision: str) -> Path:
@@ -178,7 +154,7 @@ def onnxruntime_runner(model_path: Path, spec: BackendSpec, num_threads: int | N
         options.intra_op_num_threads = num_threads
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def run(sample, timesteps, context):
+    def run(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         (noise,) = session.run(
             None,
             {
@@ -261,7 +237,7 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
     dtype_of = {name: dtypes[engine.get_tensor_dtype(name)] for name in ("sample", "timesteps", "context", "noise")}
     max_rows = TRT_ROWS[2]
 
-    def run(sample, timesteps, context_embeds):
+    def run(sample: torch.Tensor, timesteps: torch.Tensor, context_embeds: torch.Tensor) -> torch.Tensor:
         if sample.shape[0] > max_rows:  # larger batches than the profile: in slices
             return torch.cat(
                 [
@@ -282,11 +258,13 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
         stream.synchronize()
         return noise.float().cpu()
 
-    run.engine_file = engine_file
     return run
 
 
-def ip_adapter_runner(model_path: Path) -> Runner:
+AdapterRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def ip_adapter_runner(model_path: Path) -> AdapterRunner:
     """The UNet with the image-prompt adapter, torch fp32: run(sample, timesteps, context, image_embeds, scale).
 
     Its own module, not the production backend's: the adapter adds cross-attention to every
@@ -294,7 +272,9 @@ def ip_adapter_runner(model_path: Path) -> Runner:
     unet = loading.load_ip_adapter_unet(model_path)
     processors = [p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
 
-    def run(sample, timesteps, context, image_embeds, scale: float = 1.0):
+    def run(
+        sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         # the adapter's weight in every cross-attention (diffusers' set_ip_adapter_scale); one
         # per batch: jobs batch together only with the same scale (their variant names it)
         for processor in processors:
@@ -307,52 +287,51 @@ def ip_adapter_runner(model_path: Path) -> Runner:
             return_dict=False,
         )[0]
 
-    run.unet = unet
     return run
 
 
 # --------------------------------------------------------------------------- the chain
+Loader = Callable[[Path, BackendSpec, "int | None"], Runner]  # (model folder, spec, threads) -> runner
+
+# Looked up when a link of a chain loads, so replacing an entry (fault injection) reaches every chain.
+LOADERS: dict[BackendName, Loader] = {
+    "torch": lambda path, spec, num_threads: torch_runner(path, spec),
+    "onnxruntime": onnxruntime_runner,
+    "tensorrt": lambda path, spec, num_threads: tensorrt_runner(path, spec),
+}
+
+
 class FallbackUNet:
     """The first backend of `specs` that loads; on a run-time error, the next one."""
 
-    def __init__(
-        self,
-        model_path: Path,
-        specs: list[BackendSpec],
-        num_threads: int | None = None,
-        loaders: dict[str, Callable[[Path, BackendSpec], Runner]] | None = None,
-    ):
+    def __init__(self, model_path: Path, specs: list[BackendSpec], num_threads: int | None = None):
         self.model_path = Path(model_path)
         self.specs = list(specs) or [BackendSpec()]
         self.num_threads = num_threads
-        self.loaders = loaders or {
-            "torch": torch_runner,
-            "onnxruntime": lambda path, spec: onnxruntime_runner(path, spec, num_threads),
-            "tensorrt": tensorrt_runner,
-        }
         self.fallbacks: list[tuple[str, str]] = []  # (backend name, why) in the order they happened
         self._index = -1
-        self.runner: Runner | None = None
-        self._advance("start")
+        self.runner = self._next_runner("start")
 
     @property
     def active(self) -> BackendSpec:
         return self.specs[self._index]
 
-    def _advance(self, reason: str) -> None:
+    def _next_runner(self, reason: str) -> Runner:
+        """Load the links after the active one until one loads."""
         while self._index + 1 < len(self.specs):
             self._index += 1
             spec = self.specs[self._index]
             try:
-                self.runner = self.loaders[spec.backend](self.model_path, spec)
-                logger.info("denoiser backend: %s", spec.name)
-                return
+                runner = LOADERS[spec.backend](self.model_path, spec, self.num_threads)
             except Exception as error:
                 self.fallbacks.append((spec.name, f"load: {error}"))
                 logger.warning("denoiser backend %s unavailable (%s); trying the next", spec.name, error)
+                continue
+            logger.info("denoiser backend: %s", spec.name)
+            return runner
         raise BackendUnavailable(f"no denoiser backend could load ({reason}); tried {[s.name for s in self.specs]}")
 
-    def __call__(self, sample, timesteps, context) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         while True:
             try:
                 return self.runner(sample, timesteps, context)
@@ -362,4 +341,4 @@ class FallbackUNet:
                 failed = self.active.name
                 self.fallbacks.append((failed, f"run: {error}"))
                 logger.warning("denoiser backend %s failed at run time (%s); falling back", failed, error)
-                self._advance(f"{failed} failed")
+                self.runner = self._next_runner(f"{failed} failed")

@@ -93,15 +93,17 @@ def edit_start(
     # diffusers encodes the image only when it needs it: always for 4-channel inpainting
     # (the blending), for 9-channel only below strength 1; the draws must follow its order
     sample_image = masked_image is None or not strength_max
-    image_latents, noises, masked = [], [], []
+    samples: list[torch.Tensor] = []
+    noises: list[torch.Tensor] = []
+    masked: list[torch.Tensor] = []
     for generator in generators:
         if sample_image:
-            image_latents.append(image.sample(generator))
+            samples.append(image.sample(generator))
         noises.append(torch.randn(image.mean.shape, generator=generator, dtype=image.mean.dtype))
         if masked_image is not None:
             masked.append(masked_image.sample(generator))
     noise = torch.cat(noises)
-    image_latents = torch.cat(image_latents) if image_latents else None
+    image_latents = torch.cat(samples) if samples else None
     first = timesteps[:1].repeat(len(generators))
     latents = noise * scheduler.init_noise_sigma if strength_max else scheduler.add_noise(image_latents, noise, first)
     if inpaint_mask is None:
@@ -109,6 +111,7 @@ def edit_start(
     if masked_image is not None:
         conditioning = torch.cat([inpaint_mask.expand(len(generators), -1, -1, -1), torch.cat(masked)], dim=1)
         return latents, None, conditioning
+    assert image_latents is not None  # 4-channel inpainting always samples the image (sample_image)
     return latents, InpaintState(image_latents, noise, inpaint_mask), None
 
 

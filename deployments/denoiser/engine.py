@@ -12,43 +12,29 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.denoiser.backends import BackendSpec, FallbackUNet, ip_adapter_runner
+from deployments.common.vae_scale import latent_shape, vae_scale_factor
+from deployments.denoiser.backends import AdapterRunner, FallbackUNet, ip_adapter_runner
 from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
-from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher
+from deployments.denoiser.settings import DenoiserSettings
+from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher, UNetForward
+from deployments.denoiser.variant import UNetVariant, VariantKind
 from deployments.models import loading
 
-__all__ = ["DenoiseJob", "DenoiserEngine", "DenoiserSettings", "JobCancelled", "LoadSnapshot"]
-
-VAE_SCALE = 8  # SD 1.x VAEs downscale 8x; latents are (4, H/8, W/8)
-VARIANTS = ("production", "baseline", "ip_adapter")
-
-
-class DenoiserSettings(BaseModel):
-    """The Denoiser stage (serve_config.yaml: args.denoiser)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(8, ge=1, le=64, description="images per UNet forward (x2 rows with guidance)")
-    admit_between_steps: bool = Field(True, description="false: request-level batching (for comparison)")
-    backends: list[BackendSpec] = Field(
-        default_factory=lambda: [BackendSpec()],
-        description="UNet backends, first that works wins; a failing one falls back to the next",
-    )
-    baseline_backends: list[BackendSpec] = Field(
-        default_factory=lambda: [BackendSpec()],
-        description="the quality guard's full-precision baseline (shadow renders, switch-back); loaded on first use",
-    )
-    preload_ip_adapter: bool = Field(
-        True,
-        description="when the model has an image-prompt adapter, load its UNet at start; false: at the "
-        "first reference edit, on the step loop (every batch waits for the load)",
-    )
+__all__ = [
+    "DenoiseJob",
+    "DenoiserEngine",
+    "DenoiserSettings",
+    "JobCancelled",
+    "LoadSnapshot",
+    "UNetVariant",
+    "VariantKind",
+]
 
 
 @dataclass
@@ -61,19 +47,20 @@ class DenoiseJob:
     num_inference_steps: int
     guidance_scale: float
     scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
-    variant: str = "production"  # "baseline": the quality guard's full-precision UNet
+    # the UNet that runs it: the served one, the quality guard's full-precision baseline, or the
+    # image-prompt adapter at a scale (UNetVariant.ip_adapter(scale), with `image_embeds`)
+    variant: UNetVariant = field(default_factory=UNetVariant.production)
     background: bool = False  # a shadow render: runs only when no user job runs or waits
     early_stop: float | None = None  # convergence early stop threshold (None: run every step)
     early_stop_min_steps: int = 0
-    # Edits (deployments/edit_latents.py): start from this image's latents at `strength`,
-    # keep it outside `mask` ([1, 1, H/8, W/8], 1 = repaint); `image_embeds` ([1, dim]): the
-    # reference image's embedding for the image-prompt adapter (the "ip_adapter" UNet).
+    # Edits (deployments/denoiser/edit_latents.py): start from this image's latents at
+    # `strength`, keep it outside `mask` ([1, 1, H/8, W/8], 1 = repaint); `image_embeds`
+    # ([1, dim]): the reference image's embedding for the image-prompt adapter's UNet.
     init_image: ImageLatentDistribution | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None
     masked_image: ImageLatentDistribution | None = None  # 9-channel inpainting UNets
     image_embeds: torch.Tensor | None = None
-    image_prompt_scale: float = 1.0  # the adapter's weight (IP-Adapter scale)
 
     @property
     def steps_to_run(self) -> int:
@@ -92,71 +79,60 @@ def image_generators(seeds: list[int]) -> list[torch.Generator]:
 
 def initial_latents(generator: torch.Generator, channels: int, height: int, width: int) -> torch.Tensor:
     """The starting noise for one image, as diffusers draws it."""
-    return torch.randn((1, channels, height // VAE_SCALE, width // VAE_SCALE), generator=generator)
+    return torch.randn((1, channels, *latent_shape(height, width)), generator=generator)
 
 
 class DenoiserEngine:
     def __init__(
-        self,
-        model_path: Path,
-        num_threads: int | None = None,
-        settings: DenoiserSettings | dict | None = None,
-        unet_loaders: dict | None = None,
+        self, model_path: Path, num_threads: int | None = None, settings: DenoiserSettings | dict | None = None
     ):
-        """`unet_loaders` replaces the backend loaders (backend name -> loader): fault injection in tests."""
         self.num_threads = num_threads
         self.settings = DenoiserSettings.model_validate(settings or {})
-        model_path = Path(model_path)
+        self.model_path = model_path = Path(model_path)
+        vae_scale_factor(model_path)  # refuses a VAE whose latent grid is not the one sizes are checked for
         self.unet_config = loading.load_unet_config(model_path)
         # a 9-channel inpainting UNet takes 4 latent channels + the mask + the masked image's 4
         self.inpainting_unet = loading.is_inpainting_unet(self.unet_config)
         self.latent_channels = 4 if self.inpainting_unet else self.unet_config["in_channels"]
         self.scheduler_cls, self.scheduler_config = loading.load_scheduler_config(model_path)
-        self.unet = FallbackUNet(model_path, self.settings.backends, num_threads, unet_loaders)
+        self.unet = FallbackUNet(model_path, self.settings.backends, num_threads)
         self._baseline_unet: FallbackUNet | None = None
-        self._ip_adapter_unet = None
+        self._ip_adapter_unet: AdapterRunner | None = None
         self._ip_adapter_lock = threading.Lock()
-        self._unet_args = (model_path, num_threads, unet_loaders)
         if self.settings.preload_ip_adapter and loading.has_image_prompt_adapter(model_path):
             # here, not on a background thread: from_pretrained patches torch.nn.Module globally
             # while it loads (accelerate's init_empty_weights), so a concurrent load elsewhere
             # in the process would get meta tensors
             self._load_ip_adapter()
         self.batcher = StepBatcher(
-            self.unet,
+            self.unet_for,
             lambda: loading.set_torch_threads(self.num_threads),
             self.settings.max_batch_size,
             self.settings.admit_between_steps,
-            self.unet_for_variant,
         )
 
-    def unet_for_variant(self, variant: str) -> Callable:
-        if variant == "ip_adapter" or variant.startswith("ip_adapter@"):  # "ip_adapter@0.6": at scale 0.6
-            scale = float(variant.partition("@")[2] or 1.0)
-            runner = self._load_ip_adapter()
-            return lambda sample, timesteps, context, image_embeds: runner(
-                sample, timesteps, context, image_embeds, scale
-            )
-        if variant != "baseline":
-            raise ValueError(f"unknown UNet variant {variant!r}; known: {', '.join(VARIANTS)}")
-        if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
-            model_path, num_threads, loaders = self._unet_args
-            self._baseline_unet = FallbackUNet(model_path, self.settings.baseline_backends, num_threads, loaders)
-        return self._baseline_unet
+    def unet_for(self, variant: UNetVariant) -> UNetForward:
+        """The forward that runs `variant`'s jobs (the step loop asks at every step)."""
+        if variant.kind is VariantKind.PRODUCTION:
+            return self.unet
+        if variant.kind is VariantKind.BASELINE:
+            if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
+                self._baseline_unet = FallbackUNet(self.model_path, self.settings.baseline_backends, self.num_threads)
+            return self._baseline_unet
+        runner, scale = self._load_ip_adapter(), variant.adapter_scale
+        if scale is None:
+            raise ValueError(f"UNet variant {variant}: the image-prompt adapter needs a scale")
+        return lambda sample, timesteps, context, image_embeds: runner(sample, timesteps, context, image_embeds, scale)
 
-    @property
-    def ip_adapter_loaded(self) -> bool:
-        return self._ip_adapter_unet is not None
-
-    def _load_ip_adapter(self):
+    def _load_ip_adapter(self) -> AdapterRunner:
         """The adapter UNet, loaded once: at start (preload) or by the step loop at the first reference job."""
         with self._ip_adapter_lock:
             if self._ip_adapter_unet is None:
-                self._ip_adapter_unet = ip_adapter_runner(self._unet_args[0])
+                self._ip_adapter_unet = ip_adapter_runner(self.model_path)
             return self._ip_adapter_unet
 
-    def new_scheduler(self, num_inference_steps: int, name: str | None = None):
-        scheduler_cls = self.scheduler_cls
+    def new_scheduler(self, num_inference_steps: int, name: str | None = None) -> Any:
+        scheduler_cls: Any = self.scheduler_cls
         if name is not None and name != scheduler_cls.__name__:
             import diffusers
 
@@ -212,54 +188,42 @@ class DenoiserEngine:
         on_step: Callable[[int, int], None] | None = None,
         cancelled: threading.Event | None = None,
     ) -> Future:
-        """Queue the job for the step loop; the future gets latents [len(seeds), 4, H/8, W/8]."""
-        if job.height % VAE_SCALE or job.width % VAE_SCALE:
-            raise ValueError(f"height and width must be multiples of {VAE_SCALE}")
-        latent_shape = (job.height // VAE_SCALE, job.width // VAE_SCALE)
-        if job.variant not in VARIANTS:
-            raise ValueError(f"unknown UNet variant {job.variant!r}; known: {', '.join(VARIANTS)}")
+        """Queue the job for the step loop; the future gets latents [len(seeds), 4, H/8, W/8].
+
+        `cancelled` set from another thread stops it at the next step boundary (JobCancelled)."""
+        return self.batcher.submit(
+            lambda: self.prepare(job),
+            len(job.seeds),
+            self._checked_latent_shape(job),
+            job.steps_to_run,
+            on_step,
+            cancelled,
+            job.variant,
+            job.background,
+        )
+
+    def _checked_latent_shape(self, job: DenoiseJob) -> tuple[int, int]:
+        """The job's latent size, once the job is found to be one this model can run (ValueError if not)."""
+        shape = latent_shape(job.height, job.width)
+        if not isinstance(job.variant, UNetVariant):
+            raise ValueError(f"unknown UNet variant {job.variant!r}: a UNetVariant runs a job")
         if job.init_image is not None:
             if not 0.0 < job.strength <= 1.0:
                 raise ValueError(f"strength must be in (0, 1], got {job.strength}")
             if job.steps_to_run < 1:
                 raise ValueError(f"{job.num_inference_steps} steps at strength {job.strength} run no step")
-            if tuple(job.init_image.mean.shape[-2:]) != latent_shape:
-                raise ValueError(f"the image's latents are {tuple(job.init_image.mean.shape[-2:])}, not {latent_shape}")
+            if tuple(job.init_image.mean.shape[-2:]) != shape:
+                raise ValueError(f"the image's latents are {tuple(job.init_image.mean.shape[-2:])}, not {shape}")
         if self.inpainting_unet and (job.mask is None or job.masked_image is None):
             raise ValueError(
                 "this model's UNet is an inpainting UNet (9 input channels): it serves only edits with a mask"
             )
-        if (job.image_embeds is not None) != (job.variant == "ip_adapter"):
+        if (job.image_embeds is not None) != job.variant.takes_image_embeds:
             raise ValueError("image_embeds go with the ip_adapter variant, and only with it")
-        if not 0.0 <= job.image_prompt_scale <= 2.0:
-            raise ValueError(f"image_prompt_scale must be in [0, 2], got {job.image_prompt_scale}")
-        variant = job.variant
-        if variant == "ip_adapter" and job.image_prompt_scale != 1.0:  # batches hold one adapter scale
-            variant = f"ip_adapter@{job.image_prompt_scale!r}"
-        return self.batcher.submit(
-            lambda: self.prepare(job),
-            len(job.seeds),
-            latent_shape,
-            job.steps_to_run,
-            on_step,
-            cancelled,
-            variant,
-            job.background,
-        )
-
-    def denoise(
-        self,
-        job: DenoiseJob,
-        on_step: Callable[[int, int], None] | None = None,
-        cancelled: threading.Event | None = None,
-    ) -> torch.Tensor:
-        """Run the job (batched with whatever else is running) and wait for its latents.
-
-        `cancelled` set from another thread stops it at the next step boundary (JobCancelled)."""
-        return self.submit(job, on_step, cancelled).result()
+        return shape
 
     async def denoise_async(self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """`denoise` for an event loop: jobs awaited together batch; a cancelled await
+        """The job's latents, awaited: jobs awaited together batch; a cancelled await
         (client gone) makes the job leave the batch at the next step boundary."""
         cancelled = threading.Event()
         future = self.submit(job, on_step, cancelled)
@@ -274,38 +238,3 @@ class DenoiserEngine:
         return dataclasses.replace(
             self.batcher.snapshot(), backend=self.unet.active.name, backend_fallbacks=len(self.unet.fallbacks)
         )
-
-
-def build_deployment():
-    from ray import serve
-
-    from deployments.denoiser.metrics import DenoiserMetrics
-
-    @serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1})
-    class Denoiser:
-        def __init__(self, model_path: str, num_threads: int | None = None, settings: dict | None = None):
-            self.engine = DenoiserEngine(Path(model_path), num_threads, settings)
-            self.metrics = DenoiserMetrics()
-            self._export: asyncio.Task | None = None
-
-        async def denoise(self, job: DenoiseJob) -> torch.Tensor:
-            if self._export is None:  # the replica's event loop runs by now
-                self._export = asyncio.get_running_loop().create_task(self._export_metrics())
-            return await self.engine.denoise_async(job)
-
-        def load(self) -> LoadSnapshot:
-            """Live figures for the step controller and autoscaling."""
-            return self.engine.load()
-
-        async def record_autoscaling_stats(self) -> dict[str, float]:
-            """Ray Serve calls this every `metrics_interval_s` for custom autoscaling
-            policies (serve_app/autoscaling.py: scale on queued work)."""
-            load = self.engine.load()
-            return {"queued_work": float(load.queued_work), "jobs": float(load.waiting_jobs + load.active_jobs)}
-
-        async def _export_metrics(self) -> None:
-            while True:
-                self.metrics.update(self.engine.load())
-                await asyncio.sleep(1.0)
-
-    return Denoiser

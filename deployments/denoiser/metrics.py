@@ -6,7 +6,7 @@ from deployments.denoiser.step_batcher import LoadSnapshot
 
 
 class DenoiserMetrics:
-    def __init__(self):
+    def __init__(self) -> None:
         from ray.serve import metrics
 
         self._gauges = {
@@ -26,8 +26,8 @@ class DenoiserMetrics:
         }
         self._step_ms = metrics.Gauge(
             "fusionserve_denoiser_step_ms",
-            description="median ms of one batched UNet forward, by images in the batch",
-            tag_keys=("occupancy",),
+            description="median ms of one batched UNet forward, by latent size and images in the batch",
+            tag_keys=("shape", "occupancy"),  # type: ignore[arg-type]  # ray annotates tag_keys as Tuple[str]
         )
         self._steps = metrics.Counter("fusionserve_denoiser_steps", description="UNet forwards run")
         self._cancelled = metrics.Counter("fusionserve_denoiser_cancelled_jobs", description="jobs whose client left")
@@ -39,8 +39,9 @@ class DenoiserMetrics:
     def update(self, load: LoadSnapshot) -> None:
         for name, gauge in self._gauges.items():
             gauge.set(getattr(load, name))
-        for occupancy, ms in load.ms_per_step.items():
-            self._step_ms.set(ms, tags={"occupancy": str(occupancy)})
+        for shape, by_occupancy in load.step_ms_by_shape.items():
+            for occupancy, ms in by_occupancy.items():
+                self._step_ms.set(ms, tags={"shape": shape, "occupancy": str(occupancy)})
         steps, cancelled, fallbacks = self._last
         if load.steps_run > steps:
             self._steps.inc(load.steps_run - steps)

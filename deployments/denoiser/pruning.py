@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 PRUNING_FILE = "pruning.json"
+
+Layer = TypeVar("Layer", nn.Linear, nn.Conv2d)
 
 
 def _sliced(
@@ -37,11 +40,16 @@ def _sliced(
     return weight, bias
 
 
-def _copy_into(new: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None):
+def _copy_into(new: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> Layer:
     new.weight.data.copy_(weight)
-    if bias is not None:
+    if bias is not None and new.bias is not None:  # `new` was built with a bias exactly when there is one
         new.bias.data.copy_(bias)
     return new
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """Conv2d keeps its sizes as tuples of any length; its constructor takes pairs."""
+    return size[0], size[1]
 
 
 def _narrow_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -57,9 +65,9 @@ def _narrow_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: t
         nn.Conv2d(
             weight.shape[1],
             weight.shape[0],
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
+            _pair(conv.kernel_size),
+            _pair(conv.stride),
+            conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
             bias=bias is not None,
             dtype=weight.dtype,
         ),

@@ -10,7 +10,13 @@ cancelled job leaves at the next step boundary and its slots go to the next in l
 Background jobs (the quality guard's shadow renders) run only while no foreground job runs
 or waits: they pause at the next step boundary when one arrives, keeping their state, so a
 user's request waits at most one background step. A batch holds one UNet variant too
-(the served one, or the quality guard's baseline).
+(`UNetVariant`: the served one, the quality guard's baseline, or the image-prompt adapter
+at one scale).
+
+A step is planned (`_plan_step`: which jobs, their inputs), run (`_run_unet`: one forward),
+then applied (`_apply_step_output`: each job's guidance, scheduler step and inpaint blend)
+and the finished jobs retired (`_retire`), as vLLM separates `schedule()` from
+`update_from_output()`.
 
 Convergence early stop (per job, off by default): a job ends when its predicted clean
 latent x0 changes by less than a threshold between two steps, and returns that x0.
@@ -29,7 +35,7 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +43,16 @@ from typing import Any
 import torch
 
 from deployments.denoiser.edit_latents import InpaintState
+from deployments.denoiser.variant import UNetVariant, VariantKind
 
 logger = logging.getLogger(__name__)
 
+# One UNet forward: (sample, timesteps, context[, image_embeds]) -> noise prediction.
+UNetForward = Callable[..., torch.Tensor]
+
 
 @functools.cache
-def _step_takes_generator(scheduler_cls: type) -> bool:
+def _step_takes_generator(scheduler_cls: Any) -> bool:
     """Does this scheduler's step draw noise (DDPM, Euler ancestral, DDIM with eta > 0)? As
     diffusers' pipelines ask it (prepare_extra_step_kwargs)."""
     return "generator" in inspect.signature(scheduler_cls.step).parameters
@@ -52,7 +62,7 @@ class JobCancelled(Exception):
     """The caller went away; the job stopped at a step boundary."""
 
 
-def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
     """Resolve a job's future unless its caller cancelled it meanwhile (asyncio.wrap_future
     cancels it when the awaiting request is cancelled): that must not kill the loop."""
     try:
@@ -68,7 +78,7 @@ def _settle(future: Future, result=None, error: BaseException | None = None) -> 
 class ActiveJob:
     """A job's own denoising state: it is all a step needs, whatever else is in the batch."""
 
-    scheduler: Any
+    scheduler: Any  # a diffusers scheduler instance, the job's own
     latents: torch.Tensor  # [images, C, h, w]
     context: torch.Tensor  # [2 * images or images, 77, hidden]: unconditional half first
     guidance_scale: float
@@ -77,7 +87,6 @@ class ActiveJob:
     early_stop: float | None = None  # relative change of predicted x0 under which the job ends
     early_stop_min_steps: int = 0
     previous_x0: torch.Tensor | None = None
-    stopped_early: bool = False
     inpaint: InpaintState | None = None  # edits with a mask: keep the image outside it after each step
     image_embeds: torch.Tensor | None = None  # [rows, 1, dim]: the image-prompt adapter's input
     extra_channels: torch.Tensor | None = None  # [images, 5, h, w]: a 9-channel UNet's mask + masked image
@@ -89,7 +98,7 @@ class ActiveJob:
 
     @property
     def images(self) -> int:
-        return self.latents.shape[0]
+        return int(self.latents.shape[0])
 
     @property
     def rows(self) -> int:
@@ -98,6 +107,56 @@ class ActiveJob:
     @property
     def steps_left(self) -> int:
         return len(self.timesteps) - self.step
+
+    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's UNet sample [rows, C(+5), h, w] and timesteps [rows]."""
+        t = self.timesteps[self.step]
+        sample = torch.cat([self.latents] * 2) if self.guided else self.latents
+        sample = self.scheduler.scale_model_input(sample, t)
+        if self.extra_channels is not None:
+            extra_channels = torch.cat([self.extra_channels] * 2) if self.guided else self.extra_channels
+            sample = torch.cat([sample, extra_channels], dim=1)
+        return sample, t.reshape(1).expand(self.rows)
+
+    def guided_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance over this job's rows of the forward's output."""
+        if not self.guided:
+            return noise
+        uncond, cond = noise.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def advance(self, noise: torch.Tensor) -> bool:
+        """Apply one step's (guided) noise prediction; True when the job converged and ended early."""
+        if self.early_stop is not None:
+            x0 = self._converged_x0(noise, self.early_stop)
+            if x0 is not None:
+                self.latents, self.step = x0, len(self.timesteps)
+                return True
+        takes_generator = self.generators and _step_takes_generator(self.scheduler.__class__)
+        extra_step = {"generator": self.generators} if takes_generator else {}
+        self.latents = self.scheduler.step(
+            noise, self.timesteps[self.step], self.latents, return_dict=False, **extra_step
+        )[0]
+        self.step += 1
+        if self.inpaint is not None:
+            following = self.timesteps[self.step] if self.step < len(self.timesteps) else None
+            self.latents = self.inpaint.blend(self.scheduler, self.latents, following)
+        return False
+
+    def _converged_x0(self, noise: torch.Tensor, threshold: float) -> torch.Tensor | None:
+        """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) for epsilon-predicting DDPM-family
+        schedulers (PNDM, DDIM, DPM-Solver: they keep `alphas_cumprod` and unscaled x_t);
+        that x0 when it moved less than `threshold` (relative L2) since the previous step."""
+        alphas = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas is None or float(getattr(self.scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            return None  # sigma-parameterised schedulers (Euler...): not supported, run every step
+        alpha = alphas[int(self.timesteps[self.step])].to(noise.dtype)
+        x0 = (self.latents - (1 - alpha).sqrt() * noise) / alpha.sqrt()
+        previous, self.previous_x0 = self.previous_x0, x0
+        if previous is None or self.step + 1 < self.early_stop_min_steps:
+            return None
+        change = float((x0 - previous).norm() / x0.norm().clamp_min(1e-12))
+        return x0 if change < threshold else None
 
 
 @dataclass
@@ -109,19 +168,25 @@ class _Ticket:
     future: Future
     on_step: Callable[[int, int], None] | None
     cancelled: threading.Event | None
-    variant: str = "production"  # which UNet runs it
+    variant: UNetVariant = field(default_factory=UNetVariant.production)  # which UNet runs it
     background: bool = False  # runs only when no foreground job runs or waits
-    submitted: float = field(default_factory=time.perf_counter)
-    state: ActiveJob | None = None
+    state: ActiveJob | None = None  # set at admission
 
     @property
-    def group(self) -> tuple:
+    def group(self) -> tuple[tuple[int, int], UNetVariant]:
         """Jobs of one batch share a latent size and a UNet."""
         return self.latent_shape, self.variant
 
     @property
     def steps_left(self) -> int:
         return self.state.steps_left if self.state is not None else self.steps
+
+    @property
+    def job(self) -> ActiveJob:
+        """The admitted job's state (the step loop steps only admitted jobs)."""
+        if self.state is None:
+            raise RuntimeError("the job has not been admitted yet")
+        return self.state
 
 
 @dataclass
@@ -133,19 +198,44 @@ class LoadSnapshot:
     active_images: int
     queued_steps: int  # steps still to run, waiting and active jobs, per image
     queued_work: float  # the same in latent pixels x steps (a 512x512 step = 4096)
-    ms_per_step: dict[int, float]  # images in the batch -> median ms of a step, latest latent size
-    steps_run: int
+    steps_run: int  # UNet forwards
     cancelled_jobs: int
     waiting_images: int = 0
     max_batch_size: int = 1
     # latent size "HxW" -> images in the batch -> median ms of a step: the step
-    # controller's cost model (serve_app/steps.py)
+    # controller's cost model (serve_app/flow/steps.py)
     step_ms_by_shape: dict[str, dict[int, float]] = field(default_factory=dict)
     background_jobs: int = 0  # shadow renders, not counted above: they never delay foreground work
     early_stops: int = 0
     recent_occupancy: float = 0.0  # mean images per step lately (0 when idle)
+    image_steps: int = 0  # images stepped, summed over the forwards (over steps_run: the mean occupancy)
     backend: str = ""  # the UNet backend now in use (filled in by the engine)
     backend_fallbacks: int = 0
+
+
+@dataclass
+class StepPlan:
+    """One step of the running batch: its jobs, the UNet they share and each job's inputs."""
+
+    tickets: list[_Ticket]
+    jobs: list[ActiveJob]  # the tickets' states, in the same order
+    variant: UNetVariant
+    samples: list[torch.Tensor]
+    timesteps: list[torch.Tensor]
+    contexts: list[torch.Tensor]
+    image_embeds: list[torch.Tensor]  # one variant per batch: every job has them, or none
+    started: float  # a step's cost counts the inputs, the forward and every job's scheduler step
+
+    @property
+    def images(self) -> int:
+        return sum(job.images for job in self.jobs)
+
+    def by_job(self, noise: torch.Tensor) -> Iterator[tuple[_Ticket, ActiveJob, torch.Tensor]]:
+        """Each job with its rows of the forward's output."""
+        offset = 0
+        for ticket, job in zip(self.tickets, self.jobs):
+            yield ticket, job, noise[offset : offset + job.rows]
+            offset += job.rows
 
 
 class StepTimings:
@@ -158,14 +248,12 @@ class StepTimings:
     SAMPLES = 9
     OCCUPANCY_STEPS = 32
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._samples: dict[tuple[str, int], collections.deque[float]] = {}
-        self._latest_shape = ""
         self._occupancy: collections.deque[int] = collections.deque(maxlen=self.OCCUPANCY_STEPS)
 
     def record(self, shape: str, images: int, ms: float) -> None:
         self._samples.setdefault((shape, images), collections.deque(maxlen=self.SAMPLES)).append(ms)
-        self._latest_shape = shape
         self._occupancy.append(images)
 
     def recent_occupancy(self) -> float:
@@ -179,26 +267,19 @@ class StepTimings:
             table.setdefault(shape, {})[images] = statistics.median(samples)
         return table
 
-    def by_images(self) -> dict[int, float]:
-        """The latest latent size's table (what the per-occupancy gauge shows)."""
-        return self.by_shape().get(self._latest_shape, {})
-
 
 class StepBatcher:
     def __init__(
         self,
-        run_unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        unet_for: Callable[[UNetVariant], UNetForward],
         num_threads_setter: Callable[[], None],
         max_batch_size: int = 8,
         admit_between_steps: bool = True,
-        unet_for_variant: Callable[[str], Callable] | None = None,
     ):
-        """`run_unet(sample, timesteps, context) -> noise`: one UNet forward (any backend);
-        `unet_for_variant(name)` gives the forward of a job's other variant."""
+        """`unet_for(variant)`: the forward (any backend) that runs the jobs of that variant."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
-        self.run_unet = run_unet
-        self.unet_for_variant = unet_for_variant
+        self.unet_for = unet_for
         self.max_batch_size = max_batch_size
         self.admit_between_steps = admit_between_steps
         self._set_threads = num_threads_setter
@@ -209,6 +290,7 @@ class StepBatcher:
         self._thread: threading.Thread | None = None
         self._timings = StepTimings()
         self._steps_run = 0
+        self._image_steps = 0
         self._cancelled = 0
         self._early_stops = 0
 
@@ -221,12 +303,12 @@ class StepBatcher:
         steps: int,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: threading.Event | None = None,
-        variant: str = "production",
+        variant: UNetVariant | None = None,
         background: bool = False,
     ) -> Future:
-        """Queue a job; the future gets its final latents, or the job's own error."""
-        if variant != "production" and self.unet_for_variant is None:
-            raise ValueError(f"no UNet variant {variant!r} here")
+        """Queue a job (on the production UNet unless `variant` says otherwise); the future
+        gets its final latents, or the job's own error."""
+        variant = variant or UNetVariant.production()
         ticket = _Ticket(prepare, images, latent_shape, steps, Future(), on_step, cancelled, variant, background)
         with self._condition:
             (self._background if background else self._waiting).append(ticket)
@@ -253,7 +335,6 @@ class StepBatcher:
                 queued_work=float(
                     sum(t.steps_left * t.images * t.latent_shape[0] * t.latent_shape[1] for t in tickets)
                 ),
-                ms_per_step=self._timings.by_images(),
                 steps_run=self._steps_run,
                 cancelled_jobs=self._cancelled,
                 waiting_images=sum(t.images for t in self._waiting),
@@ -262,6 +343,7 @@ class StepBatcher:
                 background_jobs=len(self._background) + len(self._active) - len(active),
                 early_stops=self._early_stops,
                 recent_occupancy=self._timings.recent_occupancy() if active or self._waiting else 0.0,
+                image_steps=self._image_steps,
             )
 
     # -- the loop ------------------------------------------------------------------------
@@ -327,90 +409,78 @@ class StepBatcher:
             group = head.group
         return admitted
 
+    # -- one step: plan, forward, apply, retire --------------------------------------------
     @torch.inference_mode()
     def _step(self) -> None:
-        start = time.perf_counter()  # a step's cost: inputs, the forward, every job's scheduler
-        active = list(self._active)
-        states = [t.state for t in active]
-        inputs, timesteps, contexts, image_embeds = [], [], [], []
-        for state in states:
-            t = state.timesteps[state.step]
-            model_input = torch.cat([state.latents] * 2) if state.guided else state.latents
-            model_input = state.scheduler.scale_model_input(model_input, t)
-            if state.extra_channels is not None:
-                extra_channels = torch.cat([state.extra_channels] * 2) if state.guided else state.extra_channels
-                model_input = torch.cat([model_input, extra_channels], dim=1)
-            inputs.append(model_input)
-            timesteps.append(t.reshape(1).expand(state.rows))
-            contexts.append(state.context)
-            if state.image_embeds is not None:
-                image_embeds.append(state.image_embeds)
-        variant = active[0].variant
-        extra = [torch.cat(image_embeds)] if image_embeds else []  # one variant per batch: all or none have them
+        plan = self._plan_step()
+        noise = self._run_unet(plan)
+        if noise is None:
+            return
+        finished = self._apply_step_output(plan, noise)
+        self._retire(plan, finished)
+
+    def _plan_step(self) -> StepPlan:
+        """The running batch's jobs and each one's UNet inputs for its current step."""
+        started = time.perf_counter()
+        tickets = list(self._active)
+        jobs = [ticket.job for ticket in tickets]
+        samples, timesteps = [], []
+        for job in jobs:
+            sample, t = job.unet_input()
+            samples.append(sample)
+            timesteps.append(t)
+        return StepPlan(
+            tickets,
+            jobs,
+            tickets[0].variant,
+            samples,
+            timesteps,
+            [job.context for job in jobs],
+            [job.image_embeds for job in jobs if job.image_embeds is not None],
+            started,
+        )
+
+    def _run_unet(self, plan: StepPlan) -> torch.Tensor | None:
+        """One forward for every image of the plan; None when it failed (e.g. out of memory):
+        then the plan's jobs fail with its error and the loop goes on."""
+        extra = [torch.cat(plan.image_embeds)] if plan.image_embeds else []
         try:
-            run_unet = self.run_unet if variant == "production" else self.unet_for_variant(variant)
-            noise = run_unet(torch.cat(inputs), torch.cat(timesteps), torch.cat(contexts), *extra)
-        except Exception as error:  # e.g. out of memory: the jobs of this batch fail, the loop goes on
-            logger.exception("UNet forward failed for a batch of %d jobs", len(active))
+            forward = self.unet_for(plan.variant)
+            noise = forward(torch.cat(plan.samples), torch.cat(plan.timesteps), torch.cat(plan.contexts), *extra)
+        except Exception as error:
+            logger.exception("UNet forward failed for a batch of %d jobs", len(plan.tickets))
             with self._condition:
-                for ticket in active:
+                for ticket in plan.tickets:
                     self._active.remove(ticket)
                     _settle(ticket.future, error=error)
-            return
+            return None
         self._steps_run += 1
+        self._image_steps += plan.images
+        return noise
 
-        offset = 0
+    def _apply_step_output(self, plan: StepPlan, noise: torch.Tensor) -> list[_Ticket]:
+        """Each job's guidance, scheduler step (or early stop) and inpaint blend; its progress
+        callback. Returns the tickets whose jobs are done."""
         finished = []
-        for ticket, state in zip(active, states):
-            part = noise[offset : offset + state.rows]
-            offset += state.rows
-            if state.guided:
-                uncond, cond = part.chunk(2)
-                part = uncond + state.guidance_scale * (cond - uncond)
-            if state.early_stop is not None and self._converged(state, part):
-                state.latents, state.stopped_early = state.previous_x0, True
-                state.step = len(state.timesteps)
+        for ticket, job, part in plan.by_job(noise):
+            if job.advance(job.guided_noise(part)):
                 self._early_stops += 1
-            else:
-                takes_generator = state.generators and _step_takes_generator(type(state.scheduler))
-                extra_step = {"generator": state.generators} if takes_generator else {}
-                state.latents = state.scheduler.step(
-                    part, state.timesteps[state.step], state.latents, return_dict=False, **extra_step
-                )[0]
-                state.step += 1
-                if state.inpaint is not None:
-                    following = state.timesteps[state.step] if state.step < len(state.timesteps) else None
-                    state.latents = state.inpaint.blend(state.scheduler, state.latents, following)
             if ticket.on_step is not None:
                 try:
-                    ticket.on_step(state.step, len(state.timesteps))
+                    ticket.on_step(job.step, len(job.timesteps))
                 except Exception:  # a progress callback must not stop the batch
                     logger.exception("on_step callback failed")
-            if state.steps_left == 0:
+            if job.steps_left == 0:
                 finished.append(ticket)
+        return finished
+
+    def _retire(self, plan: StepPlan, finished: list[_Ticket]) -> None:
+        """Record the step's cost; the finished jobs leave the batch with their latents."""
         with self._condition:  # snapshot() reads the timings from other threads
-            if variant == "production":  # the cost model is about the served UNet
-                images = sum(state.images for state in states)
-                self._timings.record(
-                    "{}x{}".format(*active[0].latent_shape), images, (time.perf_counter() - start) * 1000.0
-                )
+            if plan.variant.kind is VariantKind.PRODUCTION:  # the cost model is about the served UNet
+                shape = "{}x{}".format(*plan.tickets[0].latent_shape)
+                self._timings.record(shape, plan.images, (time.perf_counter() - plan.started) * 1000.0)
             for ticket in finished:
                 self._active.remove(ticket)
         for ticket in finished:
-            _settle(ticket.future, ticket.state.latents)
-
-    @staticmethod
-    def _converged(state: ActiveJob, noise: torch.Tensor) -> bool:
-        """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) for epsilon-predicting DDPM-family
-        schedulers (PNDM, DDIM, DPM-Solver: they keep `alphas_cumprod` and unscaled x_t);
-        True when it moved less than `early_stop` (relative L2) since the previous step."""
-        alphas = getattr(state.scheduler, "alphas_cumprod", None)
-        if alphas is None or float(getattr(state.scheduler, "init_noise_sigma", 1.0)) != 1.0:
-            return False  # sigma-parameterised schedulers (Euler...): not supported, run every step
-        alpha = alphas[int(state.timesteps[state.step])].to(noise.dtype)
-        x0 = (state.latents - (1 - alpha).sqrt() * noise) / alpha.sqrt()
-        previous, state.previous_x0 = state.previous_x0, x0
-        if previous is None or state.step + 1 < state.early_stop_min_steps:
-            return False
-        change = float((x0 - previous).norm() / x0.norm().clamp_min(1e-12))
-        return change < state.early_stop
+            _settle(ticket.future, ticket.job.latents)

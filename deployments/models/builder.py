@@ -12,13 +12,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from deployments.models.clip_vocab import write_tokenizer_files
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+# configs/models/, shipped as package data (pyproject.toml: package-dir fusionserve_configs)
+PRESET_DIR = Path(str(resources.files("fusionserve_configs") / "models"))
 # Bump when the builder's code changes what it writes, so cached folders are rebuilt.
 BUILDER_VERSION = 2  # 2: image-prompt adapter (image_encoder/, feature_extractor/, ip_adapter/)
 CLIP_MAX_LENGTH = 77
@@ -113,9 +115,11 @@ def build_model(preset_name: str, destination: Path) -> Path:
         )
         text_encoder = CLIPTextModel(text_config).eval()
         torch.manual_seed(seed + 10)
-        unet = UNet2DConditionModel(**preset["unet"]).eval()
+        # diffusers' models and pipelines lose their torch.nn.Module / DiffusionPipeline bases to
+        # mypy (their mixins' decorators are untyped): eval() and save_pretrained() are there.
+        unet = UNet2DConditionModel(**preset["unet"]).eval()  # type: ignore[attr-defined]
         torch.manual_seed(seed + 20)
-        vae = AutoencoderKL(**preset["vae"]).eval()
+        vae = AutoencoderKL(**preset["vae"]).eval()  # type: ignore[attr-defined]
         if preset.get("calibrate_unet"):
             _calibrate_unet(unet, text_config.hidden_size, seed)
 
@@ -132,9 +136,10 @@ def build_model(preset_name: str, destination: Path) -> Path:
             torch.manual_seed(seed + 30)
             vision_config = CLIPVisionConfig(**preset["image_encoder"])
             image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
-            side = vision_config.image_size
+            side = vision_config.image_size  # an int; transformers types it int | list | tuple | None
             feature_extractor = CLIPImageProcessor(
-                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+                size={"shortest_edge": side},  # type: ignore[dict-item]
+                crop_size={"height": side, "width": side},  # type: ignore[dict-item]
             )
 
         pipe = StableDiffusionPipeline(
@@ -149,7 +154,7 @@ def build_model(preset_name: str, destination: Path) -> Path:
             requires_safety_checker=False,
         )
         model_dir = staging / "model"
-        pipe.save_pretrained(model_dir, safe_serialization=True)
+        pipe.save_pretrained(model_dir, safe_serialization=True)  # type: ignore[attr-defined]
         if image_encoder is not None:
             from safetensors.torch import save_file
 

@@ -8,12 +8,14 @@ exactly the same code as a real checkpoint.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
 
 from deployments.models import builder
 
@@ -49,8 +51,7 @@ def resolve_model(spec: str | os.PathLike | None = None, build: bool = True) -> 
             if not build:
                 raise ModelNotFoundError(f"preset {spec!r} is not built yet: run `fusionserve build-model {spec}`")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target.parent / f".{target.name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with FileLock(target.parent / f".{target.name}.lock"):
                 if not (target / "model_index.json").is_file():
                     builder.build_model(spec, target)
         return target
@@ -184,7 +185,7 @@ def load_ip_adapter_state_dict(path: Path) -> dict[str, dict]:
     """{"image_proj": {...}, "ip_adapter": {...}}, split as diffusers' `load_ip_adapter` splits it."""
     from safetensors.torch import load_file
 
-    state = {"image_proj": {}, "ip_adapter": {}}
+    state: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
     for key, tensor in load_file(str(Path(path) / IP_ADAPTER_FILE)).items():
         group, _, rest = key.partition(".")
         if group in state:

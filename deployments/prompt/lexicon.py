@@ -8,100 +8,116 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any, Protocol
 
 import yaml
 
-LEXICON_FILE = Path(__file__).resolve().parent / "data" / "lexicon.yaml"
+LEXICON_FILE = Path(str(resources.files("deployments.prompt") / "data" / "lexicon.yaml"))
 
 
-def _english(patterns: list[str]) -> re.Pattern:
+class Matcher(Protocol):
+    """What the parser asks of a rule: a compiled `re.Pattern[str]` or a `LongestMatch`."""
+
+    def search(self, text: str, pos: int = 0, /) -> re.Match[str] | None: ...
+
+    def fullmatch(self, text: str, /) -> re.Match[str] | None: ...
+
+    def subn(self, replacement: str, text: str, /) -> tuple[str, int]: ...
+
+
+def _english(patterns: list[str]) -> re.Pattern[str]:
     return re.compile(r"(?<![\w-])(?:" + "|".join(patterns) + r")(?![\w-])", re.IGNORECASE)
 
 
-def _chinese(patterns: list[str]) -> re.Pattern:
+def _chinese(patterns: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(p) for p in patterns))
 
 
 @dataclass(frozen=True)
 class Lexicon:
     key_order: tuple[str, ...]
-    ethnicity: dict[str, re.Pattern]
-    gender: dict[str, re.Pattern]
-    pronouns: dict[str, re.Pattern]
-    ethnicity_in_context: dict[str, re.Pattern]  # ethnicity -> the word where it names a person
-    ethnicity_context: re.Pattern  # "(of) descent/origin/...", consumed with the ethnicity
-    gendered_roles: dict[str, re.Pattern]  # gender -> roles that tell it and stay as content ("bride")
+    ethnicity: dict[str, LongestMatch]
+    gender: dict[str, LongestMatch]
+    pronouns: dict[str, LongestMatch]
+    ethnicity_in_context: dict[str, re.Pattern[str]]  # ethnicity -> the word where it names a person
+    ethnicity_context: re.Pattern[str]  # "(of) descent/origin/...", consumed with the ethnicity
+    gendered_roles: dict[str, re.Pattern[str]]  # gender -> roles that tell it and stay as content ("bride")
     gendered_ethnicity: dict[str, str]  # "latina" -> woman: the word names a person and tells the gender
     age_words: dict[str, int]
-    age_groups: re.Pattern
+    age_groups: re.Pattern[str]
     number_words: dict[str, int]  # "six" -> 6, "forty" -> 40: ages written in words
-    number_word: re.Pattern  # one number in words: "six", "forty-two", "thirty five"
-    age_nouns: dict[str, re.Pattern]  # age group -> person nouns that tell it ("teenager")
-    bare_age: re.Pattern  # a number on its own right after a person noun; group 1
+    number_word: re.Pattern[str]  # one number in words: "six", "forty-two", "thirty five"
+    age_nouns: dict[str, re.Pattern[str]]  # age group -> person nouns that tell it ("teenager")
+    bare_age: re.Pattern[str]  # a number on its own right after a person noun; group 1
     adult_age: int  # from this age a boy is a man; under it a man is a boy
     minor_age_groups: tuple[str, ...]  # age words that make a man a boy ("teenage")
     adult_of: dict[str, str]  # youth noun -> adult noun (boy -> man)
     attributes: dict[str, dict[str, LongestMatch]]  # key -> canonical value -> its patterns
-    implied: dict[str, dict[str, re.Pattern]]  # key -> value -> pattern, used only when the key has no value
-    hair_nouns: dict[str, re.Pattern]
+    implied: dict[str, dict[str, LongestMatch]]  # key -> value -> pattern, used only when the key has no value
+    hair_nouns: dict[str, LongestMatch]
     # "<up to 5 words> <noun>": group 1 the words, group 2 the noun (hair, haircut, braids, bob, ...)
-    hair_phrase: re.Pattern
+    hair_phrase: re.Pattern[str]
     hair_nouns_alone: frozenset[str]  # nouns that name the hair with no hair word before them
-    hair_colors: dict[str, re.Pattern]
-    hair_styles: dict[str, re.Pattern]
+    hair_colors: dict[str, LongestMatch]
+    hair_styles: dict[str, LongestMatch]
     hair_style_words: frozenset[str]  # the words of two-word styles: "shoulder", "length" of shoulder length
-    hair_shades: re.Pattern
+    hair_shades: re.Pattern[str]
     accessories: dict[str, LongestMatch]  # group 1: the colour/material/size words before the accessory, if any
     # key -> value -> patterns whose group 1 is the modifier words kept with the value:
     # "soft studio light", "round glasses", "neatly trimmed gray beard" (`<key>_modifiers` in the YAML)
     modified: dict[str, dict[str, LongestMatch]]
-    styles: dict[str, re.Pattern]
-    quality: dict[str, re.Pattern]
+    styles: dict[str, LongestMatch]
+    quality: dict[str, LongestMatch]
     quality_groups: tuple[tuple[str, ...], ...]  # synonyms: only the first one asked for is kept
-    filler: re.Pattern
-    noise: re.Pattern  # filler and intensifiers in one pattern, longest first ("good morning" before "good")
+    filler: re.Pattern[str]
+    noise: re.Pattern[str]  # filler and intensifiers in one pattern, longest first ("good morning" before "good")
     negative_default: tuple[str, ...]
-    zh_identity: dict[str, re.Pattern]
-    zh_gender: dict[str, re.Pattern]
-    zh_age: re.Pattern
-    zh_hair_compound: tuple[re.Pattern, str]  # colour+style hair words -> two hair words
-    zh_attributes: dict[str, dict[str, re.Pattern]]
-    zh_styles: dict[str, re.Pattern]
-    zh_quality: dict[str, re.Pattern]
-    zh_filler: re.Pattern
+    zh_identity: dict[str, LongestMatch]
+    zh_gender: dict[str, LongestMatch]
+    zh_age: re.Pattern[str]
+    zh_hair_compound: tuple[re.Pattern[str], str]  # colour+style hair words -> two hair words
+    zh_attributes: dict[str, dict[str, LongestMatch]]
+    zh_styles: dict[str, LongestMatch]
+    zh_quality: dict[str, LongestMatch]
+    zh_filler: re.Pattern[str]
 
 
 class LongestMatch:
     """Alternative patterns where, at the leftmost position any of them matches, the longest
     match wins — whatever order they are listed in (re's `a|b` takes the first that matches,
     so 'outdoors?' would leave the "background" of "outdoor background" behind). Offers the
-    `re.Pattern` methods the parser uses."""
+    `re.Pattern` methods the parser uses (see `Matcher`)."""
 
-    def __init__(self, alternatives: list[re.Pattern]):
+    def __init__(self, alternatives: list[re.Pattern[str]]):
         self.alternatives = alternatives
 
-    def search(self, text: str, pos: int = 0) -> re.Match | None:
-        best = None
+    def search(self, text: str, pos: int = 0) -> re.Match[str] | None:
+        best: re.Match[str] | None = None
         for alternative in self.alternatives:
             match = alternative.search(text, pos)
             if match and (best is None or (match.start(), -match.end()) < (best.start(), -best.end())):
                 best = match
         return best
 
-    def fullmatch(self, text: str) -> re.Match | None:
+    def fullmatch(self, text: str) -> re.Match[str] | None:
         return next((m for a in self.alternatives if (m := a.fullmatch(text))), None)
 
     def subn(self, replacement: str, text: str) -> tuple[str, int]:
-        parts, count, pos = [], 0, 0
+        parts: list[str] = []
+        count, pos = 0, 0
         while (match := self.search(text, pos)) is not None and match.end() > match.start():
             parts += [text[pos : match.start()], replacement]
             pos, count = match.end(), count + 1
         return "".join(parts) + text[pos:], count
 
 
-def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: bool = False) -> dict[str, LongestMatch]:
+def _compile_group(
+    group: dict[str, list[str]], compile_patterns: Callable[[list[str]], re.Pattern[str]], canonical: bool = False
+) -> dict[str, LongestMatch]:
     """value -> its patterns, longest match first. With `canonical`, the value's own text
     matches too, so an already structured prompt ("smiling expression") parses to itself."""
     compiled = {}
@@ -112,12 +128,12 @@ def _compile_group(group: dict[str, list[str]], compile_patterns, canonical: boo
     return compiled
 
 
-def _person_nouns(data: dict) -> str:
+def _person_nouns(data: dict[str, Any]) -> str:
     """Every person noun of the lexicon as one alternation, for patterns that need one nearby."""
     return "|".join(_english(words).pattern for words in data["gender"].values())
 
 
-def _ethnicity_in_context(data: dict) -> dict[str, re.Pattern]:
+def _ethnicity_in_context(data: dict[str, Any]) -> dict[str, re.Pattern[str]]:
     """An ethnicity word counts only before a person noun ("Asian man", "Asian, smiling
     woman"), with a context word ("of Asian descent"), or as a phrase of its own
     ("female software engineer, Asian, ..."): "black suit" is not one."""
@@ -160,7 +176,7 @@ def _with_modifiers(group: dict[str, list[str]], modifiers: list[str], skip_one_
     }
 
 
-def _hair_phrase(nouns: dict[str, list[str]]) -> re.Pattern:
+def _hair_phrase(nouns: dict[str, list[str]]) -> re.Pattern[str]:
     """Up to five words (group 1) before the hair's noun (group 2): "hair", "haircut", or a
     noun that names the hair itself ("braids", "bob")."""
     words = sorted((*nouns["alone"], *nouns["after_a_hair_word"]), key=len, reverse=True)
@@ -168,7 +184,7 @@ def _hair_phrase(nouns: dict[str, list[str]]) -> re.Pattern:
     return re.compile(rf"((?:[a-z][\w-]*[\s,]+){{0,5}})({noun})(?!\w)", re.IGNORECASE)
 
 
-def _number_word(numbers: dict[str, int]) -> re.Pattern:
+def _number_word(numbers: dict[str, int]) -> re.Pattern[str]:
     """A number in words up to ninety-nine: tens with an optional unit ("forty-two"), or one word."""
     tens = "|".join(w for w, n in numbers.items() if n >= 20 and n % 10 == 0)
     units = "|".join(w for w, n in numbers.items() if n < 10)
@@ -176,18 +192,20 @@ def _number_word(numbers: dict[str, int]) -> re.Pattern:
     return re.compile(rf"(?<![\w-])(?:(?:{tens})[\s-](?:{units})|{words})(?!\w|-(?!ish|years?|yrs?))", re.IGNORECASE)
 
 
-def _bare_age(data: dict) -> re.Pattern:
+def _bare_age(data: dict[str, Any]) -> re.Pattern[str]:
     """'woman, 34, with ...': a 1-3 digit number set off by commas right after a person noun."""
     nouns = _person_nouns(data)
     return re.compile(rf"(?:{nouns})\s*,\s*(\d{{1,3}})(?=\s*(?:[,.;]|$))", re.IGNORECASE)
 
 
-def _words(words: list) -> re.Pattern:
+def _words(words: list[Any]) -> re.Pattern[str]:
     """Words and phrases, longest first: 'on the face' goes whole, not as 'on' + 'the' + 'face'."""
     return _english([re.escape(str(word)) for word in sorted(words, key=lambda w: -len(str(w)))])
 
 
-def _with_nouns(group: dict[str, list[str]], nouns, suffixes=()) -> dict[str, list[str]]:
+def _with_nouns(
+    group: dict[str, list[str]], nouns: Sequence[str], suffixes: Sequence[str] = ()
+) -> dict[str, list[str]]:
     """Each pattern may be followed by one of `nouns` or `suffixes`: 'serious face', 'stern look',
     'serious-looking' -> serious."""
     if not nouns and not suffixes:

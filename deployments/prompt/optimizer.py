@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployments.models import builder, loading
+from deployments.prompt import attributes as attribute_values
+from deployments.prompt.attributes import Attributes
 from deployments.prompt.lexicon import Lexicon, load_lexicon
 from deployments.prompt.parser import parse_instruction
+from deployments.prompt.settings import DEFAULT_STYLE
 from deployments.text_encoder.block_pool import hash_block
+from deployments.text_encoder.settings import DEFAULT_BLOCK_SIZE
 
 CLIP_WINDOW = builder.CLIP_MAX_LENGTH  # positions CLIP sees, BOS and EOS included
 CONTENT_TOKENS = CLIP_WINDOW - 2
-DEFAULT_STYLE = "photorealistic"
-ROUTING_BLOCK_TOKENS = 16  # the text encoder's default block size
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -36,63 +39,71 @@ class OptimizedPrompt:
     cache_namespace: str
     original_tokens: int = 0  # CLIP tokens of the instruction as the user wrote it
     prefix_tokens: int = 1  # leading positions (BOS included) identical for the whole namespace
-    attributes: dict = field(default_factory=dict)
+    attributes: Attributes = field(default_factory=dict)  # key -> values (identity included)
     warnings: tuple[str, ...] = ()
-    # Names the prompt's first 16-token window block in its namespace: the text encoder's
-    # router sends equal keys to the same replica, whose prefix cache holds that block.
+    # Names the prompt's first window block in its namespace: the text encoder's router sends
+    # equal keys to the same replica, whose prefix cache holds that block.
     routing_key: str = ""
+
+    def attribute_text(self) -> dict[str, str | list[str]]:
+        """The attributes as `/v1/prompts/optimize` shows them: each key's values as the prompt
+        says them ("outdoors, blurred background"), accessories as a list."""
+        return attribute_values.as_text(self.attributes)
+
+    def attribute_count(self) -> int:
+        """Terms the attributes add to the prompt: one per key, each accessory apart."""
+        return len(attribute_values.terms(self.attributes))
 
 
 def normalize_whitespace(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def _render_age(age) -> str:
-    text = str(age).strip()
+def _render_age(text: str) -> str:
+    text = text.strip()
     return f"age:{text}" if text.isdigit() else text
 
 
 def optimize_prompt(
     base_identity: str | None,
-    target_attributes: dict,
+    target_attributes: Mapping[str, Sequence[str]],
     style_hint: str | None = DEFAULT_STYLE,
-    quality: list[str] | tuple[str, ...] = (),
-    extra: list[str] | tuple[str, ...] = (),
+    quality: Sequence[str] = (),
+    extra: Sequence[str] = (),
     template: str = "",
     lexicon: Lexicon | None = None,
 ) -> str:
     """Structured builder: fixed key order, no duplicates, whitespace normalised.
 
-    `target_attributes` keys: age (int or text), expression (omitted when neutral), glasses
-    (True or text), gender, hair, facial_hair, view (or pose), lighting, background,
-    accessories (text or list). `gender` is used only when `base_identity` lacks it.
+    `target_attributes`: key -> values. Keys: age ("35" or "age:35" or a word), expression
+    (omitted when neutral), glasses, gender, hair, facial_hair, view (or pose), lighting,
+    background, accessories. `gender` is used only when `base_identity` lacks it.
     """
     lexicon = lexicon or load_lexicon()
     attributes = dict(target_attributes)
     if "pose" in attributes and "view" not in attributes:
         attributes["view"] = attributes.pop("pose")
     identity = normalize_whitespace(base_identity or "")
-    gender = attributes.pop("gender", None)
+    gender = attribute_values.term("gender", attributes.pop("gender", []))
     if gender and gender.lower() not in identity.lower().split():
         identity = normalize_whitespace(f"{identity} {gender}")
     terms = [normalize_whitespace(template)] if template else []
     terms.append(identity)
     for key in lexicon.key_order[1:]:
-        value = attributes.get(key)
-        if value is None or value is False or value == "":
+        values = attributes.get(key)
+        if not values:
             continue
+        text = attribute_values.term(key, values)
         if key == "age":
-            terms.append(_render_age(value))
+            terms.append(_render_age(text))
         elif key == "expression":
-            text = str(value).strip()
+            text = text.strip()
             if text.lower() not in ("neutral", "neutral expression"):
                 terms.append(text if text.lower().endswith("expression") else f"{text} expression")
-        elif key == "glasses":
-            terms.append("wearing glasses" if value is True else str(value))
-        elif key == "accessories":
-            terms.extend([value] if isinstance(value, str) else list(value))
+        elif key == attribute_values.ACCESSORIES:
+            terms.extend(values)
         else:
-            terms.append(str(value))
+            terms.append(text)
     terms += list(extra)
     if style_hint:
         terms.append(style_hint)
@@ -119,7 +130,7 @@ def negative_terms(negated: list[str]) -> list[str]:
     return [value.removeprefix("wearing ").removesuffix(" expression") for value in negated]
 
 
-def merge_negative_prompt(user_negative: str, defaults: tuple[str, ...], asked_away: list[str] = ()) -> str:
+def merge_negative_prompt(user_negative: str, defaults: Sequence[str], asked_away: Sequence[str] = ()) -> str:
     """The default negative terms first (stable, so the encoder's exact cache hits), then
     what the instruction asked away, then the user's own, deduplicated case-insensitively."""
     terms = [*defaults, *asked_away, *re.split(r"[,\n]", user_negative)]
@@ -132,9 +143,10 @@ def merge_negative_prompt(user_negative: str, defaults: tuple[str, ...], asked_a
     return ", ".join(kept)
 
 
-def routing_key_for(window_ids, namespace: str) -> str:
-    """Names the first 16-token block of a padded window in its namespace (hex)."""
-    return hash_block(None, window_ids[:ROUTING_BLOCK_TOKENS], (namespace,)).hex()
+def routing_key_for(window_ids: Sequence[int], namespace: str) -> str:
+    """Names the first block (the text encoder's default block size) of a padded window in
+    its namespace (hex)."""
+    return hash_block(None, window_ids[:DEFAULT_BLOCK_SIZE], (namespace,)).hex()
 
 
 class PromptOptimizerEngine:
@@ -195,11 +207,13 @@ class PromptOptimizerEngine:
                 warnings.append("nothing to optimize: the prompt is all filler words; used as written")
                 text = _join_unique([template, original]) if template else original
             return self._result(text, negative, original_tokens, cache_namespace, {}, warnings, template)
-        attributes = {"identity": parsed.identity, **parsed.attributes} if parsed.identity else dict(parsed.attributes)
-        style = parsed.style or self.default_style
+        attributes = (
+            {"identity": [parsed.identity], **parsed.attributes} if parsed.identity else dict(parsed.attributes)
+        )
+        style: str | None = parsed.style or self.default_style
         quality, extra = list(parsed.quality), list(parsed.extra)
 
-        def build(style_hint):
+        def build(style_hint: str | None) -> str:
             return optimize_prompt(
                 parsed.identity, parsed.attributes, style_hint, quality, extra, template, self.lexicon
             )
@@ -212,8 +226,8 @@ class PromptOptimizerEngine:
         if self.count_tokens(text) - template_tokens > original_tokens and not parsed.style:
             style = None
             text = build(None)
-        # several values of a key are one comma-separated string: each must be in the text
-        values = [v for value in attributes.values() for v in (value if isinstance(value, list) else value.split(", "))]
+        # every value must be in the text, as the prompt words it (facial hair: "beard and mustache")
+        values = [phrase for key, values in attributes.items() for phrase in attribute_values.phrases(key, values)]
         already_compact = all(
             re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", original, re.IGNORECASE) for v in values
         )  # whole words: "man" is not said by "fisherman"
@@ -241,7 +255,14 @@ class PromptOptimizerEngine:
         return self._result(text, negative, original_tokens, cache_namespace, attributes, warnings, template)
 
     def _result(
-        self, text, negative, original_tokens, namespace, attributes, warnings, template: str = ""
+        self,
+        text: str,
+        negative: str,
+        original_tokens: int,
+        namespace: str,
+        attributes: Attributes,
+        warnings: list[str],
+        template: str = "",
     ) -> OptimizedPrompt:
         tokens = self.count_tokens(text)
         if tokens > CONTENT_TOKENS:
@@ -259,37 +280,3 @@ class PromptOptimizerEngine:
             warnings=tuple(warnings),
             routing_key=self.routing_key(text, namespace),
         )
-
-
-def build_deployment():
-    from ray import serve
-    from ray.serve import metrics
-
-    @serve.deployment(name="PromptOptimizer", ray_actor_options={"num_cpus": 0.1, "num_gpus": 0})
-    class PromptOptimizer:
-        def __init__(self, model_path: str, settings: dict | None = None):
-            self.engine = PromptOptimizerEngine(Path(model_path), **(settings or {}))
-            # tokens saved = original - optimized (Grafana: configs/grafana/fusionserve.json)
-            self._original = metrics.Counter(
-                "fusionserve_prompt_original_tokens",
-                description="CLIP tokens of prompts as written",
-                tag_keys=("namespace",),
-            )
-            self._optimized = metrics.Counter(
-                "fusionserve_prompt_optimized_tokens",
-                description="CLIP tokens of prompts as sent to the encoder",
-                tag_keys=("namespace",),
-            )
-
-        def optimize(
-            self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default", enabled: bool = True
-        ) -> OptimizedPrompt:
-            optimized = self.engine.optimize(prompt, negative_prompt, cache_namespace, enabled)
-            tags = {"namespace": cache_namespace}
-            if optimized.original_tokens:
-                self._original.inc(optimized.original_tokens, tags=tags)
-            if optimized.prompt_tokens:
-                self._optimized.inc(optimized.prompt_tokens, tags=tags)
-            return optimized
-
-    return PromptOptimizer

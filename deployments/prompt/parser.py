@@ -9,9 +9,12 @@ read), so nothing is dropped silently.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from deployments.prompt.lexicon import Lexicon
+from deployments.prompt import attributes as attribute_values
+from deployments.prompt.attributes import Attributes
+from deployments.prompt.lexicon import Lexicon, Matcher
 
 # Age grammar: number forms ("35 years old", "35-year-old", "aged 35", "age: 35", "around 35") and
 # decades ("in his thirties", "in her 40s"). Vague ages come from the lexicon's age_groups.
@@ -49,7 +52,7 @@ ZH_NEGATION = re.compile(r"(?:不要|不|没有|没|无|别)$")
 @dataclass
 class ParsedInstruction:
     identity: str | None = None
-    attributes: dict[str, str | list[str]] = field(default_factory=dict)  # key -> canonical value
+    attributes: Attributes = field(default_factory=dict)  # key -> canonical values, as named
     style: str | None = None
     quality: list[str] = field(default_factory=list)  # canonical terms, in first-seen order
     extra: list[str] = field(default_factory=list)  # English content the rules did not understand
@@ -63,24 +66,24 @@ class _Text:
     def __init__(self, text: str):
         self.text = text
 
-    def take(self, pattern: re.Pattern) -> re.Match | None:
+    def take(self, pattern: Matcher) -> re.Match[str] | None:
         match = pattern.search(self.text)
         if match:
             self.replace(match)
         return match
 
-    def negation_before(self, position: int) -> re.Match | None:
+    def negation_before(self, position: int) -> re.Match[str] | None:
         """'no ', 'not ', 'without (a) ' (or 不, 没有, 无) ending right at `position`."""
         before = self.text[:position]
         return NEGATION.search(before) or ZH_NEGATION.search(before)
 
-    def replace(self, match: re.Match, replacement: str = CONSUMED) -> None:
+    def replace(self, match: re.Match[str], replacement: str = CONSUMED) -> None:
         self.cut(match.start(), match.end(), replacement)
 
     def cut(self, start: int, end: int, replacement: str = CONSUMED) -> None:
         self.text = self.text[:start] + replacement + self.text[end:]
 
-    def take_all(self, pattern: re.Pattern) -> int:
+    def take_all(self, pattern: Matcher) -> int:
         self.text, count = pattern.subn(CONSUMED, self.text)
         return count
 
@@ -108,7 +111,7 @@ def parse_instruction(text: str, lexicon: Lexicon) -> ParsedInstruction:
 def collapse_synonyms(terms: list[str], groups: tuple[tuple[str, ...], ...]) -> list[str]:
     """One term per synonym group: the first the group lists, kept where the instruction first
     asked for any of them ("8k, highly detailed" -> highly detailed)."""
-    kept = []
+    kept: list[str] = []
     for term in terms:
         group = next((g for g in groups if term in g), None)
         if group is None:
@@ -120,28 +123,18 @@ def collapse_synonyms(terms: list[str], groups: tuple[tuple[str, ...], ...]) -> 
     return kept
 
 
-def _set(parsed: ParsedInstruction, key: str, value: str) -> None:
-    if key == "accessories":
-        values = parsed.attributes.setdefault(key, [])
-        if value not in values:
-            values.append(value)
-    else:
-        _add(parsed, key, [value])
-
-
 def _add(parsed: ParsedInstruction, key: str, values: list[str]) -> None:
     """Every value the instruction names for `key` is kept, in its order ("outdoors, blurred
-    background" -> 'outdoor background, blurred background'), none twice; neutral only alone."""
-    current = parsed.attributes.get(key)
-    merged = list(dict.fromkeys([*(current.split(", ") if current else []), *values]))
+    background" -> 'outdoor background', 'blurred background'), none twice; neutral only alone."""
+    merged = list(dict.fromkeys([*parsed.attributes.get(key, []), *values]))
     if key == "expression" and len(merged) > 1:
         merged = [v for v in merged if v != "neutral"]
     if merged:
-        parsed.attributes[key] = ", ".join(merged)
+        parsed.attributes[key] = merged
 
 
 def _take_values(
-    work: _Text, values: dict[str, re.Pattern], parsed: ParsedInstruction, modified: bool = False
+    work: _Text, values: Mapping[str, Matcher], parsed: ParsedInstruction, modified: bool = False
 ) -> list[str]:
     """The values whose patterns match, in the order the instruction names them (spans consumed).
     A value right after a negation ("no smile", "without glasses") goes to `parsed.negated`
@@ -169,16 +162,13 @@ def _parse_chinese(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> 
         if match.group(2) or match.group(4):  # 四十多岁: in the forties -> the middle of them
             number += 5 if number % 10 == 0 and number >= 10 else 0
         if 0 < number < 130:
-            parsed.attributes["age"] = f"age:{number}"
+            parsed.attributes["age"] = [f"age:{number}"]
     for key, values in lexicon.zh_attributes.items():
         found = _take_values(work, values, parsed)
         if key == "hair":
             found = _merge_zh_hair(found, lexicon)
-        if key == "accessories":
-            for value in found:
-                _set(parsed, key, value)
-        elif key == "facial_hair" and found:  # joined as the English kinds are: beard and mustache
-            parsed.attributes.setdefault(key, " and ".join(found))
+        if key == attribute_values.FACIAL_HAIR and found:  # as the English kinds: beard and mustache
+            parsed.attributes.setdefault(key, found)
         else:
             _add(parsed, key, found)
     for style, pattern in lexicon.zh_styles.items():
@@ -243,7 +233,7 @@ def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None
     for pattern in AGE_NUMBER:
         match = work.take(pattern)
         if match and 0 < int(match.group(1)) < 130:
-            parsed.attributes["age"] = f"age:{int(match.group(1))}"
+            parsed.attributes["age"] = [f"age:{int(match.group(1))}"]
             work.take_all(lexicon.age_groups)  # "a young 25-year-old": the number says it
             return
     for match in AGE_DECADE.finditer(work.text):
@@ -253,24 +243,24 @@ def _parse_age(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None
             decade = int(word[:2]) + 5  # "in her 40s" -> 45
         if decade:
             work.replace(match)
-            parsed.attributes["age"] = f"age:{decade}"
+            parsed.attributes["age"] = [f"age:{decade}"]
             work.take_all(lexicon.age_groups)
             return
     # "a Nigerian woman, 34, with braided hair", else a number that is a phrase of its own
     # ("a man with a gray beard, 55, wearing ...")
     match = lexicon.bare_age.search(work.text) or AGE_PHRASE.search(work.text)
     if match and 0 < int(match.group(1)) < 130:
-        parsed.attributes["age"] = f"age:{int(match.group(1))}"
+        parsed.attributes["age"] = [f"age:{int(match.group(1))}"]
         work.cut(match.start(1), match.end(1))
         work.take_all(lexicon.age_groups)
         return
     match = work.take(lexicon.age_groups)
     if match:
-        parsed.attributes["age"] = match.group(0).lower()
+        parsed.attributes["age"] = [match.group(0).lower()]
         return
     noun = next((age for age, pattern in lexicon.age_nouns.items() if pattern.search(work.text)), None)
     if noun:  # "a Black teenager": the noun stays for the identity
-        parsed.attributes["age"] = noun
+        parsed.attributes["age"] = [noun]
 
 
 def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -292,8 +282,7 @@ def _parse_attributes(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) 
 
 
 def _parse_accessories(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
-    for value in _take_values(work, lexicon.accessories, parsed, modified=True):
-        _set(parsed, "accessories", value)
+    _add(parsed, attribute_values.ACCESSORIES, _take_values(work, lexicon.accessories, parsed, modified=True))
 
 
 def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
@@ -303,10 +292,10 @@ def _parse_facial_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction)
     # "a bearded man with a thick black beard": beard is said by thick black beard
     found = [v for v in found if not any(set(v.split()) < set(other.split()) for other in found)]
     if found:
-        parsed.attributes.setdefault("facial_hair", " and ".join(found))
+        parsed.attributes.setdefault(attribute_values.FACIAL_HAIR, found)
 
 
-def _modified(match: re.Match, value: str) -> str:
+def _modified(match: re.Match[str], value: str) -> str:
     """The canonical value with the modifier run the pattern captured before it ("wearing
     glasses" takes them after its verb: wearing round glasses)."""
     modifiers = " ".join((match.group(1) or "").lower().split())
@@ -327,7 +316,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
     # "a blonde woman with long hair": the colour from the noun, the rest from the hair phrase
     named = [value.removesuffix(" hair") for value, pattern in lexicon.hair_nouns.items() if work.take_all(pattern)]
     if named:
-        parsed.attributes["hair"] = " and ".join(named) + " hair"
+        parsed.attributes["hair"] = [" and ".join(named) + " hair"]
     for match in lexicon.hair_phrase.finditer(work.text):
         # The hair's own words: the run of style, colour and shade words (with "and" between
         # them) right before "hair", within its phrase: "Black woman, gray hair" is gray, and
@@ -354,7 +343,7 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
         colors = _hair_colors(words, lexicon)
         colors += [c for c in named if c not in colors]
         if styles or colors:
-            parsed.attributes["hair"] = " ".join(styles + ([" and ".join(colors)] if colors else []) + ["hair"])
+            parsed.attributes["hair"] = [" ".join(styles + ([" and ".join(colors)] if colors else []) + ["hair"])]
             start = match.start(1) + spans[0].start() if spans else match.start(2)
             work.cut(start, match.end())
             return
@@ -362,9 +351,8 @@ def _parse_hair(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> Non
 
 def _describes_hair(word: str, lexicon: Lexicon) -> bool:
     # a word of a two-word style counts too: the "shoulder" and "length" of shoulder length
-    return word.lower() in lexicon.hair_style_words or any(
-        p.fullmatch(word) for p in (*lexicon.hair_styles.values(), *lexicon.hair_colors.values(), lexicon.hair_shades)
-    )
+    rules: list[Matcher] = [*lexicon.hair_styles.values(), *lexicon.hair_colors.values(), lexicon.hair_shades]
+    return word.lower() in lexicon.hair_style_words or any(rule.fullmatch(word) for rule in rules)
 
 
 def _hair_colors(words: list[str], lexicon: Lexicon) -> list[str]:
@@ -408,8 +396,8 @@ def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) ->
         or _first_match(work, {"person": lexicon.gender["person"]})
         or _first_match(work, lexicon.pronouns)
     )
-    for pattern in (*lexicon.gender.values(), *lexicon.pronouns.values()):
-        work.take_all(pattern)
+    for rule in (*lexicon.gender.values(), *lexicon.pronouns.values()):
+        work.take_all(rule)
     if ethnicity:
         work.take_all(lexicon.ethnicity_context)
     if parsed.identity is None and gender:
@@ -421,7 +409,7 @@ def _parse_identity(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) ->
 def _match_identity_to_age(parsed: ParsedInstruction, lexicon: Lexicon) -> None:
     """'a boy aged 10' is a boy, 'a Japanese girl aged 22' a woman, 'a man, 16' a boy: CLIP
     draws the noun, so the noun must agree with the age. Without an age the noun stays."""
-    age = str(parsed.attributes.get("age", "")).removeprefix("age:")
+    age = (parsed.attributes.get("age") or [""])[0].removeprefix("age:")
     if not parsed.identity or not age:
         return
     minor = int(age) < lexicon.adult_age if age.isdigit() else age in lexicon.minor_age_groups
@@ -434,14 +422,14 @@ def _match_identity_to_age(parsed: ParsedInstruction, lexicon: Lexicon) -> None:
     parsed.identity = " ".join([*ethnicity, noun])
 
 
-def _first_match(work: _Text, group: dict[str, re.Pattern]) -> str | None:
+def _first_match(work: _Text, group: Mapping[str, Matcher]) -> str | None:
     found = [(m.start(), name) for name, p in group.items() if (m := p.search(work.text))]
     return min(found)[1] if found else None
 
 
 def _collect_leftovers(work: _Text, lexicon: Lexicon, parsed: ParsedInstruction) -> None:
     work.take_all(lexicon.noise)
-    values = [v for value in parsed.attributes.values() for v in (value if isinstance(value, list) else [value])]
+    values = attribute_values.terms(parsed.attributes)
     said = _words_of([parsed.identity or "", parsed.style or "", *parsed.quality, *values], lexicon)
     for phrase in PHRASE_BREAK.split(work.text):
         phrase = " ".join(re.findall(r"[\w'&+-]+", phrase)).strip(" -'")

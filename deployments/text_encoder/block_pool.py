@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 BlockHash = bytes  # 16-byte digest: stable across processes (routing keys depend on it)
+TokenIds = Sequence[int] | torch.Tensor  # a 1-d run of token ids
 
 
-def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: Sequence[str] = ()) -> BlockHash:
+def hash_block(parent: BlockHash | None, token_ids: TokenIds, extra_keys: Sequence[str] = ()) -> BlockHash:
     """hash(parent hash, this block's token ids, extra keys such as model id and namespace).
 
     blake2b rather than Python's hash(): the same prefix must hash alike in every replica
@@ -37,7 +38,7 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: S
     return _hash(parent, _token_bytes(token_ids), _extra_bytes(extra_keys))
 
 
-def chain_hashes(token_ids: Sequence[int], block_size: int, extra_keys: Sequence[str] = ()) -> list[BlockHash]:
+def chain_hashes(token_ids: TokenIds, block_size: int, extra_keys: Sequence[str] = ()) -> list[BlockHash]:
     """Hashes of the full blocks of a token sequence, in order (a partial tail has none)."""
     data, extra = _token_bytes(token_ids), _extra_bytes(extra_keys)
     step = 4 * block_size
@@ -49,10 +50,9 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, extra_keys: Sequence
     return hashes
 
 
-def _token_bytes(token_ids) -> bytes:
-    if isinstance(token_ids, torch.Tensor):
-        token_ids = token_ids.numpy()
-    return np.asarray(token_ids, dtype="<i4").tobytes()
+def _token_bytes(token_ids: TokenIds) -> bytes:
+    ids = token_ids.numpy() if isinstance(token_ids, torch.Tensor) else token_ids
+    return np.asarray(ids, dtype="<i4").tobytes()
 
 
 def _extra_bytes(extra_keys: Sequence[str]) -> bytes:
@@ -77,15 +77,11 @@ class CacheEntry:
     nbytes: int = 0
     ref_count: int = 0
     num_children: int = 0
-    hits: int = 0
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass
 class PoolStats:
-    entries: int = 0
     bytes_in_use: int = 0
-    inserted: int = 0
     evicted: int = 0
     rejected: int = 0  # did not fit: everything evictable was in use
 
@@ -97,7 +93,10 @@ class BlockPool:
         self.max_bytes = int(max_bytes)
         self.namespace_max_bytes = {ns: int(share * max_bytes) for ns, share in (namespace_shares or {}).items()}
         self._entries: dict[BlockHash, CacheEntry] = {}  # bounded: every entry counts against max_bytes
-        self._free: OrderedDict[BlockHash, CacheEntry] = OrderedDict()  # ref_count 0, oldest first
+        # The free entries (ref_count 0), oldest first. An ordered dict, not cachetools' LRUCache:
+        # eviction skips entries with cached children, the parent being extended and (for a
+        # namespace's share) other namespaces' entries, where an LRUCache only pops its oldest.
+        self._free: OrderedDict[BlockHash, CacheEntry] = OrderedDict()
         self._namespace_bytes: dict[str, int] = {}
         self.stats = PoolStats()
 
@@ -111,10 +110,8 @@ class BlockPool:
     def get(self, key: BlockHash) -> CacheEntry | None:
         """The entry for `key`, marked most recently used; None if absent."""
         entry = self._entries.get(key)
-        if entry is not None:
-            entry.hits += 1
-            if entry.ref_count == 0:
-                self._free.move_to_end(key)
+        if entry is not None and entry.ref_count == 0:
+            self._free.move_to_end(key)
         return entry
 
     def acquire_chain(self, keys: Sequence[BlockHash]) -> list[CacheEntry]:
@@ -131,7 +128,6 @@ class BlockPool:
 
     def acquire(self, entries: Iterable[CacheEntry]) -> None:
         for entry in entries:
-            entry.hits += 1
             if entry.ref_count == 0:
                 self._free.pop(entry.key, None)
             entry.ref_count += 1
@@ -153,7 +149,6 @@ class BlockPool:
         namespace: str,
         tensors: tuple[torch.Tensor, ...],
         parent: CacheEntry | None = None,
-        meta: dict | None = None,
     ) -> CacheEntry | None:
         """Store a new free entry (most recently used). Returns the existing entry if `key`
         is cached already, None if it cannot fit without evicting something in use."""
@@ -166,15 +161,13 @@ class BlockPool:
         if not self._make_room(nbytes, namespace, protect=parent):
             self.stats.rejected += 1
             return None
-        entry = CacheEntry(key, namespace, tensors, parent, nbytes, meta=meta or {})
+        entry = CacheEntry(key, namespace, tensors, parent, nbytes)
         if parent is not None:
             parent.num_children += 1
         self._entries[key] = entry
         self._free[key] = entry
         self._namespace_bytes[namespace] = self._namespace_bytes.get(namespace, 0) + nbytes
         self.stats.bytes_in_use += nbytes
-        self.stats.entries = len(self._entries)
-        self.stats.inserted += 1
         return entry
 
     def _make_room(self, nbytes: int, namespace: str, protect: CacheEntry | None) -> bool:
@@ -210,9 +203,8 @@ class BlockPool:
         if not self._namespace_bytes[entry.namespace]:
             del self._namespace_bytes[entry.namespace]
         self.stats.bytes_in_use -= entry.nbytes
-        self.stats.entries = len(self._entries)
 
-    def drop_free(self, namespace: str | None = None, keep: set[BlockHash] = frozenset()) -> int:
+    def drop_free(self, namespace: str | None = None, keep: Set[BlockHash] = frozenset()) -> int:
         """Remove every free entry (of `namespace`) not in `keep`, leaves first; returns how many."""
         dropped = 0
         while True:
@@ -229,11 +221,3 @@ class BlockPool:
 
     def namespace_bytes(self, namespace: str) -> int:
         return self._namespace_bytes.get(namespace, 0)
-
-    def check_invariants(self) -> None:
-        """For tests: accounting adds up, the free list holds exactly the unreferenced entries."""
-        assert self.stats.bytes_in_use == sum(e.nbytes for e in self._entries.values()) <= self.max_bytes
-        assert set(self._free) == {k for k, e in self._entries.items() if e.ref_count == 0}
-        for entry in self._entries.values():
-            assert entry.parent is None or entry.parent.key in self._entries, "orphaned chain"
-            assert entry.num_children == sum(1 for e in self._entries.values() if e.parent is entry)

@@ -4,7 +4,7 @@ with a paged prefix cache: a prefix already encoded is never encoded again, exac
 Per text: tokens padded to the 77-token window, cut into blocks (16 tokens by default)
 named by a hash chain (`block_pool`). A repeated window is an *exact hit* (its stored
 output, no model call); otherwise the longest cached chain of blocks gives the K/V and
-outputs of a prefix and only the rest runs (`clip_prefix_forward`), bit-identical to a
+outputs of a prefix and only the rest runs (`prefix_forward`), bit-identical to a
 forward from scratch. New full blocks and the whole output are written back.
 """
 
@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from cachetools import LRUCache
 
 from deployments.models import loading
 from deployments.text_encoder.block_pool import BlockPool, CacheEntry, chain_hashes, hash_block
 from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
+from deployments.text_encoder.settings import EncoderCacheSettings
 from deployments.text_encoder.watchdog import HitRateWatchdog
 
 logger = logging.getLogger(__name__)
@@ -30,41 +31,12 @@ logger = logging.getLogger(__name__)
 MAX_NAMESPACES = 256  # namespaces with their own figures and pins; older ones are forgotten
 
 
-def check_texts(texts, namespace) -> None:
+def check_texts(texts: object, namespace: object) -> None:
     """Refuse a malformed request on its own, before it joins a batch with others."""
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a non-empty list of strings")
     if not isinstance(namespace, str) or not namespace:
         raise ValueError("namespace must be a non-empty string")
-
-
-class WatchdogSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    window: int = Field(64, ge=1, description="computed prompts per namespace in the rolling hit rate")
-    min_hit_rate: float = Field(
-        0.1, ge=0.0, le=1.0, description="rebuild when the rolling prefix hit rate stays below this"
-    )
-    sketch_size: int = Field(64, ge=1, description="counters of the frequency sketch of block hashes")
-    warm_prefixes: int = Field(4, ge=0, description="frequent prefixes re-warmed and pinned by a rebuild")
-    max_pinned_fraction: float = Field(0.25, ge=0.0, le=1.0, description="of the byte budget")
-
-
-class EncoderCacheSettings(BaseModel):
-    """The text encoder's prefix cache (serve_config.yaml: args.text_encoder.cache)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    block_size: int = Field(16, ge=1, le=76)
-    max_mib: float = Field(1024, ge=0, description="byte budget of blocks + exact-prompt outputs")
-    exact_prompts: bool = Field(True, description="a repeated window returns its stored output")
-    isolate_namespaces: bool = Field(True, description="equal text in two namespaces shares no block")
-    namespace_shares: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
-        default_factory=dict, description="namespace -> max fraction of the budget"
-    )
-    watchdog: WatchdogSettings = WatchdogSettings()
 
 
 @dataclass
@@ -88,6 +60,8 @@ class Encoding:
 
 @dataclass
 class _Row:
+    """One distinct (token ids, namespace) of a batch: looked up, or computed once."""
+
     token_ids: torch.Tensor  # [77]
     namespace: str
     chain: list[bytes]
@@ -96,10 +70,36 @@ class _Row:
     output: torch.Tensor | None = None
     cached_tokens: int = 0
 
+    def result(self) -> torch.Tensor:
+        if self.output is None:
+            raise RuntimeError("text encoder row read before it was looked up or computed")
+        return self.output
+
+
+@dataclass(frozen=True)
+class _PlannedText:
+    """One text of a batch: its row, and whether an earlier text of the batch had the same
+    row (then it is served by that text's result and counts as an exact hit)."""
+
+    row: _Row
+    repeat: bool
+
+    def cached_tokens(self, window: int) -> int:
+        return window if self.repeat else self.row.cached_tokens
+
+
+@dataclass
+class _BatchPlan:
+    texts: list[_PlannedText]  # in the batch's order
+    to_compute: list[_Row]  # distinct rows with no exact hit: one forward for all of them
+
 
 class TextEncoderEngine:
     def __init__(
-        self, model_path: Path, num_threads: int | None = None, cache: EncoderCacheSettings | dict | None = None
+        self,
+        model_path: Path,
+        num_threads: int | None = None,
+        cache: EncoderCacheSettings | dict[str, Any] | None = None,
     ):
         model_path = Path(model_path)
         self._setup(
@@ -113,19 +113,24 @@ class TextEncoderEngine:
     @classmethod
     def from_model(
         cls,
-        model,
-        tokenizer,
+        model: Any,
+        tokenizer: Any,
         model_id: str,
         num_threads: int | None = None,
-        cache: EncoderCacheSettings | dict | None = None,
+        cache: EncoderCacheSettings | dict[str, Any] | None = None,
     ) -> TextEncoderEngine:
-        """Around an already loaded `CLIPTextModel` (the benchmark's SD-1.5-shaped encoder)."""
+        """Around an already loaded `CLIPTextModel` and its tokenizer (no model folder)."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, model_id, num_threads, cache)
         return engine
 
     def _setup(
-        self, model, tokenizer, model_id: str, num_threads: int | None, cache: EncoderCacheSettings | dict | None
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        num_threads: int | None,
+        cache: EncoderCacheSettings | dict[str, Any] | None,
     ) -> None:
         self.num_threads = num_threads
         self.model_id = model_id
@@ -137,10 +142,10 @@ class TextEncoderEngine:
             int(self.settings.max_mib * 2**20), {ns: share for ns, share in self.settings.namespace_shares.items()}
         )
         watchdog = self.settings.watchdog
-        self.watchdog = HitRateWatchdog(watchdog.window, watchdog.min_hit_rate, watchdog.sketch_size)
+        self.watchdog = HitRateWatchdog(watchdog.window, watchdog.min_hit_rate, watchdog.sketch_size, MAX_NAMESPACES)
         self._pinned: dict[str, list[list[CacheEntry]]] = {}  # namespace -> chains held by its last rebuild
         # Namespaces come from requests: keep figures for the most recent MAX_NAMESPACES only.
-        self.stats: OrderedDict[str, NamespaceStats] = OrderedDict()
+        self.stats: LRUCache[str, NamespaceStats] = LRUCache(maxsize=MAX_NAMESPACES)
         self._lock = threading.Lock()  # one forward at a time: torch already uses every thread
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
@@ -158,14 +163,15 @@ class TextEncoderEngine:
         `routing_key` is for the served router (which replica); an engine ignores it."""
         return self.encode_many([(texts, namespace)])[0]
 
-    def encode_many(self, requests: list[tuple[list[str], str]]) -> list[Encoding]:
+    def encode_many(self, requests: Sequence[tuple[list[str], str]]) -> list[Encoding]:
         """Several requests (texts, namespace) in one forward; one Encoding per request."""
         for texts, namespace in requests:
             check_texts(texts, namespace)
         texts = [text for request_texts, _ in requests for text in request_texts]
         namespaces = [namespace for request_texts, namespace in requests for _ in request_texts]
         hidden, cached = self.encode_token_ids(self.token_ids(texts), namespaces)
-        outputs, offset = [], 0
+        outputs: list[Encoding] = []
+        offset = 0
         for request_texts, _ in requests:
             end = offset + len(request_texts)
             outputs.append(Encoding(hidden[offset:end], cached[offset:end]))
@@ -187,61 +193,67 @@ class TextEncoderEngine:
         stats = self.stats.get(namespace)
         if stats is None:
             stats = self.stats[namespace] = NamespaceStats()
-            if len(self.stats) > MAX_NAMESPACES:
-                self.stats.popitem(last=False)
-        self.stats.move_to_end(namespace)
         return stats
 
     def _encode(self, token_ids: torch.Tensor, namespaces: list[str]) -> tuple[torch.Tensor, list[int]]:
-        cache = self.settings
         window = token_ids.shape[1]
-        # A prefix hit must leave at least one position to compute.
-        max_blocks = (window - 1) // cache.block_size
-        rows: list[_Row] = []  # to compute
-        unique: dict[tuple[bytes, str], _Row] = {}  # identical (ids, namespace) rows in one batch run once
-        order: list[_Row] = []
-        cached_tokens: list[int] = []
+        plan = self._plan(token_ids, namespaces)
+        if plan.to_compute:
+            self._compute(plan.to_compute)
+            for row in plan.to_compute:
+                self._account(row, window)
+        hidden = torch.stack([text.row.result() for text in plan.texts])
+        return hidden, [text.cached_tokens(window) for text in plan.texts]
+
+    def _plan(self, token_ids: torch.Tensor, namespaces: list[str]) -> _BatchPlan:
+        """Each text's row: a repeat of an earlier text of the batch, an exact hit (its stored
+        output), or a row to compute. Counts texts and exact hits."""
+        window = token_ids.shape[1]
+        plan = _BatchPlan([], [])
+        rows: dict[tuple[bytes, str], _Row] = {}  # identical (ids, namespace) texts in one batch run once
         for ids, namespace in zip(token_ids, namespaces):
             key = (ids.numpy().tobytes(), namespace)
             stats = self._namespace_stats(namespace)
             stats.texts += 1
             stats.window_tokens += window
-            if key in unique:
-                stats.exact_hits += 1
-                stats.cached_tokens += window
-                order.append(unique[key])
-                cached_tokens.append(window)
-                continue
-            extra = self._keys(namespace)
-            chain = chain_hashes(ids, cache.block_size, extra)[:max_blocks] if cache.enabled else []
-            exact_key = None
-            if cache.enabled and cache.exact_prompts:
-                exact_key = hash_block(chain[-1] if chain else None, ids, (*extra, "window"))
-            row = _Row(ids, namespace, chain, exact_key)
-            unique[key] = row
-            order.append(row)
-            cached_tokens.append(-1)  # filled in below
-            entry = self.pool.get(exact_key) if exact_key else None
-            if entry is not None:
-                row.output = entry.tensors[0]
-                row.cached_tokens = window
+            row = rows.get(key)
+            repeat = row is not None
+            if row is None:
+                row = rows[key] = self._new_row(ids, namespace)
+            if repeat or self._exact_hit(row, window):
                 stats.exact_hits += 1
                 stats.cached_tokens += window
             else:
-                rows.append(row)
+                plan.to_compute.append(row)
+            plan.texts.append(_PlannedText(row, repeat))
+        return plan
 
-        if rows:
-            self._compute(rows)
-            for row in rows:
-                self._account(row, window)
-        cached_tokens = [row.cached_tokens if n < 0 else n for row, n in zip(order, cached_tokens)]
-        return torch.stack([row.output for row in order]), cached_tokens
+    def _new_row(self, ids: torch.Tensor, namespace: str) -> _Row:
+        """The row's block hashes (a prefix hit must leave at least one position to compute)
+        and the key of its whole window."""
+        cache = self.settings
+        if not cache.enabled:
+            return _Row(ids, namespace, [], None)
+        extra = self._keys(namespace)
+        max_blocks = (len(ids) - 1) // cache.block_size
+        chain = chain_hashes(ids, cache.block_size, extra)[:max_blocks]
+        exact_key = hash_block(chain[-1] if chain else None, ids, (*extra, "window")) if cache.exact_prompts else None
+        return _Row(ids, namespace, chain, exact_key)
+
+    def _exact_hit(self, row: _Row, window: int) -> bool:
+        """Serve the row from its window's stored output, if the cache has it."""
+        entry = self.pool.get(row.exact_key) if row.exact_key else None
+        if entry is None:
+            return False
+        row.output = entry.tensors[0]
+        row.cached_tokens = window
+        return True
 
     def _compute(self, rows: list[_Row]) -> None:
         """One forward for `rows`, each from its longest cached prefix; new blocks written back."""
         enabled = self.settings.enabled
         try:
-            prefixes = []
+            prefixes: list[CachedPrefix | None] = []
             for row in rows:
                 row.prefix = self.pool.acquire_chain(row.chain) if enabled else []
                 prefixes.append(self._cached_prefix(row.prefix))
@@ -301,7 +313,8 @@ class TextEncoderEngine:
             self.pool.release(chain)
         keep = {key for entry in frequent for key in entry.chain}
         dropped = self.pool.drop_free(namespace, keep)
-        pinned, pinned_bytes = [], 0
+        pinned: list[list[CacheEntry]] = []
+        pinned_bytes = 0
         pinned_elsewhere = sum(e.nbytes for chains in self._pinned.values() for chain in chains for e in chain)
         budget = settings.max_pinned_fraction * self.pool.max_bytes - pinned_elsewhere
         for entry in frequent:
@@ -334,7 +347,7 @@ class TextEncoderEngine:
         )
 
     # -- figures ---------------------------------------------------------------------------
-    def cache_info(self) -> dict:
+    def cache_info(self) -> dict[str, Any]:
         """Counters per namespace and for the pool, as plain data (the deployment exports them as metrics)."""
         pool = self.pool.stats
         return {
@@ -342,7 +355,7 @@ class TextEncoderEngine:
             "block_size": self.settings.block_size,
             "max_bytes": self.pool.max_bytes,
             "bytes_in_use": pool.bytes_in_use,
-            "entries": pool.entries,
+            "entries": len(self.pool),
             "evictions": pool.evicted,
             "rejected": pool.rejected,
             "kv_bytes_per_token": self.forward.kv_bytes_per_token(),
@@ -356,66 +369,3 @@ class TextEncoderEngine:
                     self.pool.release(chain)
             self._pinned.clear()
             self.pool.drop_free()
-
-
-class EncoderBatchSettings(BaseModel):
-    """`@serve.batch` of the TextEncoder deployment (serve_config.yaml: args.text_encoder.batch)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(8, ge=1, description="requests (of 2 texts each) per forward")
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="how long the first request waits for company")
-
-
-class TextEncoderSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    cache: EncoderCacheSettings = EncoderCacheSettings()
-    batch: EncoderBatchSettings = EncoderBatchSettings()
-    image_prompt_cache_entries: int = Field(
-        256, ge=1, description="reference-image embeddings kept (LRU, by pixel hash); each is a few KB"
-    )
-
-
-def build_deployment():
-    from ray import serve
-
-    from deployments.common.serial_executor import SerialExecutor
-    from deployments.text_encoder.image_prompt import LazyImagePromptEncoder
-    from deployments.text_encoder.metrics import CacheMetrics
-
-    @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.2})
-    class TextEncoder:
-        def __init__(self, model_path: str, num_threads: int | None = None, settings: dict | None = None):
-            settings = TextEncoderSettings.model_validate(settings or {})
-            self.engine = TextEncoderEngine(Path(model_path), num_threads, settings.cache)
-            self.executor = SerialExecutor("text-encoder")
-            self.metrics = CacheMetrics()
-            self._encode_batch.set_max_batch_size(settings.batch.max_batch_size)
-            self._encode_batch.set_batch_wait_timeout_s(settings.batch.batch_wait_timeout_s)
-            self.image_prompts = LazyImagePromptEncoder(
-                Path(model_path), num_threads, settings.image_prompt_cache_entries
-            )
-
-        async def encode_image_prompt(self, image, routing_key: str | None = None):
-            """A reference image's IP-Adapter embedding (deployments/image_prompt_encoder.py).
-            `routing_key` (the image's hash) sends one face to one replica, where it is cached."""
-            return await self.executor.run(self.image_prompts.encode_image_prompt, image)
-
-        async def encode(
-            self, texts: list[str], namespace: str = "default", routing_key: str | None = None
-        ) -> Encoding:
-            """`routing_key` is read by the request router (prefix affinity), not here."""
-            check_texts(texts, namespace)  # a bad request fails alone, not its whole batch
-            return await self._encode_batch(texts, namespace)
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-        async def _encode_batch(self, texts: list[list[str]], namespaces: list[str]) -> list[Encoding]:
-            outputs = await self.executor.run(self.engine.encode_many, list(zip(texts, namespaces)))
-            self.metrics.update(await self.cache_info())
-            return outputs
-
-        async def cache_info(self) -> dict:
-            return await self.executor.run(self.engine.cache_info)  # on the engine's thread: no torn reads
-
-    return TextEncoder

@@ -12,13 +12,13 @@ scales with the text encoder and costs no extra replica, actor or memory reserva
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cachetools import LRUCache
 from PIL import Image
 
 from deployments.models import loading
@@ -46,8 +46,7 @@ class ImagePromptEncoderEngine:
             )
         self.num_threads = num_threads
         self.encoder, self.feature_extractor = loading.load_image_encoder(Path(model_path))
-        self.cache_entries = cache_entries
-        self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self._cache: LRUCache[str, torch.Tensor] = LRUCache(maxsize=cache_entries)  # by image_hash
         self._lock = threading.Lock()
 
     @torch.inference_mode()
@@ -56,14 +55,11 @@ class ImagePromptEncoderEngine:
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
-                self._cache.move_to_end(key)
                 return ImagePromptEmbedding(cached, True, key)
             loading.set_torch_threads(self.num_threads)
             pixels = self.feature_extractor(image, return_tensors="pt").pixel_values
             embeds = self.encoder(pixels.to(torch.float32)).image_embeds
             self._cache[key] = embeds
-            if len(self._cache) > self.cache_entries:
-                self._cache.popitem(last=False)
         return ImagePromptEmbedding(embeds, False, key)
 
 

@@ -88,8 +88,8 @@ class PrefixReuseForward:
             kv = workspace[:, :, taken : taken + len(rows)]  # each [layer, 0|1] slice is contiguous
             taken += len(rows)
             for i, row in enumerate(rows):
-                position = 0
-                for piece in prefixes[row].kv if start else ():
+                prefix, position = prefixes[row], 0
+                for piece in prefix.kv if prefix is not None else ():
                     kv[:, :, i, :, position : position + piece.shape[3]] = piece
                     position += piece.shape[3]
             plan.append((start, rows, offset, offset + len(rows) * new, kv))
@@ -105,8 +105,8 @@ class PrefixReuseForward:
         for start, rows, first, last, kv in plan:
             out[rows, start:] = hidden[first:last].view(len(rows), window - start, self.hidden_size)
             for i, row in enumerate(rows):
-                position = 0
-                for piece in prefixes[row].hidden if start else ():
+                prefix, position = prefixes[row], 0
+                for piece in prefix.hidden if prefix is not None else ():
                     out[row, position : position + piece.shape[0]] = piece
                     position += piece.shape[0]
                 kv_rows[row] = kv[:, :, i]

@@ -2,7 +2,7 @@
 
 Each TextEncoder replica keeps its own paged prefix cache, so a prompt only hits the
 cache on a replica that has already seen its prefix. The caller passes a short
-``routing_key`` with every call (hash of the cache namespace + the first 16 token ids):
+``routing_key`` with every call (hash of the cache namespace + the first block of token ids):
 
     text_encoder.encode.remote(texts, namespace=ns, routing_key=key)
 
@@ -24,7 +24,7 @@ constructor arguments of ``RequestRouter`` and then calls
 
     request_router_config:
       request_router_class: deployments.text_encoder.router:PrefixAffinityRouter
-      request_router_kwargs: {busy_threshold: 2}
+      request_router_kwargs: {busy_threshold: 8}
 
 (or ``RequestRouterConfig(...)`` in ``@serve.deployment`` / ``.options()``). The call's
 keyword arguments reach the replica unchanged, so ``TextEncoder.encode`` must accept
@@ -39,6 +39,7 @@ import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 from ray.serve.request_router import (
     PendingRequest,
@@ -47,16 +48,17 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from deployments.text_encoder.settings import MAX_BATCH_SIZE
+
 # Default spill-over point, in requests in flight on the preferred replica (as this
 # caller sees them: its own sends since the last probe, plus the probed queue length).
-# The TextEncoder runs one (batched) forward at a time and on CPU it is compute-bound,
-# so each request queued ahead costs about one request's encode, while a prefix-cache
-# hit saves only the prefix's share of one (P/77 of the tokens; about half for a
-# 40-token prefix). Waiting behind the one request in progress is roughly break-even;
-# waiting behind two is a loss. A miss on another replica is cheap: that replica
-# caches the prefix too. So spill at 2. On a GPU, where a batch of up to
-# max_batch_size requests costs about as much as one, raise it toward max_batch_size.
-DEFAULT_BUSY_THRESHOLD = 2
+# Requests in flight on a TextEncoder replica share one batched forward (up to the
+# encoder's max_batch_size), so up to a batch's worth a request on its preferred replica
+# costs little more than its own share of that forward, and it gets the prefix-cache hit.
+# So spill at the batch size: measured with benchmarks/encoder_routing.py (README), spilling
+# at 2 lost the whole affinity gain at concurrency 4, spilling at 8 nearly doubled the
+# template hit rate.
+DEFAULT_BUSY_THRESHOLD = MAX_BATCH_SIZE
 DEFAULT_ROUTING_KEY_KWARG = "routing_key"
 
 
@@ -80,10 +82,11 @@ def rendezvous_rank(key: str, replica_ids: Iterable[str]) -> list[str]:
 
 def rendezvous_choice(key: str, replica_ids: Iterable[str]) -> str | None:
     """The replica id that owns ``key``: the one with the highest weight (None if none)."""
-    best, best_weight = None, -1
+    best: str | None = None
+    best_weight = -1
     for rid in replica_ids:
         weight = rendezvous_weight(key, rid)
-        if weight > best_weight or (weight == best_weight and rid > best):
+        if best is None or weight > best_weight or (weight == best_weight and rid > best):
             best, best_weight = rid, weight
     return best
 
@@ -101,9 +104,9 @@ class PrefixAffinityRouter(RequestRouter):
     matches the exact request, and a replica's load is counted when it is picked.
 
     ``request_router_kwargs`` (see ``initialize_state``):
-      - ``busy_threshold`` (int >= 1, default 2): the preferred replica is busy at this
-        many requests in flight; it is also capped at the replica's
-        ``max_ongoing_requests``.
+      - ``busy_threshold`` (int >= 1, default ``DEFAULT_BUSY_THRESHOLD``, the encoder's
+        batch size): the preferred replica is busy at this many requests in flight; it is
+        also capped at the replica's ``max_ongoing_requests``.
       - ``routing_key_kwarg`` (str, default ``"routing_key"``): the call keyword
         argument that carries the key.
     """
@@ -113,13 +116,13 @@ class PrefixAffinityRouter(RequestRouter):
     _busy_threshold: int = DEFAULT_BUSY_THRESHOLD
     _routing_key_kwarg: str = DEFAULT_ROUTING_KEY_KWARG
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # Picks already added to the queue-length cache whose on_send_request has not
         # come yet (per replica), so that it is not counted twice.
         self._counted_before_send: dict[ReplicaID, int] = defaultdict(int)
 
-    def initialize_state(
+    def initialize_state(  # type: ignore[override]  # Serve passes request_router_kwargs as keywords
         self,
         busy_threshold: int = DEFAULT_BUSY_THRESHOLD,
         routing_key_kwarg: str = DEFAULT_ROUTING_KEY_KWARG,
@@ -176,7 +179,10 @@ class PrefixAffinityRouter(RequestRouter):
             return [self._power_of_two(candidate_replicas)]
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        preferred = by_id[rendezvous_choice(key, by_id)]
+        owner = rendezvous_choice(key, by_id)
+        if owner is None:  # not reached: there are candidates
+            return [self._power_of_two(candidate_replicas)]
+        preferred = by_id[owner]
         others = [r for r in candidate_replicas if r is not preferred]
         if not others:
             return [[preferred]]

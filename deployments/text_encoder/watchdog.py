@@ -15,9 +15,11 @@ reuse to find does not rebuild over and over.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from cachetools import LRUCache
 
 
 @dataclass
@@ -72,9 +74,9 @@ class SpaceSavingSketch:
 
 @dataclass
 class NamespaceWindow:
-    hit_tokens: deque = field(default_factory=deque)
-    total_tokens: deque = field(default_factory=deque)
-    sketch: SpaceSavingSketch | None = None
+    hit_tokens: deque[int]  # per computed prompt of the window: positions served from the cache
+    total_tokens: deque[int]  # and positions asked for
+    sketch: SpaceSavingSketch
     observed: int = 0
     since_rebuild: int = 0
     patience: int = 1  # windows to wait between rebuilds
@@ -85,12 +87,13 @@ class NamespaceWindow:
 
 
 class HitRateWatchdog:
-    def __init__(self, window: int = 64, min_hit_rate: float = 0.2, sketch_size: int = 64, max_namespaces: int = 256):
+    def __init__(self, window: int, min_hit_rate: float, sketch_size: int, max_namespaces: int):
+        """Defaults live in WatchdogSettings (deployments/text_encoder/settings.py)."""
         self.window = window
         self.min_hit_rate = min_hit_rate
         self.sketch_size = sketch_size
-        self.max_namespaces = max_namespaces
-        self._namespaces: OrderedDict[str, NamespaceWindow] = OrderedDict()  # LRU, bounded
+        # Namespaces come from requests: the least recently seen are forgotten.
+        self._namespaces: LRUCache[str, NamespaceWindow] = LRUCache(maxsize=max_namespaces)
 
     def _state(self, namespace: str) -> NamespaceWindow:
         state = self._namespaces.get(namespace)
@@ -99,9 +102,6 @@ class HitRateWatchdog:
                 deque(maxlen=self.window), deque(maxlen=self.window), SpaceSavingSketch(self.sketch_size)
             )
             self._namespaces[namespace] = state
-            if len(self._namespaces) > self.max_namespaces:
-                self._namespaces.popitem(last=False)
-        self._namespaces.move_to_end(namespace)
         return state
 
     def observe(

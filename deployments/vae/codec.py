@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deployments.common.vae_scale import vae_scale_factor
 from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 from deployments.models import loading
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW floats -> NHWC uint8, with diffusers' VaeImageProcessor arithmetic."""
-    images = (decoded / 2 + 0.5).clamp(0, 1)
-    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    images = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype("uint8")
 
 
@@ -37,7 +37,7 @@ class VaeCodecEngine:
         self.num_threads = num_threads
         self.vae = loading.load_vae(Path(model_path))
         self.scaling_factor = self.vae.config.scaling_factor
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        scale = vae_scale_factor(Path(model_path))
         self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
@@ -61,7 +61,8 @@ class VaeCodecEngine:
         if mask is None:
             return encoded
         mask_pixels = self.mask_processor.preprocess(mask, height=height, width=width)
-        encoded.mask = latent_mask(mask_pixels, tuple(encoded.image.mean.shape[-2:]))
+        height_latent, width_latent = encoded.image.mean.shape[-2:]
+        encoded.mask = latent_mask(mask_pixels, (height_latent, width_latent))
         if self.inpainting_unet:  # diffusers: init_image * (mask_condition < 0.5)
             encoded.masked_image = self._distribution(pixels * (mask_pixels < 0.5))
         return encoded
@@ -88,23 +89,3 @@ class VaeCodecEngine:
             encode_png(np.asarray(self.image_processor.apply_overlay(mask, target, Image.fromarray(image))))
             for image in pixels
         ]
-
-
-def build_deployment():
-    from ray import serve
-
-    from deployments.common.serial_executor import SerialExecutor
-
-    @serve.deployment(name="VaeCodec", ray_actor_options={"num_cpus": 0.2})
-    class VaeCodec:
-        def __init__(self, model_path: str, num_threads: int | None = None):
-            self.engine = VaeCodecEngine(Path(model_path), num_threads)
-            self.executor = SerialExecutor("vae-codec")
-
-        async def decode_png(self, latents: torch.Tensor, overlay=None) -> list[bytes]:
-            return await self.executor.run(self.engine.decode_png, latents, overlay)
-
-        async def encode_image(self, image, width: int, height: int, mask=None):
-            return await self.executor.run(self.engine.encode_image, image, width, height, mask)
-
-    return VaeCodec

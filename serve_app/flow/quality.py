@@ -20,16 +20,19 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from serve_app.config import AppSettings, StepPolicy, StepSettings
+from serve_app.config import AppSettings, QualityGuardSettings
 from serve_app.flow.request import ImageRequest
+from serve_app.flow.variant_spec import VariantSpec
+
+if TYPE_CHECKING:
+    from serve_app.flow.pipeline import ImagePipeline
 
 
 # --------------------------------------------------------------------------- metrics
@@ -50,7 +53,11 @@ def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = pixels_of(a), pixels_of(b)
     if a.shape != b.shape:
         raise ValueError(f"images differ in size: {a.shape} vs {b.shape}")
-    return tuple(torch.tensor(p, dtype=torch.float64).permute(2, 0, 1).unsqueeze(0) for p in (a, b))
+    return _as_tensor(a), _as_tensor(b)
+
+
+def _as_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.tensor(pixels, dtype=torch.float64).permute(2, 0, 1).unsqueeze(0)
 
 
 def psnr_db(a, b) -> float:
@@ -60,108 +67,55 @@ def psnr_db(a, b) -> float:
 
 def ssim(a, b) -> float:
     """Structural similarity (Gaussian 11x11 window, sigma 1.5): 1.0 when identical."""
-    return float(structural_similarity_index_measure(*_pair(a, b), data_range=255.0))
+    value = structural_similarity_index_measure(*_pair(a, b), data_range=255.0)
+    assert isinstance(value, torch.Tensor)  # a tuple only with return_full_image=True
+    return float(value)
 
 
 # --------------------------------------------------------------------------- variant specs
-class VariantSpec(BaseModel):
-    """One side of an A/B test, from `key=value,...` text (`VariantSpec.parse`).
-
-    Backend, precision and encoder cache are pinned (defaults: torch fp32, the reference;
-    cache on); model, policy and early stop default to the config's (None)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
-    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
-    model: str | None = Field(None, description="preset or model folder (e.g. a prune-unet variant)")
-    steps: int | None = Field(None, ge=1, le=150, description="explicit steps; None: the step policy decides")
-    policy: StepPolicy | None = None
-    encoder_cache: Literal["on", "off"] = "on"
-    early_stop: float | Literal["off"] | None = None
-
-    @field_validator("early_stop", mode="before")
-    @classmethod
-    def _threshold_or_off(cls, value):
-        if value is None or value == "off":
-            return value
-        try:
-            threshold = float(value)
-        except (TypeError, ValueError):
-            raise ValueError("must be a threshold between 0 and 1 or 'off'") from None
-        if not 0.0 < threshold < 1.0:
-            raise ValueError("must be a threshold between 0 and 1 (exclusive) or 'off'")
-        return threshold
-
-    @classmethod
-    def parse(cls, text: str) -> VariantSpec:
-        """`backend=onnxruntime,precision=int8,steps=30`; '' or 'default': all defaults.
-        Raises ValueError naming the key at fault."""
-        text = text.strip()
-        if text in ("", "default"):
-            return cls()
-        values: dict[str, str] = {}
-        for item in text.split(","):
-            key, equals, value = (part.strip() for part in item.partition("="))
-            if not equals or not key or not value:
-                raise ValueError(f"variant spec {text!r}: {item.strip()!r} is not key=value")
-            if key not in cls.model_fields:
-                raise ValueError(f"variant spec {text!r}: unknown key {key!r} (keys: {', '.join(cls.model_fields)})")
-            if key in values:
-                raise ValueError(f"variant spec {text!r}: {key!r} given twice")
-            values[key] = value
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            key = str(error["loc"][0])
-            message = error["msg"].removeprefix("Value error, ")
-            raise ValueError(f"variant spec {text!r}: {key}={values[key]!r}: {message}") from None
-
-    def __str__(self) -> str:
-        given = self.model_dump(exclude_defaults=True)
-        return ",".join(f"{key}={value}" for key, value in given.items()) or "default"
-
-
 def _engine_key(spec: VariantSpec) -> tuple:
     """What the four engines depend on: specs equal here share one set of engines."""
     return spec.model, spec.backend, spec.precision, spec.encoder_cache
 
 
-def variant_pipeline(spec: VariantSpec, settings: AppSettings, engines=None):
+def variant_pipeline(spec: VariantSpec, settings: AppSettings, engines: ImagePipeline | None = None) -> ImagePipeline:
     """In-process pipeline for `spec`, otherwise configured as the served app is
     (`local_pipeline_for`), but without the live quality guard: no shadow renders, no
     switching to the baseline mid-run. `engines`: an ImagePipeline whose four engines to
     reuse (the specs differ only in steps, policy or early stop)."""
+    from deployments.denoiser.backends import BackendSpec
     from deployments.models import loading
-    from serve_app.flow.pipeline import ImagePipeline, local_pipeline
+    from serve_app.flow.pipeline import ImagePipeline, local_pipeline_for
     from serve_app.flow.steps import StepController
 
-    step_settings = settings.steps.model_dump()
-    if spec.policy is not None:
-        step_settings["policy"] = spec.policy
-    if spec.early_stop is not None:
-        step_settings["early_stop_threshold"] = None if spec.early_stop == "off" else spec.early_stop
+    steps = settings.steps.model_copy(update=_step_overrides(spec))
     if engines is not None:
         return ImagePipeline(
-            engines.prompt_optimizer,
-            engines.text_encoder,
-            engines.denoiser,
-            engines.vae_codec,
-            StepController(StepSettings.model_validate(step_settings)),
+            engines.prompt_optimizer, engines.text_encoder, engines.denoiser, engines.vae_codec, StepController(steps)
         )
-    encoder_cache = settings.text_encoder.cache.model_dump() | {"enabled": spec.encoder_cache == "on"}
-    # exactly this backend, no fallback chain: the guard must judge the variant it was asked about
-    denoiser = settings.denoiser.model_dump() | {"backends": [{"backend": spec.backend, "precision": spec.precision}]}
-    return local_pipeline(
-        loading.resolve_model(spec.model or settings.model),
-        settings.num_threads,
-        step_settings,
-        stage_threads=settings.stage_threads,
-        prompt_settings=settings.prompt.model_dump(),
-        encoder_cache=encoder_cache,
-        denoiser_settings=denoiser,
+    encoder_cache = settings.text_encoder.cache.model_copy(update={"enabled": spec.encoder_cache == "on"})
+    variant_settings = settings.model_copy(
+        update={
+            "steps": steps,
+            "quality_guard": QualityGuardSettings(),  # off
+            "text_encoder": settings.text_encoder.model_copy(update={"cache": encoder_cache}),
+            # exactly this backend, no fallback chain: the guard must judge the variant it was asked about
+            "denoiser": settings.denoiser.model_copy(
+                update={"backends": [BackendSpec(backend=spec.backend, precision=spec.precision)]}
+            ),
+        }
     )
+    return local_pipeline_for(loading.resolve_model(spec.model or settings.model), variant_settings)
+
+
+def _step_overrides(spec: VariantSpec) -> dict[str, Any]:
+    """The spec's step-controller settings (policy, early stop) over the served ones."""
+    overrides: dict[str, Any] = {}
+    if spec.policy is not None:
+        overrides["policy"] = spec.policy
+    if spec.early_stop is not None:
+        overrides["early_stop_threshold"] = None if spec.early_stop == "off" else spec.early_stop
+    return overrides
 
 
 # --------------------------------------------------------------------------- the A/B run

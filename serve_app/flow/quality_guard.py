@@ -46,7 +46,7 @@ class LiveQualityGuard:
         """Add one comparison; True when this one trips the guard."""
         self.comparisons += 1
         self._window.append(IDENTICAL_DB if math.isinf(psnr_db) else min(psnr_db, IDENTICAL_DB))
-        rolling = self.rolling_psnr_db
+        rolling = statistics.fmean(self._window)
         if self.tripped or len(self._window) < self.settings.min_samples or rolling >= self.settings.min_psnr_db:
             return False
         self.tripped = True

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from PIL import Image
+
+from serve_app.config import QualityTier, StepPolicy
 
 
 @dataclass(frozen=True)
@@ -18,13 +21,13 @@ class ImageRequest:
     num_inference_steps: int | None  # None: the step controller decides
     cache_namespace: str = "default"
     optimize_prompt: bool = True
-    step_policy: str | None = None  # fixed | complexity | slo; None: deadline_ms given -> slo, else the config's
+    step_policy: StepPolicy | None = None  # None: deadline_ms given -> slo, else the config's
     deadline_ms: float | None = None  # latency target for the slo policy
-    quality: str | None = None  # fast | balanced | best: the step range; None: the config's
-    # Edits (/v1/images/edits): decoded and checked at the ingress (serve_app/uploads.py).
-    image: Any = None  # PIL RGB: the target; its latents start the denoising at `strength`
-    mask: Any = None  # PIL L, white = repaint (same size as `image`)
-    reference_image: Any = None  # PIL RGB: the source face for the image-prompt adapter
+    quality: QualityTier | None = None  # the step range; None: the config's
+    # Edits (/v1/images/edits): decoded and checked at the ingress (serve_app/http/image_request.py).
+    image: Image.Image | None = None  # RGB: the target; its latents start the denoising at `strength`
+    mask: Image.Image | None = None  # L, white = repaint (same size as `image`)
+    reference_image: Image.Image | None = None  # RGB: the source face for the image-prompt adapter
     strength: float = 1.0
     reference_scale: float = 1.0  # how strongly the reference face conditions the image (IP-Adapter scale)
     keep_unmasked: bool = True  # paste the target's pixels back outside the mask after decoding

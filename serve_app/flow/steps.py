@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deployments.common.vae_scale import latent_shape
 from deployments.denoiser.edit_latents import denoising_steps
-from deployments.denoiser.engine import VAE_SCALE, LoadSnapshot
+from deployments.denoiser.step_batcher import LoadSnapshot
 from deployments.prompt.optimizer import OptimizedPrompt
-from serve_app.config import StepSettings
+from serve_app.config import StepPolicy, StepSettings
 from serve_app.flow.request import ImageRequest
 
 ATTRIBUTES_FOR_FULL_SCORE = 8
@@ -59,7 +60,7 @@ class StepDecision:
 
 def prompt_complexity(prompt: OptimizedPrompt) -> float:
     """0 (a bare word) to 1 (many attributes, a long prompt)."""
-    attributes = sum(len(v) if isinstance(v, (list, tuple)) else 1 for v in prompt.attributes.values() if v)
+    attributes = prompt.attribute_count()
     own_tokens = max(0, prompt.prompt_tokens - max(0, prompt.prefix_tokens - 1))
     return 0.6 * min(1.0, attributes / ATTRIBUTES_FOR_FULL_SCORE) + 0.4 * min(1.0, own_tokens / TOKENS_FOR_FULL_SCORE)
 
@@ -148,7 +149,7 @@ class StepController:
         self._decode_ms_per_pixel: float | None = None  # moving average, learned from served requests
         self.calibration = 1.0  # actual / predicted denoise time, moving average (observe_denoise)
 
-    def policy_for(self, request: ImageRequest) -> str:
+    def policy_for(self, request: ImageRequest) -> StepPolicy:
         if request.step_policy is not None:
             return request.step_policy
         return "slo" if request.deadline_ms is not None else self.settings.policy
@@ -161,9 +162,8 @@ class StepController:
         """Whether `choose` would use the denoiser's live load (worth a call to fetch it)."""
         return request.num_inference_steps is None and self.policy_for(request) == "slo"
 
-    def deadline_for(self, request: ImageRequest) -> float | None:
-        if request.num_inference_steps is not None or self.policy_for(request) != "slo":
-            return request.deadline_ms
+    def slo_deadline_ms(self, request: ImageRequest) -> float:
+        """The latency target the `slo` policy judges the request against."""
         return request.deadline_ms or self.settings.deadline_ms
 
     def choose(
@@ -176,9 +176,8 @@ class StepController:
     ) -> StepDecision:
         """`elapsed_ms`: time the request has already spent (prompt, encoder); `detail`: the
         input image's `image_detail` for edits."""
-        deadline = self.deadline_for(request)
         if request.num_inference_steps is not None:
-            return StepDecision(request.num_inference_steps, "explicit", "explicit", deadline_ms=deadline)
+            return StepDecision(request.num_inference_steps, "explicit", "explicit", deadline_ms=request.deadline_ms)
         policy = self.policy_for(request)
         if policy == "fixed":
             return StepDecision(self.at_least_one_step(self.settings.fixed_steps, request), "fixed", policy)
@@ -187,23 +186,20 @@ class StepController:
         target = steps_for_score(score, low, high)
         if policy == "complexity":
             return StepDecision(target, "complexity", policy, score)
+        deadline = self.slo_deadline_ms(request)
         if load is None:
             return StepDecision(target, "slo:no-timings", policy, score, deadline)
-        latent_shape = (request.height // VAE_SCALE, request.width // VAE_SCALE)
+        latents = latent_shape(request.height, request.width)
         spent = elapsed_ms + self.decode_estimate_ms(request)
-        raw = None
         for steps in range(target, low - 1, -1):  # the cost grows with the steps: first fit is the largest
-            raw = predict_denoise_ms(load, self.steps_run(steps, request), request.n, latent_shape)
+            raw = predict_denoise_ms(load, self.steps_run(steps, request), request.n, latents)
             if raw is None:
                 return StepDecision(target, "slo:no-timings", policy, score, deadline)
-            if spent + raw * self.calibration <= deadline:
-                reason = "slo" if steps == target else "slo:reduced"
-                return StepDecision(
-                    steps, reason, policy, score, deadline, round(spent + raw * self.calibration, 1), raw
-                )
-        return StepDecision(
-            low, "slo:infeasible", policy, score, deadline, round(spent + raw * self.calibration, 1), raw
-        )
+            predicted = spent + raw * self.calibration
+            if predicted <= deadline or steps == low:  # the minimum when nothing fits
+                reason = "slo:infeasible" if predicted > deadline else "slo" if steps == target else "slo:reduced"
+                return StepDecision(steps, reason, policy, score, deadline, round(predicted, 1), raw)
+        raise AssertionError(f"empty step range {low}..{target}")
 
     @staticmethod
     def steps_run(num_inference_steps: int, request: ImageRequest) -> int:

@@ -1,6 +1,8 @@
-"""The HTTP layer: FastAPI routes of the OpenAI-style Images API, request and response
-schemas, OpenAI-shaped errors, decoded uploads.
+"""The HTTP layer of the OpenAI-style Images API: `routes` (the FastAPI app and handlers),
+`schemas` (request bodies and response models, what /docs shows), `errors` (the OpenAI error
+shape), `image_request` (checks against the limits, body -> ImageRequest), `uploads`
+(decoded and checked images).
 
 Turns HTTP into `serve_app.flow.request.ImageRequest` and results back into responses; no
-stage ever sees an HTTP object. May import serve_app.flow, serve_app.config and types of
-deployments (never an engine)."""
+stage ever sees an HTTP object. May import serve_app.flow, serve_app.config and types and
+constants of deployments (never an engine)."""

@@ -14,6 +14,8 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deployments.common.vae_scale import VAE_SCALE_FACTOR
+
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 ALPHA_MODES = ("LA", "RGBA", "PA", "La", "RGBa")
 
@@ -103,13 +105,14 @@ def transparency_mask(image: Image.Image) -> Image.Image | None:
     if not _has_alpha(image):
         return None
     mask = _transparent_is_white(image)
-    return mask if mask.getextrema()[1] > 0 else None  # fully opaque: nothing to edit
+    return mask if mask.getbbox() is not None else None  # all black (fully opaque): nothing to edit
 
 
 def default_edit_size(width: int, height: int, min_side: int, max_side: int) -> tuple[int, int]:
-    """The target's size, scaled down to fit `max_side` if needed, sides rounded down to multiples of 8."""
+    """The target's size, scaled down to fit `max_side` if needed, sides rounded down to multiples
+    of the VAE scale factor."""
     scale = min(1.0, max_side / max(width, height))
-    out_width, out_height = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+    out_width, out_height = (int(side * scale) // VAE_SCALE_FACTOR * VAE_SCALE_FACTOR for side in (width, height))
     if min(out_width, out_height) < min_side:
         raise UploadError(
             f"image is {width}x{height}; the output would be {out_width}x{out_height}, and each side "

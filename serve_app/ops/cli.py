@@ -4,44 +4,89 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import os
 import signal
 import sys
+import textwrap
 import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+if TYPE_CHECKING:
+    from serve_app.config import AppSettings
+    from serve_app.flow.quality import ABResult
+    from serve_app.flow.request import ImageRequest
+
 DEFAULT_CONFIG = "serve_config.yaml"
-PROJECT_CONFIG = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+CONFIG_PACKAGE = "fusionserve_configs"  # configs/, installed as package data (pyproject.toml)
 
 
-def load_serve_config(path: str | os.PathLike, profile: str | None = None) -> dict:
+class CliError(Exception):
+    """A mistake the user can fix: `main` prints `error: MESSAGE` to stderr and exits with `status`
+    (2, as argparse does for bad arguments; 1 for an unusable config file, as it always was)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+@contextmanager
+def user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Exceptions of `kinds` raised inside become a CliError with their message; an API error
+    (`.message` and `.param`) names the parameter to fix first."""
+    try:
+        yield
+    except kinds as exc:
+        message, param = getattr(exc, "message", None), getattr(exc, "param", None)
+        if message is None:
+            message = str(exc)
+        raise CliError(f"{param}: {message}" if param else message) from exc
+
+
+# --------------------------------------------------------------------------- the config file
+
+
+def packaged_config() -> Path:
+    """serve_config.yaml as installed with the package (in a checkout: the top-level file)."""
+    return Path(str(resources.files(CONFIG_PACKAGE) / DEFAULT_CONFIG))
+
+
+def load_serve_config(path: str | os.PathLike[str], profile: str | None = None) -> dict[str, Any]:
     """serve_config.yaml's content, with a named profile (configs/profiles/) applied."""
-    config = _read_serve_config(path)
+    config = _read_serve_config(Path(path))
     if profile:
         from serve_app.ops.profiles import apply_profile, load_profile
 
         try:
             config = apply_profile(config, load_profile(profile))
         except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from None
+            raise CliError(str(exc), status=1) from None
     return config
 
 
-def _read_serve_config(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if str(path) == DEFAULT_CONFIG and not path.is_file() and PROJECT_CONFIG.is_file():
-        path = PROJECT_CONFIG  # run from another directory: the project's own config
+def _read_serve_config(path: Path) -> dict[str, Any]:
+    if str(path) == DEFAULT_CONFIG and not path.is_file():
+        path = packaged_config()  # run from another directory: the config the package ships
     if not path.is_file():
-        raise SystemExit(f"config file {path} not found (pass --config PATH)")
+        raise CliError(f"config file {path} not found (pass --config PATH)", status=1)
     config = yaml.safe_load(path.read_text()) or {}
     if not config.get("applications"):
-        raise SystemExit(f"{path} has no `applications:` entry")
+        raise CliError(f"{path} has no `applications:` entry", status=1)
     return config
 
 
-def split_app_config(config: dict, model: str | None = None):
+def split_app_config(
+    config: dict[str, Any], model: str | None = None
+) -> tuple[AppSettings, dict[str, dict[str, Any]], dict[str, Any]]:
     """serve_config.yaml -> (AppSettings, deployment options by name, application entry)."""
     from serve_app.config import AppSettings
 
@@ -56,6 +101,22 @@ def split_app_config(config: dict, model: str | None = None):
     return AppSettings.model_validate(args), deployment_options, application
 
 
+def _settings(options: argparse.Namespace) -> AppSettings:
+    """The application settings a command runs with: --config, --model over it."""
+    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    return settings
+
+
+def _resolved_model(settings: AppSettings) -> Path:
+    from deployments.models import loading
+
+    with user_errors(loading.ModelNotFoundError):
+        return loading.resolve_model(settings.model)
+
+
+# --------------------------------------------------------------------------- serve
+
+
 def cmd_serve(options: argparse.Namespace) -> int:
     from serve_app.config import apply_ray_environment
 
@@ -63,16 +124,11 @@ def cmd_serve(options: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.models import loading
     from serve_app.app import build_application
 
     config = load_serve_config(options.config, options.profile)
     settings, deployment_options, application = split_app_config(config, options.model)
-    try:
-        loading.resolve_model(settings.model)  # fail (or build the preset) before Ray starts
-    except loading.ModelNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _resolved_model(settings)  # fail (or build the preset) before Ray starts
     http_options = dict(config.get("http_options") or {})
     if options.host:
         http_options["host"] = options.host
@@ -83,17 +139,31 @@ def cmd_serve(options: argparse.Namespace) -> int:
     print(f"fusionserve: model {settings.model!r}, config {options.config}{profile}", flush=True)
     joined_cluster = bool(os.environ.get("RAY_ADDRESS"))
     if joined_cluster:  # an existing cluster (e.g. KubeRay): join it as it is
-        context = ray.init(logging_level="WARNING")
+        context = ray.init(logging_level=logging.WARNING)
     else:
-        context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
+        context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING)
     serve.start(http_options=http_options, proxy_location=config.get("proxy_location", "HeadOnly"))
     serve.run(
         build_application(settings, deployment_options),
         name=application.get("name", "fusionserve"),
         route_prefix=application.get("route_prefix", "/"),
     )
+    _print_addresses(http_options, context.dashboard_url or "")
+    _wait_for_ctrl_c()
+    print("\nstopping: shutting down Serve and Ray...", flush=True)
+    try:
+        # On a Ray instance of our own, ray.shutdown() stops every process at once; Serve's
+        # graceful shutdown would wait ~30 s for the direct-ingress replica to drain.
+        if joined_cluster:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    print("stopped.", flush=True)
+    return 0
+
+
+def _print_addresses(http_options: dict[str, Any], dashboard: str) -> None:
     host, port = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
-    dashboard = context.dashboard_url or ""
     if dashboard and not dashboard.startswith("http"):
         dashboard = f"http://{dashboard}"
     print(f"\nAPI:        http://{host}:{port}   (OpenAPI docs at http://{host}:{port}/docs)", flush=True)
@@ -108,9 +178,11 @@ def cmd_serve(options: argparse.Namespace) -> int:
     print("Logs:       /tmp/ray/session_latest/logs/serve/", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
 
+
+def _wait_for_ctrl_c() -> None:
     stop = False
 
-    def request_stop(*_):
+    def request_stop(*_: object) -> None:
         nonlocal stop
         stop = True
 
@@ -119,19 +191,12 @@ def cmd_serve(options: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     while not stop:
         time.sleep(0.2)
-    print("\nstopping: shutting down Serve and Ray...", flush=True)
-    try:
-        # On a Ray instance of our own, ray.shutdown() stops every process at once; Serve's
-        # graceful shutdown would wait ~30 s for the direct-ingress replica to drain.
-        if joined_cluster:
-            serve.shutdown()
-    finally:
-        ray.shutdown()
-    print("stopped.", flush=True)
-    return 0
 
 
-def _request_options(options: argparse.Namespace) -> dict:
+# --------------------------------------------------------------------------- in-process images
+
+
+def _request_options(options: argparse.Namespace) -> dict[str, Any]:
     """The fields `generate` and `edit` share, from their command-line options."""
     return dict(
         prompt=options.prompt,
@@ -151,12 +216,13 @@ def _request_options(options: argparse.Namespace) -> dict:
 def cmd_generate(options: argparse.Namespace) -> int:
     # The server's settings (threads, limits, prompt templates), so images match it byte for byte.
     from deployments.models import loading
-    from serve_app.http.routes import ImageGenerationBody, check_generation_supported, to_image_request
+    from serve_app.http.image_request import check_generation_supported, to_image_request
+    from serve_app.http.schemas import ImageGenerationBody
 
-    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    settings = _settings(options)
 
-    def request():
-        check_generation_supported(loading.features(loading.resolve_model(settings.model)))
+    def request() -> ImageRequest:
+        check_generation_supported(loading.features(_resolved_model(settings)))
         return to_image_request(ImageGenerationBody(**_request_options(options)), settings)
 
     return _render(options, settings, request)
@@ -165,56 +231,41 @@ def cmd_generate(options: argparse.Namespace) -> int:
 def cmd_edit(options: argparse.Namespace) -> int:
     """An edit in-process, through the same checks as `/v1/images/edits`."""
     from deployments.models import loading
-    from serve_app.http.routes import ImageEditForm, decoded_edit_inputs, to_image_request
+    from serve_app.http.image_request import decoded_edit_inputs, to_image_request
+    from serve_app.http.schemas import ImageEditForm
 
-    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
+    settings = _settings(options)
     files = {}
     for field, path in (("image", options.image), ("mask", options.mask), ("reference_image", options.reference)):
         if path is not None:
             try:
                 files[field] = Path(path).read_bytes()
             except OSError as exc:
-                print(f"error: {field}: {exc}", file=sys.stderr)
-                return 2
+                raise CliError(f"{field}: {exc}") from None
 
-    def request():
+    def request() -> ImageRequest:
         form = ImageEditForm(
             **_request_options(options),
             strength=options.strength,
             keep_unmasked=not options.blend_only,
             reference_scale=options.reference_scale,
         )
-        features = loading.features(loading.resolve_model(settings.model))
-        return to_image_request(form, settings, **decoded_edit_inputs(files, form, settings, features))
+        features = loading.features(_resolved_model(settings))
+        return to_image_request(form, settings, decoded_edit_inputs(files, form, settings, features))
 
     return _render(options, settings, request)
 
 
-def _render(options: argparse.Namespace, settings, make_request) -> int:
+def _render(options: argparse.Namespace, settings: AppSettings, make_request: Callable[[], ImageRequest]) -> int:
     """Check the request as the server would, run it in-process with a progress bar, write the PNGs."""
     from tqdm import tqdm
 
-    from deployments.models import loading
     from serve_app.flow.pipeline import local_pipeline_for
-    from serve_app.http.routes import ApiError
+    from serve_app.http.errors import ApiError
 
-    try:
+    with user_errors(ApiError, ValueError):  # ValueError: pydantic's ValidationError
         request = make_request()
-    except ApiError as exc:
-        print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
-        return 2
-    except loading.ModelNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # pydantic's ValidationError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    try:
-        model_path = loading.resolve_model(settings.model)
-    except loading.ModelNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model_path = _resolved_model(settings)
     bar = tqdm(desc="denoising", unit="step")
 
     def on_step(done: int, total: int) -> None:
@@ -236,7 +287,7 @@ def _render(options: argparse.Namespace, settings, make_request) -> int:
         path.write_bytes(png)
         print(f"wrote {path}")
     steps = result.steps.steps
-    ran = result.usage["denoising_steps"]
+    ran = result.usage.denoising_steps
     print(
         f"prompt: {result.prompt.prompt!r} ({result.prompt.prompt_tokens} tokens), seed {request.seed}, "
         f"{steps} steps ({result.steps.reason})"
@@ -247,33 +298,32 @@ def _render(options: argparse.Namespace, settings, make_request) -> int:
 
 def cmd_optimize(options: argparse.Namespace) -> int:
     """What the prompt optimizer makes of a prompt (the /v1/prompts/optimize body), no Ray."""
-    import json
-
-    from deployments.models import loading
     from deployments.prompt.optimizer import PromptOptimizerEngine
-    from serve_app.http.routes import ApiError, check_text, optimized_prompt_body
+    from serve_app.http.errors import ApiError
+    from serve_app.http.image_request import check_text
+    from serve_app.http.schemas import OptimizedPromptResponse
 
-    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
-    try:
+    settings = _settings(options)
+    with user_errors(ApiError):
         check_text(options.prompt, "prompt", settings)
         check_text(options.negative_prompt, "negative_prompt", settings)
-        engine = PromptOptimizerEngine(loading.resolve_model(settings.model), **settings.prompt.model_dump())
-    except (ApiError, loading.ModelNotFoundError) as exc:
-        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return 2
-    body = optimized_prompt_body(engine.optimize(options.prompt, options.negative_prompt, options.namespace))
+    engine = PromptOptimizerEngine(_resolved_model(settings), **settings.prompt.model_dump())
+    body = OptimizedPromptResponse.of(engine.optimize(options.prompt, options.negative_prompt, options.namespace))
     if options.json:
-        print(json.dumps(body, ensure_ascii=False, indent=2))
+        print(json.dumps(body.model_dump(mode="json"), ensure_ascii=False, indent=2))
     else:
-        print(body["prompt"])
+        print(body.prompt)
         print(
-            f"tokens: {body['original_tokens']} -> {body['optimized_tokens']} "
-            f"({body['saved_fraction']:.0%} saved), shared prefix {body['prefix_tokens']}",
+            f"tokens: {body.original_tokens} -> {body.optimized_tokens} "
+            f"({body.saved_fraction:.0%} saved), shared prefix {body.prefix_tokens}",
             file=sys.stderr,
         )
-        for warning in body["warnings"]:
+        for warning in body.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+# --------------------------------------------------------------------------- models
 
 
 def cmd_build_model(options: argparse.Namespace) -> int:
@@ -291,8 +341,7 @@ def cmd_prune_unet(options: argparse.Namespace) -> int:
     from deployments.models import loading
 
     if not 0.0 < options.fraction < 1.0:
-        print("error: --fraction must be between 0 and 1 (exclusive)", file=sys.stderr)
-        return 2
+        raise CliError("--fraction must be between 0 and 1 (exclusive)")
     source = loading.resolve_model(options.model)
     target = (
         Path(options.output)
@@ -310,53 +359,57 @@ def cmd_prune_unet(options: argparse.Namespace) -> int:
 def cmd_ab_test(options: argparse.Namespace) -> int:
     """Quality guard: render the prompts x seeds with a baseline and a candidate variant in-process;
     exit 1 when the mean PSNR falls under --min-psnr."""
-    import json
-    import textwrap
-
     from tqdm import tqdm
 
     from deployments.denoiser.backends import BackendUnavailable
     from deployments.models import loading
-    from serve_app.flow.quality import VariantSpec, read_prompts, run_ab_test
-    from serve_app.http.routes import ApiError, ImageGenerationBody, to_image_request
+    from serve_app.flow.quality import VariantSpec, run_ab_test
 
-    settings, _, _ = split_app_config(load_serve_config(options.config), options.model)
-    try:
+    settings = _settings(options)
+    with user_errors(ValueError):  # a spec naming an unknown key or value
         baseline, candidate = VariantSpec.parse(options.baseline), VariantSpec.parse(options.candidate)
-        if options.seeds < 1:
-            raise ValueError(f"--seeds must be at least 1, got {options.seeds}")
-        # the API's own checks (text, size limits, multiples of 8) on every prompt
-        requests = [
-            to_image_request(ImageGenerationBody(prompt=prompt, size=options.size, seed=0), settings)
-            for prompt in read_prompts(options.prompts)
-        ]
-    except ApiError as exc:
-        print(f"error: {exc.param}: {exc.message}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # spec, prompts file, pydantic's ValidationError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
+    requests = _ab_test_requests(options, settings)
     prompts, size = [r.prompt for r in requests], (requests[0].width, requests[0].height)
     bar = tqdm(total=2 * len(prompts) * options.seeds, desc="rendering", unit="image")
     try:
-        result = run_ab_test(
-            baseline,
-            candidate,
-            prompts,
-            options.seeds,
-            settings,
-            size=size,
-            seed_base=options.seed_base,
-            min_psnr_db=options.min_psnr,
-            on_image=bar.update,
-        )
-    except (loading.ModelNotFoundError, BackendUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with user_errors(loading.ModelNotFoundError, BackendUnavailable):
+            result = run_ab_test(
+                baseline,
+                candidate,
+                prompts,
+                options.seeds,
+                settings,
+                size=size,
+                seed_base=options.seed_base,
+                min_psnr_db=options.min_psnr,
+                on_image=bar.update,
+            )
     finally:
         bar.close()
+    _print_ab_result(result, size)
+    if options.json:
+        Path(options.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return 0 if result.passed else 1
 
+
+def _ab_test_requests(options: argparse.Namespace, settings: AppSettings) -> list[ImageRequest]:
+    """The prompts file's prompts, through the API's own checks (text, size limits, multiples of 8)."""
+    from serve_app.flow.quality import read_prompts
+    from serve_app.http.errors import ApiError
+    from serve_app.http.image_request import to_image_request
+    from serve_app.http.schemas import ImageGenerationBody
+
+    if options.seeds < 1:
+        raise CliError(f"--seeds must be at least 1, got {options.seeds}")
+    with user_errors(ApiError, ValueError):  # ValueError: the prompts file, pydantic's ValidationError
+        return [
+            to_image_request(ImageGenerationBody(prompt=prompt, size=options.size, seed=0), settings)
+            for prompt in read_prompts(options.prompts)
+        ]
+
+
+def _print_ab_result(result: ABResult, size: tuple[int, int]) -> None:
     print(f"baseline:  {result.baseline}\ncandidate: {result.candidate}\nsize: {size[0]}x{size[1]}\n")
     print(f"{'prompt':<44} {'seed':>5} {'steps b/c':>9} {'PSNR dB':>8} {'SSIM':>7}")
     for pair in result.pairs:
@@ -370,35 +423,27 @@ def cmd_ab_test(options: argparse.Namespace) -> int:
         f"\nmean PSNR {result.mean_psnr_db:.2f} dB over the {result.differing} of {len(result.pairs)} images that "
         f"differ, mean SSIM {result.mean_ssim:.4f}; threshold {result.min_psnr_db:g} dB: {verdict}"
     )
-    if options.json:
-        Path(options.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(options.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
-    return 0 if result.passed else 1
+
+
+# --------------------------------------------------------------------------- operations
 
 
 def cmd_status(options: argparse.Namespace) -> int:
     """Replicas per stage, queues, cache hit rate and latency of the running application."""
-    import json
-
     import ray
 
     from serve_app.ops import status
 
     try:
-        ray.init(address=options.address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=options.address, logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:
-        print(
-            f"error: no running Ray cluster to connect to ({exc}); start one with `fusionserve serve`", file=sys.stderr
-        )
-        return 2
+        raise CliError(f"no running Ray cluster to connect to ({exc}); start one with `fusionserve serve`") from None
     try:
-        report = status.collect(options.app)
-    except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with user_errors(LookupError):
+            report = status.collect(options.app)
     finally:
         ray.shutdown()  # disconnects this driver only
-    print(json.dumps(report, indent=2) if options.json else status.render(report), end="" if not options.json else "\n")
+    print(json.dumps(report, indent=2) if options.json else status.render(report), end="\n" if options.json else "")
     return 0
 
 
@@ -421,42 +466,94 @@ def cmd_export_kuberay(options: argparse.Namespace) -> int:
     from serve_app.ops import kuberay
 
     config = load_serve_config(options.config, options.profile)
-    try:
+    with user_errors(ValueError):
         text = kuberay.export(config, profile=options.profile, image=options.image, model_path=options.model_path)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if options.check and options.output == "-":
-        print("error: --check compares with a file: give -o PATH (or none: the committed one)", file=sys.stderr)
-        return 2
-    output = Path(options.output) if options.output else kuberay.DEFAULT_MANIFEST
-    shown = options.output or str(output.relative_to(kuberay.PROJECT_DIR))
-    if options.check:
-        committed = output.read_text() if output.is_file() else ""
-        if committed == text:
-            print(f"{shown} is up to date", file=sys.stderr)
-            return 0
-        changes = kuberay.diff(committed, text, shown)
-        print(
-            f"{shown} differs from what `fusionserve export-kuberay` generates from {options.config} and "
-            f"profile {options.profile}; regenerate it:\n{changes}",
-            file=sys.stderr,
-        )
-        return 1
     if options.output == "-":
+        if options.check:
+            raise CliError("--check compares with a file: give -o PATH (or none: the committed one)")
         print(text, end="")
         return 0
+    output = Path(options.output or kuberay.DEFAULT_MANIFEST)
+    if options.check:
+        return _check_manifest(output, text, options)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    print(f"wrote {shown}", file=sys.stderr)
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 
-def _image_options(command: argparse.ArgumentParser, default_size: str | None) -> None:
+def _check_manifest(path: Path, generated: str, options: argparse.Namespace) -> int:
+    from serve_app.ops import kuberay
+
+    committed = path.read_text() if path.is_file() else ""
+    if committed == generated:
+        print(f"{path} is up to date", file=sys.stderr)
+        return 0
+    print(
+        f"{path} differs from what `fusionserve export-kuberay` generates from {options.config} and "
+        f"profile {options.profile}; regenerate it:\n{kuberay.diff(committed, generated, str(path))}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _choices(literal: Any) -> list[str]:
+    """The values of a Literal type (the settings' validators), as argparse choices."""
+    return [str(value) for value in typing.get_args(literal)]
+
+
+def _spec_keys() -> str:
+    """The keys of an ab-test variant spec, with the values the spec's validator accepts."""
+    from serve_app.flow.variant_spec import VariantSpec
+
+    def values(annotation: Any) -> list[str]:
+        if typing.get_origin(annotation) is typing.Literal:
+            return _choices(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            return [value for arg in typing.get_args(annotation) for value in values(arg)]
+        return ["0..1"] if annotation is float else []
+
+    keys = []
+    for name, field in VariantSpec.model_fields.items():
+        accepted = values(field.annotation)
+        keys.append(f"{name} ({'|'.join(accepted)})" if accepted else name)
+    return ", ".join(keys)
+
+
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Parent parsers for the options several commands share."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=DEFAULT_CONFIG, help="Ray Serve config file (default: %(default)s)")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "--model", help="preset name (tiny, sd15) or path to a diffusers SD 1.x folder (default: the config's)"
+    )
+    return {"config": config, "model": model}
+
+
+def _add_serve(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve", parents=[shared["config"], shared["model"]], help="start Ray and the Serve application"
+    )
+    serve.add_argument(
+        "--profile",
+        help="deployment profile merged over the config: laptop (default), single-gpu, "
+        "cluster (configs/profiles/), or a path",
+    )
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(run=cmd_serve)
+
+
+def _image_options(default_size: str | None) -> argparse.ArgumentParser:
     """Options of `generate` and `edit` (the request fields, and where the output goes)."""
+    from serve_app.config import QualityTier, StepPolicy
+
+    command = argparse.ArgumentParser(add_help=False)
     command.add_argument("-o", "--output", default="out.png")
-    command.add_argument("--model", help="preset or model folder (default: the config's, tiny)")
-    command.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
     command.add_argument("--seed", type=int)
     command.add_argument(
         "--size",
@@ -467,38 +564,31 @@ def _image_options(command: argparse.ArgumentParser, default_size: str | None) -
     )
     command.add_argument("-n", type=int, default=1)
     command.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
-    command.add_argument(
-        "--quality", choices=["fast", "balanced", "best"], help="the step range (default: the config's)"
-    )
-    command.add_argument("--step-policy", choices=["fixed", "complexity", "slo"], help="default: the config's")
+    command.add_argument("--quality", choices=_choices(QualityTier), help="the step range (default: the config's)")
+    command.add_argument("--step-policy", choices=_choices(StepPolicy), help="default: the config's")
     command.add_argument("--deadline-ms", type=float, help="latency target for the slo policy")
     command.add_argument("--guidance-scale", type=float)
     command.add_argument("--negative-prompt", default="")
     command.add_argument("--no-optimize", action="store_true", help="use the prompt as written")
+    return command
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
-    commands = root.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="start Ray and the Serve application")
-    serve.add_argument("--model", help="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
-    serve.add_argument("--config", default=DEFAULT_CONFIG, help="Ray Serve config file (default: %(default)s)")
-    serve.add_argument(
-        "--profile",
-        help="deployment profile merged over the config: laptop (default), single-gpu, "
-        "cluster (configs/profiles/), or a path",
+def _add_generate(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    generate = commands.add_parser(
+        "generate",
+        parents=[shared["config"], shared["model"], _image_options(default_size="512x512")],
+        help="generate an image in-process (no Ray)",
     )
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.set_defaults(run=cmd_serve)
-
-    generate = commands.add_parser("generate", help="generate an image in-process (no Ray)")
     generate.add_argument("prompt")
-    _image_options(generate, default_size="512x512")
     generate.set_defaults(run=cmd_generate)
 
-    edit = commands.add_parser("edit", help="edit an image in-process (no Ray): img2img, inpainting, reference face")
+
+def _add_edit(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    edit = commands.add_parser(
+        "edit",
+        parents=[shared["config"], shared["model"], _image_options(default_size=None)],
+        help="edit an image in-process (no Ray): img2img, inpainting, reference face",
+    )
     edit.add_argument("prompt", help="the instruction")
     edit.add_argument("--image", required=True, help="the target image B (PNG, JPEG, WebP)")
     edit.add_argument("--mask", help="where to repaint: white on black (L), or transparent pixels (RGBA)")
@@ -511,72 +601,98 @@ def parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--strength", type=float, help="share of the steps run, (0, 1] (default 0.8; 1.0 with --mask)")
     edit.add_argument("--blend-only", action="store_true", help="do not paste the target back outside the mask")
-    _image_options(edit, default_size=None)
     edit.set_defaults(run=cmd_edit)
 
-    optimize = commands.add_parser("optimize", help="show what the prompt optimizer makes of a prompt (no Ray)")
+
+def _add_optimize(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    optimize = commands.add_parser(
+        "optimize",
+        parents=[shared["config"], shared["model"]],
+        help="show what the prompt optimizer makes of a prompt (no Ray)",
+    )
     optimize.add_argument("prompt")
     optimize.add_argument("--json", action="store_true", help="print the /v1/prompts/optimize JSON body")
     optimize.add_argument("--namespace", default="default", help="cache namespace (its template goes first)")
     optimize.add_argument("--negative-prompt", default="")
-    optimize.add_argument("--model", help="model whose tokenizer counts tokens (default: the config's)")
-    optimize.add_argument("--config", default=DEFAULT_CONFIG)
     optimize.set_defaults(run=cmd_optimize)
 
-    status_cmd = commands.add_parser("status", help="replicas, queues, cache hit rate of the running application")
-    status_cmd.add_argument("--address", default="auto", help="Ray cluster to connect to (default: the local one)")
-    status_cmd.add_argument("--app", default="fusionserve", help="Serve application name")
-    status_cmd.add_argument("--json", action="store_true")
-    status_cmd.set_defaults(run=cmd_status)
 
-    export = commands.add_parser("export-config", help="write the config with a profile applied (for serve deploy)")
+def _add_status(commands: Any) -> None:
+    status = commands.add_parser("status", help="replicas, queues, cache hit rate of the running application")
+    status.add_argument("--address", default="auto", help="Ray cluster to connect to (default: the local one)")
+    status.add_argument("--app", default="fusionserve", help="Serve application name")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_status)
+
+
+def _add_export_config(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    export = commands.add_parser(
+        "export-config",
+        parents=[shared["config"]],
+        help="write the config with a profile applied (for serve deploy)",
+    )
     export.add_argument("--profile", required=True, help="laptop, single-gpu, cluster, or a path")
-    export.add_argument("--config", default=DEFAULT_CONFIG)
     export.add_argument("-o", "--output", help="file to write (default: stdout)")
     export.set_defaults(run=cmd_export_config)
 
-    kuberay = commands.add_parser(
-        "export-kuberay", help="write the KubeRay RayService manifest (serveConfigV2 from the config and a profile)"
+
+def _add_export_kuberay(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    from serve_app.ops import kuberay
+
+    export = commands.add_parser(
+        "export-kuberay",
+        parents=[shared["config"]],
+        help="write the KubeRay RayService manifest (serveConfigV2 from the config and a profile)",
     )
-    kuberay.add_argument("--config", default=DEFAULT_CONFIG)
-    kuberay.add_argument("--profile", default="cluster", help="profile merged over the config (default: %(default)s)")
-    kuberay.add_argument(
-        "-o", "--output", help="file to write, - for stdout (default: configs/kuberay/rayservice.yaml)"
+    export.add_argument(
+        "--profile", default=kuberay.DEFAULT_PROFILE, help="profile merged over the config (default: %(default)s)"
     )
-    kuberay.add_argument(
+    export.add_argument(
+        "-o",
+        "--output",
+        help=f"file to write, - for stdout (default: {kuberay.DEFAULT_MANIFEST}, under the current directory)",
+    )
+    export.add_argument(
         "--image",
-        default="fusionserve:0.1.0",
+        default=kuberay.DEFAULT_IMAGE,
         help="container image of every Ray pod (default: %(default)s, configs/kuberay/Dockerfile)",
     )
-    kuberay.add_argument(
+    export.add_argument(
         "--model-path",
-        default="/models/sd15",
+        default=kuberay.DEFAULT_MODEL_PATH,
         help="model folder inside the pods, on the models volume (default: %(default)s)",
     )
-    kuberay.add_argument(
+    export.add_argument(
         "--check",
         action="store_true",
         help="write nothing; exit 1 with a diff when the file differs from what would be generated",
     )
-    kuberay.set_defaults(run=cmd_export_kuberay)
+    export.set_defaults(run=cmd_export_kuberay)
 
+
+def _add_build_model(commands: Any) -> None:
     build = commands.add_parser("build-model", help="build a model preset (tiny, sd15) and print its folder")
     build.add_argument("preset", nargs="?", default="tiny")
     build.add_argument("-o", "--output", help="folder to write (default: the model cache)")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(run=cmd_build_model)
 
+
+def _add_prune_unet(commands: Any) -> None:
     prune = commands.add_parser("prune-unet", help="write a model variant with the UNet's inner channels pruned")
     prune.add_argument("--model", default="tiny", help="preset or model folder (default: %(default)s)")
     prune.add_argument("--fraction", type=float, default=0.3, help="share of prunable channels removed")
     prune.add_argument("-o", "--output", help="variant folder (default: next to the model, -prunedNN)")
     prune.set_defaults(run=cmd_prune_unet)
 
-    ab_test = commands.add_parser("ab-test", help="quality guard: PSNR/SSIM of a candidate variant against a baseline")
-    spec_help = (
-        "variant spec key=value,...: backend (torch|onnxruntime|tensorrt), precision (fp32|bf16|fp16|int8), "
-        "model, steps, policy (fixed|complexity|slo), encoder_cache (on|off), early_stop (0..1|off)"
+
+def _add_ab_test(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    ab_test = commands.add_parser(
+        "ab-test",
+        parents=[shared["config"], shared["model"]],
+        help="quality guard: PSNR/SSIM of a candidate variant against a baseline",
     )
+    spec_help = f"variant spec key=value,...: {_spec_keys()}"
     ab_test.add_argument("--baseline", default="default", help=f"{spec_help} (default: %(default)s, torch fp32)")
     ab_test.add_argument("--candidate", required=True, help="variant spec, as --baseline")
     ab_test.add_argument("--prompts", required=True, help="text file, one prompt per line (# comments)")
@@ -587,15 +703,34 @@ def parser() -> argparse.ArgumentParser:
         "--min-psnr", type=float, help="mean PSNR to pass, dB (default: the config's quality_guard.min_psnr_db, 32)"
     )
     ab_test.add_argument("--json", help="also write the whole result to this file")
-    ab_test.add_argument("--model", help="model of variants that name none (default: the config's)")
-    ab_test.add_argument("--config", default=DEFAULT_CONFIG, help="settings to use (default: %(default)s)")
     ab_test.set_defaults(run=cmd_ab_test)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    shared = _shared_options()
+    _add_serve(commands, shared)
+    _add_generate(commands, shared)
+    _add_edit(commands, shared)
+    _add_optimize(commands, shared)
+    _add_status(commands)
+    _add_export_config(commands, shared)
+    _add_export_kuberay(commands, shared)
+    _add_build_model(commands)
+    _add_prune_unet(commands)
+    _add_ab_test(commands, shared)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parser().parse_args(argv)
-    return options.run(options)
+    try:
+        status: int = options.run(options)
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.status
+    return status
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ the profile autoscales instead).
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "configs" / "profiles"
+# configs/profiles/, shipped as package data (pyproject.toml: package-dir fusionserve_configs)
+PROFILES_DIR = Path(str(resources.files("fusionserve_configs") / "profiles"))
 META_KEYS = {"description"}
 
 
@@ -22,7 +25,7 @@ def profile_names() -> list[str]:
     return sorted(path.stem for path in PROFILES_DIR.glob("*.yaml"))
 
 
-def load_profile(name: str) -> dict:
+def load_profile(name: str) -> dict[str, Any]:
     """A profile by name (configs/profiles/NAME.yaml) or by path."""
     path = Path(name)
     if not path.suffix:
@@ -35,7 +38,7 @@ def load_profile(name: str) -> dict:
     return profile
 
 
-def merge(base: dict, overlay: dict) -> dict:
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """`overlay` over `base`: dicts merge recursively, other values replace, None deletes."""
     merged = copy.deepcopy(base)
     for key, value in overlay.items():
@@ -48,7 +51,7 @@ def merge(base: dict, overlay: dict) -> dict:
     return merged
 
 
-def apply_profile(config: dict, profile: dict) -> dict:
+def apply_profile(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
     """serve_config.yaml's content with `profile` applied (a new dict)."""
     profile = dict(profile)
     args = profile.pop("args", None) or {}

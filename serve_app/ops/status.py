@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import urllib.request
 from collections import defaultdict
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 LATENCY_METRIC = "ray_serve_deployment_processing_latency_ms"
+DENOISER_GAUGES = ("waiting_jobs", "active_jobs", "active_images", "queued_steps")
 
 
-def scrape(urls: list[str], timeout_s: float = 5.0) -> list:
-    """Every sample on the given metrics endpoints (prometheus_client Sample tuples)."""
-    samples = []
+def scrape(urls: list[str], timeout_s: float = 5.0) -> list[Sample]:
+    """Every sample on the given metrics endpoints."""
+    samples: list[Sample] = []
     for url in urls:
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -41,18 +44,23 @@ def metrics_urls() -> list[str]:
     ]
 
 
-def _sum(samples, name: str, **labels) -> float:
+def metric_sum(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of `name` over every series (and node) whose labels include `labels`."""
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def _mean_latency_ms(samples, deployment: str) -> float | None:
+def _mean_latency_ms(samples: list[Sample], deployment: str) -> float | None:
     """Mean processing latency of a deployment since start (histogram sum / count)."""
-    total = _sum(samples, LATENCY_METRIC + "_sum", deployment=deployment)
-    count = _sum(samples, LATENCY_METRIC + "_count", deployment=deployment)
+    total = metric_sum(samples, LATENCY_METRIC + "_sum", deployment=deployment)
+    count = metric_sum(samples, LATENCY_METRIC + "_count", deployment=deployment)
     return total / count if count else None
 
 
-def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dict:
+def _state_name(state: Any) -> str:
+    return str(getattr(state, "value", state))
+
+
+def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dict[str, Any]:
     """The status as a JSON-able dict (what `fusionserve status --json` prints)."""
     from ray import serve
 
@@ -60,39 +68,42 @@ def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dic
     application = status.applications.get(app_name)
     if application is None:
         raise LookupError(f"no application {app_name!r} is running (running: {sorted(status.applications) or 'none'})")
-    samples = scrape(metrics_urls() if urls is None else urls)
-    stages = {}
-    for name, deployment in application.deployments.items():
-        replicas = defaultdict(int)
-        for state, count in deployment.replica_states.items():
-            replicas[getattr(state, "value", str(state))] += count
-        stages[name] = {
-            "status": getattr(deployment.status, "value", str(deployment.status)),
-            "replicas": dict(replicas),
-            "running": replicas.get("RUNNING", 0),
-            "mean_latency_ms": _mean_latency_ms(samples, name),
-        }
-    original = _sum(samples, "ray_fusionserve_prompt_original_tokens_total")
-    optimized = _sum(samples, "ray_fusionserve_prompt_optimized_tokens_total")
-    window = _sum(samples, "ray_fusionserve_encoder_window_tokens_total")
-    cached = _sum(samples, "ray_fusionserve_encoder_cached_tokens_total")
+    report = summarize(app_name, application, scrape(metrics_urls() if urls is None else urls))
+    report["metrics_endpoints"] = len(urls) if urls is not None else None
+    return report
+
+
+def summarize(app_name: str, application: Any, samples: list[Sample]) -> dict[str, Any]:
+    """The report from Serve's status of one application and one scrape of the metrics."""
+    original = metric_sum(samples, "ray_fusionserve_prompt_original_tokens_total")
+    optimized = metric_sum(samples, "ray_fusionserve_prompt_optimized_tokens_total")
+    window = metric_sum(samples, "ray_fusionserve_encoder_window_tokens_total")
+    cached = metric_sum(samples, "ray_fusionserve_encoder_cached_tokens_total")
     return {
         "application": app_name,
-        "status": getattr(application.status, "value", str(application.status)),
-        "stages": stages,
-        "denoiser": {
-            name: _sum(samples, f"ray_fusionserve_denoiser_{name}")
-            for name in ("waiting_jobs", "active_jobs", "active_images", "queued_steps")
-        },
+        "status": _state_name(application.status),
+        "stages": {name: _stage(name, deployment, samples) for name, deployment in application.deployments.items()},
+        "denoiser": {name: metric_sum(samples, f"ray_fusionserve_denoiser_{name}") for name in DENOISER_GAUGES},
         "prompt_tokens_saved": 1 - optimized / original if original else None,
         "encoder_cache_hit_rate": cached / window if window else None,
-        "encoder_cache_bytes": _sum(samples, "ray_fusionserve_encoder_cache_bytes"),
-        "deadline_misses": _sum(samples, "ray_fusionserve_deadline_misses_total"),
-        "metrics_endpoints": len(urls) if urls is not None else None,
+        "encoder_cache_bytes": metric_sum(samples, "ray_fusionserve_encoder_cache_bytes"),
+        "deadline_misses": metric_sum(samples, "ray_fusionserve_deadline_misses_total"),
     }
 
 
-def render(report: dict) -> str:
+def _stage(name: str, deployment: Any, samples: list[Sample]) -> dict[str, Any]:
+    replicas: dict[str, int] = defaultdict(int)
+    for state, count in deployment.replica_states.items():
+        replicas[_state_name(state)] += count
+    return {
+        "status": _state_name(deployment.status),
+        "replicas": dict(replicas),
+        "running": replicas.get("RUNNING", 0),
+        "mean_latency_ms": _mean_latency_ms(samples, name),
+    }
+
+
+def render(report: dict[str, Any]) -> str:
     """The report as a rich table, rendered to text."""
     from rich.console import Console
     from rich.table import Table

@@ -4,7 +4,7 @@ Starts its own Ray cluster (a head node and an autoscaled `unet_worker` node typ
 fake worker node a real raylet on this machine), serves the app on it, drives bounded
 load, and records how Denoiser replicas and worker nodes go up and then down again.
 
-    .venv/bin/python tests/integration/cluster_autoscaling_driver.py --json out.json
+    .venv/bin/python -m tests.integration.cluster_autoscaling_driver --json out.json
 
 Run by tests/integration/test_cluster_autoscaling.py in a subprocess: the other
 integration tests share one Ray instance in the pytest process, this one needs a cluster
@@ -31,11 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from serve_app.config import apply_ray_environment  # noqa: E402
+from serve_app.config import apply_ray_environment
 
 apply_ray_environment()  # before Ray starts: the cluster's processes inherit it
 # `ray start` turns token auth on by default in Ray 2.60 while a driver that connects does
@@ -245,10 +241,10 @@ class LocalAutoscalingCluster(AutoscalingCluster):
 def build_app():
     from serve_app.app import build_application
     from serve_app.config import AppSettings
-    from serve_app.ops.cli import load_serve_config, split_app_config
+    from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
     from serve_app.ops.profiles import merge  # the profiles' semantics: dicts merge, None deletes
 
-    settings, options, _ = split_app_config(load_serve_config(ROOT / "serve_config.yaml"), model="tiny")
+    settings, options, _ = split_app_config(load_serve_config(DEFAULT_CONFIG), model="tiny")
     settings = AppSettings.model_validate(merge(settings.model_dump(), SETTINGS_OVERRIDES))
     options = merge(options, DEPLOYMENT_OPTIONS)
     return build_application(settings, options), options

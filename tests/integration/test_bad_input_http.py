@@ -86,9 +86,13 @@ def test_body_that_is_not_a_json_object(http, raw, fragment):
 
 def test_unknown_route_and_method_are_openai_shaped(http):
     missing = http.get("/v1/nothing")
-    assert missing.status_code == 404 and "error" in missing.json()
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}
+    }
     wrong_method = http.get("/v1/images/generations")
-    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["message"] == "Method Not Allowed"
 
 
 def test_bad_input_does_not_disturb_concurrent_work(http):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-DRIVER = Path(__file__).with_name("cluster_autoscaling_driver.py")
-ROOT = DRIVER.parents[2]
+DRIVER = "tests.integration.cluster_autoscaling_driver"  # run as a module from the checkout's root
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420  # the driver's own bounded waits end it well before this (~2 min when it works)
 
 
@@ -72,7 +72,8 @@ def test_unet_replicas_and_worker_nodes_scale_up_and_down(tmp_path, tiny_model_p
     port = int(os.environ.get("FUSIONSERVE_CLUSTER_TEST_PORT", "0")) or _free_port()
     command = [
         sys.executable,
-        str(DRIVER),
+        "-m",
+        DRIVER,
         "--json",
         str(out),
         "--port",

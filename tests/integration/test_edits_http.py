@@ -134,6 +134,7 @@ def test_explicit_size_and_large_target_default(http):
         data={"prompt": "portrait", "size": "64x64", "num_inference_steps": "4"},
         files={"image": ("t.png", TARGET)},
     )
+    assert sized.status_code == 200, sized.text
     assert png_pixels(base64.b64decode(sized.json()["data"][0]["b64_json"])).shape == (64, 64, 3)
 
 

@@ -11,7 +11,7 @@ NAMESPACE = "studio-portrait"  # its template (>= 15 tokens) fills the first 16-
 
 
 def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tiny_model_path, serve_settings):
-    from serve_app.flow.pipeline import local_pipeline
+    from serve_app.flow.pipeline import local_pipeline_for
 
     settings, _ = serve_settings
     common = {"size": "64x64", "seed": 5, "num_inference_steps": 4, "cache_namespace": NAMESPACE}
@@ -24,14 +24,10 @@ def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tin
     assert again["usage"]["input_tokens_details"]["cached_tokens"] == 77
     assert png_of(second["data"][0]) == png_of(again["data"][0])
 
-    uncached = local_pipeline(
-        tiny_model_path,
-        settings.num_threads,
-        settings.steps.model_dump(),
-        stage_threads=settings.stage_threads,
-        prompt_settings=settings.prompt.model_dump(),
-        encoder_cache={"enabled": False},
+    no_cache = settings.text_encoder.model_copy(
+        update={"cache": settings.text_encoder.cache.model_copy(update={"enabled": False})}
     )
+    uncached = local_pipeline_for(tiny_model_path, settings.model_copy(update={"text_encoder": no_cache}))
     request = ImageRequest(
         prompt="an elderly woman with long red hair, side view",
         negative_prompt="",
@@ -44,7 +40,7 @@ def test_prefix_and_exact_hits_render_what_an_uncached_encoder_renders(http, tin
         cache_namespace=NAMESPACE,
     )
     result = run(uncached.generate(request))
-    assert result.usage["input_tokens_details"]["cached_tokens"] == 0
+    assert result.usage.input_tokens_details.cached_tokens == 0
     assert png_of(second["data"][0]) == result.images_png[0]
 
 
@@ -74,7 +70,7 @@ def test_affinity_router_keeps_a_prefix_on_the_replica_that_cached_it(base_url, 
 
     from deployments.models.loading import load_tokenizer
     from deployments.prompt.optimizer import routing_key_for
-    from deployments.text_encoder import engine as text_encoder
+    from deployments.text_encoder import deployment as text_encoder
 
     tokenizer = load_tokenizer(tiny_model_path)
     app = (

@@ -29,7 +29,10 @@ def png_of(item) -> bytes:
 def test_healthz_and_docs(http):
     assert http.get("/healthz").json()["status"] == "ok"
     assert http.get("/docs").status_code == 200
-    assert "/v1/images/generations" in http.get("/openapi.json").json()["paths"]
+    generations = http.get("/openapi.json").json()["paths"]["/v1/images/generations"]["post"]
+    assert generations["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ImagesResponse"
+    }
 
 
 def test_readme_curl_request(http, tiny_model_path):
@@ -155,15 +158,19 @@ def test_prompt_optimize_endpoint(http):
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) >= {
+    assert list(body) == [  # README's order
         "prompt",
         "negative_prompt",
         "attributes",
         "original_tokens",
         "optimized_tokens",
+        "saved_fraction",
         "prefix_tokens",
+        "cache_namespace",
         "warnings",
-    }
+    ]
+    assert body["cache_namespace"] == "studio-portrait"
+    assert body["saved_fraction"] == round(1 - body["optimized_tokens"] / body["original_tokens"], 4)
     assert body["prompt"].startswith(
         "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background, Asian man, age:35"
     )

@@ -37,10 +37,13 @@ def test_a_burst_beyond_the_queues_gets_503_with_retry_after(serve_settings, bas
     serve.run(build_application(settings, options), name="overload-check", route_prefix="/overload")
     url = f"{base_url}/overload/v1/images/generations"
     try:
+        wait_until_routed(f"{base_url}/overload/healthz")
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             responses = list(pool.map(lambda _: httpx.post(url, json=BODY, timeout=120), range(10)))
         statuses = sorted(r.status_code for r in responses)
-        assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
+        # At least the Denoiser's one ongoing request is served; whether its one queued slot
+        # takes a second depends on when the first is assigned to the replica.
+        assert set(statuses) == {200, 503}, [(r.status_code, r.text[:200]) for r in responses]
         refused = [r for r in responses if r.status_code == 503]
         assert all(r.headers.get("retry-after") == "5" for r in refused), [
             (r.text, r.headers.get("retry-after")) for r in refused
@@ -53,3 +56,12 @@ def test_a_burst_beyond_the_queues_gets_503_with_retry_after(serve_settings, bas
         assert httpx.post(url, json=BODY, timeout=120).status_code == 200  # and it keeps serving
     finally:
         serve.delete("overload-check", _blocking=False)
+
+
+def wait_until_routed(url: str, timeout_s: float = 60.0) -> None:
+    """`serve.run` returns when the app is ready, but the proxy learns its route a moment
+    later: until then it answers 404 "Path ... not found"."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(url, timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, f"{url} was not routed within {timeout_s} s"
+        time.sleep(0.2)

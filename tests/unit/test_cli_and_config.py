@@ -204,3 +204,25 @@ def test_a_model_path_that_is_not_a_model_folder_is_a_clear_error(command, tmp_p
     )
     assert cli.main(argv) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
+
+
+def test_the_default_config_is_the_packaged_one_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no serve_config.yaml here
+    assert cli.load_serve_config(cli.DEFAULT_CONFIG) == yaml.safe_load(cli.packaged_config().read_text())
+    with pytest.raises(cli.CliError, match="config file other.yaml not found") as error:
+        cli.load_serve_config("other.yaml")
+    assert error.value.status == 1  # a config error exits 1, as it always has; bad input exits 2
+    assert cli.main(["optimize", "portrait", "--config", "other.yaml"]) == 1
+    assert capsys.readouterr().err == "error: config file other.yaml not found (pass --config PATH)\n"
+
+
+def test_request_choices_are_the_validators_values():
+    from typing import get_args
+
+    from serve_app.config import QualityTier, StepPolicy
+
+    commands = cli.parser()._subparsers._group_actions[0].choices
+    for command in ("generate", "edit"):
+        actions = {action.dest: action for action in commands[command]._actions}
+        assert actions["quality"].choices == list(get_args(QualityTier))
+        assert actions["step_policy"].choices == list(get_args(StepPolicy))

@@ -110,7 +110,7 @@ def test_img2img_matches_diffusers(local_pipe, img2img, strength, steps, guidanc
         generator=torch.Generator("cpu").manual_seed(request.seed),
     ).images[0]
     assert max_pixel_diff(result.images_png[0], np.asarray(reference)) <= 1
-    assert result.usage["denoising_steps"] == min(int(steps * strength), steps)
+    assert result.usage.denoising_steps == min(int(steps * strength), steps)
 
 
 @pytest.mark.parametrize("strength,keep_unmasked", [(1.0, False), (0.6, False), (0.6, True)])
@@ -162,7 +162,7 @@ def test_reference_image_matches_diffusers_ip_adapter(local_pipe, tiny_model_pat
         assert max_pixel_diff(ours.images_png[0], plain) > 8
         # ... and the second use of the same face is a cache hit with the same result
         again = run(local_pipe.generate(request))
-        assert (ours.usage["reference_image_cached"], again.usage["reference_image_cached"]) == (False, True)
+        assert (ours.usage.reference_image_cached, again.usage.reference_image_cached) == (False, True)
         assert again.images_png[0] == ours.images_png[0]
     finally:
         pipe.unload_ip_adapter()
@@ -223,11 +223,23 @@ def test_inpainting_with_a_reference_matches_diffusers_ip_adapter(local_pipe, ti
         pipe.unload_ip_adapter()
 
 
-def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path):
-    from deployments.denoiser.engine import DenoiserEngine
+def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path, monkeypatch):
+    from deployments.denoiser import engine
 
-    assert DenoiserEngine(tiny_model_path, 1).ip_adapter_loaded
-    assert not DenoiserEngine(tiny_model_path, 1, {"preload_ip_adapter": False}).ip_adapter_loaded
+    loads = []
+
+    def count_load(path):
+        loads.append(path)
+        return lambda *args: None
+
+    monkeypatch.setattr(engine, "ip_adapter_runner", count_load)
+    engine.DenoiserEngine(tiny_model_path, 1)
+    assert loads == [tiny_model_path]  # at start
+    lazy = engine.DenoiserEngine(tiny_model_path, 1, {"preload_ip_adapter": False})
+    assert len(loads) == 1  # not at start ...
+    lazy.unet_for(engine.UNetVariant.ip_adapter(0.5))
+    lazy.unet_for(engine.UNetVariant.ip_adapter(1.0))
+    assert len(loads) == 2  # ... but at the first reference job, once
 
 
 def test_inpaint_keeps_the_unmasked_region(local_pipe):
@@ -264,9 +276,9 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_model, streng
     """A 9-channel UNet gets the mask and the masked image's latents as input channels (no blending)."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from serve_app.flow.pipeline import local_pipeline
+    from serve_app.flow.pipeline import local_pipeline_for
 
-    pipe = local_pipeline(inpainting_model)
+    pipe = local_pipeline_for(inpainting_model)
     image, mask = portrait(64, 64, seed=9), box_mask(64, 64)
     request = edit_request(image, mask=mask, strength=strength, steps=10, keep_unmasked=False)
     ours = run(pipe.generate(request)).images_png[0]

@@ -7,8 +7,10 @@ import asyncio
 import random
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 
 from deployments.text_encoder.router import (
     DEFAULT_BUSY_THRESHOLD,
@@ -17,6 +19,9 @@ from deployments.text_encoder.router import (
     rendezvous_rank,
     rendezvous_weight,
 )
+from deployments.text_encoder.settings import MAX_BATCH_SIZE
+
+SERVE_CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
 KEYS = [f"studio-portrait:{i:04d}" for i in range(1000)]
 
@@ -219,16 +224,27 @@ def test_busy_preferred_replica_spills_to_the_idle_one():
 def test_threshold_comes_from_router_kwargs():
     async def main():
         a, b = FakeReplica("a"), FakeReplica("b")
-        router = await _router([a, b], busy_threshold=5)
+        router = await _router([a, b], busy_threshold=3)
         key = KEYS[0]
         owner = rendezvous_choice(key, ["a", "b"])
+        other = "b" if owner == "a" else "a"
         by_id = {"a": a, "b": b}
-        _set_load(router, by_id[owner], 4)  # busy under the default of 2, not under 5
-        _set_load(router, by_id["b" if owner == "a" else "a"], 0)
-        assert await _route(router, _request(key)) == owner
+        _set_load(router, by_id[owner], 4)  # busy at 3, not under the default
+        _set_load(router, by_id[other], 0)
+        assert await _route(router, _request(key)) == other
 
-    assert DEFAULT_BUSY_THRESHOLD < 5
+    assert DEFAULT_BUSY_THRESHOLD > 4
     asyncio.run(main())
+
+
+def test_default_threshold_is_the_encoder_batch_size_the_served_config_sets():
+    # One source: the router spills at the encoder's batch size (measured in README), and
+    # serve_config.yaml, which names it explicitly, says the same.
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    app = config["applications"][0]
+    encoder = next(d for d in app["deployments"] if d["name"] == "TextEncoder")
+    assert encoder["request_router_config"]["request_router_kwargs"]["busy_threshold"] == DEFAULT_BUSY_THRESHOLD
+    assert app["args"]["text_encoder"]["batch"]["max_batch_size"] == DEFAULT_BUSY_THRESHOLD == MAX_BATCH_SIZE
 
 
 def test_busy_preferred_keeps_the_request_when_others_are_as_busy():

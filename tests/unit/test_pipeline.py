@@ -9,7 +9,7 @@ import torch
 
 from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, JobCancelled
 from deployments.prompt.optimizer import PromptOptimizerEngine
-from serve_app.flow.pipeline import local_pipeline
+from serve_app.flow.pipeline import local_pipeline_for
 from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, png_pixels, run
 
@@ -66,22 +66,22 @@ def test_usage_counts_clip_tokens(local_pipe):
         )
     )
     assert result.prompt.prompt == "A smiling Asian man who is wearing glasses"  # whitespace normalised
-    assert result.usage["input_tokens"] == 8  # 10 CLIP ids minus BOS/EOS
-    assert result.usage["total_tokens"] == 8
-    assert result.usage["original_input_tokens"] == 8
+    assert result.usage.input_tokens == 8  # 10 CLIP ids minus BOS/EOS
+    assert result.usage.total_tokens == 8
+    assert result.usage.original_input_tokens == 8
     # no steps given: the default slo policy, at no load the complexity choice (8 tokens, no
     # attributes: 15 + round(0.4 * 8/60 * 15) = 16) within the 30 s default deadline
-    assert result.usage["num_inference_steps"] == 16 and result.usage["steps_reason"] in ("slo", "slo:no-timings")
-    assert result.usage["steps_policy"] == "slo" and result.usage["deadline_met"] is True
-    assert result.usage["truncated_tokens"] == 0
+    assert result.usage.num_inference_steps == 16 and result.usage.steps_reason in ("slo", "slo:no-timings")
+    assert result.usage.steps_policy == "slo" and result.usage.deadline_met is True
+    assert result.usage.truncated_tokens == 0
 
 
 def test_optimized_prompt_and_its_usage(local_pipe):
     result = run(local_pipe.generate(request(prompt="A smiling Asian man who is wearing glasses")))
     # the default style would make it longer than the original: left out
     assert result.prompt.prompt == "Asian man, smiling expression, wearing glasses"
-    assert result.usage["original_input_tokens"] == 8
-    assert result.usage["input_tokens"] == result.prompt.prompt_tokens
+    assert result.usage.original_input_tokens == 8
+    assert result.usage.input_tokens == result.prompt.prompt_tokens
     assert result.prompt.negative_prompt.startswith("blurry, deformed eyes, asymmetrical face")
 
 
@@ -106,12 +106,12 @@ def test_cancelled_job_stops_at_a_step_boundary(tiny_model_path):
             cancelled.set()
 
     with pytest.raises(JobCancelled):
-        engine.denoise(job, on_step=on_step, cancelled=cancelled)
+        engine.submit(job, on_step=on_step, cancelled=cancelled).result(timeout=120)
     assert steps_done == [1, 2, 3]
 
 
 def test_progress_callback_sees_every_step(tiny_model_path):
     seen = []
-    pipe = local_pipeline(tiny_model_path, on_step=lambda done, total: seen.append((done, total)))
+    pipe = local_pipeline_for(tiny_model_path, on_step=lambda done, total: seen.append((done, total)))
     run(pipe.generate(request(num_inference_steps=5)))
     assert seen == [(i, 5) for i in range(1, 6)]

@@ -66,8 +66,10 @@ def test_merge_semantics():
 
 
 def test_unknown_profile_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit, match="unknown profile 'gpu-farm'; known: cluster, laptop, single-gpu"):
+    with pytest.raises(cli.CliError, match="unknown profile 'gpu-farm'; known: cluster, laptop, single-gpu"):
         cli.load_serve_config("serve_config.yaml", "gpu-farm")
+    assert cli.main(["export-config", "--profile", "gpu-farm"]) == 1  # as a config error always exited
+    assert capsys.readouterr().err.startswith("error: unknown profile 'gpu-farm'")
 
 
 def test_export_config_writes_the_merged_config(tmp_path):

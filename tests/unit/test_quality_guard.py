@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import random
 
-from serve_app.config import QualityGuardSettings
-from serve_app.flow.pipeline import local_pipeline
+from serve_app.config import AppSettings, QualityGuardSettings
+from serve_app.flow.pipeline import local_pipeline_for
 from serve_app.flow.quality import psnr_db
 from serve_app.flow.quality_guard import IDENTICAL_DB, LiveQualityGuard
 from serve_app.flow.request import ImageRequest
@@ -40,8 +40,11 @@ def generate_and_judge(pipe, seed: int):
 
 
 def pipeline(path, denoiser=None, **guard):
-    settings = {"shadow_fraction": 1.0, "window": 4, "min_samples": 2, **guard}
-    return local_pipeline(path, num_threads=2, denoiser_settings=denoiser, quality_guard=settings)
+    guard_settings = {"shadow_fraction": 1.0, "window": 4, "min_samples": 2, **guard}
+    settings = AppSettings.model_validate(
+        {"num_threads": 2, "denoiser": denoiser or {}, "quality_guard": guard_settings}
+    )
+    return local_pipeline_for(path, settings)
 
 
 def test_the_guard_trips_only_on_enough_bad_comparisons():
@@ -75,7 +78,7 @@ def test_a_degraded_variant_is_switched_back_to_the_baseline(tiny_model_path):
     assert guard.tripped and guard.comparisons == 2 and "under 99 dB" in guard.reason
     assert 20 < guard.rolling_psnr_db < 99  # bf16 is close to fp32, just not that close
 
-    reference = local_pipeline(tiny_model_path, num_threads=2)  # fp32 throughout
+    reference = local_pipeline_for(tiny_model_path, AppSettings(num_threads=2))  # fp32 throughout
     after = generate_and_judge(served, 1)
     assert max_pixel_diff(after.images_png[0], run(reference.generate(request(1))).images_png[0]) <= 1
     assert psnr_db(first.images_png[0], after.images_png[0]) < 99  # it did change variant

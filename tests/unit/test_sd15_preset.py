@@ -39,7 +39,7 @@ def test_sd15_builds_loads_and_matches_diffusers(tmp_path):
         pytest.skip("needs 12 GiB of free disk for the sd15 folder")
     from diffusers import StableDiffusionPipeline
 
-    from serve_app.flow.pipeline import local_pipeline
+    from serve_app.flow.pipeline import local_pipeline_for
 
     path = builder.build_model("sd15", tmp_path / "sd15")
     try:
@@ -54,7 +54,7 @@ def test_sd15_builds_loads_and_matches_diffusers(tmp_path):
             num_inference_steps=2,
             optimize_prompt=False,
         )
-        ours = run(local_pipeline(path).generate(request)).images_png[0]
+        ours = run(local_pipeline_for(path).generate(request)).images_png[0]
         reference = StableDiffusionPipeline.from_pretrained(str(path))
         reference.set_progress_bar_config(disable=True)
         image = reference(

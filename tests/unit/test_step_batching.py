@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, JobCancelled
+from deployments.common.vae_scale import latent_shape
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, JobCancelled, UNetVariant, VariantKind
 from deployments.vae.codec import VaeCodecEngine
 
 SIZE = 64
+WAIT_S = 120  # for any one job or condition; far above what a slow CI core takes
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,29 @@ def job(
     return DenoiseJob(cond, uncond, size, size, [seed + i for i in range(images)], steps, guidance, scheduler)
 
 
+def denoise(engine: DenoiserEngine, job: DenoiseJob, **kwargs) -> torch.Tensor:
+    return engine.submit(job, **kwargs).result(timeout=WAIT_S)
+
+
 def alone(path, jobs: list[DenoiseJob]) -> list[torch.Tensor]:
     engine = engine_for(path, max_batch_size=1)
-    return [engine.denoise(j) for j in jobs]
+    return [denoise(engine, j) for j in jobs]
 
 
 def together(engine: DenoiserEngine, jobs: list[DenoiseJob], **kwargs) -> list:
     """Submit every job before the loop can finish one step, then collect."""
     futures = [engine.submit(j, **kwargs) for j in jobs]
-    return [f.result(timeout=120) for f in futures]
+    return [f.result(timeout=WAIT_S) for f in futures]
+
+
+def wait_for_steps(engine: DenoiserEngine, steps: int) -> None:
+    """Until the step loop has run `steps` forwards; fails the test after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while engine.load().steps_run < steps:
+        assert time.monotonic() < deadline, (
+            f"the step loop ran {engine.load().steps_run} of {steps} steps in {WAIT_S} s"
+        )
+        time.sleep(0.005)
 
 
 def assert_same_images(vae, batched: torch.Tensor, single: torch.Tensor) -> None:
@@ -59,8 +75,8 @@ def test_a_job_batched_with_others_renders_its_image_alone(tiny_model_path, vae)
     engine = engine_for(tiny_model_path, max_batch_size=8)
     batched = together(engine, jobs)
     load = engine.load()
-    assert max(load.ms_per_step) > 1  # they did share forwards
-    assert load.steps_run < sum(j.num_inference_steps for j in jobs)
+    assert load.image_steps == sum(j.num_inference_steps for j in jobs)
+    assert load.steps_run < load.image_steps  # they did share forwards
     for got, expected in zip(batched, alone(tiny_model_path, jobs)):
         assert (got - expected).abs().max().item() < 1e-3
         assert_same_images(vae, got, expected)
@@ -98,9 +114,9 @@ def test_a_cancelled_job_leaves_the_batch_and_the_others_finish(tiny_model_path,
         engine.submit(jobs[2]),
     ]
     with pytest.raises(JobCancelled):
-        futures[1].result(timeout=120)
+        futures[1].result(timeout=WAIT_S)
     assert steps_of_cancelled == [1, 2, 3]
-    survivors = [futures[0].result(timeout=120), futures[2].result(timeout=120)]
+    survivors = [futures[0].result(timeout=WAIT_S), futures[2].result(timeout=WAIT_S)]
     for got, expected in zip(survivors, alone(tiny_model_path, [jobs[0], jobs[2]])):
         assert_same_images(vae, got, expected)
     assert engine.load().cancelled_jobs == 1
@@ -111,8 +127,8 @@ def test_a_bad_job_fails_alone(tiny_model_path):
     good = engine.submit(job(20, steps=4))
     bad = engine.submit(job(21, steps=4, scheduler="NoSuchScheduler"))
     with pytest.raises(ValueError, match="unknown scheduler"):
-        bad.result(timeout=120)
-    assert good.result(timeout=120).shape == (1, 4, SIZE // 8, SIZE // 8)
+        bad.result(timeout=WAIT_S)
+    assert good.result(timeout=WAIT_S).shape == (1, 4, *latent_shape(SIZE, SIZE))
 
 
 def first_step_order(engine: DenoiserEngine, jobs: list[DenoiseJob], gap_s: float = 0.0) -> list[int]:
@@ -132,7 +148,7 @@ def first_step_order(engine: DenoiserEngine, jobs: list[DenoiseJob], gap_s: floa
         futures.append(engine.submit(j, on_step=recorder(index)))
         time.sleep(gap_s)
     for future in futures:
-        future.result(timeout=120)
+        future.result(timeout=WAIT_S)
     return order
 
 
@@ -153,12 +169,11 @@ def test_step_level_admission_joins_a_running_batch_request_level_waits(tiny_mod
         engine = engine_for(tiny_model_path, max_batch_size=8, admit_between_steps=step_level)
         finished = []
         long_job = engine.submit(job(40, steps=30))
-        while engine.load().steps_run < 2:
-            time.sleep(0.01)
+        wait_for_steps(engine, 2)
         short_job = engine.submit(job(41, steps=3))
         for name, future in (("short", short_job), ("long", long_job)):
             future.add_done_callback(lambda _, name=name, finished=finished: finished.append(name))
-        long_job.result(timeout=120), short_job.result(timeout=120)
+        long_job.result(timeout=WAIT_S), short_job.result(timeout=WAIT_S)
         assert finished == (["short", "long"] if step_level else ["long", "short"])
 
 
@@ -167,11 +182,10 @@ def test_a_future_cancelled_by_its_caller_leaves_and_the_loop_keeps_serving(tiny
     settling a cancelled future raises, which once killed the loop and hung every later job."""
     engine = engine_for(tiny_model_path, max_batch_size=8)
     running = engine.submit(job(50, steps=20))
-    while engine.load().steps_run < 1:
-        time.sleep(0.01)
+    wait_for_steps(engine, 1)
     assert running.cancel() or running.done()
     later = engine.submit(job(51, steps=3))
-    assert later.result(timeout=60).shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert later.result(timeout=60).shape == (1, 4, *latent_shape(SIZE, SIZE))
     assert engine.load().cancelled_jobs == 1 and engine.load().active_jobs == 0
 
 
@@ -183,11 +197,10 @@ def test_a_background_job_pauses_while_user_jobs_run_and_resumes_where_it_stoppe
     shadow = engine.submit(
         dataclasses.replace(job(60, steps=12), background=True), on_step=lambda done, total: log.append("shadow")
     )
-    while engine.load().steps_run < 2:
-        time.sleep(0.005)
+    wait_for_steps(engine, 2)
     user = engine.submit(job(61, steps=5), on_step=lambda done, total: log.append("user"))
-    user_latents = user.result(timeout=120)
-    shadow_latents = shadow.result(timeout=120)
+    user_latents = user.result(timeout=WAIT_S)
+    shadow_latents = shadow.result(timeout=WAIT_S)
     first_user = log.index("user")
     assert log[first_user : first_user + 5] == ["user"] * 5  # no shadow step in between
     assert log.count("shadow") == 12 and 2 <= first_user < 12  # paused mid-way, then finished
@@ -200,7 +213,7 @@ def test_a_background_job_pauses_while_user_jobs_run_and_resumes_where_it_stoppe
 def test_background_work_is_not_counted_as_load(tiny_model_path):
     engine = engine_for(tiny_model_path, max_batch_size=8)
     gate = threading.Event()
-    engine.batcher.run_unet = lambda *args, original=engine.batcher.run_unet: (gate.wait(), original(*args))[1]
+    engine.unet.runner = lambda *args, original=engine.unet.runner: (gate.wait(WAIT_S), original(*args))[1]
     shadow = engine.submit(dataclasses.replace(job(62, steps=3), background=True))
     load = engine.load()
     assert load.background_jobs == 1 and load.queued_steps == 0 and load.waiting_jobs == 0
@@ -212,19 +225,34 @@ def test_baseline_variant_jobs_run_on_the_baseline_unet(tiny_model_path, vae):
     """The production UNet here is bf16; a baseline job gets the fp32 image, a production
     job the bf16 one, even when both are queued together (they never share a forward)."""
     engine = engine_for(tiny_model_path, max_batch_size=8, backends=[{"backend": "torch", "precision": "bf16"}])
-    production, baseline = together(engine, [job(63), dataclasses.replace(job(63), variant="baseline")])
+    production, baseline = together(engine, [job(63), dataclasses.replace(job(63), variant=UNetVariant.baseline())])
     fp32 = alone(tiny_model_path, [job(63)])[0]
     assert_same_images(vae, baseline, fp32)
     assert not torch.equal(production, baseline)
     with pytest.raises(ValueError, match="unknown UNet variant"):
-        engine.submit(dataclasses.replace(job(64), variant="nope"))
+        engine.submit(dataclasses.replace(job(64), variant="baseline"))  # a name, not a UNetVariant
+    with pytest.raises(ValueError, match="image_embeds go with the ip_adapter variant"):
+        engine.submit(dataclasses.replace(job(64), variant=UNetVariant.ip_adapter(0.5)))
+
+
+def test_unet_variants_are_typed_batch_keys():
+    """Equal variants batch together: the adapter at one scale, never two scales in a forward."""
+    assert UNetVariant.ip_adapter(0.5) == UNetVariant.ip_adapter(0.5) != UNetVariant.ip_adapter(1.0)
+    assert UNetVariant.ip_adapter() == UNetVariant.ip_adapter(1.0)
+    assert len({UNetVariant.production(), UNetVariant.production(), UNetVariant.baseline()}) == 2
+    assert str(UNetVariant.ip_adapter(0.6)) == "ip_adapter@0.6" and str(UNetVariant.baseline()) == "baseline"
+    with pytest.raises(ValueError, match="image_prompt_scale must be in"):
+        UNetVariant.ip_adapter(2.5)
+    with pytest.raises(ValueError, match="adapter scale"):
+        UNetVariant(VariantKind.PRODUCTION, 0.5)
 
 
 def test_early_stop_ends_a_converged_job_with_its_clean_latent(tiny_model_path, vae):
     engine = engine_for(tiny_model_path, max_batch_size=8)
     steps_run = []
-    full = engine.denoise(job(65, steps=40))
-    early = engine.denoise(
+    full = denoise(engine, job(65, steps=40))
+    early = denoise(
+        engine,
         dataclasses.replace(job(65, steps=40), early_stop=0.05, early_stop_min_steps=10),
         on_step=lambda done, total: steps_run.append(done),
     )
@@ -232,7 +260,7 @@ def test_early_stop_ends_a_converged_job_with_its_clean_latent(tiny_model_path, 
     assert engine.load().early_stops == 1
     a, b = vae.decode_pixels(early).astype(np.float64), vae.decode_pixels(full).astype(np.float64)
     assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 25  # close to the full run, not the noise
-    never = engine.denoise(dataclasses.replace(job(65, steps=40), early_stop=1e-9, early_stop_min_steps=10))
+    never = denoise(engine, dataclasses.replace(job(65, steps=40), early_stop=1e-9, early_stop_min_steps=10))
     assert torch.equal(never, full)  # a threshold nothing meets: every step, the same latents
 
 
@@ -246,9 +274,9 @@ def test_a_stochastic_scheduler_draws_its_step_noise_from_the_request_seed(tiny_
     a request renders the same image every time, alone or batched with others."""
     engine = engine_for(tiny_model_path, max_batch_size=8)
     target = job(5, steps=6, scheduler=scheduler, images=2)
-    first = engine.denoise(target)
+    first = denoise(engine, target)
     torch.manual_seed(12345)  # the global RNG must not matter
-    again = engine.denoise(target)
+    again = denoise(engine, target)
     assert torch.equal(first, again)
     others = [job(6, steps=9, scheduler=scheduler), job(7, steps=4), target, job(8, steps=6, scheduler=scheduler)]
     batched = together(engine, others)[2]
@@ -264,7 +292,7 @@ def test_a_stochastic_scheduler_matches_diffusers(tiny_model_path, scheduler):
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     target = job(11, steps=7, scheduler=scheduler)
-    ours = engine_for(tiny_model_path, max_batch_size=4).denoise(target)
+    ours = denoise(engine_for(tiny_model_path, max_batch_size=4), target)
     reference = pipe(
         prompt_embeds=target.prompt_embeds,
         negative_prompt_embeds=target.negative_prompt_embeds,

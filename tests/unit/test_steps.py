@@ -29,17 +29,20 @@ BUSY = OptimizedPrompt(
     negative_prompt_tokens=0,
     truncated_tokens=0,
     cache_namespace="default",
-    attributes={
-        "identity": "Asian man",
-        "age": 35,
-        "expression": "smiling",
-        "glasses": "wearing glasses",
-        "hair": ["black", "short"],
-        "facial_hair": "beard",
-        "lighting": "soft",
+    attributes={  # 8 terms: one per key, each accessory apart
+        "identity": ["Asian man"],
+        "age": ["age:35"],
+        "expression": ["smiling expression"],
+        "glasses": ["wearing glasses"],
+        "hair": ["short black hair"],
+        "facial_hair": ["beard"],
+        "lighting": ["soft lighting"],
+        "accessories": ["earrings"],
     },
 )
-MEDIUM = dataclasses.replace(BUSY, prompt_tokens=30, attributes={"identity": "man", "age": 35, "glasses": "glasses"})
+MEDIUM = dataclasses.replace(
+    BUSY, prompt_tokens=30, attributes={"identity": ["man"], "age": ["age:35"], "glasses": ["wearing glasses"]}
+)
 
 
 def request(**overrides) -> ImageRequest:
@@ -59,7 +62,6 @@ def load(active_images=0, waiting_images=0, queued_steps=0, batch=8, table=None)
         active_images=active_images,
         queued_steps=queued_steps,
         queued_work=float(queued_steps * 16 * 16),
-        ms_per_step={},
         steps_run=0,
         cancelled_jobs=0,
         waiting_images=waiting_images,

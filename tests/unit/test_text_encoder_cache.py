@@ -11,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from deployments.text_encoder.block_pool import BlockPool, chain_hashes
 from deployments.text_encoder.engine import TextEncoderEngine
 from deployments.text_encoder.prefix_forward import CachedPrefix, PrefixReuseForward
+from deployments.text_encoder.watchdog import HitRateWatchdog
 
 WINDOW = 77
 VOCAB = 49406  # ids below BOS/EOS
@@ -32,6 +33,17 @@ def random_rows(rng: random.Random, prefix: list[int], count: int) -> torch.Tens
 
 def reference(engine, ids) -> torch.Tensor:
     return engine.encode_token_ids(ids, ["default"] * len(ids))[0]
+
+
+def check_invariants(pool: BlockPool) -> None:
+    """The pool's accounting adds up, its free list holds exactly the unreferenced entries, and
+    every cached block stays reachable from its root."""
+    entries = pool._entries
+    assert pool.stats.bytes_in_use == sum(e.nbytes for e in entries.values()) <= pool.max_bytes
+    assert set(pool._free) == {k for k, e in entries.items() if e.ref_count == 0}
+    for entry in entries.values():
+        assert entry.parent is None or entry.parent.key in entries, "orphaned chain"
+        assert entry.num_children == sum(1 for e in entries.values() if e.parent is entry)
 
 
 # -- the forward itself --------------------------------------------------------------------------
@@ -90,7 +102,7 @@ def test_random_shared_prefixes_are_bit_exact(tiny_model_path, reference_engine,
     full_blocks = prefix_len // 16
     for position, row in enumerate(order):
         assert cached[position] == (full_blocks * 16 if row < len(later) else 0)
-    engine.pool.check_invariants()
+    check_invariants(engine.pool)
 
 
 def test_exact_hit_returns_stored_output_without_running_the_model(tiny_model_path, reference_engine):
@@ -116,6 +128,48 @@ def test_identical_texts_in_one_batch_run_once(tiny_model_path):
     assert calls == [2]
     assert out.cached_tokens == [0, WINDOW, 0]
     assert torch.equal(out.hidden[0], out.hidden[1])
+
+
+def test_a_batch_serves_repeats_and_exact_hits_and_counts_them(tiny_model_path, reference_engine):
+    engine = cached_engine(tiny_model_path)
+    rng = random.Random(7)
+    stored, new = random_rows(rng, [], 1), random_rows(rng, [], 1)
+    engine.encode_token_ids(stored, ["default"])
+    batch = torch.cat([new, stored, new, stored])  # a row to compute, an exact hit, and a repeat of each
+    hidden, cached = engine.encode_token_ids(batch, ["default"] * 4)
+    assert torch.equal(hidden, reference(reference_engine, batch))
+    assert cached == [0, WINDOW, WINDOW, WINDOW]
+    stats = engine.cache_info()["namespaces"]["default"]
+    assert (stats["texts"], stats["exact_hits"], stats["misses"]) == (5, 3, 2)
+    assert stats["cached_tokens"] == 3 * WINDOW
+    assert engine.cache_info()["entries"] == len(engine.pool) > 0
+
+
+def test_namespace_figures_are_kept_for_the_most_recent_namespaces(tiny_model_path, monkeypatch):
+    monkeypatch.setattr("deployments.text_encoder.engine.MAX_NAMESPACES", 2)
+    engine = cached_engine(tiny_model_path)
+    for namespace in ("a", "b", "a", "c"):  # "b" is the least recently seen when "c" comes
+        engine.encode(["a red hat"], namespace)
+    assert set(engine.cache_info()["namespaces"]) == {"a", "c"}
+
+
+def test_watchdog_forgets_the_least_recently_seen_namespace():
+    watchdog = HitRateWatchdog(window=4, min_hit_rate=0.1, sketch_size=8, max_namespaces=2)
+    chain = [b"block-1", b"block-2"]
+    for namespace in ("a", "b", "b", "a", "c"):  # "b" is the least recently seen when "c" comes
+        watchdog.observe(namespace, 0, WINDOW, chain, [1, 2, 3])
+    assert watchdog.frequent_prefixes("a", 1) and not watchdog.frequent_prefixes("b", 1)
+
+
+def test_image_prompt_embeddings_are_cached_by_pixels_least_recently_used_first(tiny_model_path):
+    from PIL import Image
+
+    from deployments.text_encoder.image_prompt import ImagePromptEncoderEngine
+
+    engine = ImagePromptEncoderEngine(tiny_model_path, num_threads=1, cache_entries=1)
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    hits = [engine.encode(image).cache_hit for image in (red, red.copy(), blue, red)]
+    assert hits == [False, True, False, False]  # one entry: blue evicted red
 
 
 def test_cache_disabled_never_stores(tiny_model_path):
@@ -146,7 +200,7 @@ def test_namespace_share_caps_its_bytes(tiny_model_path):
     for _ in range(12):
         engine.encode_token_ids(random_rows(rng, [], 2), ["small", "big"])
         assert engine.pool.namespace_bytes("small") <= 0.1 * engine.pool.max_bytes
-        engine.pool.check_invariants()
+        check_invariants(engine.pool)
     assert engine.pool.namespace_bytes("big") > engine.pool.namespace_bytes("small")
 
 
@@ -166,7 +220,7 @@ def test_eviction_takes_least_recently_used_leaves_first():
     assert b"a2" not in pool and {b"a1", b"b1", b"b2"} <= set(k for k in (b"a1", b"b1", b"b2") if k in pool)
     pool.insert(b"d1", "ns", block())  # next oldest leaf: b2 (older than a1, a leaf now that a2 is gone)
     assert b"b2" not in pool and b"a1" in pool
-    pool.check_invariants()
+    check_invariants(pool)
     assert pool.stats.evicted == 2
     del a2, b2
 
@@ -184,7 +238,7 @@ def test_blocks_in_use_are_never_evicted_and_inserts_that_cannot_fit_are_refused
     assert b"y" not in pool and b"x" in pool
     with pytest.raises(RuntimeError):
         pool.release([first])
-    pool.check_invariants()
+    check_invariants(pool)
 
 
 def test_byte_budget_holds_under_random_operations():
@@ -204,10 +258,10 @@ def test_byte_budget_holds_under_random_operations():
         assert pool.stats.bytes_in_use <= pool.max_bytes
         assert pool.namespace_bytes("a") <= 2_500
         if step % 100 == 0:
-            pool.check_invariants()
+            check_invariants(pool)
     for chain in held:
         pool.release(chain)
-    pool.check_invariants()
+    check_invariants(pool)
     assert pool.stats.evicted > 0
 
 
@@ -259,4 +313,4 @@ def test_watchdog_rebuilds_and_recovers_hit_rate_on_a_shifting_workload(tiny_mod
     assert rebuilds_a >= 1 and after_a == 1.0  # pinned: every template prompt hits both blocks
     assert rebuilds() > rebuilds_a and after_b == 1.0
     assert "text encoder cache rebuilt" in caplog.text
-    engine.pool.check_invariants()
+    check_invariants(engine.pool)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.denoiser import backends
 from deployments.denoiser.backends import BackendSpec, BackendUnavailable, FallbackUNet, torch_runner
 from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
 from deployments.vae.codec import VaeCodecEngine
@@ -33,9 +34,9 @@ def jobs():
     ]
 
 
-def images(path, vae, jobs, backends, **kwargs) -> list[np.ndarray]:
-    engine = DenoiserEngine(path, num_threads=2, settings={"backends": backends}, **kwargs)
-    return [vae.decode_pixels(engine.denoise(job))[0].astype(np.float64) for job in jobs]
+def images(path, vae, jobs, chain) -> list[np.ndarray]:
+    engine = DenoiserEngine(path, num_threads=2, settings={"backends": chain})
+    return [vae.decode_pixels(engine.submit(job).result(timeout=120))[0].astype(np.float64) for job in jobs]
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +77,14 @@ def test_unavailable_backends_are_skipped_at_load(tiny_model_path):
         FallbackUNet(tiny_model_path, [BackendSpec(backend="tensorrt")])
 
 
-def test_a_backend_failing_mid_batch_falls_back_without_failing_requests(tiny_model_path, vae, jobs, reference):
+def test_a_backend_failing_mid_batch_falls_back_without_failing_requests(
+    tiny_model_path, vae, jobs, reference, monkeypatch
+):
     """The first backend dies on its 5th forward (as an out-of-memory would): the jobs in the
     batch finish on the next backend, with the images the next backend alone would give."""
     calls = {"n": 0}
 
-    def flaky_loader(path, spec):
+    def flaky_loader(path, spec, num_threads):
         runner = torch_runner(path, BackendSpec(precision="fp32"))
 
         def run(sample, timesteps, context):
@@ -92,11 +95,9 @@ def test_a_backend_failing_mid_batch_falls_back_without_failing_requests(tiny_mo
 
         return run
 
+    monkeypatch.setitem(backends.LOADERS, "onnxruntime", flaky_loader)
     engine = DenoiserEngine(
-        tiny_model_path,
-        num_threads=2,
-        settings={"backends": [{"backend": "onnxruntime"}, {"backend": "torch"}]},
-        unet_loaders={"onnxruntime": flaky_loader, "torch": torch_runner},
+        tiny_model_path, num_threads=2, settings={"backends": [{"backend": "onnxruntime"}, {"backend": "torch"}]}
     )
     futures = [engine.submit(job) for job in jobs]
     got = [vae.decode_pixels(f.result(timeout=120))[0].astype(np.float64) for f in futures]
@@ -123,12 +124,11 @@ def test_tensorrt_fp16_engine_stays_close_and_is_cached(tiny_model_path, vae, jo
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from deployments.denoiser.backends import tensorrt_runner
-
     got = images(tiny_model_path, vae, jobs, [{"backend": "tensorrt", "precision": "fp16"}])
     for a, b in zip(got, reference):
         assert psnr(a, b) >= 30
-    first = tensorrt_runner(tiny_model_path, BackendSpec(backend="tensorrt", precision="fp16"))
-    built = first.engine_file.stat().st_mtime_ns
-    again = tensorrt_runner(tiny_model_path, BackendSpec(backend="tensorrt", precision="fp16"))
-    assert again.engine_file == first.engine_file and again.engine_file.stat().st_mtime_ns == built
+    spec = BackendSpec(backend="tensorrt", precision="fp16")
+    first = backends.tensorrt_engine_file(tiny_model_path, spec)  # built by the engine above
+    built = first.stat().st_mtime_ns
+    again = backends.tensorrt_engine_file(tiny_model_path, spec)
+    assert again == first and again.stat().st_mtime_ns == built

@@ -11,7 +11,9 @@ from PIL import Image
 
 from serve_app.config import AppSettings
 from serve_app.http import uploads
-from serve_app.http.routes import ApiError, ImageEditForm, decoded_edit_inputs
+from serve_app.http.errors import ApiError
+from serve_app.http.image_request import check_generation_supported, decoded_edit_inputs
+from serve_app.http.schemas import ImageEditForm
 from tests.conftest import png_bytes
 
 
@@ -44,7 +46,7 @@ def test_reference_image_needs_an_adapter():
     assert caught.value.param == "reference_image"
     assert "this model has no image-prompt adapter" in caught.value.message
     edit = decoded_edit_inputs(files, form, AppSettings(), features={"image_prompt_adapter": True})
-    assert edit["reference_image"].mode == "RGB" and edit["strength"] == 0.8
+    assert edit.reference_image.mode == "RGB" and edit.strength == 0.8
 
 
 def test_exif_orientation_is_applied():
@@ -57,15 +59,13 @@ def test_exif_orientation_is_applied():
 
 
 def test_an_inpainting_model_needs_a_mask_and_serves_no_generations():
-    from serve_app.http.routes import check_generation_supported
-
     files = {"image": png_bytes(Image.new("RGB", (64, 64)))}
     with pytest.raises(ApiError) as caught:
         decoded_edit_inputs(files, ImageEditForm(prompt="p"), AppSettings(), features={"inpainting_unet": True})
     assert caught.value.param == "mask" and "inpainting UNet" in caught.value.message
     files["mask"] = png_bytes(Image.new("L", (64, 64), 255))
     edit = decoded_edit_inputs(files, ImageEditForm(prompt="p"), AppSettings(), features={"inpainting_unet": True})
-    assert edit["strength"] == 1.0
+    assert edit.strength == 1.0
     with pytest.raises(ApiError, match="not generations"):
         check_generation_supported({"inpainting_unet": True})
     check_generation_supported({"image_prompt_adapter": True})  # a text-to-image model: no error
@@ -81,4 +81,4 @@ def test_transparent_pixels_of_the_target_are_the_mask_without_one():
     edit = decoded_edit_inputs(
         {"image": png_bytes(holed)}, ImageEditForm(prompt="p", size="64x64"), AppSettings(), features={}
     )
-    assert edit["mask"] is not None and edit["strength"] == 1.0 and edit["image"].mode == "RGB"
+    assert edit.mask is not None and edit.strength == 1.0 and edit.image.mode == "RGB"

@@ -112,7 +112,7 @@ class PortraitAttributes:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            allowed = _ALLOWED.get(f.name)
+            allowed = ATTRIBUTE_VALUES.get(f.name)
             value = getattr(self, f.name)
             if f.name == "accessories":
                 unknown = set(value) - set(ACCESSORIES)
@@ -143,7 +143,8 @@ class PortraitAttributes:
         return self.glasses != "wearing sunglasses"
 
 
-_ALLOWED: dict[str, tuple[str, ...]] = {
+# Field name -> its values, for every single-valued attribute (accessories are a set).
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "identity": IDENTITIES,
     "ethnicity": ETHNICITIES,
     "age": AGE_GROUPS,

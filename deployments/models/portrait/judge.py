@@ -20,41 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deployments.models.portrait.attributes import (
-    ACCESSORIES,
-    AGE_GROUPS,
-    BACKGROUNDS,
-    ETHNICITIES,
-    EXPRESSIONS,
-    EYE_COLORS,
-    FACE_SHAPES,
-    FACIAL_HAIR,
-    GLASSES,
-    HAIR_COLORS,
-    HAIR_STYLES,
-    LIGHTINGS,
-    VIEWS,
-    PortraitAttributes,
-)
+from deployments.models.portrait.attributes import ACCESSORIES, ATTRIBUTE_VALUES, PortraitAttributes
 
 JUDGE_SIZE = 128
 DRAWN_IDENTITIES = ("man", "woman", "boy", "girl")
-# Head name -> the values it tells apart, in PortraitAttributes' field names.
-HEADS: dict[str, tuple[str, ...]] = {
-    "identity": DRAWN_IDENTITIES,
-    "ethnicity": ETHNICITIES,
-    "age": AGE_GROUPS,
-    "expression": EXPRESSIONS,
-    "glasses": GLASSES,
-    "hair_color": HAIR_COLORS,
-    "hair_style": HAIR_STYLES,
-    "facial_hair": FACIAL_HAIR,
-    "view": VIEWS,
-    "lighting": LIGHTINGS,
-    "background": BACKGROUNDS,
-    "face_shape": FACE_SHAPES,
-    "eye_color": EYE_COLORS,
-}
+# Head name -> the values it tells apart (PortraitAttributes' fields; a person is drawn as one of four).
+HEADS: dict[str, tuple[str, ...]] = {**ATTRIBUTE_VALUES, "identity": DRAWN_IDENTITIES}
 IGNORE = -100  # torch's cross-entropy ignore_index: an attribute the picture cannot show
 
 

@@ -1,0 +1,8 @@
+"""The project's configuration files, installed as the package `fusionserve_configs`.
+
+pyproject.toml maps this folder onto that package name (`package-dir`) and ships its YAML as
+package data, so an installed copy reads the same files as a checkout, through
+`importlib.resources.files("fusionserve_configs")`: models/ (model presets), profiles/
+(deployment profiles) and serve_config.yaml (a link to the repository's own, the default
+`--config` outside a checkout). kuberay/ and grafana/ are for operators and stay unshipped.
+Holds no code; imports nothing."""
