@@ -323,6 +323,77 @@ def cmd_optimize(options: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- the judge
+
+
+def cmd_judge(options: argparse.Namespace) -> int:
+    """The attributes the judge reads in each image and, with --prompt, the prompt's adherence."""
+    from PIL import Image, UnidentifiedImageError
+
+    from deployments.models.portrait.adherence import expectations
+    from deployments.models.portrait.judge import Judge
+
+    with user_errors(OSError, UnidentifiedImageError):
+        images = [Image.open(path).convert("RGB") for path in options.images]
+    asked = None
+    if options.prompt is not None:
+        from deployments.prompt.optimizer import PromptOptimizerEngine
+
+        settings = _settings(options)
+        engine = PromptOptimizerEngine(_resolved_model(settings), **settings.prompt.model_dump())
+        asked = expectations(engine.optimize(options.prompt).attributes, options.prompt)
+    judge = Judge.load(Path(options.weights)) if options.weights else Judge.packaged()
+    reports = []
+    for path, reading in zip(options.images, judge.read(images)):
+        report: dict[str, Any] = {
+            "image": path,
+            "attributes": reading.values,
+            "accessories": sorted(reading.accessories),
+            "confidence": reading.confidence,
+        }
+        if asked is not None:
+            report |= {
+                "adherence": asked.adherence(reading),
+                "missed": asked.misses(reading),
+                "not_drawable": list(asked.not_drawable),
+            }
+        reports.append(report)
+    if options.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, ensure_ascii=False, indent=2))
+    else:
+        for report in reports:
+            print(_judge_line(report))
+    return 0
+
+
+def _judge_line(report: dict[str, Any]) -> str:
+    seen = ", ".join([*report["attributes"].values(), *report["accessories"]])
+    line = f"{report['image']}: {seen}"
+    if report.get("adherence") is not None:
+        line += f"\n  adherence {report['adherence']:.0%}"
+        if report["missed"]:
+            line += f" (missed: {', '.join(report['missed'])})"
+    return line
+
+
+def cmd_train_judge(options: argparse.Namespace) -> int:
+    """Train the judge on renders (resuming from --work's checkpoint), save it, report accuracy."""
+    from deployments.models.portrait.judge_training import (
+        JudgeTrainingConfig,
+        evaluation_set,
+        judge_accuracy,
+        train_judge,
+    )
+
+    config = JudgeTrainingConfig(steps=options.steps, seed=options.seed, threads=options.threads)
+    judge = train_judge(config, Path(options.work))
+    judge.save(Path(options.output))
+    attributes, seeds = evaluation_set(options.eval_images)
+    accuracy = judge_accuracy(judge, attributes, seeds)
+    print(json.dumps({"weights": options.output, "accuracy": {k: round(v, 4) for k, v in accuracy.items()}}, indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -686,6 +757,30 @@ def _add_prune_unet(commands: Any) -> None:
     prune.set_defaults(run=cmd_prune_unet)
 
 
+def _add_judge(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
+    judge = commands.add_parser(
+        "judge",
+        parents=[shared["config"], shared["model"]],
+        help="the portrait attributes an image shows and, with --prompt, its adherence (no Ray)",
+    )
+    judge.add_argument("images", nargs="+", metavar="IMAGE")
+    judge.add_argument("--prompt", help="score the share of this prompt's drawable attributes the image shows")
+    judge.add_argument("--json", action="store_true", help="one JSON object per image (one image: the object)")
+    judge.add_argument("--weights", help="judge weights (default: the packaged judge)")
+    judge.set_defaults(run=cmd_judge)
+
+
+def _add_train_judge(commands: Any) -> None:
+    train = commands.add_parser("train-judge", help="train the portrait judge on renders (resumes from --work)")
+    train.add_argument("--steps", type=int, default=4000, help="optimizer steps of 64 renders (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=1, help="torch threads; one more process renders")
+    train.add_argument("--work", default="judge-training", help="checkpoint and loss log folder")
+    train.add_argument("-o", "--output", default="judge.safetensors", help="where the trained weights go")
+    train.add_argument("--eval-images", type=int, default=1000, help="held-out renders to measure accuracy on")
+    train.set_defaults(run=cmd_train_judge)
+
+
 def _add_ab_test(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
     ab_test = commands.add_parser(
         "ab-test",
@@ -720,6 +815,8 @@ def parser() -> argparse.ArgumentParser:
     _add_build_model(commands)
     _add_prune_unet(commands)
     _add_ab_test(commands, shared)
+    _add_judge(commands, shared)
+    _add_train_judge(commands)
     return root
 
 

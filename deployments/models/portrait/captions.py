@@ -116,7 +116,7 @@ def sentence_caption(attributes: PortraitAttributes, rng: random.Random, keep: f
     if kept():
         withs.append(f"{a.eye_color} eyes")
     if kept():
-        withs.append(f"a {a.face_shape} face")
+        withs.append(f"{'an' if a.face_shape == 'oval' else 'a'} {a.face_shape} face")
     accessories = [x for x in sorted(a.accessories) if kept()]
     if accessories:
         withs.append("a " + " and a ".join("pair of earrings" if x == "earrings" else x for x in accessories))

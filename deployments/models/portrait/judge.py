@@ -12,6 +12,7 @@ boy or girl, so the identity head knows those four.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from deployments.models.portrait.attributes import ACCESSORIES, ATTRIBUTE_VALUES, PortraitAttributes
 
 JUDGE_SIZE = 128
+JUDGE_WEIGHTS = "judge.safetensors"  # shipped in this package's data/ folder
 DRAWN_IDENTITIES = ("man", "woman", "boy", "girl")
 # Head name -> the values it tells apart (PortraitAttributes' fields; a person is drawn as one of four).
 HEADS: dict[str, tuple[str, ...]] = {**ATTRIBUTE_VALUES, "identity": DRAWN_IDENTITIES}
@@ -104,6 +106,11 @@ class Judge:
 
     def __init__(self, net: JudgeNet):
         self.net = net.eval()
+
+    @classmethod
+    def packaged(cls) -> Judge:
+        """The judge trained by `fusionserve train-judge` and shipped with the package."""
+        return cls.load(Path(str(resources.files("deployments.models.portrait") / "data" / JUDGE_WEIGHTS)))
 
     @classmethod
     def load(cls, path: Path) -> Judge:

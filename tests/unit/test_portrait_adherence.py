@@ -1,0 +1,70 @@
+"""Adherence: prompts read by the optimizer's parser, scored against what an image shows."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from deployments.models.portrait import PortraitAttributes, sample_attributes
+from deployments.models.portrait.adherence import expectations
+from deployments.models.portrait.captions import structured_caption
+from deployments.models.portrait.judge import HEADS, Reading
+from deployments.models.portrait.judge_training import drawn_attributes
+
+
+def perfect_reading(attributes: PortraitAttributes) -> Reading:
+    """What a judge that never errs reads from a render of `attributes`."""
+    values = {name: getattr(attributes, name) for name in HEADS}
+    return Reading(values=values, confidence=dict.fromkeys(values, 1.0), accessories=attributes.accessories)
+
+
+@pytest.fixture(scope="module")
+def optimizer(tiny_model_path):
+    from deployments.prompt.optimizer import PromptOptimizerEngine
+
+    return PromptOptimizerEngine(tiny_model_path)
+
+
+def test_an_image_that_shows_its_caption_adheres_fully_and_one_that_does_not_falls_short(optimizer):
+    rng = random.Random(0)
+    for _ in range(150):
+        truth = drawn_attributes(rng)
+        caption = structured_caption(truth)
+        asked = expectations(optimizer.optimize(caption).attributes, caption)
+        assert asked.adherence(perfect_reading(truth)) == 1.0, (caption, asked)
+        other = replace(
+            truth,
+            expression="surprised expression" if truth.expression != "surprised expression" else "sad expression",
+            background="outdoors" if truth.background != "outdoors" else "red background",
+        )
+        assert asked.adherence(perfect_reading(other)) < 1.0, caption
+
+
+def test_expectations_of_the_issues_example(optimizer):
+    prompt = "smiling woman, age:70, wearing round glasses, white hair, plain blue background"
+    asked = expectations(optimizer.optimize(prompt).attributes, prompt)
+    heads = {e.head: e.accepted for e in asked.expected}
+    assert heads == {
+        "identity": {"woman"},
+        "age": {"old"},
+        "expression": {"smiling expression"},
+        "glasses": {"wearing round glasses"},
+        "hair_color": {"gray", "white"},  # the lexicon spells white hair gray
+        "background": {"blue background"},
+    }
+
+
+def test_wearing_glasses_is_met_by_any_kind_of_glasses_but_not_sunglasses():
+    asked = expectations({"glasses": ["wearing glasses"]})
+    base = PortraitAttributes()
+    assert asked.adherence(perfect_reading(replace(base, glasses="wearing square glasses"))) == 1.0
+    assert asked.adherence(perfect_reading(replace(base, glasses="wearing sunglasses"))) == 0.0
+
+
+def test_what_nothing_draws_is_listed_not_scored():
+    asked = expectations({"view": ["headshot", "front view"], "accessories": ["tie", "hat"]})
+    assert asked.not_drawable == ("headshot", "tie")
+    assert [e.asked for e in asked.expected] == ["front view", "hat"]
+    assert expectations({"view": ["headshot"]}).adherence(perfect_reading(sample_attributes(random.Random(1)))) is None

@@ -1,0 +1,66 @@
+"""Portrait model training: a run cut off and resumed ends with the same weights as one that
+was not; held-out combinations never reach training."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from deployments.models.portrait.held_out import held_out_combinations, is_held_out, training_attributes
+from deployments.models.portrait.model_training import (
+    PortraitTrainingConfig,
+    load_components,
+    train_diffusion,
+    train_vae,
+)
+
+CONFIG = PortraitTrainingConfig(
+    vae_steps=4, vae_batch=2, diffusion_steps=4, diffusion_batch=2, checkpoint_every=2, workers=0, threads=1
+)
+
+
+@pytest.fixture(scope="module")
+def portrait_random_weights(tmp_path_factory):
+    from deployments.models.builder import build_model
+
+    return build_model("portrait-init", tmp_path_factory.mktemp("portrait") / "model")
+
+
+def weights(phase) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.clone() for name, m in phase.modules.items() for k, v in m.state_dict().items()}
+
+
+def train_both(model_dir, work, *, cut_after: int | None):
+    parts = load_components(model_dir)
+    if cut_after is not None:  # a run cut off mid-phase, then started again from the checkpoint
+        train_vae(parts, CONFIG, work, stop_after=cut_after, progress=False)
+        parts = load_components(model_dir)
+    vae = train_vae(parts, CONFIG, work, progress=False)
+    if cut_after is not None:
+        train_diffusion(parts, CONFIG, work, stop_after=cut_after + 1, progress=False)
+        parts = load_components(model_dir)
+        parts.vae.load_state_dict(vae.modules["vae"].state_dict())
+    return vae, train_diffusion(parts, CONFIG, work, progress=False)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(portrait_random_weights, tmp_path):
+    whole_vae, whole = train_both(portrait_random_weights, tmp_path / "whole", cut_after=None)
+    cut_vae, cut = train_both(portrait_random_weights, tmp_path / "cut", cut_after=1)
+    assert cut.step == whole.step == CONFIG.diffusion_steps
+    for before, after in ((whole_vae, cut_vae), (whole, cut)):
+        a, b = weights(before), weights(after)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    untrained = load_components(portrait_random_weights).unet.state_dict()
+    assert any(not torch.equal(untrained[k], whole.modules["unet"].state_dict()[k]) for k in untrained)
+
+
+def test_held_out_combinations_are_fixed_and_never_sampled_for_training():
+    held_out = held_out_combinations()
+    assert len(held_out) == len(set(held_out)) == 300
+    rng = random.Random(5)
+    sampled = [training_attributes(rng) for _ in range(2000)]
+    assert not any(is_held_out(a) for a in sampled)
+    assert all(is_held_out(a) for a in held_out[:20])
