@@ -38,6 +38,7 @@ lint: install
 # to benchmarks/results/quick/ (git-ignored) instead.
 bench: model
 	$(PY) -m benchmarks.prompt_compression --update-readme README.md
+	$(PY) -m benchmarks.portrait_quality --update-readme README.md
 	$(PY) -m benchmarks.serving_overhead --update-readme README.md
 	$(PY) -m benchmarks.serving_overhead --size 64 --steps 1 --concurrency 1 --requests-per-level 40 \
 	  --json benchmarks/results/serving_overhead_probe.json --update-readme README.md \

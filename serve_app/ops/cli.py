@@ -394,6 +394,17 @@ def cmd_train_judge(options: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_model(options: argparse.Namespace) -> int:
+    """Train the portrait model (resuming from --work's checkpoints) into a diffusers folder."""
+    from deployments.models.portrait.model_training import PortraitTrainingConfig, train_portrait_model
+
+    config = PortraitTrainingConfig(
+        vae_steps=options.vae_steps, diffusion_steps=options.diffusion_steps, seed=options.seed, threads=options.threads
+    )
+    print(train_portrait_model(config, Path(options.work), Path(options.output)))
+    return 0
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -781,6 +792,18 @@ def _add_train_judge(commands: Any) -> None:
     train.set_defaults(run=cmd_train_judge)
 
 
+def _add_train_model(commands: Any) -> None:
+    train = commands.add_parser("train-model", help="train the portrait model on renders (resumes from --work)")
+    train.add_argument("preset", choices=["portrait"], help="the one model our code trains")
+    train.add_argument("--vae-steps", type=int, default=3000, help="(default: %(default)s)")
+    train.add_argument("--diffusion-steps", type=int, default=12000, help="(default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=1, help="torch threads; one more process renders")
+    train.add_argument("--work", default="portrait-training", help="checkpoints, loss logs, timings")
+    train.add_argument("-o", "--output", default="portrait-model", help="the trained diffusers folder")
+    train.set_defaults(run=cmd_train_model)
+
+
 def _add_ab_test(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
     ab_test = commands.add_parser(
         "ab-test",
@@ -817,6 +840,7 @@ def parser() -> argparse.ArgumentParser:
     _add_ab_test(commands, shared)
     _add_judge(commands, shared)
     _add_train_judge(commands)
+    _add_train_model(commands)
     return root
 
 

@@ -314,3 +314,50 @@ def train_diffusion(
             progress=progress,
         )
     return phase
+
+
+def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Path, *, progress: bool = True) -> Path:
+    """The whole recipe, resumable at any point: build the random starting folder (once), train
+    the VAE, set its latent scale, train text encoder + UNet, save a diffusers folder (fp16
+    weights) at `output`."""
+    from deployments.models.builder import build_model
+
+    torch.set_num_threads(config.threads)
+    start = work / "init"
+    if not (start / "model_index.json").exists():
+        build_model(PRESET, start)
+    parts = load_components(start)
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    train_vae(parts, config, work, progress=progress)
+    timings["vae_s"] = time.perf_counter() - began
+    parts.vae.register_to_config(scaling_factor=latent_scale(parts.vae, config))
+    began = time.perf_counter()
+    train_diffusion(parts, config, work, progress=progress)
+    timings["diffusion_s"] = time.perf_counter() - began
+    save_model(parts, start, output)
+    (work / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    return output
+
+
+def save_model(parts: PortraitComponents, start: Path, output: Path) -> None:
+    """A diffusers folder like any checkpoint: the trained parts in fp16, the preset's scheduler."""
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae.half(),
+        text_encoder=parts.text_encoder.half(),
+        tokenizer=parts.tokenizer,
+        unet=parts.unet.half(),
+        scheduler=DDIMScheduler.from_pretrained(start / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if output.exists():
+        shutil.rmtree(output)
+    pipe.save_pretrained(output, safe_serialization=True)
+    for part in (parts.vae, parts.text_encoder, parts.unet):
+        part.float()
