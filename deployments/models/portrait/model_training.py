@@ -358,6 +358,6 @@ def save_model(parts: PortraitComponents, start: Path, output: Path) -> None:
     )
     if output.exists():
         shutil.rmtree(output)
-    pipe.save_pretrained(output, safe_serialization=True)
+    pipe.save_pretrained(output, safe_serialization=True)  # type: ignore[attr-defined]  # untyped mixin
     for part in (parts.vae, parts.text_encoder, parts.unet):
         part.float()
