@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -134,9 +135,8 @@ def _phase(name: str, modules: dict[str, nn.Module], learning_rate: float, steps
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-4)
     warmup = max(1, min(200, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()),
-    )
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )  # linear warm-up, then cosine decay to 0
     return Phase(name, modules, optimizer, schedule, steps)
 
 
