@@ -68,3 +68,15 @@ def test_what_nothing_draws_is_listed_not_scored():
     assert asked.not_drawable == ("headshot", "tie")
     assert [e.asked for e in asked.expected] == ["front view", "hat"]
     assert expectations({"view": ["headshot"]}).adherence(perfect_reading(sample_attributes(random.Random(1)))) is None
+
+
+def test_the_structured_caption_of_every_hair_style_reads_back_as_that_style(optimizer):
+    from deployments.models.portrait.attributes import HAIR_STYLES
+
+    for style in HAIR_STYLES:
+        truth = PortraitAttributes(identity="woman", hair_style=style, hair_color="red")
+        caption = structured_caption(truth)
+        heads = {e.head: e.accepted for e in expectations(optimizer.optimize(caption).attributes, caption).expected}
+        assert heads.get("hair_style") == {style}, (caption, heads)
+        if style != "bald":
+            assert heads.get("hair_color") == {"red"}, (caption, heads)

@@ -54,11 +54,10 @@ def caption(attributes: PortraitAttributes, rng: random.Random) -> str:
 
 
 def hair_phrase(attributes: PortraitAttributes) -> str:
-    """The hair as the optimizer spells it: `bald`, or `<style> <colour> hair` (`long red hair`)."""
+    """The hair as the optimizer spells it: `bald`, or `<style> <colour> hair` (`long red hair`,
+    `bob black hair`; it reads nothing from "black hair, bob")."""
     if attributes.hair_style == "bald":
         return "bald"
-    if attributes.hair_style in ("ponytail", "bob", "afro"):
-        return f"{attributes.hair_color} hair, {attributes.hair_style}"
     return f"{attributes.hair_style} {attributes.hair_color} hair"
 
 
