@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from deployments.models.portrait.adherence import PromptExpectations
+    from deployments.models.portrait.judge import Reading
     from serve_app.config import AppSettings
     from serve_app.flow.quality import ABResult
     from serve_app.flow.request import ImageRequest
@@ -330,40 +332,45 @@ def cmd_judge(options: argparse.Namespace) -> int:
     """The attributes the judge reads in each image and, with --prompt, the prompt's adherence."""
     from PIL import Image, UnidentifiedImageError
 
-    from deployments.models.portrait.adherence import expectations
     from deployments.models.portrait.judge import Judge
 
     with user_errors(OSError, UnidentifiedImageError):
         images = [Image.open(path).convert("RGB") for path in options.images]
-    asked = None
-    if options.prompt is not None:
-        from deployments.prompt.optimizer import PromptOptimizerEngine
-
-        settings = _settings(options)
-        engine = PromptOptimizerEngine(_resolved_model(settings), **settings.prompt.model_dump())
-        asked = expectations(engine.optimize(options.prompt).attributes, options.prompt)
+    asked = _prompt_expectations(options) if options.prompt is not None else None
     judge = Judge.load(Path(options.weights)) if options.weights else Judge.packaged()
-    reports = []
-    for path, reading in zip(options.images, judge.read(images)):
-        report: dict[str, Any] = {
-            "image": path,
-            "attributes": reading.values,
-            "accessories": sorted(reading.accessories),
-            "confidence": reading.confidence,
-        }
-        if asked is not None:
-            report |= {
-                "adherence": asked.adherence(reading),
-                "missed": asked.misses(reading),
-                "not_drawable": list(asked.not_drawable),
-            }
-        reports.append(report)
+    reports = [_judge_report(path, reading, asked) for path, reading in zip(options.images, judge.read(images))]
     if options.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, ensure_ascii=False, indent=2))
     else:
         for report in reports:
             print(_judge_line(report))
     return 0
+
+
+def _prompt_expectations(options: argparse.Namespace) -> PromptExpectations:
+    """What --prompt asks that a portrait can show, as the prompt optimizer's parser reads it."""
+    from deployments.models.portrait.adherence import expectations
+    from deployments.prompt.optimizer import PromptOptimizerEngine
+
+    settings = _settings(options)
+    engine = PromptOptimizerEngine(_resolved_model(settings), **settings.prompt.model_dump())
+    return expectations(engine.optimize(options.prompt).attributes, options.prompt)
+
+
+def _judge_report(path: str, reading: Reading, asked: PromptExpectations | None) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "image": path,
+        "attributes": reading.values,
+        "accessories": sorted(reading.accessories),
+        "confidence": reading.confidence,
+    }
+    if asked is not None:
+        report |= {
+            "adherence": asked.adherence(reading),
+            "missed": asked.misses(reading),
+            "not_drawable": list(asked.not_drawable),
+        }
+    return report
 
 
 def _judge_line(report: dict[str, Any]) -> str:
