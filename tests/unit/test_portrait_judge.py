@@ -62,3 +62,15 @@ def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_
     features = np.random.default_rng(0).normal(size=(400, 6))
     assert abs(frechet_distance(features, features)) < 1e-9
     assert frechet_distance(features, features + 0.5) == pytest.approx(6 * 0.25, rel=1e-6)
+
+
+def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    import torch
+
+    from deployments.models.portrait.judge_training import JudgeTrainingConfig, train_judge
+
+    config = JudgeTrainingConfig(steps=6, batch_size=4, checkpoint_every=3)
+    whole = train_judge(config, tmp_path / "whole", progress=False, workers=0).net.state_dict()
+    train_judge(config, tmp_path / "cut", stop_after=2, progress=False, workers=0)
+    resumed = train_judge(config, tmp_path / "cut", progress=False, workers=0).net.state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -7,9 +7,7 @@ weights. Evaluation renders use seeds from a range training never draws from.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,14 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
 
 from deployments.models.portrait.attributes import ACCESSORIES, CHILDREN, PortraitAttributes, sample_attributes
 from deployments.models.portrait.judge import HEADS, IGNORE, Judge, JudgeNet, to_tensor, visible_labels
 from deployments.models.portrait.renderer import render_portrait
+from deployments.models.portrait.training_loop import Phase, run_phase
 
 EVAL_SEED_OFFSET = 2**40  # render seeds of evaluation images; training seeds stay below 2**31
-CHECKPOINT_NAME = "judge_checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -91,47 +88,10 @@ def judge_loss(net: JudgeNet, batch: LabelledBatch) -> torch.Tensor:
     return loss + nn.functional.binary_cross_entropy_with_logits(accessory_logits, batch.accessories)
 
 
-@dataclass
-class _State:
-    net: JudgeNet
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    step: int
-
-
-def _new_state(config: JudgeTrainingConfig) -> _State:
-    torch.manual_seed(config.seed)
-    net = JudgeNet(config.width)
+def _judge_phase(config: JudgeTrainingConfig, net: JudgeNet) -> Phase:
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps)
-    return _State(net, optimizer, schedule, 0)
-
-
-def _save_checkpoint(state: _State, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / (CHECKPOINT_NAME + ".partial")
-    torch.save(
-        {
-            "net": state.net.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "schedule": state.schedule.state_dict(),
-            "step": state.step,
-        },
-        partial,
-    )
-    partial.replace(directory / CHECKPOINT_NAME)  # atomic: a cut-off run never leaves half a checkpoint
-
-
-def _load_checkpoint(config: JudgeTrainingConfig, directory: Path) -> _State:
-    state = _new_state(config)
-    path = directory / CHECKPOINT_NAME
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-        state.net.load_state_dict(saved["net"])
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.schedule.load_state_dict(saved["schedule"])
-        state.step = int(saved["step"])
-    return state
+    return Phase("judge", {"net": net}, optimizer, schedule, config.steps)
 
 
 def train_judge(
@@ -145,45 +105,26 @@ def train_judge(
     """Train (or resume) in `directory` (checkpoint + loss log); `stop_after` steps of this
     call simulate a cut-off run. Returns the judge as it stands."""
     torch.set_num_threads(config.threads)
-    state = _load_checkpoint(config, directory)
-    state.net.train()
-    end = config.steps if stop_after is None else min(config.steps, state.step + stop_after)
+    torch.manual_seed(config.seed)
+    net = JudgeNet(config.width)
+    phase = _judge_phase(config, net)
+    phase.restore(directory)
+    end = config.steps if stop_after is None else min(config.steps, phase.step + stop_after)
     batches = DataLoader(
-        _Batches(config, state.step), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+        _Batches(config, phase.step), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
     )
-    log_path = directory / "judge_loss.jsonl"
-    directory.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with (
-        log_path.open("a") as log,
-        tqdm(total=config.steps, initial=state.step, disable=not progress, desc="judge") as bar,
-    ):
-        for batch in batches:
-            if state.step >= end:
-                break
-            loss = judge_loss(state.net, batch)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.optimizer.step()
-            state.schedule.step()
-            state.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if state.step % 20 == 0:
-                log.write(
-                    json.dumps(
-                        {
-                            "step": state.step,
-                            "loss": round(loss.item(), 5),
-                            "seconds": round(time.perf_counter() - started, 1),
-                        }
-                    )
-                    + "\n"
-                )
-                log.flush()
-            if state.step % config.checkpoint_every == 0 or state.step == end:
-                _save_checkpoint(state, directory)
-    return Judge(state.net)
+    run_phase(
+        phase,
+        batches,
+        lambda batch, _step: judge_loss(net, batch),
+        directory,
+        checkpoint_every=config.checkpoint_every,
+        end=end,
+        progress=progress,
+        clip_grad_norm=None,
+        log_every=20,
+    )
+    return Judge(net)
 
 
 def evaluation_set(

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
 
 from deployments.models.portrait.captions import caption
 from deployments.models.portrait.held_out import training_attributes
 from deployments.models.portrait.renderer import render_portrait
+from deployments.models.portrait.training_loop import Phase, run_phase
 
 PRESET = "portrait-init"  # the architecture and random starting weights
 IMAGE_SIZE = 128
@@ -95,41 +95,6 @@ def _step_generator(config: PortraitTrainingConfig, phase: str, step: int) -> to
 # -- phases ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Phase:
-    """One trained phase: its modules, optimizer and schedule, saved and restored together."""
-
-    name: str
-    modules: dict[str, nn.Module]
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    steps: int
-    step: int = 0
-
-    @property
-    def checkpoint(self) -> str:
-        return f"{self.name}_checkpoint.pt"
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / (self.checkpoint + ".partial")
-        state: dict[str, Any] = {f"module.{k}": m.state_dict() for k, m in self.modules.items()}
-        state |= {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), "step": self.step}
-        torch.save(state, partial)
-        partial.replace(directory / self.checkpoint)  # atomic: a cut-off run never leaves half a checkpoint
-
-    def restore(self, directory: Path) -> None:
-        path = directory / self.checkpoint
-        if not path.exists():
-            return
-        state = torch.load(path, weights_only=True)
-        for key, module in self.modules.items():
-            module.load_state_dict(state[f"module.{key}"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.step = int(state["step"])
-
-
 def _phase(name: str, modules: dict[str, nn.Module], learning_rate: float, steps: int) -> Phase:
     parameters = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-4)
@@ -138,56 +103,6 @@ def _phase(name: str, modules: dict[str, nn.Module], learning_rate: float, steps
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )  # linear warm-up, then cosine decay to 0
     return Phase(name, modules, optimizer, schedule, steps)
-
-
-def run_phase(
-    phase: Phase,
-    batches: DataLoader,
-    loss_of: Callable[[Any, int], torch.Tensor],
-    directory: Path,
-    config: PortraitTrainingConfig,
-    *,
-    end: int,
-    progress: bool,
-) -> None:
-    """Steps `phase` from its step to `end`, checkpointing every `checkpoint_every` steps and at `end`."""
-    for module in phase.modules.values():
-        module.train()
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / f"{phase.name}_loss.jsonl"
-    started = time.perf_counter()
-    with (
-        log_path.open("a") as log,
-        tqdm(total=phase.steps, initial=phase.step, desc=phase.name, disable=not progress) as bar,
-    ):
-        for batch in batches:
-            if phase.step >= end:
-                break
-            loss = loss_of(batch, phase.step)
-            phase.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for m in phase.modules.values() for p in m.parameters()], 1.0)
-            phase.optimizer.step()
-            phase.schedule.step()
-            phase.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if phase.step % 25 == 0:
-                log.write(
-                    json.dumps(
-                        {
-                            "step": phase.step,
-                            "loss": round(loss.item(), 6),
-                            "seconds": round(time.perf_counter() - started, 1),
-                        }
-                    )
-                    + "\n"
-                )
-                log.flush()
-            if phase.step % config.checkpoint_every == 0 or phase.step == end:
-                phase.save(directory)
-    for module in phase.modules.values():
-        module.eval()
 
 
 def _loader(
@@ -247,7 +162,13 @@ def train_vae(
 
     if phase.step < end:
         run_phase(
-            phase, _loader(vae_batch, config, phase.step, end), loss_of, directory, config, end=end, progress=progress
+            phase,
+            _loader(vae_batch, config, phase.step, end),
+            loss_of,
+            directory,
+            checkpoint_every=config.checkpoint_every,
+            end=end,
+            progress=progress,
         )
     return phase
 
@@ -309,7 +230,7 @@ def train_diffusion(
             _loader(diffusion_batch, config, phase.step, end),
             loss_of,
             directory,
-            config,
+            checkpoint_every=config.checkpoint_every,
             end=end,
             progress=progress,
         )
