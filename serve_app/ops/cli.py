@@ -405,9 +405,8 @@ def cmd_train_model(options: argparse.Namespace) -> int:
     """Train the portrait model (resuming from --work's checkpoints) into a diffusers folder."""
     from deployments.models.portrait.model_training import PortraitTrainingConfig, train_portrait_model
 
-    config = PortraitTrainingConfig(
-        vae_steps=options.vae_steps, diffusion_steps=options.diffusion_steps, seed=options.seed, threads=options.threads
-    )
+    chosen = {name: getattr(options, name) for name in ("vae_steps", "diffusion_steps", "pool_size", "seed", "threads")}
+    config = PortraitTrainingConfig(**{name: value for name, value in chosen.items() if value is not None})
     print(train_portrait_model(config, Path(options.work), Path(options.output)))
     return 0
 
@@ -802,10 +801,12 @@ def _add_train_judge(commands: Any) -> None:
 def _add_train_model(commands: Any) -> None:
     train = commands.add_parser("train-model", help="train the portrait model on renders (resumes from --work)")
     train.add_argument("preset", choices=["portrait"], help="the one model our code trains")
-    train.add_argument("--vae-steps", type=int, default=3000, help="(default: %(default)s)")
-    train.add_argument("--diffusion-steps", type=int, default=12000, help="(default: %(default)s)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=1, help="torch threads; one more process renders")
+    # Defaults (None) are PortraitTrainingConfig's: importing it here would load torch for --help.
+    train.add_argument("--vae-steps", type=int, help="VAE training steps")
+    train.add_argument("--diffusion-steps", type=int, help="text encoder + UNet training steps")
+    train.add_argument("--pool-size", type=int, help="renders encoded once for the diffusion phase")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--threads", type=int, help="torch threads of the trainer")
     train.add_argument("--work", default="portrait-training", help="checkpoints, loss logs, timings")
     train.add_argument("-o", "--output", default="portrait-model", help="the trained diffusers folder")
     train.set_defaults(run=cmd_train_model)

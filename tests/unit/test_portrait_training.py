@@ -11,13 +11,22 @@ import torch
 from deployments.models.portrait.held_out import held_out_combinations, is_held_out, training_attributes
 from deployments.models.portrait.model_training import (
     PortraitTrainingConfig,
+    build_latent_pool,
     load_components,
     train_diffusion,
     train_vae,
 )
 
 CONFIG = PortraitTrainingConfig(
-    vae_steps=4, vae_batch=2, diffusion_steps=4, diffusion_batch=2, checkpoint_every=2, workers=0, threads=1
+    vae_steps=4,
+    vae_batch=2,
+    diffusion_steps=4,
+    diffusion_batch=2,
+    checkpoint_every=2,
+    workers=0,
+    threads=1,
+    pool_size=6,
+    pool_chunk=4,
 )
 
 
@@ -38,16 +47,22 @@ def train_both(model_dir, work, *, cut_after: int | None):
         train_vae(parts, CONFIG, work, stop_after=cut_after, progress=False)
         parts = load_components(model_dir)
     vae = train_vae(parts, CONFIG, work, progress=False)
+    if cut_after is not None:  # a pool build cut off after its first chunk
+        build_latent_pool(parts.vae, CONFIG, work, progress=False)
+        (work / "latent_pool" / "chunk_0001.pt").unlink()
+    pool = build_latent_pool(parts.vae, CONFIG, work, progress=False)
     if cut_after is not None:
-        train_diffusion(parts, CONFIG, work, stop_after=cut_after + 1, progress=False)
+        train_diffusion(parts, pool, CONFIG, work, stop_after=cut_after + 1, progress=False)
         parts = load_components(model_dir)
         parts.vae.load_state_dict(vae.modules["vae"].state_dict())
-    return vae, train_diffusion(parts, CONFIG, work, progress=False)
+    return vae, pool, train_diffusion(parts, pool, CONFIG, work, progress=False)
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(portrait_random_weights, tmp_path):
-    whole_vae, whole = train_both(portrait_random_weights, tmp_path / "whole", cut_after=None)
-    cut_vae, cut = train_both(portrait_random_weights, tmp_path / "cut", cut_after=1)
+    whole_vae, whole_pool, whole = train_both(portrait_random_weights, tmp_path / "whole", cut_after=None)
+    cut_vae, cut_pool, cut = train_both(portrait_random_weights, tmp_path / "cut", cut_after=1)
+    assert len(cut_pool.attributes) == CONFIG.pool_size and cut_pool.attributes == whole_pool.attributes
+    assert torch.equal(cut_pool.mean, whole_pool.mean) and torch.equal(cut_pool.std, whole_pool.std)
     assert cut.step == whole.step == CONFIG.diffusion_steps
     for before, after in ((whole_vae, cut_vae), (whole, cut)):
         a, b = weights(before), weights(after)
