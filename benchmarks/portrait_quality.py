@@ -1,14 +1,20 @@
-"""Portrait quality, part one: how well the judge reads attributes from renders it never saw.
+"""Portrait quality: how well the judge reads renders, and how well the trained portrait model
+draws what its prompts ask.
 
-The judge (deployments/models/portrait/judge.py) is trained on renders only; here it reads
-renders with seeds from a range training never draws from, and its accuracy per attribute
-(over the images that show it) and per accessory (worn or not) is the share it gets right.
-It also reports the Fréchet distance on judge features between two independent sets of
-renders: the noise floor that generated images will be compared against. Generated-image
-adherence joins this benchmark when the portrait model is trained (issue 18).
+1. The judge (deployments/models/portrait/judge.py) is trained on renders only; here it reads
+   renders with seeds from a range training never draws from, and its accuracy per attribute
+   (over the images that show it) and per accessory (worn or not) is the share it gets right.
+   The Fréchet distance on judge features between two independent sets of renders is the noise
+   floor for generated images.
+2. The model (`--model`, default `portrait`) generates one image per held-out attribute
+   combination (combinations training never saw; prompt: the combination's full structured
+   caption, as the prompt optimizer writes it) at each step count, DDIM, guidance 7.5; the
+   judge reads them; adherence is the share of each prompt's drawable attributes shown
+   (`fusionserve judge --prompt`'s metric), overall and per attribute, and the Fréchet distance
+   to renders of the same combinations. A grid PNG (prompt -> image) goes beside the JSON.
 
-    .venv/bin/python -m benchmarks.portrait_quality [--images 1000] [--update-readme README.md]
-    .venv/bin/python -m benchmarks.portrait_quality --quick     # 200 images
+    .venv/bin/python -m benchmarks.portrait_quality [--images 1000] [--prompts 300] [--update-readme README.md]
+    .venv/bin/python -m benchmarks.portrait_quality --quick     # 200 renders, 40 prompts, 2 step counts
 """
 
 from __future__ import annotations
@@ -18,14 +24,24 @@ import platform
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
-from benchmarks.readme_table import command_line, publish, results_path
+from benchmarks.readme_table import command_line, plot_path, publish, results_path
 
 SECTION = "portrait_quality"
 TARGET = 0.97  # judge accuracy per attribute (issue 18)
+ADHERENCE_TARGET = 0.90  # at the default steps; 0.85 at 15 steps
+STEP_COUNTS = (10, 15, 20, 30, 50)
+DEFAULT_STEPS = 20  # the server's fixed_steps
 
 
-def run(images: int) -> dict:
+def run(images: int, prompts: int, steps: tuple[int, ...], model: str) -> dict:
+    results = judge_results(images)
+    results["generated"] = generated_results(prompts, steps, model)
+    return results
+
+
+def judge_results(images: int) -> dict:
     from deployments.models.portrait.judge import Judge, frechet_distance
     from deployments.models.portrait.judge_training import evaluation_set, judge_accuracy
     from deployments.models.portrait.renderer import render_portrait
@@ -53,6 +69,68 @@ def run(images: int) -> dict:
     }
 
 
+def generated_results(count: int, steps: tuple[int, ...], model: str) -> dict:
+    from deployments.models.loading import resolve_model
+    from deployments.models.portrait.evaluation import (
+        adherence_report,
+        generate,
+        held_out_prompts,
+        load_pipeline,
+        read_prompts,
+        rendered_frechet,
+    )
+    from deployments.models.portrait.judge import Judge
+
+    model_dir = resolve_model(model)
+    judge = Judge.packaged()
+    prompts = held_out_prompts(count)
+    asked = read_prompts(model_dir, [p.prompt for p in prompts])
+    pipe = load_pipeline(model_dir)
+    by_steps = {}
+    grid_images = []
+    for step_count in steps:
+        started = time.perf_counter()
+        images = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], step_count)
+        report = adherence_report(asked, judge.read(images))
+        by_steps[str(step_count)] = {
+            "adherence": round(report.overall, 4),
+            "plain_background": round(report.plain_background, 4),
+            "per_attribute": {k: round(v, 4) for k, v in report.per_attribute.items()},
+            "frechet_vs_rendered": round(rendered_frechet(judge, prompts, images), 3),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if step_count == max(steps):
+            grid_images = images[: GRID_ROWS * GRID_COLUMNS]
+    return {
+        "model": model,
+        "prompts": count,
+        "by_steps": by_steps,
+        "grid": grid_images,
+        "grid_prompts": [p.prompt for p in prompts[: len(grid_images)]],
+    }
+
+
+GRID_ROWS, GRID_COLUMNS = 4, 6
+
+
+def save_grid(images: list, prompts: list[str], path: Path) -> None:
+    """Images with their prompts beneath, GRID_COLUMNS to a row."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    side, caption_height = 128, 64
+    rows = -(-len(images) // GRID_COLUMNS)
+    sheet = Image.new("RGB", (GRID_COLUMNS * side, rows * (side + caption_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        x, y = (i % GRID_COLUMNS) * side, (i // GRID_COLUMNS) * (side + caption_height)
+        sheet.paste(image.resize((side, side)), (x, y))
+        draw.multiline_text((x + 2, y + side + 1), "\n".join(textwrap.wrap(prompt, 30)[:6]), fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 def markdown(results: dict) -> str:
     c = results["config"]
     rows = [
@@ -67,21 +145,59 @@ def markdown(results: dict) -> str:
             "",
             f"Fréchet distance on judge features, rendered vs rendered (the noise floor): "
             f"{results['frechet_rendered_vs_rendered']}. `{c['command']}`, {c['date']}, {c['seconds']} s.",
+            "",
+            *generated_markdown(results["generated"]),
         ]
     )
 
 
+def generated_markdown(generated: dict) -> list[str]:
+    by_steps = generated["by_steps"]
+    heads = sorted({head for entry in by_steps.values() for head in entry["per_attribute"]})
+    header = ["steps", "adherence", "plain background colour", *heads, "Fréchet vs rendered", "s"]
+    rows = [
+        "| "
+        + " | ".join(
+            [
+                steps,
+                f"**{entry['adherence']:.1%}**",
+                f"{entry['plain_background']:.1%}",
+                *(f"{entry['per_attribute'].get(h, float('nan')):.0%}" for h in heads),
+                str(entry["frechet_vs_rendered"]),
+                str(entry["seconds"]),
+            ]
+        )
+        + " |"
+        for steps, entry in by_steps.items()
+    ]
+    return [
+        f"Generated by `{generated['model']}` on {generated['prompts']} held-out combinations (DDIM, guidance 7.5; "
+        f"targets: adherence ≥ {ADHERENCE_TARGET:.0%} at {DEFAULT_STEPS} steps, ≥ 85% at 15, plain background ≥ 95%):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *rows,
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="200 images")
+    parser.add_argument("--quick", action="store_true", help="200 renders, 40 prompts at 15 and 20 steps")
     parser.add_argument("--images", type=int, default=1000, help="held-out renders (default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=300, help="held-out combinations (default: %(default)s)")
+    parser.add_argument("--steps", default=",".join(map(str, STEP_COUNTS)), help="(default: %(default)s)")
+    parser.add_argument("--model", default="portrait", help="model to generate with (default: %(default)s)")
     parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]portrait_quality.json)")
     parser.add_argument("--update-readme", metavar="README")
     options = parser.parse_args(argv)
-    results = run(200 if options.quick else options.images)
-    publish(
-        results, results_path(SECTION, options.quick, options.json), markdown(results), options.update_readme, SECTION
+    steps = (15, 20) if options.quick else tuple(int(s) for s in options.steps.split(","))
+    results = run(
+        200 if options.quick else options.images, 40 if options.quick else options.prompts, steps, options.model
     )
+    json_path = results_path(SECTION, options.quick, options.json)
+    generated = results["generated"]
+    save_grid(generated.pop("grid"), generated["grid_prompts"], plot_path(json_path))
+    publish(results, json_path, markdown(results), options.update_readme, SECTION)
     return 0
 
 

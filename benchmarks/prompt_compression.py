@@ -11,6 +11,11 @@ optimizer), counted with the same CLIP tokenizer in the same run. Token reductio
 `tests/data/portrait_instructions.jsonl` appears in the optimized prompt text. Compact
 instructions (`"compact": true`) are reported apart: they must not get longer.
 
+Priced in pictures (`--adherence-model`, default `portrait`; `--no-adherence` skips it): every
+instruction is drawn twice at 20 steps with the same seed, once from the instruction as written
+(the optimizer off) and once from the optimized prompt and negative prompt (the optimizer on),
+and the judge scores each picture on the row's labelled attributes that a portrait can show.
+
 The held-out set (`tests/data/portrait_instructions_heldout.jsonl`) was written after the
 rules and measured before any rule was changed for it; its rows say how the rules carry
 to phrasings they were not tuned on. It is frozen: its rows never move, not even when a
@@ -101,7 +106,56 @@ def summarize(results: list[dict]) -> dict:
     return summary
 
 
-def run(model: str) -> dict:
+ADHERENCE_STEPS = 20
+
+
+def picture_adherence(engine, rows: list[dict], model: str, steps: int = ADHERENCE_STEPS) -> dict:
+    """Adherence of pictures drawn from each instruction as written and from its optimized prompt
+    (same seed), on the row's labelled drawable attributes."""
+    from deployments.models import loading
+    from deployments.models.portrait.adherence import expectations
+    from deployments.models.portrait.evaluation import generate, load_pipeline
+    from deployments.models.portrait.judge import Judge
+
+    judge = Judge.packaged()
+    pipe = load_pipeline(loading.resolve_model(model))
+    asked = [
+        expectations({k: v if isinstance(v, list) else [v] for k, v in row["expected"].items()}, row["instruction"])
+        for row in rows
+    ]
+    seeds = list(range(len(rows)))
+    optimized = [engine.optimize(row["instruction"]) for row in rows]
+    raw_images = generate(pipe, [row["instruction"] for row in rows], seeds, steps)
+    optimized_images = generate(
+        pipe, [o.prompt for o in optimized], seeds, steps, negative_prompts=[o.negative_prompt for o in optimized]
+    )
+    scores: dict[str, dict[str, list[float]]] = {}
+    for row, expectation, raw, better in zip(
+        rows, asked, judge.read(raw_images), judge.read(optimized_images), strict=True
+    ):
+        raw_score, optimized_score = expectation.adherence(raw), expectation.adherence(better)
+        if raw_score is None or optimized_score is None:
+            continue
+        group = scores.setdefault(
+            ("held_out_" if row.get("held_out") else "") + row["lang"], {"raw": [], "optimized": []}
+        )
+        group["raw"].append(raw_score)
+        group["optimized"].append(optimized_score)
+    return {
+        "model": model,
+        "steps": steps,
+        "groups": {
+            name: {
+                "count": len(g["raw"]),
+                "raw": statistics.mean(g["raw"]),
+                "optimized": statistics.mean(g["optimized"]),
+            }
+            for name, g in sorted(scores.items())
+        },
+    }
+
+
+def run(model: str, adherence_model: str | None) -> dict:
     from deployments.models import loading
     from deployments.prompt.optimizer import PromptOptimizerEngine
 
@@ -109,8 +163,10 @@ def run(model: str) -> dict:
     results = evaluate(engine, load_dataset())
     results += [{**row, "held_out": True} for row in evaluate(engine, load_dataset(HELD_OUT))]
     example = engine.optimize(EXAMPLE)
+    rows = load_dataset() + [{**row, "held_out": True} for row in load_dataset(HELD_OUT)]
     return {
         "summary": summarize(results),
+        "adherence": picture_adherence(engine, rows, adherence_model) if adherence_model else None,
         "example": {
             "instruction": EXAMPLE,
             "prompt": example.prompt,
@@ -159,7 +215,25 @@ def markdown(results: dict) -> str:
         f"Example: *{example['instruction']}* ({example['original_tokens']} tokens) → "
         f"`{example['prompt']}` ({example['optimized_tokens']} tokens).",
     ]
+    if results.get("adherence"):
+        lines += ["", *adherence_markdown(results["adherence"])]
     return "\n".join(lines)
+
+
+def adherence_markdown(adherence: dict) -> list[str]:
+    labels = {"en": "English", "zh": "Chinese", "held_out_en": "held out, English", "held_out_zh": "held out, Chinese"}
+    rows = [
+        f"| {labels.get(name, name)} | {g['count']} | {g['raw']:.1%} | **{g['optimized']:.1%}** |"
+        for name, g in adherence["groups"].items()
+    ]
+    return [
+        f"Priced in pictures (`{adherence['model']}`, {adherence['steps']} steps, same seeds; adherence on the "
+        "labelled drawable attributes, read by the judge):",
+        "",
+        "| set | instructions | drawn from the instruction as written | drawn from the optimized prompt |",
+        "|---|---|---|---|",
+        *rows,
+    ]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -198,11 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         "--json", help="results file, its plot beside it (default: benchmarks/results/[quick/]prompt_compression.json)"
     )
     parser.add_argument("--update-readme", metavar="README")
+    parser.add_argument("--adherence-model", default="portrait", help="model that draws (default: %(default)s)")
+    parser.add_argument("--no-adherence", action="store_true", help="token counts only (seconds, no drawing)")
     parser.add_argument(
         "--quick", action="store_true", help="the same run (it takes seconds), written to benchmarks/results/quick/"
     )
     options = parser.parse_args(argv)
-    results = run(options.model)
+    results = run(options.model, None if options.no_adherence else options.adherence_model)
     json_path = results_path(SECTION, options.quick, options.json)
     publish(results, json_path, markdown(results), options.update_readme, SECTION)
     plot(results, plot_path(json_path))

@@ -61,6 +61,7 @@ def build_application(
     if unknown:
         raise ValueError(f"unknown deployments in config: {sorted(unknown)}; known: {['Ingress', *STAGE_NAMES]}")
     model_path = loading.resolve_model(settings.model)  # builds the embedded model once, here
+    settings = settings.with_native_size(loading.native_size(model_path))
     path = str(model_path)
 
     def configured(deployment, name):

@@ -95,12 +95,16 @@ class AppSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("tiny", description="preset name (tiny, sd15) or path to a diffusers SD 1.x folder")
+    model: str = Field(
+        "tiny", description="trained model (portrait), preset (tiny, sd15) or path to a diffusers SD 1.x folder"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica; default: all cores")
     stage_threads: dict[StageName, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="per-stage torch threads, overriding num_threads"
     )
-    default_size: str = "512x512"
+    default_size: str | None = Field(
+        None, description="WxH of a request that names no size; default: the model's native size"
+    )
     default_guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     limits: Limits = Limits()
     steps: StepSettings = StepSettings()
@@ -114,9 +118,14 @@ class AppSettings(BaseModel):
 
     @field_validator("default_size")
     @classmethod
-    def _size_is_valid(cls, value: str) -> str:
-        parse_size(value)
+    def _size_is_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
         return value
+
+    def with_native_size(self, side: int) -> AppSettings:
+        """These settings with `default_size` set to the model's native `side` if the config left it out."""
+        return self if self.default_size else self.model_copy(update={"default_size": f"{side}x{side}"})
 
 
 def parse_size(value: str) -> tuple[int, int]:

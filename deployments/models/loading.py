@@ -1,9 +1,10 @@
 """Where model folders come from and how each stage loads its part of one.
 
-A model spec is either a preset name (`tiny`, the embedded default; `sd15`, the real
-SD-1.5 architecture with random weights) or a path to a diffusers folder. Presets are
-built once into the cache directory and then loaded with `from_pretrained`, through
-exactly the same code as a real checkpoint.
+A model spec is a trained model's name (`portrait`: trained by our code on rendered
+portraits, its fp16 weights shipped in the package), a preset name (`tiny`, a throwaway model
+for tests; `sd15`, the real SD-1.5 architecture with random weights) or a path to a diffusers
+folder. Presets are built once into the cache directory; every model is loaded with
+`from_pretrained`, through exactly the same code as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from filelock import FileLock
 from deployments.models import builder
 
 DEFAULT_MODEL = "tiny"
+# Models trained by our code (`fusionserve train-model`), shipped as package data: used as they are.
+TRAINED_DIR = Path(__file__).parent / "trained"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -39,12 +42,26 @@ def is_preset(spec: str) -> bool:
     return "/" not in spec and (builder.PRESET_DIR / f"{spec}.yaml").is_file()
 
 
+def is_trained(spec: str) -> bool:
+    return "/" not in spec and (TRAINED_DIR / spec / "model_index.json").is_file()
+
+
+def known_models() -> list[str]:
+    """Every name a model spec may give: trained models and presets."""
+    trained = (
+        [p.name for p in TRAINED_DIR.iterdir() if (p / "model_index.json").is_file()] if TRAINED_DIR.is_dir() else []
+    )
+    return sorted(trained) + sorted(p.stem for p in builder.PRESET_DIR.glob("*.yaml"))
+
+
 def resolve_model(spec: str | os.PathLike | None = None, build: bool = True) -> Path:
     """Return the folder for a model spec, building a preset if it is missing.
 
     Building holds a file lock, so replicas that start together build it once.
     """
     spec = str(spec or DEFAULT_MODEL)
+    if is_trained(spec):
+        return TRAINED_DIR / spec
     if is_preset(spec):
         target = preset_model_dir(spec)
         if not (target / "model_index.json").is_file():
@@ -64,12 +81,17 @@ def check_model_folder(path: Path) -> None:
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"{path} is not a diffusers model folder (no model_index.json). Pass a preset "
-            f"name ({', '.join(sorted(p.stem for p in builder.PRESET_DIR.glob('*.yaml')))}) "
+            f"name ({', '.join(known_models())}) "
             "or the path of a Stable Diffusion 1.x folder in the diffusers layout."
         )
     missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
     if missing:
         raise ModelNotFoundError(f"{path} lacks the folders {missing}")
+
+
+def native_size(path: Path) -> int:
+    """The side, in pixels, of the images the model was made for (its VAE's sample_size)."""
+    return int(json.loads((Path(path) / "vae" / "config.json").read_text())["sample_size"])
 
 
 def model_id(path: Path) -> str:

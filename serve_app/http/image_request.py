@@ -81,6 +81,7 @@ def to_image_request(body: ImageOptions, settings: AppSettings, edit: EditInputs
     elif edit is not None and edit.default_size is not None:
         width, height = edit.default_size
     else:
+        assert settings.default_size is not None, "build_app sets the model's native size"
         width, height = checked_size(settings.default_size, settings)
     if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
         raise ApiError(f"num_inference_steps must be between 1 and {limits.max_steps}", "num_inference_steps")

@@ -116,6 +116,14 @@ def _resolved_model(settings: AppSettings) -> Path:
         return loading.resolve_model(settings.model)
 
 
+def _serving_settings(options: argparse.Namespace) -> AppSettings:
+    """The settings as the server has them once its model is loaded (the default size filled in)."""
+    from deployments.models import loading
+
+    settings = _settings(options)
+    return settings.with_native_size(loading.native_size(_resolved_model(settings)))
+
+
 # --------------------------------------------------------------------------- serve
 
 
@@ -221,7 +229,7 @@ def cmd_generate(options: argparse.Namespace) -> int:
     from serve_app.http.image_request import check_generation_supported, to_image_request
     from serve_app.http.schemas import ImageGenerationBody
 
-    settings = _settings(options)
+    settings = _serving_settings(options)
 
     def request() -> ImageRequest:
         check_generation_supported(loading.features(_resolved_model(settings)))
@@ -236,7 +244,7 @@ def cmd_edit(options: argparse.Namespace) -> int:
     from serve_app.http.image_request import decoded_edit_inputs, to_image_request
     from serve_app.http.schemas import ImageEditForm
 
-    settings = _settings(options)
+    settings = _serving_settings(options)
     files = {}
     for field, path in (("image", options.image), ("mask", options.mask), ("reference_image", options.reference)):
         if path is not None:
@@ -648,7 +656,8 @@ def _image_options(default_size: str | None) -> argparse.ArgumentParser:
         default=default_size,
         help="WIDTHxHEIGHT (default: %(default)s)"
         if default_size
-        else "WIDTHxHEIGHT (default: the image's, within the limits)",
+        else "WIDTHxHEIGHT (default: the config's default_size, else the model's native size; "
+        "edits: the image's, within the limits)",
     )
     command.add_argument("-n", type=int, default=1)
     command.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
@@ -664,7 +673,7 @@ def _image_options(default_size: str | None) -> argparse.ArgumentParser:
 def _add_generate(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None:
     generate = commands.add_parser(
         "generate",
-        parents=[shared["config"], shared["model"], _image_options(default_size="512x512")],
+        parents=[shared["config"], shared["model"], _image_options(default_size=None)],
         help="generate an image in-process (no Ray)",
     )
     generate.add_argument("prompt")

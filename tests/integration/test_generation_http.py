@@ -125,12 +125,15 @@ def test_n_images_are_distinct_and_reproducible(http):
     assert max_pixel_diff(pngs[1], single) <= 1
 
 
-def test_default_size_comes_from_the_config(http, serve_settings):
+def test_default_size_is_the_models_native_size(http, serve_settings, tiny_model_path):
+    from deployments.models.loading import native_size
+
     settings, _ = serve_settings
+    assert settings.default_size is None  # serve_config.yaml leaves it to the model
+    side = native_size(tiny_model_path)
     body = generate(http, prompt="portrait", seed=1, num_inference_steps=2)
-    width, height = (int(side) for side in settings.default_size.split("x"))
-    assert png_pixels(png_of(body["data"][0])).shape == (height, width, 3)
-    assert body["size"] == settings.default_size
+    assert png_pixels(png_of(body["data"][0])).shape == (side, side, 3)
+    assert body["size"] == f"{side}x{side}"
 
 
 def test_concurrent_requests_each_get_their_own_image(http):

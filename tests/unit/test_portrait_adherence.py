@@ -80,3 +80,20 @@ def test_the_structured_caption_of_every_hair_style_reads_back_as_that_style(opt
         assert heads.get("hair_style") == {style}, (caption, heads)
         if style != "bald":
             assert heads.get("hair_color") == {"red"}, (caption, heads)
+
+
+def test_an_adherence_report_counts_each_asked_attribute_on_its_own_head(tiny_model_path):
+    from deployments.models.portrait.evaluation import adherence_report, held_out_prompts, read_prompts
+
+    prompts = [p for p in held_out_prompts(60) if p.attributes.background.split()[0] in ("blue", "red", "green")][:4]
+    assert len(prompts) == 4
+    asked = read_prompts(tiny_model_path, [p.prompt for p in prompts])
+    readings = [perfect_reading(p.attributes) for p in prompts]
+    perfect = adherence_report(asked, readings)
+    assert perfect.overall == 1.0 and perfect.plain_background == 1.0 and perfect.images == 4
+    assert set(perfect.per_attribute.values()) == {1.0}
+    # One image with the wrong background: a quarter of the plain colours missed, nothing else.
+    wrong = replace(prompts[0].attributes, background="outdoors")
+    report = adherence_report(asked, [perfect_reading(wrong), *readings[1:]])
+    assert report.plain_background == 0.75 and report.per_attribute["background"] == 0.75
+    assert report.per_attribute["expression"] == 1.0 and report.overall < 1.0

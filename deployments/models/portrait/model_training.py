@@ -324,6 +324,22 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
     return output
 
 
+def export_model(config: PortraitTrainingConfig, work: Path, output: Path) -> Path:
+    """The model as the checkpoints in `work` have it now (mid-run too) as a diffusers folder:
+    to look at a run while it trains, or to save a run that was stopped early."""
+    start = work / "init"
+    parts = load_components(start)
+    for phase in (
+        _phase("vae", {"vae": parts.vae}, config.vae_learning_rate, config.vae_steps),
+        _phase("diffusion", {"unet": parts.unet, "text_encoder": parts.text_encoder}, 1.0, config.diffusion_steps),
+    ):
+        phase.restore(work)
+    pool = build_latent_pool(parts.vae, config, work, progress=False)
+    parts.vae.register_to_config(scaling_factor=latent_scale(pool))
+    save_model(parts, start, output)
+    return output
+
+
 def save_model(parts: PortraitComponents, start: Path, output: Path) -> None:
     """A diffusers folder like any checkpoint: the trained parts in fp16, the preset's scheduler."""
     import shutil
