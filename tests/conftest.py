@@ -16,7 +16,7 @@ apply_ray_environment()
 
 # Fixtures that load the embedded model: a test that uses one (directly or through another
 # fixture) runs diffusion and is a `component` test, not a unit test.
-MODEL_FIXTURES = frozenset({"tiny_model_path"})
+MODEL_FIXTURES = frozenset({"tiny_model_path", "portrait_model_path"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +34,14 @@ def tiny_model_path():
     from deployments.models.loading import resolve_model
 
     return resolve_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def portrait_model_path():
+    """The trained portrait model, shipped in the package (nothing to build)."""
+    from deployments.models.loading import resolve_model
+
+    return resolve_model("portrait")
 
 
 @pytest.fixture(scope="session")

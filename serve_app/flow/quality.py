@@ -2,12 +2,19 @@
 
 `fusionserve ab-test` renders the same prompts and seeds with a baseline and a candidate
 variant (UNet backend and precision, a pruned model, step count or policy, encoder cache,
-early stop) in-process and compares each pair of images.
+early stop) in-process, compares each pair of images and has the judge read both.
 
-Mean PSNR rule: identical pairs have infinite PSNR and are left out of the mean, which is
-taken over the pairs that differ (infinite when none do). So a candidate cannot hide a
-bad image behind identical ones: the guard judges only what changed, which is the
-conservative choice. Mean SSIM is a plain mean (identical pairs count 1.0).
+Verdict: the candidate passes when both rules hold.
+- PSNR: the mean PSNR is at least min_psnr_db. Identical pairs have infinite PSNR and are left
+  out of the mean, which is taken over the pairs that differ (infinite when none do). So a
+  candidate cannot hide a bad image behind identical ones: the guard judges only what
+  changed, which is the conservative choice. Mean SSIM is a plain mean (identical pairs count 1.0).
+- Adherence (issue 18): the candidate's mean adherence (the share of a prompt's drawable
+  attributes the judge finds, as `fusionserve judge --prompt` scores it) is at most
+  max_adherence_drop (2 points) under the baseline's. Means are over the pairs whose prompt
+  asks something drawable; when none does, this rule is not judged.
+The Fréchet distance on judge features (all baseline vs all candidate images) is reported,
+not judged (the issue sets no threshold for it).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from deployments.models.portrait.adherence import PromptExpectations, expectations
+from deployments.models.portrait.judge import Judge, frechet_distance
 from serve_app.config import AppSettings, QualityGuardSettings
 from serve_app.flow.request import ImageRequest
 from serve_app.flow.variant_spec import VariantSpec
@@ -119,6 +128,11 @@ def _step_overrides(spec: VariantSpec) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the A/B run
+MAX_ADHERENCE_DROP = 0.02  # issue 18: a variant may lose at most 2 points of adherence
+# Shares like 0.75 - 0.73 come out as 0.02000000000000002: a drop of exactly the limit passes.
+_DROP_TOLERANCE = 1e-9
+
+
 @dataclass
 class ImagePair:
     prompt: str
@@ -127,6 +141,9 @@ class ImagePair:
     candidate_steps: int
     psnr_db: float  # inf: identical
     ssim: float
+    # Share of the prompt's drawable attributes the judge sees; None: the prompt asks nothing drawable.
+    baseline_adherence: float | None = None
+    candidate_adherence: float | None = None
 
 
 @dataclass
@@ -137,6 +154,9 @@ class ABResult:
     height: int
     min_psnr_db: float
     pairs: list[ImagePair] = field(default_factory=list)
+    max_adherence_drop: float = MAX_ADHERENCE_DROP
+    # Judge features of all baseline vs all candidate images; None under 2 images a side (no covariance).
+    frechet_distance: float | None = None
 
     @property
     def differing(self) -> int:
@@ -154,17 +174,56 @@ class ABResult:
         return statistics.fmean(p.ssim for p in self.pairs)
 
     @property
+    def mean_baseline_adherence(self) -> float | None:
+        return _mean_or_none([p.baseline_adherence for p in self._scored_pairs()])
+
+    @property
+    def mean_candidate_adherence(self) -> float | None:
+        return _mean_or_none([p.candidate_adherence for p in self._scored_pairs()])
+
+    @property
+    def adherence_drop(self) -> float | None:
+        """Baseline minus candidate mean adherence (negative: the candidate draws more of what
+        was asked); None when no prompt asks anything drawable."""
+        baseline, candidate = self.mean_baseline_adherence, self.mean_candidate_adherence
+        return None if baseline is None or candidate is None else baseline - candidate
+
+    @property
+    def failed_rules(self) -> list[str]:
+        """The rules the candidate breaks: "psnr" (mean PSNR under min_psnr_db), "adherence"
+        (adherence drop over max_adherence_drop; not judged when nothing drawable was asked)."""
+        failed = []
+        if self.mean_psnr_db < self.min_psnr_db:
+            failed.append("psnr")
+        drop = self.adherence_drop
+        if drop is not None and drop > self.max_adherence_drop + _DROP_TOLERANCE:
+            failed.append("adherence")
+        return failed
+
+    @property
     def passed(self) -> bool:
-        return self.mean_psnr_db >= self.min_psnr_db
+        return not self.failed_rules
+
+    def _scored_pairs(self) -> list[ImagePair]:
+        """Pairs whose prompt asks something drawable (both sides read the same prompt)."""
+        return [p for p in self.pairs if p.baseline_adherence is not None and p.candidate_adherence is not None]
 
     def to_json(self) -> dict:
-        """JSON has no infinity: an identical pair's psnr_db (and an all-identical mean) is null."""
+        """JSON has no infinity: an identical pair's psnr_db (and an all-identical mean) is null.
+        Adherence and Fréchet are null where not applicable (module docstring)."""
 
         def finite(value: float) -> float | None:
             return value if math.isfinite(value) else None
 
         pairs = [
-            asdict(p) | {"psnr_db": finite(p.psnr_db), "identical": not math.isfinite(p.psnr_db)} for p in self.pairs
+            asdict(p)
+            | {
+                "psnr_db": finite(p.psnr_db),
+                "identical": not math.isfinite(p.psnr_db),
+                "baseline_adherence": _rounded(p.baseline_adherence),
+                "candidate_adherence": _rounded(p.candidate_adherence),
+            }
+            for p in self.pairs
         ]
         return {
             "baseline": self.baseline,
@@ -174,9 +233,25 @@ class ABResult:
             "mean_psnr_db": finite(self.mean_psnr_db),
             "differing": self.differing,
             "mean_ssim": self.mean_ssim,
+            "mean_baseline_adherence": _rounded(self.mean_baseline_adherence),
+            "mean_candidate_adherence": _rounded(self.mean_candidate_adherence),
+            "adherence_drop": _rounded(self.adherence_drop),
+            "max_adherence_drop": self.max_adherence_drop,
+            "frechet_distance": _rounded(self.frechet_distance),
+            "failed_rules": self.failed_rules,
             "passed": self.passed,
             "pairs": pairs,
         }
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _rounded(value: float | None) -> float | None:
+    """4 decimals: a hundredth of an adherence point."""
+    return None if value is None else round(value, 4)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -201,38 +276,75 @@ def run_ab_test(
     seed_base: int = 0,
     min_psnr_db: float | None = None,
     on_image: Callable[[], None] | None = None,
+    max_adherence_drop: float = MAX_ADHERENCE_DROP,
 ) -> ABResult:
-    """Render every prompt x seed (seed_base .. seed_base + seeds - 1) with both variants and
-    compare each pair. `min_psnr_db` None: the live guard's (settings.quality_guard).
+    """Render every prompt x seed (seed_base .. seed_base + seeds - 1) with both variants,
+    compare each pair and have the judge read both images. `min_psnr_db` None: the live
+    guard's (settings.quality_guard).
 
-    Both pipelines are built first, so a variant that cannot load fails before any rendering;
-    variants that differ only in steps, policy or early stop share one set of engines."""
+    Both pipelines (and the judge) are loaded first, so a variant that cannot load fails before
+    any rendering; variants that differ only in steps, policy or early stop share one set of engines."""
     width, height = size
     baseline_pipe = variant_pipeline(baseline, settings)
     shared = baseline_pipe if _engine_key(candidate) == _engine_key(baseline) else None
     candidate_pipe = variant_pipeline(candidate, settings, engines=shared)
+    judge = Judge.packaged()
     if min_psnr_db is None:
         min_psnr_db = settings.quality_guard.min_psnr_db
-    result = ABResult(str(baseline), str(candidate), width, height, min_psnr_db)
+    result = ABResult(str(baseline), str(candidate), width, height, min_psnr_db, max_adherence_drop=max_adherence_drop)
+    variants = ((baseline, baseline_pipe), (candidate, candidate_pipe))
+    baseline_images: list[Image.Image] = []
+    candidate_images: list[Image.Image] = []
     for prompt in prompts:
+        # Read with the baseline's optimizer: what a prompt asks must not depend on the variant.
+        asked = prompt_expectations(baseline_pipe, prompt)
         for seed in range(seed_base, seed_base + seeds):
-            request = ImageRequest(
-                prompt=prompt,
-                negative_prompt="",
-                width=width,
-                height=height,
-                n=1,
-                seed=seed,
-                guidance_scale=settings.default_guidance_scale,
-                num_inference_steps=None,
-            )
-            images = []
-            for spec, pipe in ((baseline, baseline_pipe), (candidate, candidate_pipe)):
-                images.append(asyncio.run(pipe.generate(replace(request, num_inference_steps=spec.steps))))
-                if on_image:
-                    on_image()
-            a, b = (generated.images_png[0] for generated in images)
-            result.pairs.append(
-                ImagePair(prompt, seed, images[0].steps.steps, images[1].steps.steps, psnr_db(a, b), ssim(a, b))
-            )
+            request = _ab_request(prompt, seed, size, settings)
+            (a, steps_a), (b, steps_b) = [_render(pipe, spec, request, on_image) for spec, pipe in variants]
+            reading_a, reading_b = judge.read([a, b])
+            adherence = asked.adherence(reading_a), asked.adherence(reading_b)
+            result.pairs.append(ImagePair(prompt, seed, steps_a, steps_b, psnr_db(a, b), ssim(a, b), *adherence))
+            baseline_images.append(a)
+            candidate_images.append(b)
+    result.frechet_distance = judge_frechet(judge, baseline_images, candidate_images)
     return result
+
+
+def prompt_expectations(pipe: ImagePipeline, prompt: str) -> PromptExpectations:
+    """What `prompt` asks that a portrait can show, as the pipeline's prompt optimizer reads it
+    (the reading of `fusionserve judge --prompt`)."""
+    optimized = asyncio.run(pipe.optimize_prompt(prompt))
+    return expectations(optimized.attributes, prompt)
+
+
+def _render(
+    pipe: ImagePipeline, spec: VariantSpec, request: ImageRequest, on_image: Callable[[], None] | None
+) -> tuple[Image.Image, int]:
+    """`spec`'s image of `request` and the step controller's choice of steps (before any early stop)."""
+    generated = asyncio.run(pipe.generate(replace(request, num_inference_steps=spec.steps)))
+    if on_image:
+        on_image()
+    return Image.open(io.BytesIO(generated.images_png[0])).convert("RGB"), generated.steps.steps
+
+
+def _ab_request(prompt: str, seed: int, size: tuple[int, int], settings: AppSettings) -> ImageRequest:
+    width, height = size
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt="",
+        width=width,
+        height=height,
+        n=1,
+        seed=seed,
+        guidance_scale=settings.default_guidance_scale,
+        num_inference_steps=None,
+    )
+
+
+def judge_frechet(judge: Judge, baseline: list[Image.Image], candidate: list[Image.Image]) -> float | None:
+    """Fréchet distance on judge features between two sets of images; None when either side has
+    fewer than 2 (no covariance to fit)."""
+    if min(len(baseline), len(candidate)) < 2:
+        return None
+    # Floating-point error can leave identical sets a hair below zero.
+    return max(0.0, frechet_distance(judge.embed(baseline), judge.embed(candidate)))

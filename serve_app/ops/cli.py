@@ -454,7 +454,7 @@ def cmd_prune_unet(options: argparse.Namespace) -> int:
 
 def cmd_ab_test(options: argparse.Namespace) -> int:
     """Quality guard: render the prompts x seeds with a baseline and a candidate variant in-process;
-    exit 1 when the mean PSNR falls under --min-psnr."""
+    exit 1 when the mean PSNR falls under --min-psnr or adherence drops more than 2 points."""
     from tqdm import tqdm
 
     from deployments.denoiser.backends import BackendUnavailable
@@ -507,18 +507,49 @@ def _ab_test_requests(options: argparse.Namespace, settings: AppSettings) -> lis
 
 def _print_ab_result(result: ABResult, size: tuple[int, int]) -> None:
     print(f"baseline:  {result.baseline}\ncandidate: {result.candidate}\nsize: {size[0]}x{size[1]}\n")
-    print(f"{'prompt':<44} {'seed':>5} {'steps b/c':>9} {'PSNR dB':>8} {'SSIM':>7}")
+    print(f"{'prompt':<44} {'seed':>5} {'steps b/c':>9} {'PSNR dB':>8} {'SSIM':>7} {'adherence b/c':>13}")
     for pair in result.pairs:
         steps = f"{pair.baseline_steps}/{pair.candidate_steps}"
+        adherence = f"{_percent(pair.baseline_adherence)}/{_percent(pair.candidate_adherence)}"
         print(
             f"{textwrap.shorten(pair.prompt, 44, placeholder='...'):<44} {pair.seed:>5} {steps:>9} "
-            f"{pair.psnr_db:>8.2f} {pair.ssim:>7.4f}"
+            f"{pair.psnr_db:>8.2f} {pair.ssim:>7.4f} {adherence:>13}"
         )
-    verdict = "PASS" if result.passed else "FAIL"
     print(
         f"\nmean PSNR {result.mean_psnr_db:.2f} dB over the {result.differing} of {len(result.pairs)} images that "
-        f"differ, mean SSIM {result.mean_ssim:.4f}; threshold {result.min_psnr_db:g} dB: {verdict}"
+        f"differ, mean SSIM {result.mean_ssim:.4f}; threshold {result.min_psnr_db:g} dB"
     )
+    print(_adherence_line(result))
+    frechet = (
+        "n/a (fewer than 2 images a side)" if result.frechet_distance is None else f"{result.frechet_distance:.4f}"
+    )
+    print(f"Fréchet distance on judge features, baseline vs candidate images: {frechet}")
+    print(_verdict_line(result))
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
+def _adherence_line(result: ABResult) -> str:
+    drop = result.adherence_drop
+    if drop is None:
+        return "adherence: not judged (no prompt asks anything a portrait shows)"
+    return (
+        f"mean adherence {result.mean_baseline_adherence:.1%} baseline, {result.mean_candidate_adherence:.1%} "
+        f"candidate: drop {drop * 100:.1f} points; allowed {result.max_adherence_drop * 100:g}"
+    )
+
+
+def _verdict_line(result: ABResult) -> str:
+    """PASS, or which rules failed and FAIL (the last word stays the verdict)."""
+    reasons = {
+        "psnr": f"mean PSNR {result.mean_psnr_db:.2f} dB under {result.min_psnr_db:g} dB",
+        "adherence": f"adherence dropped {(result.adherence_drop or 0) * 100:.1f} points, "
+        f"more than {result.max_adherence_drop * 100:g}",
+    }
+    failed = [reasons[rule] for rule in result.failed_rules]
+    return f"verdict: {'; '.join(failed)}: FAIL" if failed else "verdict: PASS"
 
 
 # --------------------------------------------------------------------------- operations

@@ -4,6 +4,9 @@ Measured here (tiny model, 64x64, 20 steps, seeds 0-1, torch fp32 baseline): tor
 45-48 dB PSNR (SSIM 0.999); onnxruntime int8 37-42 dB; 2 steps 17-18 dB (SSIM ~0.6);
 onnxruntime fp32 is mostly byte-identical after PNG rounding (one image of four: 89 dB), so
 bf16 is the "differs a little" candidate. Bounds below leave room for other CPUs' bf16.
+
+The tiny model's weights are random, so the judge's adherence on its images is noise: the
+tests assert the rules (equal images, equal adherence; the verdict's arithmetic), not values.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def ab_test(tmp_path, prompts_file, baseline: str, candidate: str, *extra: str) 
             "1",
             "--size",
             "64x64",
+            "--model",
+            "tiny",
             "--json",
             str(out),
             *extra,
@@ -76,6 +81,12 @@ def test_metrics_reject_mismatched_images():
         ssim(np.zeros((64, 64, 3), np.float32), np.zeros((64, 64, 3), np.float32))
 
 
+def adherence_result(baseline: float | None, candidate: float | None, psnr: float = 40.0) -> ABResult:
+    """Two pairs that differ a little (PSNR `psnr`), each with the given adherences."""
+    pairs = [ImagePair("p", seed, 20, 20, psnr, 0.99, baseline, candidate) for seed in range(2)]
+    return ABResult("default", "x", 64, 64, 32.0, pairs)
+
+
 def test_mean_psnr_is_over_the_pairs_that_differ():
     def result(*psnrs):
         return ABResult("default", "x", 64, 64, 32.0, [ImagePair("p", s, 20, 20, v, 1.0) for s, v in enumerate(psnrs)])
@@ -83,6 +94,52 @@ def test_mean_psnr_is_over_the_pairs_that_differ():
     assert result(math.inf, 30.0, 40.0).mean_psnr_db == 35.0  # an identical pair does not lift the mean
     assert not result(math.inf, math.inf, 31.0).passed
     assert result(math.inf, math.inf).mean_psnr_db == math.inf and result(math.inf, math.inf).passed
+
+
+def test_an_adherence_drop_over_two_points_fails_even_when_psnr_passes():
+    three_points = adherence_result(0.75, 0.72)
+    assert three_points.adherence_drop == pytest.approx(0.03)
+    assert three_points.mean_psnr_db >= three_points.min_psnr_db  # the PSNR rule alone would pass
+    assert three_points.failed_rules == ["adherence"] and not three_points.passed
+    one_point = adherence_result(0.75, 0.74)
+    assert one_point.failed_rules == [] and one_point.passed
+    assert adherence_result(0.75, 0.73).passed  # exactly 2 points is within (0.75 - 0.73 > 0.02 in floats)
+    assert adherence_result(0.5, 0.9).passed  # a better candidate: negative drop
+
+
+def test_both_rules_are_named_when_both_fail():
+    assert adherence_result(0.75, 0.5, psnr=20.0).failed_rules == ["psnr", "adherence"]
+    assert adherence_result(0.75, 0.75, psnr=20.0).failed_rules == ["psnr"]
+
+
+def test_adherence_is_not_judged_when_nothing_drawable_is_asked():
+    nothing = adherence_result(None, None)
+    assert (nothing.mean_baseline_adherence, nothing.mean_candidate_adherence, nothing.adherence_drop) == (None,) * 3
+    assert nothing.passed
+    assert not adherence_result(None, None, psnr=20.0).passed  # PSNR still judges
+
+
+def test_mean_adherence_skips_pairs_with_nothing_drawable():
+    result = adherence_result(0.5, 0.5)
+    result.pairs += [
+        ImagePair("headshot", 0, 20, 20, 40.0, 0.99, None, None),
+        ImagePair("q", 1, 20, 20, 40.0, 0.99, 1.0, 0.5),
+    ]
+    assert result.mean_baseline_adherence == pytest.approx(2 / 3)  # (0.5 + 0.5 + 1.0) / 3: the None pair left out
+    assert result.mean_candidate_adherence == pytest.approx(0.5)
+
+
+def test_json_has_adherence_and_frechet():
+    result = adherence_result(2 / 3, 0.5)
+    result.frechet_distance = 1.234567
+    body = result.to_json()
+    assert body["mean_baseline_adherence"] == 0.6667 and body["mean_candidate_adherence"] == 0.5
+    assert body["adherence_drop"] == 0.1667 and body["max_adherence_drop"] == 0.02
+    assert body["frechet_distance"] == 1.2346 and body["failed_rules"] == ["adherence"] and not body["passed"]
+    assert [(p["baseline_adherence"], p["candidate_adherence"]) for p in body["pairs"]] == [(0.6667, 0.5)] * 2
+    empty = adherence_result(None, None).to_json()
+    assert (empty["adherence_drop"], empty["frechet_distance"], empty["pairs"][0]["baseline_adherence"]) == (None,) * 3
+    json.dumps(body, allow_nan=False)  # plain JSON: no NaN or infinity
 
 
 # --------------------------------------------------------------------------- variant specs
@@ -136,8 +193,15 @@ def test_identical_variants_pass(tmp_path, prompts_file, capsys):
     assert [pair["psnr_db"] for pair in result["pairs"]] == [None, None]  # JSON null: infinite, identical
     assert all(pair["identical"] and pair["ssim"] == pytest.approx(1.0) for pair in result["pairs"])
     assert result["mean_psnr_db"] is None and result["differing"] == 0
+    # Equal images read alike: every prompt here asks something drawable, so adherence is judged.
+    adherences = [(pair["baseline_adherence"], pair["candidate_adherence"]) for pair in result["pairs"]]
+    assert all(b is not None and b == c for b, c in adherences)
+    assert result["mean_baseline_adherence"] is not None
+    assert result["mean_baseline_adherence"] == result["mean_candidate_adherence"]
+    assert result["adherence_drop"] == 0 and result["failed_rules"] == []
+    assert result["frechet_distance"] == pytest.approx(0, abs=1e-6)  # one image a prompt, two prompts: 2 a side
     out = capsys.readouterr().out
-    assert "inf" in out and out.rstrip().endswith("PASS")
+    assert "inf" in out and "drop 0.0 points" in out and out.rstrip().endswith("PASS")
 
 
 def test_two_steps_fail_the_guard(tmp_path, prompts_file, capsys):
@@ -145,7 +209,9 @@ def test_two_steps_fail_the_guard(tmp_path, prompts_file, capsys):
     assert status == 1 and not result["passed"]
     assert result["mean_psnr_db"] < 32  # measured 17-18 dB
     assert [(p["baseline_steps"], p["candidate_steps"]) for p in result["pairs"]] == [(20, 2), (20, 2)]
-    assert capsys.readouterr().out.rstrip().endswith("FAIL")
+    assert "psnr" in result["failed_rules"]
+    out = capsys.readouterr().out
+    assert "dB under 32 dB" in out and out.rstrip().endswith("FAIL")
 
 
 def test_bf16_differs_a_little_and_the_threshold_decides(tmp_path, prompts_file):

@@ -16,7 +16,8 @@ from tests.conftest import max_pixel_diff, png_pixels, run
 def test_generate_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
     out = tmp_path / "out.png"
     status = cli.main(
-        ["generate", "portrait of a smiling man", "-o", str(out), "--seed", "7", "--size", "64x64", "--steps", "6"]
+        ["generate", "portrait of a smiling man", "--model", "tiny", "-o", str(out), "--seed", "7", "--size", "64x64"]
+        + ["--steps", "6"]
     )
     assert status == 0
     request = ImageRequest(
@@ -72,6 +73,8 @@ def test_edit_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
         [
             "edit",
             "portrait of a smiling man",
+            "--model",
+            "tiny",  # local_pipe's model, which has an image-prompt adapter
             "--image",
             str(tmp_path / "b.png"),
             "--mask",
