@@ -75,7 +75,9 @@ class StepSettings(BaseModel):
 class QualityGuardSettings(BaseModel):
     """Live A/B (serve_config.yaml: args.quality_guard): a share of served requests is also
     rendered by the full-precision baseline in the background; when the rolling PSNR of the
-    served images against those stays under `min_psnr_db`, the app serves the baseline."""
+    served images against those stays under `min_psnr_db`, or the judge's rolling adherence of
+    the served images falls more than `max_adherence_drop` under the baseline's, the app serves
+    the baseline."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,7 +88,18 @@ class QualityGuardSettings(BaseModel):
         "steps as the served request, so only the UNet variant is judged)",
     )
     min_psnr_db: float = Field(32.0, gt=0)
-    window: int = Field(20, ge=1, description="rolling mean over the last N shadow comparisons")
+    max_adherence_drop: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="most the served images' rolling adherence (share of the prompt's drawable attributes "
+        "the judge finds) may fall under the baseline's (0.02: 2 points)",
+    )
+    window: int = Field(
+        20,
+        ge=1,
+        description="rolling means over the last N shadow comparisons (for adherence: N that asked something drawable)",
+    )
     min_samples: int = Field(10, ge=1, description="no verdict on fewer comparisons than this")
 
 

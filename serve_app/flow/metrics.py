@@ -26,6 +26,10 @@ class PipelineMetrics:
         self._rolling_psnr = metrics.Gauge(
             "fusionserve_quality_guard_rolling_psnr_db", description="rolling PSNR of served images vs the baseline's"
         )
+        self._adherence_drop = metrics.Gauge(
+            "fusionserve_quality_guard_adherence_drop",
+            description="rolling judge adherence of the baseline's images minus the served images' (0.02: 2 points)",
+        )
         self._comparisons = metrics.Counter(
             "fusionserve_quality_guard_comparisons", description="shadow renders compared with the served image"
         )
@@ -54,4 +58,6 @@ class PipelineMetrics:
         self._comparisons.inc()
         if guard.rolling_psnr_db is not None:
             self._rolling_psnr.set(guard.rolling_psnr_db)
+        if guard.rolling_adherence_drop is not None:
+            self._adherence_drop.set(guard.rolling_adherence_drop)
         self._tripped.set(1 if guard.tripped else 0)

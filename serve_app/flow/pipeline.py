@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -18,19 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from deployments.common.serial_executor import SerialExecutor
 from deployments.denoiser.edit_latents import EncodedEdit
 from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
 from deployments.denoiser.step_batcher import LoadSnapshot
 from deployments.denoiser.variant import UNetVariant
+from deployments.models.portrait.adherence import PromptExpectations, expectations
+from deployments.models.portrait.judge import Judge
 from deployments.prompt.optimizer import OptimizedPrompt, PromptOptimizerEngine
 from deployments.text_encoder.engine import Encoding, TextEncoderEngine
 from deployments.text_encoder.image_prompt import ImagePromptEmbedding, LazyImagePromptEncoder, image_hash
 from deployments.vae.codec import VaeCodecEngine
 from serve_app.config import AppSettings
 from serve_app.flow.metrics import PipelineMetrics
-from serve_app.flow.quality_guard import LiveQualityGuard
+from serve_app.flow.quality_guard import Adherence, LiveQualityGuard
 from serve_app.flow.request import ImageRequest
 from serve_app.flow.steps import StepController, StepDecision, image_detail
 from serve_app.flow.usage import Usage, usage_of
@@ -140,6 +145,8 @@ class ImagePipeline:
         self.quality_guard = quality_guard or LiveQualityGuard()
         self.metrics = metrics
         self._shadows: set[asyncio.Task] = set()
+        self._judge: Judge | None = None  # the shadow comparisons' judge, loaded on the first one
+        self._judge_lock = threading.Lock()  # shadows judge in worker threads: load it once
 
     async def optimize_prompt(
         self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default"
@@ -166,7 +173,7 @@ class ImagePipeline:
         total_ms = (time.perf_counter() - start) * 1000.0
         usage = usage_of(prompt, steps, encoding, total_ms, job, edit.reference_cached if edit else None)
         self._record(request, steps, usage, edit)
-        self._maybe_shadow(job, images)
+        self._maybe_shadow(job, images, prompt, request.prompt)
         return GenerationResult(images, request.seeds, prompt, steps, usage, stage_ms)
 
     async def _optimize(self, request: ImageRequest, stage_ms: dict[str, float]) -> OptimizedPrompt:
@@ -261,10 +268,13 @@ class ImagePipeline:
         if edit is not None:
             self.metrics.record_edit("inpaint" if request.mask is not None else "img2img", edit.reference_source)
 
-    def _maybe_shadow(self, job: DenoiseJob, images: list[bytes]) -> None:
-        """A share of requests is rendered again by the baseline in the background (the quality guard)."""
+    def _maybe_shadow(self, job: DenoiseJob, images: list[bytes], prompt: OptimizedPrompt, asked_text: str) -> None:
+        """A share of requests is rendered again by the baseline in the background (the quality guard).
+        What the judge looks for: the optimizer's attributes and `asked_text` (the request's prompt),
+        read as `fusionserve ab-test` reads them."""
         if not job.variant.takes_image_embeds and self.quality_guard.should_shadow():  # the baseline has no adapter
-            task = asyncio.get_running_loop().create_task(self._shadow(job, images))
+            asked = expectations(prompt.attributes, asked_text)
+            task = asyncio.get_running_loop().create_task(self._shadow(job, images, asked))
             self._shadows.add(task)
             task.add_done_callback(self._shadows.discard)
 
@@ -287,7 +297,7 @@ class ImagePipeline:
                 load = await self.denoiser.load.remote()
         return controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0, detail)
 
-    async def _shadow(self, job: DenoiseJob, served_png: list[bytes]) -> None:
+    async def _shadow(self, job: DenoiseJob, served_png: list[bytes], asked: PromptExpectations) -> None:
         """Render `job` again with the baseline, in the background, and judge the served images."""
         from serve_app.flow.quality import psnr_db
 
@@ -298,17 +308,38 @@ class ImagePipeline:
         try:
             baseline_png = await self.vae_codec.decode_png.remote(await self.denoiser.denoise.remote(baseline_job))
             for served, baseline in zip(served_png, baseline_png):
-                self.quality_guard.record(await asyncio.to_thread(psnr_db, served, baseline))
+                psnr = await asyncio.to_thread(psnr_db, served, baseline)
+                adherence = (
+                    await asyncio.to_thread(self._adherence, asked, served, baseline) if asked.expected else None
+                )
+                self.quality_guard.record(psnr, adherence)
         except Exception:  # a failed shadow must never touch the served path
             logger.exception("quality guard shadow render failed")
             return
         if self.metrics is not None:
             self.metrics.record_shadow(self.quality_guard)
 
+    def _adherence(self, asked: PromptExpectations, served_png: bytes, baseline_png: bytes) -> Adherence:
+        """The judge reads both images (blocking: run it in a thread); `asked` must expect something."""
+        readings = self._loaded_judge().read([_png_image(served_png), _png_image(baseline_png)])
+        # `asked` expects something, so neither share is None
+        served, baseline = (asked.adherence(reading) or 0.0 for reading in readings)
+        return Adherence(served, baseline)
+
+    def _loaded_judge(self) -> Judge:
+        with self._judge_lock:
+            if self._judge is None:
+                self._judge = Judge.packaged()
+            return self._judge
+
     async def wait_for_shadows(self) -> None:
         """Tests and benchmarks: let the background renders finish."""
         while self._shadows:
             await asyncio.gather(*list(self._shadows), return_exceptions=True)
+
+
+def _png_image(png: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(png)).convert("RGB")
 
 
 def local_pipeline_for(

@@ -1,14 +1,17 @@
-"""Live A/B: shadow renders by the baseline, the rolling PSNR, the switch back."""
+"""Live A/B: shadow renders by the baseline, the rolling PSNR and adherence, the switch back."""
 
 from __future__ import annotations
 
 import math
 import random
 
+import pytest
+
+from deployments.models.portrait.judge import Reading
 from serve_app.config import AppSettings, QualityGuardSettings
 from serve_app.flow.pipeline import local_pipeline_for
 from serve_app.flow.quality import psnr_db
-from serve_app.flow.quality_guard import IDENTICAL_DB, LiveQualityGuard
+from serve_app.flow.quality_guard import IDENTICAL_DB, Adherence, LiveQualityGuard
 from serve_app.flow.request import ImageRequest
 from tests.conftest import max_pixel_diff, run
 
@@ -60,6 +63,53 @@ def test_the_guard_trips_only_on_enough_bad_comparisons():
     assert not guard.should_shadow() and not guard.record(5.0)  # tripped once; no shadows after
 
 
+def adherence_guard(min_samples: int = 3) -> LiveQualityGuard:
+    return LiveQualityGuard(QualityGuardSettings(window=5, min_samples=min_samples, min_psnr_db=32))
+
+
+def test_an_adherence_drop_trips_the_guard_while_psnr_passes():
+    guard = adherence_guard()
+    assert not guard.record(45.0, Adherence(served=0.70, baseline=0.80))
+    assert not guard.record(45.0, Adherence(served=0.70, baseline=0.80))  # two comparisons: no verdict yet
+    assert guard.record(45.0, Adherence(served=0.70, baseline=0.80)) and guard.tripped
+    assert guard.rolling_psnr_db == 45.0  # the PSNR rule alone would pass
+    assert guard.rolling_served_adherence == pytest.approx(0.70)
+    assert guard.rolling_baseline_adherence == pytest.approx(0.80)
+    assert "adherence 70.0%" in guard.reason and "10.0 points under the baseline's 80.0%" in guard.reason
+    assert "at most 2 points" in guard.reason and "dB" not in guard.reason
+
+
+def test_up_to_two_points_of_adherence_may_be_lost():
+    guard = adherence_guard()
+    for _ in range(10):
+        assert not guard.record(45.0, Adherence(served=0.74, baseline=0.75))  # 1 point
+    for _ in range(10):
+        assert not guard.record(45.0, Adherence(served=0.73, baseline=0.75))  # exactly 2 points
+    assert not guard.tripped and guard.rolling_adherence_drop is not None
+    assert abs(guard.rolling_adherence_drop - 0.02) < 1e-9
+    assert guard.record(45.0, Adherence(served=0.60, baseline=0.75))  # the window's mean drop passes 2 points
+
+
+def test_comparisons_without_drawable_attributes_leave_the_adherence_window_alone():
+    guard = adherence_guard()
+    guard.record(45.0, Adherence(served=0.5, baseline=1.0))
+    guard.record(45.0, Adherence(served=0.5, baseline=1.0))
+    for _ in range(10):
+        assert not guard.record(45.0)  # nothing drawable asked: no adherence verdict on these
+    assert guard.comparisons == 12 and not guard.tripped
+    assert guard.rolling_served_adherence == 0.5 and guard.rolling_adherence_drop == 0.5
+    assert guard.record(45.0, Adherence(served=0.5, baseline=1.0))  # the third one with adherence
+    assert "over the last 3 shadow renders" in guard.reason
+    assert LiveQualityGuard().rolling_adherence_drop is None
+
+
+def test_the_psnr_rule_trips_even_when_adherence_holds():
+    guard = adherence_guard(min_samples=2)
+    assert not guard.record(20.0, Adherence(served=1.0, baseline=1.0))
+    assert guard.record(20.0, Adherence(served=1.0, baseline=1.0))
+    assert "rolling PSNR 20.0 dB" in guard.reason and "under 32 dB" in guard.reason
+
+
 def test_shadowing_samples_the_configured_share():
     guard = LiveQualityGuard(QualityGuardSettings(shadow_fraction=0.25), rng=random.Random(1))
     share = sum(guard.should_shadow() for _ in range(4000)) / 4000
@@ -91,3 +141,36 @@ def test_an_identical_variant_never_trips(tiny_model_path):
         generate_and_judge(served, seed)
     assert served.quality_guard.comparisons == 3 and not served.quality_guard.tripped
     assert served.quality_guard.rolling_psnr_db == IDENTICAL_DB
+    assert served.quality_guard.rolling_adherence_drop == 0.0  # the judge read both identical images
+
+
+class MissesTheSmile:
+    """A judge that sees the smile asked for in the baseline's image (read second) only."""
+
+    def __init__(self):
+        self.images_read = 0
+
+    def read(self, images):
+        self.images_read += len(images)
+        return [self._reading(expression) for expression in ("neutral", "smiling expression")]
+
+    @staticmethod
+    def _reading(expression: str) -> Reading:
+        values = {"identity": "woman", "expression": expression}
+        return Reading(values, dict.fromkeys(values, 1.0), frozenset())
+
+
+def test_the_served_images_losing_what_was_asked_trips_the_guard(tiny_model_path, monkeypatch):
+    """Identical images (PSNR passes) that a judge reads differently: the prompt's smile, which the
+    optimizer parsed, is missing from the served image, so adherence drops 50 points and the guard trips."""
+    judge = MissesTheSmile()
+    loads = []
+    monkeypatch.setattr("serve_app.flow.pipeline.Judge.packaged", lambda: loads.append(1) or judge)
+    served = pipeline(tiny_model_path, None, min_psnr_db=32.0)
+    generate_and_judge(served, 1)
+    generate_and_judge(served, 2)
+    guard = served.quality_guard
+    assert guard.tripped and guard.rolling_psnr_db == IDENTICAL_DB
+    assert guard.rolling_served_adherence == 0.5 and guard.rolling_baseline_adherence == 1.0
+    assert "50.0 points under the baseline's 100.0%" in guard.reason
+    assert judge.images_read == 4 and len(loads) == 1  # loaded once, for both comparisons
