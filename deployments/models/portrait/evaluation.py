@@ -40,6 +40,18 @@ def held_out_prompts(count: int) -> list[HeldOutPrompt]:
     return [HeldOutPrompt(a, structured_caption(a), seed) for seed, a in enumerate(held_out_combinations()[:count])]
 
 
+def partial_prompts(count: int, keep: float) -> list[HeldOutPrompt]:
+    """Held-out combinations with each attribute named with probability `keep` (fewer asked
+    attributes: a simpler prompt), for adherence as a function of how much a prompt asks."""
+    import random
+
+    rng = random.Random(f"partial-prompts:{keep}")
+    return [
+        HeldOutPrompt(a, structured_caption(a, rng, keep=keep), seed)
+        for seed, a in enumerate(held_out_combinations()[:count])
+    ]
+
+
 def read_prompts(model_dir: Path, prompts: Sequence[str]) -> list[PromptExpectations]:
     """What each prompt asks that a portrait can show, as the prompt optimizer's parser reads it."""
     from deployments.prompt.optimizer import PromptOptimizerEngine
