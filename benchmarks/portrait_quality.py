@@ -87,7 +87,7 @@ def generated_results(count: int, steps: tuple[int, ...], model: str) -> dict:
     asked = read_prompts(model_dir, [p.prompt for p in prompts])
     pipe = load_pipeline(model_dir)
     by_steps = {}
-    grid_images = []
+    grid_images, grid_prompts = attribute_grid(pipe)
     for step_count in steps:
         started = time.perf_counter()
         images = generate(pipe, [p.prompt for p in prompts], [p.seed for p in prompts], step_count)
@@ -99,16 +99,71 @@ def generated_results(count: int, steps: tuple[int, ...], model: str) -> dict:
             "frechet_vs_rendered": round(rendered_frechet(judge, prompts, images), 3),
             "seconds": round(time.perf_counter() - started, 1),
         }
-        if step_count == max(steps):
-            grid_images = images[: GRID_ROWS * GRID_COLUMNS]
     return {
         "model": model,
         "prompts": count,
         "by_steps": by_steps,
         "by_asked_attributes": asked_attribute_study(pipe, judge, model_dir, count // 2, steps),
         "grid": grid_images,
-        "grid_prompts": [p.prompt for p in prompts[: len(grid_images)]],
+        "grid_prompts": grid_prompts,
     }
+
+
+# One row per attribute: a base portrait varied along that attribute only (the README grid).
+ATTRIBUTE_ROWS: dict[str, tuple[str, ...]] = {
+    "background": (
+        "blue background",
+        "red background",
+        "yellow background",
+        "green background",
+        "black background",
+        "outdoors",
+    ),
+    "hair_color": ("black", "brown", "blonde", "red", "gray", "white"),
+    "hair_style": ("short", "long", "curly", "bald", "ponytail", "afro"),
+    "expression": (
+        "smiling expression",
+        "laughing expression",
+        "neutral",
+        "sad expression",
+        "surprised expression",
+        "angry expression",
+    ),
+    "glasses": (
+        "no glasses",
+        "wearing glasses",
+        "wearing round glasses",
+        "wearing square glasses",
+        "wearing sunglasses",
+        "no glasses",
+    ),
+    "identity": ("man", "woman", "boy", "girl", "man", "woman"),
+    "ethnicity": ("Asian", "South Asian", "Black", "White", "Hispanic", "Middle Eastern"),
+    "view": ("front view", "three quarter view", "side profile", "front view", "three quarter view", "side profile"),
+}
+GRID_STEPS = 30
+
+
+def attribute_grid(pipe) -> tuple[list, list[str]]:
+    """Images and labels of the attribute grid: row r varies ATTRIBUTE_ROWS' r-th attribute of
+    a base portrait (a young Hispanic woman, short brown hair, gray background); each prompt is
+    the full structured caption, each label the value varied."""
+    from dataclasses import replace
+
+    from deployments.models.portrait.attributes import PortraitAttributes
+    from deployments.models.portrait.captions import structured_caption
+    from deployments.models.portrait.evaluation import generate
+
+    base = PortraitAttributes(identity="woman", ethnicity="Hispanic", age="young", background="gray background")
+    children = {"boy": "child", "girl": "child"}  # a boy or a girl is drawn as a child
+    prompts = [
+        structured_caption(replace(base, **{name: value}, age=children.get(value, base.age)))
+        for name, values in ATTRIBUTE_ROWS.items()
+        for value in values
+    ]
+    labels = [f"{name}: {value}" for name, values in ATTRIBUTE_ROWS.items() for value in values]
+    seeds = [1000 + i % GRID_COLUMNS for i in range(len(prompts))]
+    return generate(pipe, prompts, seeds, GRID_STEPS), labels
 
 
 KEEP_SHARES = (0.3, 0.6, 1.0)
@@ -131,7 +186,7 @@ def asked_attribute_study(pipe, judge, model_dir, count: int, steps: tuple[int, 
     return rows
 
 
-GRID_ROWS, GRID_COLUMNS = 4, 6
+GRID_COLUMNS = 6
 
 
 def save_grid(images: list, prompts: list[str], path: Path) -> None:
@@ -140,14 +195,14 @@ def save_grid(images: list, prompts: list[str], path: Path) -> None:
 
     from PIL import Image, ImageDraw
 
-    side, caption_height = 128, 64
+    side, caption_height = 128, 28
     rows = -(-len(images) // GRID_COLUMNS)
     sheet = Image.new("RGB", (GRID_COLUMNS * side, rows * (side + caption_height)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         x, y = (i % GRID_COLUMNS) * side, (i // GRID_COLUMNS) * (side + caption_height)
         sheet.paste(image.resize((side, side)), (x, y))
-        draw.multiline_text((x + 2, y + side + 1), "\n".join(textwrap.wrap(prompt, 30)[:6]), fill="black")
+        draw.multiline_text((x + 2, y + side + 1), "\n".join(textwrap.wrap(prompt, 24)[:2]), fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
