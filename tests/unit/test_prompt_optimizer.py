@@ -601,7 +601,9 @@ def test_phrasings_from_the_fourth_held_out_set(engine, text, key, value):
 @pytest.mark.parametrize(
     "text,key,value",
     [
-        ("a woman with short white natural hair", "hair", "short natural gray hair"),
+        ("a woman with short white natural hair", "hair", "short natural white hair"),
+        ("an old woman with white hair, plain blue background", "hair", "white hair"),
+        ("an old woman with white hair, plain blue background", "background", "blue background"),
         ("a ten-year-old Mexican girl", "age", "age:10"),
         ("a grandfather in a tweed flat cap", "accessories", ["tweed flat hat"]),
         ("a man in a charcoal suit and a maroon tie", "accessories", ["charcoal suit", "maroon tie"]),

@@ -36,8 +36,7 @@ AGE_WORDS = {
     "elderly": "old",
     "senior": "old",
 }
-# The optimizer's lexicon spells white hair "gray"; the renderer draws both.
-HAIR_COLOR_ALIASES = {"gray": frozenset({"gray", "white"}), "grey": frozenset({"gray", "white"})}
+HAIR_COLOR_ALIASES = {"grey": frozenset({"gray"})}
 FACIAL_HAIR_ALIASES = {"full beard": "beard", "goatee": "beard"}
 GLASSES_KINDS = frozenset(g for g in GLASSES if g not in ("no glasses", "wearing sunglasses"))
 _AGE_NUMBER = re.compile(r"age:(\d+)")
