@@ -39,6 +39,7 @@ class Ingress:
         model_id: str,
         features: dict[str, bool] | None = None,
     ):
+        metrics = PipelineMetrics()
         pipeline = ImagePipeline(
             prompt_optimizer,
             text_encoder,
@@ -46,9 +47,9 @@ class Ingress:
             vae_codec,
             StepController(settings.steps),
             LiveQualityGuard(settings.quality_guard),
-            PipelineMetrics(),
+            metrics,
         )
-        api.install(pipeline, settings, model_id, features)
+        api.install(pipeline, settings, model_id, features, on_key_use=metrics.record_api_key)
 
 
 def build_application(

@@ -103,6 +103,18 @@ class QualityGuardSettings(BaseModel):
     min_samples: int = Field(10, ge=1, description="no verdict on fewer comparisons than this")
 
 
+class ApiKeyLimits(BaseModel):
+    """Per-key limits (serve_config.yaml: args.api_key_limits) for keys that name none of their own
+    (`fusionserve keys add --requests-per-minute N --max-concurrent N` stores a key's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(
+        60, ge=1, description="requests admitted per key in any 60 s (null: no limit)"
+    )
+    max_concurrent: int | None = Field(4, ge=1, description="requests of one key in flight at once (null: no limit)")
+
+
 class AppSettings(BaseModel):
     """Everything `build_app` needs. Defaults are the laptop defaults."""
 
@@ -125,6 +137,12 @@ class AppSettings(BaseModel):
     prompt: PromptSettings = PromptSettings()
     text_encoder: TextEncoderSettings = TextEncoderSettings()
     denoiser: DenoiserSettings = DenoiserSettings()
+    api_keys_file: str | None = Field(
+        None,
+        description="key file written by `fusionserve keys add`, read by the ingress replica (give an absolute path); "
+        "set, every /v1 request needs `Authorization: Bearer KEY`; null: no authentication",
+    )
+    api_key_limits: ApiKeyLimits = ApiKeyLimits()
 
     def threads_for(self, stage: StageName) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)

@@ -43,6 +43,12 @@ class PipelineMetrics:
             "and reference face (none, new: encoded, cached: from the embedding cache)",
             tag_keys=("kind", "reference"),
         )
+        self._api_keys = metrics.Counter(
+            "fusionserve_api_key_requests",
+            description="requests by API key name (never the key; '-': no valid key) and outcome "
+            "(accepted, unauthorized, rate_limited)",
+            tag_keys=("key", "outcome"),
+        )
 
     def record_request(self, decision, deadline_met: bool | None) -> None:
         self._steps.observe(decision.steps, tags={"policy": decision.policy, "reason": decision.reason})
@@ -53,6 +59,9 @@ class PipelineMetrics:
 
     def record_edit(self, kind: str, reference: str) -> None:
         self._edits.inc(tags={"kind": kind, "reference": reference})
+
+    def record_api_key(self, key_name: str, outcome: str) -> None:
+        self._api_keys.inc(tags={"key": key_name, "outcome": outcome})
 
     def record_shadow(self, guard) -> None:
         self._comparisons.inc()

@@ -45,6 +45,7 @@ class ApiError(Exception):
         status_code: int = 400,
         code: str | None = None,
         error_type: str = INVALID_REQUEST,
+        headers: Mapping[str, str] | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -52,9 +53,10 @@ class ApiError(Exception):
         self.status_code = status_code
         self.code = code
         self.error_type = error_type
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 429
 
     def response(self) -> JSONResponse:
-        return error_response(self.status_code, self.message, self.param, self.code, self.error_type)
+        return error_response(self.status_code, self.message, self.param, self.code, self.error_type, self.headers)
 
 
 def error_response(
@@ -63,9 +65,10 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     error_type: str = INVALID_REQUEST,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status_code)
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
 def validation_error_response(errors: Sequence[Mapping[str, Any]]) -> JSONResponse:

@@ -24,7 +24,8 @@ from serve_app.config import AppSettings, parse_size
 from serve_app.flow.request import ImageRequest
 from serve_app.http import uploads
 from serve_app.http.errors import ApiError
-from serve_app.http.schemas import ImageEditForm, ImageOptions
+from serve_app.http.image_output import ImageOutput, OutputFormat
+from serve_app.http.schemas import QUALITY_TIERS, ImageEditForm, ImageOptions
 
 # multipart file field -> the edit input it is (the `openai` client sends `image[]`)
 EDIT_FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask", "reference_image": "reference_image"}
@@ -68,6 +69,35 @@ def check_generation_supported(features: Mapping[str, Any]) -> None:
         )
 
 
+def refuse_streaming(body: ImageOptions) -> None:
+    """`stream: true` -> 400 until partial images are served (the streaming work answers it instead)."""
+    if body.stream:
+        raise ApiError(
+            "streaming is not available yet: send stream false (or leave it out) to get the whole image in one answer",
+            "stream",
+            code="unsupported_parameter",
+        )
+
+
+def image_output(body: ImageOptions) -> ImageOutput:
+    """How the answer's images are encoded. Refused: a transparent background (the model
+    draws opaque images) and output_compression for PNG (lossless: nothing to set)."""
+    if body.background == "transparent":
+        raise ApiError(
+            "background 'transparent' is not available: the model draws opaque images only (send 'opaque' or 'auto')",
+            "background",
+            code="unsupported_value",
+        )
+    output_format: OutputFormat = body.output_format or "png"
+    if body.output_compression is not None and output_format == "png":
+        raise ApiError(
+            "output_compression applies to output_format jpeg and webp only; PNG is lossless",
+            "output_compression",
+            code="unsupported_parameter",
+        )
+    return ImageOutput(output_format, 100 if body.output_compression is None else body.output_compression)
+
+
 def to_image_request(body: ImageOptions, settings: AppSettings, edit: EditInputs | None = None) -> ImageRequest:
     """Checks that depend on the configured limits, then the one internal request type;
     an edit when `edit` is given."""
@@ -98,7 +128,7 @@ def to_image_request(body: ImageOptions, settings: AppSettings, edit: EditInputs
         optimize_prompt=body.optimize_prompt,
         step_policy=body.step_policy,
         deadline_ms=body.deadline_ms,
-        quality=body.quality,
+        quality=QUALITY_TIERS[body.quality] if body.quality else None,
     )
     if edit is None:
         return request

@@ -3,14 +3,17 @@
 The FastAPI app is module-level. Ray Serve ships a copy of it to the ingress replica,
 so the pipeline is not kept on `app.state` (that would be the copy's) but installed
 with `install()` into this module, which the replica process imports by reference.
-Every error leaves as `{"error": {"message", "type", "param", "code"}}` (errors.py).
+Every error leaves as `{"error": {"message", "type", "param", "code"}}` (errors.py). With
+`api_keys_file` set, every route but /healthz and the docs needs an API key (auth.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -22,11 +25,15 @@ from serve_app import __version__
 from serve_app.config import AppSettings, Limits
 from serve_app.flow.pipeline import ImagePipeline
 from serve_app.flow.request import ImageRequest
+from serve_app.http.auth import ApiKeyGuard, ApiKeyMiddleware
 from serve_app.http.errors import ERROR_RESPONSES, SERVER_ERROR, ApiError, add_error_handlers
+from serve_app.http.image_output import ImageOutput, encode_image
 from serve_app.http.image_request import (
     check_generation_supported,
     check_text,
     decoded_edit_inputs,
+    image_output,
+    refuse_streaming,
     split_form,
     to_image_request,
 )
@@ -48,17 +55,31 @@ class ServingState:
     settings: AppSettings = field(default_factory=AppSettings)
     model_id: str = ""
     features: Mapping[str, Any] = field(default_factory=dict)  # what the model folder has, e.g. image_prompt_adapter
+    auth: ApiKeyGuard | None = None  # None: no API keys asked
 
 
 _serving = ServingState()
 
 
 def install(
-    pipeline: ImagePipeline, settings: AppSettings, model_id: str, features: Mapping[str, Any] | None = None
+    pipeline: ImagePipeline,
+    settings: AppSettings,
+    model_id: str,
+    features: Mapping[str, Any] | None = None,
+    on_key_use: Callable[[str, str], None] | None = None,
 ) -> None:
-    """Make this process's routes serve `pipeline` (called by the ingress constructor)."""
+    """Make this process's routes serve `pipeline` (called by the ingress constructor).
+    `on_key_use(key_name, outcome)`: per-key metrics when API keys are on."""
     _serving.pipeline, _serving.settings, _serving.model_id = pipeline, settings, model_id
     _serving.features = features or {}
+    keys_file = settings.api_keys_file
+    _serving.auth = ApiKeyGuard(Path(keys_file), settings.api_key_limits, record=on_key_use) if keys_file else None
+
+
+def current_auth() -> ApiKeyGuard | None:
+    """The installed key guard (a module function: the middleware of Ray's copy of the app finds
+    this process's state through it)."""
+    return _serving.auth
 
 
 app = FastAPI(
@@ -67,6 +88,7 @@ app = FastAPI(
     description="Portrait generation and face-fusion edits, OpenAI Images API compatible.",
 )
 add_error_handlers(app)
+app.add_middleware(ApiKeyMiddleware, guard=current_auth)
 
 
 def ready_pipeline() -> ImagePipeline:
@@ -98,13 +120,23 @@ def server_timing(stage_ms: Mapping[str, float]) -> str:
 async def create_image(body: ImageGenerationBody, response: Response) -> ImagesResponse:
     ready_pipeline()
     check_generation_supported(_serving.features)
-    return await images_response(to_image_request(body, _serving.settings), response)
+    refuse_streaming(body)
+    output = image_output(body)
+    return await images_response(to_image_request(body, _serving.settings), output, response)
 
 
-async def images_response(image_request: ImageRequest, response: Response) -> ImagesResponse:
+async def images_response(image_request: ImageRequest, output: ImageOutput, response: Response) -> ImagesResponse:
     result = await ready_pipeline().generate(image_request)
-    response.headers["Server-Timing"] = server_timing(result.stage_ms)
-    return ImagesResponse.of(result, image_request.width, image_request.height)
+    stage_ms = dict(result.stage_ms)
+    images = result.images_png
+    if output.format != "png":  # CPU work: on a worker thread
+        start = time.perf_counter()
+        images = await asyncio.to_thread(lambda: [encode_image(png, output) for png in result.images_png])
+        stage_ms["transcode"] = (time.perf_counter() - start) * 1000.0
+    response.headers["Server-Timing"] = server_timing(stage_ms)
+    tier = image_request.quality or _serving.settings.steps.default_quality
+    size = f"{image_request.width}x{image_request.height}"
+    return ImagesResponse.of(result, images, output.format, tier, size)
 
 
 @app.post("/v1/images/edits", responses=ERROR_RESPONSES)
@@ -114,8 +146,10 @@ async def edit_image(request: Request, response: Response) -> ImagesResponse:
     ready_pipeline()
     settings = _serving.settings
     files, edit_form = await read_edit_form(request, settings.limits)
+    refuse_streaming(edit_form)
+    output = image_output(edit_form)  # before decoding: a refused field costs no decode
     edit = await asyncio.to_thread(decoded_edit_inputs, files, edit_form, settings, _serving.features)
-    return await images_response(to_image_request(edit_form, settings, edit), response)
+    return await images_response(to_image_request(edit_form, settings, edit), output, response)
 
 
 async def read_edit_form(request: Request, limits: Limits) -> tuple[dict[str, bytes], ImageEditForm]:

@@ -11,16 +11,43 @@ import base64
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import QualityTier, StepPolicy
 from serve_app.flow.pipeline import GenerationResult
 from serve_app.flow.usage import Usage
+from serve_app.http.image_output import OutputFormat
 
 MAX_SEED = 2**63 - 1
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAMESPACE_HELP = "Cache namespace (tenant or template id); its configured template is put first."
+
+# OpenAI's quality names are aliases of our tiers (one field, so nothing to arbitrate); "auto" is
+# the configured default tier (steps.default_quality), as leaving `quality` out is: None.
+QualityName = Literal["fast", "balanced", "best", "low", "medium", "high", "auto", "standard", "hd"]
+QUALITY_TIERS: dict[QualityName, QualityTier | None] = {
+    "fast": "fast",
+    "balanced": "balanced",
+    "best": "best",
+    "low": "fast",
+    "medium": "balanced",
+    "high": "best",
+    "auto": None,
+    "standard": "balanced",
+    "hd": "best",
+}
+# The tier a request ran at, as OpenAI's response names it.
+OPENAI_QUALITY: dict[QualityTier, Literal["low", "medium", "high"]] = {
+    "fast": "low",
+    "balanced": "medium",
+    "best": "high",
+}
+QUALITY_HELP = (
+    "fast | balanced | best: the step range the policies choose in (15-20, 15-30, 25-40 by default). "
+    "OpenAI's names are aliases: low=fast, medium=balanced, high=best, standard=balanced, hd=best, "
+    "auto=the configured default tier."
+)
 
 
 # --------------------------------------------------------------------------- requests
@@ -29,10 +56,30 @@ class ImageOptions(BaseModel):
 
     prompt: str = Field(description="What to draw. Whitespace is normalised; at most `limits.max_prompt_chars`.")
     n: int = Field(1, ge=1, description="Number of images (1 to `limits.max_images`, 4 by default).")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT', sides multiples of 8 within the limits.")
+    size: str | None = Field(
+        None,
+        description="'WIDTHxHEIGHT', sides multiples of 8 within the limits; 'auto' (as leaving it out): "
+        "the model's native size, for edits the target's.",
+    )
     response_format: Literal["b64_json"] = "b64_json"
     model: str | None = Field(None, description="Accepted for OpenAI compatibility; the served model is fixed.")
-    user: str | None = None
+    user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    output_format: OutputFormat | None = Field(None, description="png (default) | jpeg | webp: how images are encoded.")
+    output_compression: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="jpeg and webp only: the encoder's quality, 0-100 (default 100: least loss). "
+        "With png it is refused: PNG is lossless.",
+    )
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto | opaque (what the model draws); transparent is refused."
+    )
+    stream: bool | None = Field(None, description="true is refused for now: streaming is not available yet.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Partial images to stream (0-3); without streaming, ignored."
+    )
     # Extensions beyond the OpenAI schema.
     negative_prompt: str = ""
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 16, description="Same seed -> same image. Image i uses seed+i.")
@@ -52,16 +99,23 @@ class ImageOptions(BaseModel):
         allow_inf_nan=False,
         description="Latency target in ms for the slo policy: the most steps that still meet it.",
     )
-    quality: QualityTier | None = Field(
-        None,
-        description="fast | balanced | best: the step range the policies choose in (15-20, 15-30, 25-40 by default).",
-    )
+    quality: QualityName | None = Field(None, description=QUALITY_HELP)
+
+    @field_validator("size")
+    @classmethod
+    def _auto_is_the_default(cls, size: str | None) -> str | None:
+        return None if size == "auto" else size
 
 
 class ImageGenerationBody(ImageOptions):
     """`POST /v1/images/generations`. Strict types: `"n": "2"` is an error, not a 2."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="Accepted for OpenAI compatibility; there is no moderation model."
+    )
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
 
 class ImageEditForm(ImageOptions):
@@ -70,6 +124,10 @@ class ImageEditForm(ImageOptions):
 
     model_config = ConfigDict(extra="forbid")
 
+    input_fidelity: Literal["high", "low"] | None = Field(
+        None,
+        description="Accepted for OpenAI compatibility; ignored: `strength` says how much of the target is kept.",
+    )
     strength: float | None = Field(
         None,
         gt=0.0,
@@ -107,7 +165,7 @@ class PromptOptimizeBody(BaseModel):
 
 # --------------------------------------------------------------------------- responses
 class ImageData(BaseModel):
-    b64_json: str = Field(description="The PNG, base64-encoded.")
+    b64_json: str = Field(description="The image in `output_format`, base64-encoded.")
     revised_prompt: str = Field(description="The prompt CLIP got (after the prompt optimizer).")
     seed: int = Field(description="This image's seed: the request's seed + its index.")
 
@@ -117,23 +175,32 @@ class ImagesResponse(BaseModel):
     extensions and `warnings`."""
 
     created: int = Field(description="Unix time of the answer.")
+    background: Literal["opaque"] = Field("opaque", description="The model draws opaque images only.")
     data: list[ImageData]
-    output_format: Literal["png"] = "png"
+    output_format: OutputFormat = Field(description="How `data[i].b64_json` is encoded.")
+    quality: Literal["low", "medium", "high"] = Field(
+        description="The tier the steps were chosen in, by OpenAI's name (fast=low, balanced=medium, best=high)."
+    )
     size: str = Field(description="'WIDTHxHEIGHT' of every image.")
     usage: Usage
     warnings: list[str] = Field(description="What the prompt optimizer dropped or could not translate.")
 
     @classmethod
-    def of(cls, result: GenerationResult, width: int, height: int) -> ImagesResponse:
+    def of(
+        cls, result: GenerationResult, images: list[bytes], output_format: OutputFormat, tier: QualityTier, size: str
+    ) -> ImagesResponse:
+        """`images`: the result's images encoded in `output_format`; `tier`: the one the request ran at."""
         return cls(
             created=int(time.time()),
             data=[
                 ImageData(
-                    b64_json=base64.b64encode(png).decode("ascii"), revised_prompt=result.prompt.prompt, seed=seed
+                    b64_json=base64.b64encode(image).decode("ascii"), revised_prompt=result.prompt.prompt, seed=seed
                 )
-                for png, seed in zip(result.images_png, result.seeds)
+                for image, seed in zip(images, result.seeds)
             ],
-            size=f"{width}x{height}",
+            output_format=output_format,
+            quality=OPENAI_QUALITY[tier],
+            size=size,
             usage=result.usage,
             warnings=list(result.prompt.warnings),
         )

@@ -1,4 +1,4 @@
-"""The `fusionserve` command: serve, generate in-process, build model presets."""
+"""The `fusionserve` command: serve, generate in-process, build model presets, manage API keys."""
 
 from __future__ import annotations
 
@@ -139,11 +139,13 @@ def cmd_serve(options: argparse.Namespace) -> int:
     config = load_serve_config(options.config, options.profile)
     settings, deployment_options, application = split_app_config(config, options.model)
     _resolved_model(settings)  # fail (or build the preset) before Ray starts
+    settings = _with_api_keys(settings, options.api_keys_file)
     http_options = dict(config.get("http_options") or {})
     if options.host:
         http_options["host"] = options.host
     if options.port:
         http_options["port"] = options.port
+    _warn_if_open(http_options, settings)
 
     profile = f", profile {options.profile}" if options.profile else ""
     print(f"fusionserve: model {settings.model!r}, config {options.config}{profile}", flush=True)
@@ -170,6 +172,33 @@ def cmd_serve(options: argparse.Namespace) -> int:
         ray.shutdown()
     print("stopped.", flush=True)
     return 0
+
+
+def _with_api_keys(settings: AppSettings, api_keys_file: str | None) -> AppSettings:
+    """The settings with --api-keys-file over the config's, as an absolute path (the ingress
+    replica's working directory is not ours); the file is read now, so a bad one fails before Ray starts."""
+    from serve_app.http.api_keys import KeyFileError, read_keys
+
+    path = api_keys_file or settings.api_keys_file
+    if path is None:
+        return settings
+    resolved = Path(path).expanduser().resolve()
+    with user_errors(KeyFileError):
+        keys = read_keys(resolved)
+    if not keys.keys:
+        print(f"warning: {resolved} holds no key: every /v1 request will be refused", file=sys.stderr, flush=True)
+    return settings.model_copy(update={"api_keys_file": str(resolved)})
+
+
+def _warn_if_open(http_options: dict[str, Any], settings: AppSettings) -> None:
+    host = http_options.get("host", "127.0.0.1")
+    if settings.api_keys_file is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: listening on {host} without API keys: anyone who reaches the port can use the "
+            "machine; turn them on with --api-keys-file (see `fusionserve keys add`)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _print_addresses(http_options: dict[str, Any], dashboard: str) -> None:
@@ -624,6 +653,59 @@ def _check_manifest(path: Path, generated: str, options: argparse.Namespace) -> 
     return 1
 
 
+# --------------------------------------------------------------------------- API keys
+
+
+def cmd_keys_add(options: argparse.Namespace) -> int:
+    """A new key: stored hashed in the file, printed once (alone on the last line)."""
+    from serve_app.http.api_keys import KeyFileError, add_key
+
+    with user_errors(KeyFileError):
+        stored, key = add_key(Path(options.file), options.name, options.requests_per_minute, options.max_concurrent)
+    limits = ", ".join(
+        f"{name} {value}"
+        for name, value in (
+            ("requests_per_minute", stored.requests_per_minute),
+            ("max_concurrent", stored.max_concurrent),
+        )
+        if value is not None
+    )
+    print(f"added key {stored.name!r} to {options.file}" + (f" ({limits})" if limits else " (the server's limits)"))
+    print("It is shown only this once (the file keeps its hash); send it as `Authorization: Bearer KEY`:")
+    print(key)
+    return 0
+
+
+def cmd_keys_list(options: argparse.Namespace) -> int:
+    """Names, creation times and limits; no secret is stored, so none can be shown."""
+    from serve_app.http.api_keys import KeyFileError, read_keys
+
+    with user_errors(KeyFileError):
+        keys = read_keys(Path(options.file)).keys
+    if options.json:
+        print(json.dumps([key.model_dump(mode="json", exclude={"sha256"}) for key in keys], indent=2))
+        return 0
+    rows = [["NAME", "CREATED", "REQUESTS/MIN", "MAX CONCURRENT"]]
+    for key in keys:
+        limits = [
+            str(value) if value is not None else "default" for value in (key.requests_per_minute, key.max_concurrent)
+        ]
+        rows.append([key.name, key.created.isoformat(), *limits])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(options: argparse.Namespace) -> int:
+    from serve_app.http.api_keys import KeyFileError, revoke_key
+
+    with user_errors(KeyFileError):
+        revoke_key(Path(options.file), options.name)
+    print(f"revoked key {options.name!r}: a running server refuses it from its next request on")
+    return 0
+
+
 # --------------------------------------------------------------------------- the parser
 
 
@@ -672,6 +754,12 @@ def _add_serve(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> Non
     )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--api-keys-file",
+        metavar="PATH",
+        help="require `Authorization: Bearer KEY` with a key of this file (made by `fusionserve keys add`); "
+        "default: the config's api_keys_file, else no authentication",
+    )
     serve.set_defaults(run=cmd_serve)
 
 
@@ -872,6 +960,27 @@ def _add_ab_test(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> N
     ab_test.set_defaults(run=cmd_ab_test)
 
 
+def _add_keys(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="API keys: add, list, revoke (the server re-reads the file)")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    key_file = argparse.ArgumentParser(add_help=False)
+    key_file.add_argument("--file", required=True, metavar="PATH", help="the key file (JSON; created by add)")
+
+    add = actions.add_parser("add", parents=[key_file], help="make a key, print it once, store its hash")
+    add.add_argument("--name", help="unique name, shown in metrics and limits (default: key-N)")
+    add.add_argument("--requests-per-minute", type=int, help="this key's limit (default: the server's api_key_limits)")
+    add.add_argument("--max-concurrent", type=int, help="this key's limit (default: the server's api_key_limits)")
+    add.set_defaults(run=cmd_keys_add)
+
+    listing = actions.add_parser("list", parents=[key_file], help="names, creation times, limits (no secrets)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_keys_list)
+
+    revoke = actions.add_parser("revoke", parents=[key_file], help="remove a key; a running server refuses it")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_keys_revoke)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fusionserve", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -889,6 +998,7 @@ def parser() -> argparse.ArgumentParser:
     _add_judge(commands, shared)
     _add_train_judge(commands)
     _add_train_model(commands)
+    _add_keys(commands)
     return root
 
 

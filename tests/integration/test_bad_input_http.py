@@ -47,7 +47,7 @@ BAD_BODIES = [
     ("unknown parameter", {**OK, "styl": "vivid"}, "styl", "unknown parameter"),
     ("deadline zero", {**OK, "deadline_ms": 0}, "deadline_ms", "greater than 0"),
     ("deadline string", {**OK, "deadline_ms": "fast"}, "deadline_ms", "number"),
-    ("quality unknown", {**OK, "quality": "ultra"}, "quality", "'fast', 'balanced' or 'best'"),
+    ("quality unknown", {**OK, "quality": "ultra"}, "quality", "'fast', 'balanced', 'best', 'low'"),
     ("step policy unknown", {**OK, "step_policy": "magic"}, "step_policy", "'fixed', 'complexity' or 'slo'"),
     ("negative prompt not a string", {**OK, "negative_prompt": ["blurry"]}, "negative_prompt", "string"),
 ]

@@ -28,7 +28,7 @@ PROMPT = OptimizedPrompt(
 )
 
 # The README's API section: the top-level keys and the `usage` keys, in the order they are sent.
-IMAGES_KEYS = ["created", "data", "output_format", "size", "usage", "warnings"]
+IMAGES_KEYS = ["created", "background", "data", "output_format", "quality", "size", "usage", "warnings"]
 USAGE_KEYS = [
     "input_tokens",
     "input_tokens_details",
