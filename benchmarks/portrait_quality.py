@@ -103,7 +103,9 @@ def generated_results(count: int, steps: tuple[int, ...], model: str) -> dict:
         "model": model,
         "prompts": count,
         "by_steps": by_steps,
-        "by_asked_attributes": asked_attribute_study(pipe, judge, model_dir, count // 2, steps),
+        "by_asked_attributes": asked_attribute_study(
+            pipe, judge, model_dir, max(2, count // 5), tuple(s for s in steps if s in STUDY_STEPS) or steps
+        ),
         "grid": grid_images,
         "grid_prompts": grid_prompts,
     }
@@ -167,6 +169,7 @@ def attribute_grid(pipe) -> tuple[list, list[str]]:
 
 
 KEEP_SHARES = (0.3, 0.6, 1.0)
+STUDY_STEPS = (10, 20, 30)
 
 
 def asked_attribute_study(pipe, judge, model_dir, count: int, steps: tuple[int, ...]) -> list[dict]:
@@ -247,7 +250,7 @@ def generated_markdown(generated: dict) -> list[str]:
         for steps, entry in by_steps.items()
     ]
     study = generated["by_asked_attributes"]
-    steps = [k for k in by_steps]
+    steps = [k for k in study[0] if k not in ("keep", "mean_asked")]
     study_rows = [
         f"| {row['keep']:.0%} | {row['mean_asked']} | " + " | ".join(f"{row[s]:.1%}" for s in steps) + " |"
         for row in study
