@@ -121,7 +121,7 @@ class AppSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
-        "tiny", description="trained model (portrait), preset (tiny, sd15) or path to a diffusers SD 1.x folder"
+        "portrait", description="trained model (portrait), preset (tiny, sd15) or path to a diffusers SD 1.x folder"
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica; default: all cores")
     stage_threads: dict[StageName, Annotated[int, Field(ge=1)]] = Field(

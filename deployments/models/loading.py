@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from deployments.models import builder
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "portrait"
 # Models trained by our code (`fusionserve train-model`), shipped as package data: used as they are.
 TRAINED_DIR = Path(__file__).parent / "trained"
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
+from pathlib import Path
 
 from serve_app.flow.request import ImageRequest
 from serve_app.flow.steps import steps_for_score
 from tests.conftest import max_pixel_diff, png_pixels, run
 
-CURL_BODY = {
-    "prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses",
-    "size": "256x256",
+CURL_BODY = {  # the README's first example
+    "prompt": "portrait of an Asian man, age:35, smiling expression, wearing glasses, blue background",
     "seed": 7,
 }
 
@@ -36,12 +37,15 @@ def test_healthz_and_docs(http):
 
 
 def test_readme_curl_request(http, tiny_model_path):
+    from deployments.models import loading
+
+    assert json.dumps(CURL_BODY) in Path("README.md").read_text()
     body = generate(http, **CURL_BODY)
     assert isinstance(body["created"], int)
     assert len(body["data"]) == 1
     png = png_of(body["data"][0])
-    assert png_pixels(png).shape == (256, 256, 3)
-    from deployments.models import loading
+    side = loading.native_size(tiny_model_path)  # no size asked: the model's native size
+    assert png_pixels(png).shape == (side, side, 3)
 
     tokenizer = loading.load_tokenizer(tiny_model_path)
     expected_tokens = len(tokenizer(CURL_BODY["prompt"], add_special_tokens=False).input_ids)

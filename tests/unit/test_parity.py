@@ -58,3 +58,46 @@ def test_matches_stable_diffusion_pipeline(
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
     assert max_pixel_diff(ours, np.asarray(reference)) <= 1
+
+
+@pytest.fixture(scope="module")
+def portrait_pipes(portrait_model_path):
+    """The trained portrait model in our staged pipeline and in diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    from serve_app.config import AppSettings
+    from serve_app.flow.pipeline import local_pipeline_for
+
+    path = portrait_model_path
+    reference = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    return local_pipeline_for(path, AppSettings(model="portrait")), reference
+
+
+@pytest.mark.parametrize("prompt,negative,width,height,seed,steps,guidance", [CASES[0], CASES[1]])
+def test_the_portrait_model_matches_stable_diffusion_pipeline(
+    portrait_pipes, prompt, negative, width, height, seed, steps, guidance
+):
+    ours_pipe, diffusers_portrait = portrait_pipes
+    request = ImageRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width * 2,
+        height=height * 2,
+        n=1,
+        seed=seed,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        optimize_prompt=False,
+    )
+    ours = run(ours_pipe.generate(request)).images_png[0]
+    reference = diffusers_portrait(
+        prompt,
+        negative_prompt=negative or None,
+        width=width * 2,
+        height=height * 2,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    assert max_pixel_diff(ours, np.asarray(reference)) <= 1
