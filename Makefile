@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 model: install
 	$(VENV)/bin/fusionserve build-model tiny
 
-serve: model
+serve: install  # the default model, portrait, ships in the package: nothing to build
 	$(VENV)/bin/fusionserve serve
 
 test: model

@@ -10,8 +10,10 @@ Policies (serve_config.yaml `steps.policy`, per request `step_policy`):
   density for edits. Why: every attribute is a constraint the image must satisfy and a
   long prompt asks for detail, and detail is what the late, low-noise steps refine; a bare
   "portrait" has little of it (on the embedded model 15 steps already reach 30-33 dB PSNR
-  against 50, see README). A heuristic: the embedded model's random weights cannot show
-  that busy prompts need more steps; a real checkpoint can (ab-test per tier).
+  against 50, see README). A heuristic, not yet backed by data: on the trained portrait
+  model (benchmarks/portrait_quality.py, 2026-12-06) adherence is flat from 10 to 50 steps
+  for prompts asking 3 to 10 attributes (within 2 points), because that model does not yet
+  draw the details late steps refine; re-measure when it does, then set the mapping.
 - `slo`: the largest step count in [min, complexity choice] whose predicted latency meets
   the deadline (request `deadline_ms`, else `steps.deadline_ms`), from the denoiser's live
   load (`LoadSnapshot`): ms per step at the batch occupancy this request would join, and
