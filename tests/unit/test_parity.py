@@ -32,10 +32,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("prompt,negative,width,height,seed,steps,guidance", CASES)
-def test_matches_stable_diffusion_pipeline(
-    local_pipe, diffusers_pipe, prompt, negative, width, height, seed, steps, guidance
-):
+def assert_matches_diffusers(ours_pipe, diffusers_pipe, prompt, negative, width, height, seed, steps, guidance):
+    """Our staged pipeline and diffusers' draw the same image within 1/255."""
     request = ImageRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -47,7 +45,7 @@ def test_matches_stable_diffusion_pipeline(
         num_inference_steps=steps,
         optimize_prompt=False,
     )
-    ours = run(local_pipe.generate(request)).images_png[0]
+    ours = run(ours_pipe.generate(request)).images_png[0]
     reference = diffusers_pipe(
         prompt,
         negative_prompt=negative or None,
@@ -58,6 +56,13 @@ def test_matches_stable_diffusion_pipeline(
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
     assert max_pixel_diff(ours, np.asarray(reference)) <= 1
+
+
+@pytest.mark.parametrize("prompt,negative,width,height,seed,steps,guidance", CASES)
+def test_matches_stable_diffusion_pipeline(
+    local_pipe, diffusers_pipe, prompt, negative, width, height, seed, steps, guidance
+):
+    assert_matches_diffusers(local_pipe, diffusers_pipe, prompt, negative, width, height, seed, steps, guidance)
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +84,6 @@ def test_the_portrait_model_matches_stable_diffusion_pipeline(
     portrait_pipes, prompt, negative, width, height, seed, steps, guidance
 ):
     ours_pipe, diffusers_portrait = portrait_pipes
-    request = ImageRequest(
-        prompt=prompt,
-        negative_prompt=negative,
-        width=width * 2,
-        height=height * 2,
-        n=1,
-        seed=seed,
-        guidance_scale=guidance,
-        num_inference_steps=steps,
-        optimize_prompt=False,
+    assert_matches_diffusers(
+        ours_pipe, diffusers_portrait, prompt, negative, width * 2, height * 2, seed, steps, guidance
     )
-    ours = run(ours_pipe.generate(request)).images_png[0]
-    reference = diffusers_portrait(
-        prompt,
-        negative_prompt=negative or None,
-        width=width * 2,
-        height=height * 2,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
-    assert max_pixel_diff(ours, np.asarray(reference)) <= 1
