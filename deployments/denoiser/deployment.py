@@ -7,12 +7,13 @@ environment (serve_app.config.RAY_ENVIRONMENT) when it is first imported.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiserSettings, DenoiseUpdate
 from deployments.denoiser.step_batcher import LoadSnapshot
 
 METRICS_INTERVAL_S = 1.0
@@ -36,9 +37,18 @@ def build_deployment() -> Any:
             self._export: asyncio.Task | None = None
 
         async def denoise(self, job: DenoiseJob) -> torch.Tensor:
+            self._start_metrics()
+            return await self.engine.denoise_async(job)
+
+        async def denoise_stream(self, job: DenoiseJob) -> AsyncGenerator[DenoiseUpdate]:
+            """The job's previews, then its final latents (call with handle.options(stream=True))."""
+            self._start_metrics()
+            async for update in self.engine.denoise_stream(job):
+                yield update
+
+        def _start_metrics(self) -> None:
             if self._export is None:  # the replica's event loop runs by now
                 self._export = asyncio.get_running_loop().create_task(self._export_metrics())
-            return await self.engine.denoise_async(job)
 
         def load(self) -> LoadSnapshot:
             """Live figures for the step controller and autoscaling."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from deployments.models import loading
 
 __all__ = [
     "DenoiseJob",
+    "DenoiseUpdate",
     "DenoiserEngine",
     "DenoiserSettings",
     "JobCancelled",
@@ -61,6 +62,8 @@ class DenoiseJob:
     mask: torch.Tensor | None = None
     masked_image: ImageLatentDistribution | None = None  # 9-channel inpainting UNets
     image_embeds: torch.Tensor | None = None
+    # streaming: steps done (1-based, of steps_to_run) after which the predicted clean latent is sent
+    preview_steps: tuple[int, ...] = ()
 
     @property
     def steps_to_run(self) -> int:
@@ -68,6 +71,24 @@ class DenoiseJob:
         if self.init_image is None:
             return self.num_inference_steps
         return denoising_steps(self.num_inference_steps, self.strength)
+
+
+def preview_steps(steps: int, previews: int) -> tuple[int, ...]:
+    """`previews` evenly spaced steps of a `steps`-step run, the last step excluded (the final
+    image is not a preview); fewer when the run is too short to space them."""
+    chosen = {round(steps * k / (previews + 1)) for k in range(1, previews + 1)}
+    return tuple(sorted(step for step in chosen if 1 <= step < steps))
+
+
+@dataclass(frozen=True)
+class DenoiseUpdate:
+    """What a streamed job sends: a preview (the predicted clean latents after `steps_done`
+    steps) or, last, its final latents."""
+
+    steps_done: int
+    total_steps: int
+    latents: torch.Tensor  # [images, 4, h, w], scaled as the VAE decodes them
+    final: bool
 
 
 def image_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -180,6 +201,7 @@ class DenoiserEngine:
             image_embeds=image_embeds,
             extra_channels=conditioning,
             generators=generators,
+            preview_after=frozenset(job.preview_steps),
         )
 
     def submit(
@@ -187,10 +209,12 @@ class DenoiserEngine:
         job: DenoiseJob,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: threading.Event | None = None,
+        on_preview: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Future:
         """Queue the job for the step loop; the future gets latents [len(seeds), 4, H/8, W/8].
 
-        `cancelled` set from another thread stops it at the next step boundary (JobCancelled)."""
+        `cancelled` set from another thread stops it at the next step boundary (JobCancelled).
+        `on_preview(done, total, x0)`: the predicted clean latents after each of `job.preview_steps`."""
         return self.batcher.submit(
             lambda: self.prepare(job),
             len(job.seeds),
@@ -200,6 +224,7 @@ class DenoiserEngine:
             cancelled,
             job.variant,
             job.background,
+            on_preview,
         )
 
     def _checked_latent_shape(self, job: DenoiseJob) -> tuple[int, int]:
@@ -233,6 +258,35 @@ class DenoiserEngine:
             cancelled.set()
             self.batcher.wake()
             raise
+
+    async def denoise_stream(
+        self, job: DenoiseJob, on_step: Callable[[int, int], None] | None = None
+    ) -> AsyncGenerator[DenoiseUpdate]:
+        """The job's previews as its steps make them, then its final latents. Closing the
+        iterator early (client gone) makes the job leave the batch at the next step boundary."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[DenoiseUpdate] = asyncio.Queue()
+
+        def on_preview(done: int, total: int, x0: torch.Tensor) -> None:  # on the step loop's thread
+            loop.call_soon_threadsafe(updates.put_nowait, DenoiseUpdate(done, total, x0, final=False))
+
+        cancelled = threading.Event()
+        finished = asyncio.wrap_future(self.submit(job, on_step, cancelled, on_preview))
+        try:
+            while not finished.done() or not updates.empty():
+                next_update = asyncio.ensure_future(updates.get())
+                await asyncio.wait({next_update, finished}, return_when=asyncio.FIRST_COMPLETED)
+                if next_update.done():
+                    yield next_update.result()
+                else:  # previews are queued before the result is set, so none is left behind
+                    next_update.cancel()
+            latents = finished.result()
+            yield DenoiseUpdate(job.steps_to_run, job.steps_to_run, latents, final=True)
+        finally:
+            if not finished.done():
+                cancelled.set()
+                self.batcher.wake()
+                finished.cancel()
 
     def load(self) -> LoadSnapshot:
         return dataclasses.replace(

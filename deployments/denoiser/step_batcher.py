@@ -20,6 +20,8 @@ and the finished jobs retired (`_retire`), as vLLM separates `schedule()` from
 
 Convergence early stop (per job, off by default): a job ends when its predicted clean
 latent x0 changes by less than a threshold between two steps, and returns that x0.
+Live previews: after the steps a job names, its predicted x0 goes to the job's `on_preview`
+(the streaming API decodes it into a partial image).
 
 `admit_between_steps=False` turns the same loop into request-level batching (what
 `@serve.batch` gives: a batch is formed while the loop is idle and runs until its slowest
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 
+from deployments.denoiser.clean_latent import predicted_clean_latent
 from deployments.denoiser.edit_latents import InpaintState
 from deployments.denoiser.variant import UNetVariant, VariantKind
 
@@ -91,6 +94,8 @@ class ActiveJob:
     image_embeds: torch.Tensor | None = None  # [rows, 1, dim]: the image-prompt adapter's input
     extra_channels: torch.Tensor | None = None  # [images, 5, h, w]: a 9-channel UNet's mask + masked image
     generators: list[torch.Generator] | None = None  # one per image: a stochastic scheduler's step noise
+    preview_after: frozenset[int] = frozenset()  # steps done after which the job shows its predicted x0
+    preview: torch.Tensor | None = None  # that x0, set by the step that made it, taken by the step loop
 
     @property
     def guided(self) -> bool:
@@ -126,12 +131,16 @@ class ActiveJob:
         return uncond + self.guidance_scale * (cond - uncond)
 
     def advance(self, noise: torch.Tensor) -> bool:
-        """Apply one step's (guided) noise prediction; True when the job converged and ended early."""
-        if self.early_stop is not None:
-            x0 = self._converged_x0(noise, self.early_stop)
-            if x0 is not None:
-                self.latents, self.step = x0, len(self.timesteps)
-                return True
+        """Apply one step's (guided) model output; True when the job converged and ended early."""
+        wants_preview = self.step + 1 in self.preview_after and self.step + 1 < len(self.timesteps)
+        x0 = None
+        if self.early_stop is not None or wants_preview:
+            x0 = predicted_clean_latent(self.scheduler, self.latents, noise, self.timesteps[self.step])
+        if wants_preview:
+            self.preview = x0
+        if self.early_stop is not None and x0 is not None and self._converged(x0, self.early_stop):
+            self.latents, self.step = x0, len(self.timesteps)
+            return True
         takes_generator = self.generators and _step_takes_generator(self.scheduler.__class__)
         extra_step = {"generator": self.generators} if takes_generator else {}
         self.latents = self.scheduler.step(
@@ -143,20 +152,17 @@ class ActiveJob:
             self.latents = self.inpaint.blend(self.scheduler, self.latents, following)
         return False
 
-    def _converged_x0(self, noise: torch.Tensor, threshold: float) -> torch.Tensor | None:
-        """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) for epsilon-predicting DDPM-family
-        schedulers (PNDM, DDIM, DPM-Solver: they keep `alphas_cumprod` and unscaled x_t);
-        that x0 when it moved less than `threshold` (relative L2) since the previous step."""
-        alphas = getattr(self.scheduler, "alphas_cumprod", None)
-        if alphas is None or float(getattr(self.scheduler, "init_noise_sigma", 1.0)) != 1.0:
-            return None  # sigma-parameterised schedulers (Euler...): not supported, run every step
-        alpha = alphas[int(self.timesteps[self.step])].to(noise.dtype)
-        x0 = (self.latents - (1 - alpha).sqrt() * noise) / alpha.sqrt()
+    def _converged(self, x0: torch.Tensor, threshold: float) -> bool:
+        """Did the predicted clean latent move less than `threshold` (relative L2) since the
+        previous step?"""
         previous, self.previous_x0 = self.previous_x0, x0
         if previous is None or self.step + 1 < self.early_stop_min_steps:
-            return None
-        change = float((x0 - previous).norm() / x0.norm().clamp_min(1e-12))
-        return x0 if change < threshold else None
+            return False
+        return float((x0 - previous).norm() / x0.norm().clamp_min(1e-12)) < threshold
+
+    def take_preview(self) -> torch.Tensor | None:
+        preview, self.preview = self.preview, None
+        return preview
 
 
 @dataclass
@@ -169,6 +175,7 @@ class _Ticket:
     on_step: Callable[[int, int], None] | None
     cancelled: threading.Event | None
     variant: UNetVariant = field(default_factory=UNetVariant.production)  # which UNet runs it
+    on_preview: Callable[[int, int, torch.Tensor], None] | None = None  # (steps done, total, x0)
     background: bool = False  # runs only when no foreground job runs or waits
     state: ActiveJob | None = None  # set at admission
 
@@ -305,11 +312,15 @@ class StepBatcher:
         cancelled: threading.Event | None = None,
         variant: UNetVariant | None = None,
         background: bool = False,
+        on_preview: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Future:
         """Queue a job (on the production UNet unless `variant` says otherwise); the future
-        gets its final latents, or the job's own error."""
+        gets its final latents, or the job's own error. `on_preview(done, total, x0)` gets the
+        predicted clean latents after the steps the job's `preview_after` names."""
         variant = variant or UNetVariant.production()
-        ticket = _Ticket(prepare, images, latent_shape, steps, Future(), on_step, cancelled, variant, background)
+        ticket = _Ticket(
+            prepare, images, latent_shape, steps, Future(), on_step, cancelled, variant, on_preview, background
+        )
         with self._condition:
             (self._background if background else self._waiting).append(ticket)
             if self._thread is None:
@@ -465,11 +476,14 @@ class StepBatcher:
         for ticket, job, part in plan.by_job(noise):
             if job.advance(job.guided_noise(part)):
                 self._early_stops += 1
-            if ticket.on_step is not None:
-                try:
+            preview = job.take_preview()
+            try:  # a callback must not stop the batch
+                if ticket.on_step is not None:
                     ticket.on_step(job.step, len(job.timesteps))
-                except Exception:  # a progress callback must not stop the batch
-                    logger.exception("on_step callback failed")
+                if preview is not None and ticket.on_preview is not None:
+                    ticket.on_preview(job.step, len(job.timesteps), preview)
+            except Exception:
+                logger.exception("a job's step callback failed")
             if job.steps_left == 0:
                 finished.append(ticket)
         return finished

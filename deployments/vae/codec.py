@@ -16,6 +16,7 @@ from PIL import Image
 from deployments.common.vae_scale import vae_scale_factor
 from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 from deployments.models import loading
+from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
@@ -31,7 +32,9 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 class VaeCodecEngine:
-    def __init__(self, model_path: Path, num_threads: int | None = None):
+    def __init__(self, model_path: Path, num_threads: int | None = None, previewer: str = "auto"):
+        """`previewer`: what decodes partial images: "auto" (the model's trained previewer when
+        its folder has one, else the VAE) or "vae"."""
         from diffusers.image_processor import VaeImageProcessor
 
         self.num_threads = num_threads
@@ -43,6 +46,10 @@ class VaeCodecEngine:
             vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         self._lock = threading.Lock()
+        if previewer not in ("auto", "vae"):
+            raise ValueError(f"previewer must be 'auto' or 'vae', got {previewer!r}")
+        use_own = previewer == "auto" and has_previewer(Path(model_path))
+        self.previewer = LatentPreviewer.load(Path(model_path) / PREVIEWER_FOLDER) if use_own else None
         # a 9-channel (inpainting) UNet also takes the masked image's latents
         self.inpainting_unet = loading.is_inpainting_unet(loading.load_unet_config(Path(model_path)))
 
@@ -73,6 +80,19 @@ class VaeCodecEngine:
             loading.set_torch_threads(self.num_threads)
             decoded = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
         return to_uint8(decoded)
+
+    @torch.inference_mode()
+    def preview_pixels(self, latents: torch.Tensor) -> np.ndarray:
+        """Predicted clean latents -> NHWC uint8, by the previewer (the VAE without one)."""
+        if self.previewer is None:
+            return self.decode_pixels(latents)
+        with self._lock:
+            loading.set_torch_threads(self.num_threads)
+            return to_uint8(self.previewer(latents.float()))
+
+    def preview_png(self, latents: torch.Tensor) -> list[bytes]:
+        """Partial images of a streamed request."""
+        return [encode_png(image) for image in self.preview_pixels(latents)]
 
     def decode_png(self, latents: torch.Tensor, overlay: tuple[Image.Image, Image.Image] | None = None) -> list[bytes]:
         """`overlay` (image, mask; white = repainted): outside the mask, the image's own

@@ -31,6 +31,9 @@ def build_deployment() -> Any:
         ) -> list[bytes]:
             return await self.executor.run(self.engine.decode_png, latents, overlay)
 
+        async def preview_png(self, latents: torch.Tensor) -> list[bytes]:
+            return await self.executor.run(self.engine.preview_png, latents)
+
         async def encode_image(
             self, image: Image.Image, width: int, height: int, mask: Image.Image | None = None
         ) -> EncodedEdit:

@@ -13,8 +13,8 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from PIL import Image
 
 from deployments.common.serial_executor import SerialExecutor
 from deployments.denoiser.edit_latents import EncodedEdit
-from deployments.denoiser.engine import DenoiseJob, DenoiserEngine
+from deployments.denoiser.engine import DenoiseJob, DenoiserEngine, DenoiseUpdate, preview_steps
 from deployments.denoiser.step_batcher import LoadSnapshot
 from deployments.denoiser.variant import UNetVariant
 from deployments.models.portrait.adherence import PromptExpectations, expectations
@@ -57,6 +57,26 @@ class _LocalCall:
         self.remote = coroutine_function
 
 
+class _LocalStreamCall:
+    def __init__(self, function: Callable[..., _LocalStream]):
+        self.remote = function
+
+
+class _LocalStream:
+    """An engine's async generator as a DeploymentResponseGenerator looks: iterate, or cancel()."""
+
+    def __init__(self, updates: AsyncIterator[Any]):
+        self._updates = updates
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._updates
+
+    def cancel(self) -> None:
+        close = getattr(self._updates, "aclose", None)
+        if close is not None:
+            asyncio.ensure_future(close())
+
+
 class LocalDenoiserHandle:
     """The Denoiser in-process as its deployment runs it: `denoise` queues the job on the
     step loop and awaits it (requests awaited together batch), `load` answers at once."""
@@ -64,7 +84,12 @@ class LocalDenoiserHandle:
     def __init__(self, engine: DenoiserEngine, on_step: Callable[[int, int], None] | None = None):
         self._engine = engine
         self.denoise = _LocalCall(lambda job: engine.denoise_async(job, on_step))
+        self.denoise_stream = _LocalStreamCall(lambda job: _LocalStream(engine.denoise_stream(job, on_step)))
         self.load = _LocalCall(self._load)
+
+    def options(self, **_: Any) -> LocalDenoiserHandle:
+        """As DeploymentHandle.options(stream=True): the local calls stream already."""
+        return self
 
     async def _load(self) -> LoadSnapshot:
         return self._engine.load()
@@ -90,6 +115,28 @@ class GenerationResult:
     steps: StepDecision
     usage: Usage
     stage_ms: dict[str, float] = field(default_factory=dict)  # wall time per stage call, hop included
+
+
+@dataclass
+class DenoiseStarted:
+    """A streamed request passed every stage before the denoiser (its answer can begin: what
+    fails from here on fails mid-stream)."""
+
+    steps: StepDecision
+
+
+@dataclass
+class PartialImages:
+    """Previews of every image of a request: the predicted clean latents after `steps_done`
+    of `total_steps` steps, decoded by the previewer."""
+
+    index: int  # 0, 1, ... in the order they were made
+    images_png: list[bytes]
+    steps_done: int
+    total_steps: int
+
+
+StreamEvent = DenoiseStarted | PartialImages | GenerationResult
 
 
 @dataclass
@@ -156,6 +203,16 @@ class ImagePipeline:
     async def generate(self, request: ImageRequest) -> GenerationResult:
         """A generation, or an edit when `request.image` is set (the same flow: the edit's
         image and reference are encoded while the prompt is)."""
+        async with aclosing(self.generate_stream(request)) as events:
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    return event
+        raise RuntimeError("the pipeline ended without a result")
+
+    async def generate_stream(self, request: ImageRequest, partial_images: int = 0) -> AsyncGenerator[StreamEvent]:
+        """`generate` as events: DenoiseStarted, then up to `partial_images` PartialImages
+        (evenly spaced over the denoising steps; fewer when the run is short), then the
+        GenerationResult. Closing it early cancels the request's denoising job."""
         start = time.perf_counter()
         stage_ms: dict[str, float] = {}
         edit_encoding = asyncio.ensure_future(self._encode_edit(request, stage_ms)) if request.is_edit else None
@@ -165,7 +222,15 @@ class ImagePipeline:
             edit = await edit_encoding if edit_encoding is not None else None
             steps = await self.choose_steps(request, prompt, start, stage_ms, edit.detail if edit else None)
             job = self._denoise_job(request, encoding, steps, edit)
-            images = await self._render(request, job, stage_ms)
+            job = dataclasses.replace(job, preview_steps=preview_steps(job.steps_to_run, partial_images))
+            yield DenoiseStarted(steps)
+            images: list[bytes] = []
+            async with aclosing(self._render(request, job, stage_ms)) as rendered:
+                async for event in rendered:
+                    if isinstance(event, PartialImages):
+                        yield event
+                    else:
+                        images = event
         finally:
             if edit_encoding is not None and not edit_encoding.done():
                 edit_encoding.cancel()
@@ -174,7 +239,7 @@ class ImagePipeline:
         usage = usage_of(prompt, steps, encoding, total_ms, job, edit.reference_cached if edit else None)
         self._record(request, steps, usage, edit)
         self._maybe_shadow(job, images, prompt, request.prompt)
-        return GenerationResult(images, request.seeds, prompt, steps, usage, stage_ms)
+        yield GenerationResult(images, request.seeds, prompt, steps, usage, stage_ms)
 
     async def _optimize(self, request: ImageRequest, stage_ms: dict[str, float]) -> OptimizedPrompt:
         with _timed(stage_ms, "optimize"):
@@ -248,13 +313,48 @@ class ImagePipeline:
             job, image_embeds=edit.reference.embeds, variant=UNetVariant.ip_adapter(request.reference_scale)
         )
 
-    async def _render(self, request: ImageRequest, job: DenoiseJob, stage_ms: dict[str, float]) -> list[bytes]:
-        """Denoise, then decode to PNGs (an inpaint's unmasked pixels pasted back if asked)."""
+    async def _render(
+        self, request: ImageRequest, job: DenoiseJob, stage_ms: dict[str, float]
+    ) -> AsyncGenerator[PartialImages | list[bytes]]:
+        """Denoise (with the job's previews decoded as they come), then decode to PNGs (an
+        inpaint's unmasked pixels pasted back if asked): the PartialImages, then the PNGs."""
         with _timed(stage_ms, "denoise"):
-            latents = await self.denoiser.denoise.remote(job)
+            if job.preview_steps:
+                latents, index = None, 0
+                async with aclosing(self._denoise_stream(job)) as updates:
+                    async for update in updates:
+                        if update.final:
+                            latents = update.latents
+                            break
+                        yield await self._preview(index, update, stage_ms)
+                        index += 1
+            else:
+                latents = await self.denoiser.denoise.remote(job)
+        if "preview" in stage_ms:  # the denoiser went on while previews were decoded
+            stage_ms["denoise"] -= stage_ms["preview"]
+        if latents is None:
+            raise RuntimeError("the denoiser's stream ended without final latents")
         overlay = (request.image, request.mask) if request.mask is not None and request.keep_unmasked else None
         with _timed(stage_ms, "decode"):
-            return await self.vae_codec.decode_png.remote(latents, overlay)
+            yield await self.vae_codec.decode_png.remote(latents, overlay)
+
+    async def _denoise_stream(self, job: DenoiseJob) -> AsyncGenerator[DenoiseUpdate]:
+        """The denoiser's updates; closed before the end (client gone), it cancels the job."""
+        updates = self.denoiser.options(stream=True).denoise_stream.remote(job)
+        finished = False
+        try:
+            async for update in updates:
+                finished = update.final
+                yield update
+        finally:
+            if not finished:
+                updates.cancel()
+
+    async def _preview(self, index: int, update: DenoiseUpdate, stage_ms: dict[str, float]) -> PartialImages:
+        start = time.perf_counter()
+        images = await self.vae_codec.preview_png.remote(update.latents)
+        stage_ms["preview"] = stage_ms.get("preview", 0.0) + (time.perf_counter() - start) * 1000.0
+        return PartialImages(index, images, update.steps_done, update.total_steps)
 
     def _observe_timings(self, request: ImageRequest, steps: StepDecision, stage_ms: dict[str, float]) -> None:
         """The step controller calibrates its cost model on what this request took."""

@@ -69,16 +69,6 @@ def check_generation_supported(features: Mapping[str, Any]) -> None:
         )
 
 
-def refuse_streaming(body: ImageOptions) -> None:
-    """`stream: true` -> 400 until partial images are served (the streaming work answers it instead)."""
-    if body.stream:
-        raise ApiError(
-            "streaming is not available yet: send stream false (or leave it out) to get the whole image in one answer",
-            "stream",
-            code="unsupported_parameter",
-        )
-
-
 def image_output(body: ImageOptions) -> ImageOutput:
     """How the answer's images are encoded. Refused: a transparent background (the model
     draws opaque images) and output_compression for PNG (lossless: nothing to set)."""

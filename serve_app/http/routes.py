@@ -18,12 +18,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
-from serve_app.config import AppSettings, Limits
-from serve_app.flow.pipeline import ImagePipeline
+from serve_app.config import AppSettings, Limits, QualityTier
+from serve_app.flow.pipeline import DenoiseStarted, ImagePipeline
 from serve_app.flow.request import ImageRequest
 from serve_app.http.auth import ApiKeyGuard, ApiKeyMiddleware
 from serve_app.http.errors import ERROR_RESPONSES, SERVER_ERROR, ApiError, add_error_handlers
@@ -33,7 +34,6 @@ from serve_app.http.image_request import (
     check_text,
     decoded_edit_inputs,
     image_output,
-    refuse_streaming,
     split_form,
     to_image_request,
 )
@@ -41,12 +41,15 @@ from serve_app.http.schemas import (
     Health,
     ImageEditForm,
     ImageGenerationBody,
+    ImageOptions,
     ImagesResponse,
     ModelCard,
     ModelList,
     OptimizedPromptResponse,
     PromptOptimizeBody,
+    StreamKind,
 )
+from serve_app.http.streaming import ImageEventWriter
 
 
 @dataclass
@@ -116,13 +119,47 @@ def server_timing(stage_ms: Mapping[str, float]) -> str:
     return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in stage_ms.items())
 
 
-@app.post("/v1/images/generations", responses=ERROR_RESPONSES)
+# /docs: a streamed answer is server-sent events
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "With `stream: true`: partial_image events, then a completed event per image.",
+    }
+}
+
+
+@app.post("/v1/images/generations", responses={**ERROR_RESPONSES, **STREAMED})
 async def create_image(body: ImageGenerationBody, response: Response) -> ImagesResponse:
     ready_pipeline()
     check_generation_supported(_serving.features)
-    refuse_streaming(body)
     output = image_output(body)
-    return await images_response(to_image_request(body, _serving.settings), output, response)
+    image_request = to_image_request(body, _serving.settings)
+    if body.stream:
+        return await streamed_response(image_request, body, output, "image_generation")  # type: ignore[return-value]
+    return await images_response(image_request, output, response)
+
+
+def answer_tier(image_request: ImageRequest) -> QualityTier:
+    """The tier a request runs at: its own, else the configured default."""
+    return image_request.quality or _serving.settings.steps.default_quality
+
+
+async def streamed_response(
+    image_request: ImageRequest, body: ImageOptions, output: ImageOutput, kind: StreamKind
+) -> StreamingResponse:
+    """`stream: true`: what fails before the denoiser starts is an ordinary error answer;
+    after that the answer is events (streaming.py)."""
+    events = ready_pipeline().generate_stream(image_request, body.partial_images or 0)
+    started = await anext(events)
+    if not isinstance(started, DenoiseStarted):
+        raise RuntimeError(f"the pipeline's stream began with {type(started).__name__}")
+    size = f"{image_request.width}x{image_request.height}"
+    writer = ImageEventWriter(kind, output, answer_tier(image_request), size, image_request.seeds)
+    return StreamingResponse(
+        writer.stream(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # proxies pass events on at once
+    )
 
 
 async def images_response(image_request: ImageRequest, output: ImageOutput, response: Response) -> ImagesResponse:
@@ -134,22 +171,23 @@ async def images_response(image_request: ImageRequest, output: ImageOutput, resp
         images = await asyncio.to_thread(lambda: [encode_image(png, output) for png in result.images_png])
         stage_ms["transcode"] = (time.perf_counter() - start) * 1000.0
     response.headers["Server-Timing"] = server_timing(stage_ms)
-    tier = image_request.quality or _serving.settings.steps.default_quality
     size = f"{image_request.width}x{image_request.height}"
-    return ImagesResponse.of(result, images, output.format, tier, size)
+    return ImagesResponse.of(result, images, output.format, answer_tier(image_request), size)
 
 
-@app.post("/v1/images/edits", responses=ERROR_RESPONSES)
+@app.post("/v1/images/edits", responses={**ERROR_RESPONSES, **STREAMED})
 async def edit_image(request: Request, response: Response) -> ImagesResponse:
     """OpenAI `images.edit`: multipart with `image` (the target), optional `mask` and
     `reference_image` (the source face), and the generation fields."""
     ready_pipeline()
     settings = _serving.settings
     files, edit_form = await read_edit_form(request, settings.limits)
-    refuse_streaming(edit_form)
     output = image_output(edit_form)  # before decoding: a refused field costs no decode
     edit = await asyncio.to_thread(decoded_edit_inputs, files, edit_form, settings, _serving.features)
-    return await images_response(to_image_request(edit_form, settings, edit), output, response)
+    image_request = to_image_request(edit_form, settings, edit)
+    if edit_form.stream:
+        return await streamed_response(image_request, edit_form, output, "image_edit")  # type: ignore[return-value]
+    return await images_response(image_request, output, response)
 
 
 async def read_edit_form(request: Request, limits: Limits) -> tuple[dict[str, bytes], ImageEditForm]:

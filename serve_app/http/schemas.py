@@ -76,9 +76,17 @@ class ImageOptions(BaseModel):
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="auto | opaque (what the model draws); transparent is refused."
     )
-    stream: bool | None = Field(None, description="true is refused for now: streaming is not available yet.")
+    stream: bool | None = Field(
+        None,
+        description="true: answer text/event-stream: partial_image events as the picture forms, then a "
+        "completed event per image.",
+    )
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="Partial images to stream (0-3); without streaming, ignored."
+        None,
+        ge=0,
+        le=3,
+        description="Partial images to stream (0-3, default 0), evenly spaced over the denoising steps; fewer "
+        "when the run is short. Without streaming, ignored.",
     )
     # Extensions beyond the OpenAI schema.
     negative_prompt: str = ""
@@ -204,6 +212,45 @@ class ImagesResponse(BaseModel):
             usage=result.usage,
             warnings=list(result.prompt.warnings),
         )
+
+
+StreamKind = Literal["image_generation", "image_edit"]
+
+
+class PartialImageEvent(BaseModel):
+    """A streamed preview (`event: image_generation.partial_image` or `image_edit.partial_image`):
+    the picture as the denoiser predicts it after `steps_done` steps."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    b64_json: str
+    partial_image_index: int = Field(description="0, 1, ... per image, in order.")
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    quality: Literal["low", "medium", "high"]
+    size: str
+    created_at: int
+    # Extensions beyond the OpenAI schema.
+    image_index: int = Field(description="Which of the request's n images this is a preview of.")
+    seed: int
+    steps_done: int
+    total_steps: int
+
+
+class CompletedEvent(BaseModel):
+    """The last events of a stream, one per image (`image_generation.completed` or `image_edit.completed`)."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    b64_json: str
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    quality: Literal["low", "medium", "high"]
+    size: str
+    created_at: int
+    usage: Usage
+    # Extensions beyond the OpenAI schema.
+    image_index: int
+    seed: int
+    revised_prompt: str
 
 
 class OptimizedPromptResponse(BaseModel):

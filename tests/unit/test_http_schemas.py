@@ -3,13 +3,15 @@ the documented shape (a stand-in pipeline returns a fixed result)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import AppSettings
-from serve_app.flow.pipeline import GenerationResult
+from serve_app.flow.pipeline import DenoiseStarted, GenerationResult, PartialImages, StreamEvent
 from serve_app.flow.request import ImageRequest
 from serve_app.flow.steps import StepDecision
 from serve_app.flow.usage import usage_of
@@ -75,6 +77,19 @@ class StandInPipeline:
         usage = usage_of(PROMPT, steps, Encoding(torch.zeros(2), [16, 77]), 512.345, job)
         pngs = [b"png %d" % seed for seed in request.seeds]
         return GenerationResult(pngs, request.seeds, PROMPT, steps, usage, {"optimize": 1.0, "denoise": 2.5})
+
+    async def generate_stream(self, request: ImageRequest, partial_images: int = 0) -> AsyncIterator[StreamEvent]:
+        """`partial_images` previews (the final images themselves), then the result; with
+        `fail_after_start` set, the error instead of anything after DenoiseStarted."""
+        result = await self.generate(request)
+        yield DenoiseStarted(result.steps)
+        if self.fail_after_start is not None:
+            raise self.fail_after_start
+        for index in range(partial_images):
+            yield PartialImages(index, result.images_png, 3 * (index + 1), 12)
+        yield result
+
+    fail_after_start: Exception | None = None
 
     async def optimize_prompt(self, prompt: str, negative_prompt: str = "", cache_namespace: str = "default"):
         return PROMPT

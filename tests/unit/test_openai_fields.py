@@ -1,7 +1,7 @@
 """The fields of the current OpenAI Images API, without Ray or a model: quality names mapped onto
-our tiers, output formats, size "auto", what is refused (transparent background, streaming,
-compression for PNG, unknown fields), and the OpenAI fields of the answer. A stand-in pipeline
-records the request it gets and answers real PNGs."""
+our tiers, output formats, size "auto", what is refused (transparent background, compression
+for PNG, unknown fields), streamed answers as server-sent events, and the OpenAI fields of the
+answer. A stand-in pipeline records the request it gets and answers real PNGs."""
 
 from __future__ import annotations
 
@@ -239,13 +239,66 @@ def test_transparent_background_is_refused_with_the_reason(served):
         assert (response.status_code, response.json()["background"]) == (200, "opaque")
 
 
-def test_streaming_is_refused_until_it_is_served(served):
+def sse_events(response) -> list[tuple[str, dict]]:
+    """(event name, data) of a text/event-stream answer, in order."""
+    import json
+
+    assert response.headers["content-type"].startswith("text/event-stream"), response.headers
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_a_stream_sends_partial_images_then_a_completed_event_per_image(served):
     client, pipeline = served
-    for response in (generate(client, stream=True, partial_images=2), edit(client, stream="true")):
-        assert_refused(response, "stream", "streaming is not available yet", code="unsupported_parameter")
-    assert pipeline.requests == []
+    response = generate(client, stream=True, partial_images=2, n=2, output_format="jpeg", output_compression=50)
+    assert response.status_code == 200, response.text
+    events = sse_events(response)
+    assert [(name, data["type"], data.get("partial_image_index"), data["image_index"]) for name, data in events] == [
+        ("image_generation.partial_image", "image_generation.partial_image", 0, 0),
+        ("image_generation.partial_image", "image_generation.partial_image", 0, 1),
+        ("image_generation.partial_image", "image_generation.partial_image", 1, 0),
+        ("image_generation.partial_image", "image_generation.partial_image", 1, 1),
+        ("image_generation.completed", "image_generation.completed", None, 0),
+        ("image_generation.completed", "image_generation.completed", None, 1),
+    ]
+    for _, data in events:
+        assert (data["output_format"], data["size"], data["background"]) == ("jpeg", DEFAULT_SIZE, "opaque")
+        assert Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))).format == "JPEG"
+    completed = events[-1][1]
+    assert completed["usage"]["num_inference_steps"] == 12 and completed["seed"] == 4
+    assert [data["steps_done"] for _, data in events[:4:2]] == [3, 6]
+    edit_events = sse_events(edit(client, stream="true"))  # partial_images left out: 0
+    assert [name for name, _ in edit_events] == ["image_edit.completed"]
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event(served):
+    client, pipeline = served
+    pipeline.fail_after_start = RuntimeError("the denoiser replica died")
+    events = sse_events(generate(client, stream=True, partial_images=2))
+    assert events == [
+        (
+            "error",
+            {
+                "type": "error",
+                "error": {
+                    "message": "internal error: RuntimeError",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                },
+            },
+        )
+    ]
+
+
+def test_partial_images_are_checked_and_ignored_without_streaming(served):
+    client, pipeline = served
     for response in (generate(client, stream=False, partial_images=3), edit(client, stream="false")):
         assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
     assert_refused(generate(client, partial_images=4), "partial_images", "less than or equal to 3")
 
 

@@ -30,6 +30,8 @@ from deployments.models.portrait.captions import caption
 from deployments.models.portrait.held_out import training_attributes
 from deployments.models.portrait.renderer import render_portrait
 from deployments.models.portrait.training_loop import Phase, run_phase
+from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer
+from deployments.vae.previewer_training import PreviewerTrainingConfig, train_previewer
 
 PRESET = "portrait-init"  # the architecture and random starting weights
 IMAGE_SIZE = 128
@@ -42,9 +44,22 @@ class PortraitTrainingConfig:
     vae_crop: int = 64  # the VAE is fully convolutional: crops train the same weights, 4x cheaper
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # A second VAE stage weights each pixel's error by the render's edge strength there: eyes,
+    # mouths and glasses are a few pixels of a 128x128 image, so a plain mean error lets the
+    # first stage blur them away (they were missing from its reconstructions).
+    vae_refine_steps: int = 2400
+    vae_refine_learning_rate: float = 3e-4
+    vae_detail_weight: float = 8.0
     diffusion_steps: int = 5000
     diffusion_batch: int = 32
     diffusion_learning_rate: float = 4e-4
+    # The diffusion model continued on the refined VAE's latents (a new pool).
+    diffusion_refine_steps: int = 3000
+    diffusion_refine_learning_rate: float = 2e-4
+    # The live-preview decoder (deployments/vae/previewer.py), trained against the final VAE on
+    # the first `previewer_targets` latents of the last pool.
+    previewer_steps: int = 1500
+    previewer_targets: int = 2048
     # Renders encoded once and sampled from (each with a fresh caption and posterior draw): a
     # VAE encode of 32 images costs as much as a UNet training step (0.85 s vs 0.72 s).
     pool_size: int = 16384
@@ -97,16 +112,16 @@ class LatentPool:
 
 @torch.no_grad()
 def build_latent_pool(
-    vae: Any, config: PortraitTrainingConfig, directory: Path, *, progress: bool = True
+    vae: Any, config: PortraitTrainingConfig, directory: Path, *, folder: str = "latent_pool", progress: bool = True
 ) -> LatentPool:
-    """Encode `pool_size` renders in chunks saved as they finish (a cut-off build resumes at the
-    next chunk); chunk k is a pure function of (seed, k)."""
-    folder = directory / "latent_pool"
-    folder.mkdir(parents=True, exist_ok=True)
+    """Encode `pool_size` renders in chunks saved under directory/folder as they finish (a
+    cut-off build resumes at the next chunk); chunk k is a pure function of (seed, k) and the VAE."""
+    path_of = directory / folder
+    path_of.mkdir(parents=True, exist_ok=True)
     chunks = -(-config.pool_size // config.pool_chunk)
     means, stds, attributes = [], [], []
-    for k in tqdm(range(chunks), desc="latent pool", disable=not progress):
-        path = folder / f"chunk_{k:04d}.pt"
+    for k in tqdm(range(chunks), desc=folder.replace("_", " "), disable=not progress):
+        path = path_of / f"chunk_{k:04d}.pt"
         if not path.exists():
             _encode_chunk(vae, config, k, path)
         saved = torch.load(path, weights_only=True)
@@ -209,24 +224,65 @@ def load_components(model_dir: Path) -> PortraitComponents:
     )
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: the name of its checkpoint and loss log, its steps, its peak learning
+    rate (linear warm-up, cosine decay to 0), and for the VAE the edge weight of its loss."""
+
+    name: str
+    steps: int
+    learning_rate: float
+    detail_weight: float = 0.0
+
+
+def vae_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
+    return (
+        Stage("vae", config.vae_steps, config.vae_learning_rate),
+        Stage("vae_refine", config.vae_refine_steps, config.vae_refine_learning_rate, config.vae_detail_weight),
+    )
+
+
+def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
+    return (
+        Stage("diffusion", config.diffusion_steps, config.diffusion_learning_rate),
+        Stage("diffusion_refine", config.diffusion_refine_steps, config.diffusion_refine_learning_rate),
+    )
+
+
+def edge_strength(images: torch.Tensor) -> torch.Tensor:
+    """Per pixel (N, 1, H, W): the Sobel gradient magnitude of the images' channel mean, in [0, ~1]."""
+    gray = images.mean(dim=1, keepdim=True)
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3) / 8
+    padded = nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx = nn.functional.conv2d(padded, sobel_x)
+    gy = nn.functional.conv2d(padded, sobel_x.transpose(2, 3))
+    return torch.sqrt(gx * gx + gy * gy)
+
+
 def train_vae(
     parts: PortraitComponents,
     config: PortraitTrainingConfig,
     directory: Path,
     *,
+    stage: Stage | None = None,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> Phase:
+    """One VAE stage (the first by default), starting from its checkpoint or else from the
+    weights `parts.vae` has now."""
+    stage = stage or vae_stages(config)[0]
     vae = parts.vae
-    phase = _phase("vae", {"vae": vae}, config.vae_learning_rate, config.vae_steps)
+    phase = _phase(stage.name, {"vae": vae}, stage.learning_rate, stage.steps)
     phase.restore(directory)
-    end = config.vae_steps if stop_after is None else min(config.vae_steps, phase.step + stop_after)
+    end = stage.steps if stop_after is None else min(stage.steps, phase.step + stop_after)
 
     def loss_of(images: torch.Tensor, step: int) -> torch.Tensor:
         posterior = vae.encode(images).latent_dist
-        latents = posterior.sample(generator=_step_generator(config, "vae", step))
+        latents = posterior.sample(generator=_step_generator(config, stage.name, step))
         reconstruction = vae.decode(latents).sample
-        rec = nn.functional.l1_loss(reconstruction, images) + nn.functional.mse_loss(reconstruction, images)
+        weight = 1.0 + stage.detail_weight * edge_strength(images)
+        error = reconstruction - images
+        rec = (weight * (error.abs() + error * error)).mean()
         return rec + config.vae_kl_weight * posterior.kl().mean()
 
     if phase.step < end:
@@ -253,25 +309,23 @@ def train_diffusion(
     config: PortraitTrainingConfig,
     directory: Path,
     *,
+    stage: Stage | None = None,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> Phase:
-    """Text encoder and UNet together, v-prediction on the preset's (zero terminal SNR) schedule,
-    from the latent pool (the VAE's scaling_factor applied)."""
+    """One stage (the first by default) of the text encoder and UNet together, v-prediction on
+    the preset's (zero terminal SNR) schedule, from the latent pool (the VAE's scaling_factor
+    applied); it starts from its checkpoint or else from the weights the parts have now."""
+    stage = stage or diffusion_stages(config)[0]
     unet, text_encoder, tokenizer, scheduler = parts.unet, parts.text_encoder, parts.tokenizer, parts.scheduler
     scale = float(parts.vae.config.scaling_factor)
-    phase = _phase(
-        "diffusion",
-        {"unet": unet, "text_encoder": text_encoder},
-        config.diffusion_learning_rate,
-        config.diffusion_steps,
-    )
+    phase = _phase(stage.name, {"unet": unet, "text_encoder": text_encoder}, stage.learning_rate, stage.steps)
     phase.restore(directory)
-    end = config.diffusion_steps if stop_after is None else min(config.diffusion_steps, phase.step + stop_after)
+    end = stage.steps if stop_after is None else min(stage.steps, phase.step + stop_after)
 
     def loss_of(batch: tuple[torch.Tensor, list[str]], step: int) -> torch.Tensor:
         latents, captions = batch
-        generator = _step_generator(config, "diffusion", step)
+        generator = _step_generator(config, stage.name, step)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -296,10 +350,15 @@ def train_diffusion(
     return phase
 
 
+REFINED_POOL = "latent_pool_refined"
+
+
 def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Path, *, progress: bool = True) -> Path:
-    """The whole recipe, resumable at any point: build the random starting folder (once), train
-    the VAE, set its latent scale, train text encoder + UNet, save a diffusers folder (fp16
-    weights) at `output`."""
+    """The whole recipe, resumable at any point: build the random starting folder (once); train
+    the VAE, encode the pool, set the latent scale, train text encoder + UNet; then the refine
+    stages in the same order on the edge-weighted VAE and a pool it encodes again; save a
+    diffusers folder (fp16 weights) at `output`. (The order is the order the committed model was
+    trained in: the refine stages came after its first run showed faces without features.)"""
     from deployments.models.builder import build_model
 
     torch.set_num_threads(config.threads)
@@ -308,20 +367,39 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
         build_model(PRESET, start)
     parts = load_components(start)
     timings: dict[str, float] = {}
+    for vae_stage, diffusion_stage, folder in zip(
+        vae_stages(config), diffusion_stages(config), ("latent_pool", REFINED_POOL), strict=True
+    ):
+        if vae_stage.steps == 0 and diffusion_stage.steps == 0:
+            continue
+        began = time.perf_counter()
+        parts.vae.requires_grad_(True)
+        train_vae(parts, config, work, stage=vae_stage, progress=progress)
+        timings[f"{vae_stage.name}_s"] = time.perf_counter() - began
+        began = time.perf_counter()
+        parts.vae.requires_grad_(False)
+        pool = build_latent_pool(parts.vae, config, work, folder=folder, progress=progress)
+        parts.vae.register_to_config(scaling_factor=latent_scale(pool))
+        timings[f"{folder}_s"] = time.perf_counter() - began
+        began = time.perf_counter()
+        train_diffusion(parts, pool, config, work, stage=diffusion_stage, progress=progress)
+        timings[f"{diffusion_stage.name}_s"] = time.perf_counter() - began
     began = time.perf_counter()
-    train_vae(parts, config, work, progress=progress)
-    timings["vae_s"] = time.perf_counter() - began
-    began = time.perf_counter()
-    parts.vae.requires_grad_(False)
-    pool = build_latent_pool(parts.vae, config, work, progress=progress)
-    parts.vae.register_to_config(scaling_factor=latent_scale(pool))
-    timings["latent_pool_s"] = time.perf_counter() - began
-    began = time.perf_counter()
-    train_diffusion(parts, pool, config, work, progress=progress)
-    timings["diffusion_s"] = time.perf_counter() - began
+    previewer = train_model_previewer(parts, pool, config, work, progress=progress)
+    timings["previewer_s"] = time.perf_counter() - began
     save_model(parts, start, output)
+    previewer.save(output / PREVIEWER_FOLDER)
     (work / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}))
     return output
+
+
+def train_model_previewer(
+    parts: PortraitComponents, pool: LatentPool, config: PortraitTrainingConfig, work: Path, *, progress: bool = True
+) -> LatentPreviewer:
+    """The live-preview decoder of the model's (final) VAE, on latents of its pool."""
+    latents = pool.mean[: config.previewer_targets] * float(parts.vae.config.scaling_factor)
+    training = PreviewerTrainingConfig(steps=config.previewer_steps, seed=config.seed)
+    return train_previewer(parts.vae, latents, training, work, progress=progress)
 
 
 def export_model(config: PortraitTrainingConfig, work: Path, output: Path) -> Path:
@@ -329,14 +407,16 @@ def export_model(config: PortraitTrainingConfig, work: Path, output: Path) -> Pa
     to look at a run while it trains, or to save a run that was stopped early."""
     start = work / "init"
     parts = load_components(start)
-    for phase in (
-        _phase("vae", {"vae": parts.vae}, config.vae_learning_rate, config.vae_steps),
-        _phase("diffusion", {"unet": parts.unet, "text_encoder": parts.text_encoder}, 1.0, config.diffusion_steps),
-    ):
-        phase.restore(work)
-    pool = build_latent_pool(parts.vae, config, work, progress=False)
+    refined = (work / f"{vae_stages(config)[1].name}_checkpoint.pt").exists()
+    for vae_stage in vae_stages(config):
+        _phase(vae_stage.name, {"vae": parts.vae}, 1.0, max(1, vae_stage.steps)).restore(work)
+    for stage in diffusion_stages(config):
+        modules = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+        _phase(stage.name, modules, 1.0, max(1, stage.steps)).restore(work)
+    folder = REFINED_POOL if refined else "latent_pool"
+    pool = build_latent_pool(parts.vae, config, work, folder=folder, progress=False)
     parts.vae.register_to_config(scaling_factor=latent_scale(pool))
-    save_model(parts, start, output)
+    save_model(parts, start, output)  # without the previewer: it is trained on the final VAE
     return output
 
 
