@@ -18,6 +18,7 @@ from serve_app.config import AppSettings
 from serve_app.flow.metrics import PipelineMetrics
 from serve_app.flow.pipeline import ImagePipeline
 from serve_app.flow.quality_guard import LiveQualityGuard
+from serve_app.flow.retry import RetryingHandle
 from serve_app.flow.steps import StepController
 from serve_app.http import routes as api
 
@@ -40,14 +41,19 @@ class Ingress:
         features: dict[str, bool] | None = None,
     ):
         metrics = PipelineMetrics()
+
+        def retried(handle: Any, stage: str) -> RetryingHandle:
+            return RetryingHandle(handle, settings.retry, stage)
+
         pipeline = ImagePipeline(
-            prompt_optimizer,
-            text_encoder,
-            denoiser,
-            vae_codec,
+            retried(prompt_optimizer, "PromptOptimizer"),
+            retried(text_encoder, "TextEncoder"),
+            retried(denoiser, "Denoiser"),
+            retried(vae_codec, "VaeCodec"),
             StepController(settings.steps),
             LiveQualityGuard(settings.quality_guard),
             metrics,
+            retry=settings.retry,
         )
         api.install(pipeline, settings, model_id, features, on_key_use=metrics.record_api_key)
 

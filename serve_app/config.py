@@ -115,6 +115,17 @@ class ApiKeyLimits(BaseModel):
     max_concurrent: int | None = Field(4, ge=1, description="requests of one key in flight at once (null: no limit)")
 
 
+class RetrySettings(BaseModel):
+    """Stage calls retried after their replica died (serve_app/flow/retry.py)."""
+
+    attempts: int = Field(10, ge=0, description="retries of one stage call after its replica died (0: none)")
+    first_backoff_s: float = Field(0.25, gt=0, description="wait before the first retry; doubles after each")
+    max_backoff_s: float = Field(2.0, gt=0)
+    max_wait_s: float = Field(
+        30.0, gt=0, description="how long a request without a deadline may spend waiting for a replica to come back"
+    )
+
+
 class AppSettings(BaseModel):
     """Everything `build_app` needs. Defaults are the laptop defaults."""
 
@@ -143,6 +154,7 @@ class AppSettings(BaseModel):
         "set, every /v1 request needs `Authorization: Bearer KEY`; null: no authentication",
     )
     api_key_limits: ApiKeyLimits = ApiKeyLimits()
+    retry: RetrySettings = RetrySettings()
 
     def threads_for(self, stage: StageName) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)

@@ -33,10 +33,11 @@ from deployments.prompt.optimizer import OptimizedPrompt, PromptOptimizerEngine
 from deployments.text_encoder.engine import Encoding, TextEncoderEngine
 from deployments.text_encoder.image_prompt import ImagePromptEmbedding, LazyImagePromptEncoder, image_hash
 from deployments.vae.codec import VaeCodecEngine
-from serve_app.config import AppSettings
+from serve_app.config import AppSettings, RetrySettings
 from serve_app.flow.metrics import PipelineMetrics
 from serve_app.flow.quality_guard import Adherence, LiveQualityGuard
 from serve_app.flow.request import ImageRequest
+from serve_app.flow.retry import RetryBudget, is_replica_failure, retry_deadline
 from serve_app.flow.steps import StepController, StepDecision, image_detail
 from serve_app.flow.usage import Usage, usage_of
 
@@ -178,11 +179,13 @@ class ImagePipeline:
         quality_guard: LiveQualityGuard | None = None,
         metrics: PipelineMetrics | None = None,
         image_prompt_encoder: Any = None,
+        retry: RetrySettings | None = None,
     ):
-        """The four stages are handles (a `DeploymentHandle` or a `LocalHandle`).
-        `metrics`: a `PipelineMetrics` when served (Ray metrics), None in-process.
-        `image_prompt_encoder`: whatever has `encode_image_prompt` (the TextEncoder
-        deployment when served); default: `text_encoder`."""
+        """The four stages are handles (a `DeploymentHandle` or a `LocalHandle`; served, each
+        wrapped in a `RetryingHandle`). `metrics`: a `PipelineMetrics` when served (Ray
+        metrics), None in-process. `image_prompt_encoder`: whatever has `encode_image_prompt`
+        (the TextEncoder deployment when served); default: `text_encoder`. `retry`: how a
+        streamed denoising whose replica died is started again (None: it is not)."""
         self.prompt_optimizer = prompt_optimizer
         self.text_encoder = text_encoder
         self.image_prompt_encoder = image_prompt_encoder or text_encoder
@@ -191,6 +194,7 @@ class ImagePipeline:
         self.step_controller = step_controller
         self.quality_guard = quality_guard or LiveQualityGuard()
         self.metrics = metrics
+        self.retry = retry
         self._shadows: set[asyncio.Task] = set()
         self._judge: Judge | None = None  # the shadow comparisons' judge, loaded on the first one
         self._judge_lock = threading.Lock()  # shadows judge in worker threads: load it once
@@ -215,6 +219,9 @@ class ImagePipeline:
         GenerationResult. Closing it early cancels the request's denoising job."""
         start = time.perf_counter()
         stage_ms: dict[str, float] = {}
+        # retries of this request's stage calls end by its deadline (retry.py); set before the
+        # edit's encoding task starts, which copies the context
+        retry_deadline.set(time.monotonic() + request.deadline_ms / 1000.0 if request.deadline_ms else None)
         edit_encoding = asyncio.ensure_future(self._encode_edit(request, stage_ms)) if request.is_edit else None
         try:
             prompt = await self._optimize(request, stage_ms)
@@ -339,16 +346,31 @@ class ImagePipeline:
             yield await self.vae_codec.decode_png.remote(latents, overlay)
 
     async def _denoise_stream(self, job: DenoiseJob) -> AsyncGenerator[DenoiseUpdate]:
-        """The denoiser's updates; closed before the end (client gone), it cancels the job."""
-        updates = self.denoiser.options(stream=True).denoise_stream.remote(job)
-        finished = False
-        try:
-            async for update in updates:
-                finished = update.final
-                yield update
-        finally:
-            if not finished:
-                updates.cancel()
+        """The denoiser's updates; closed before the end (client gone), it cancels the job.
+        If the replica dies mid-stream, the job starts again (the same seeds make the same
+        latents) and the previews already sent are not sent twice."""
+        sent, budget = 0, None
+        while True:
+            updates = self.denoiser.options(stream=True).denoise_stream.remote(job)
+            finished, seen = False, 0
+            try:
+                async for update in updates:
+                    finished = update.final
+                    if finished:
+                        yield update
+                        return
+                    seen += 1
+                    if seen > sent:
+                        sent = seen
+                        yield update
+            except Exception as error:
+                if self.retry is None or not is_replica_failure(error):
+                    raise
+                budget = budget or RetryBudget(self.retry, "Denoiser")
+                await budget.wait_or_give_up(error)
+            finally:
+                if not finished:
+                    updates.cancel()
 
     async def _preview(self, index: int, update: DenoiseUpdate, stage_ms: dict[str, float]) -> PartialImages:
         start = time.perf_counter()

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.flow.retry import StageUnavailableError
+
 logger = logging.getLogger("ray.serve")
 
 INVALID_REQUEST = "invalid_request_error"
@@ -109,6 +111,21 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), error_type=error_type)
 
 
+def stage_unavailable(exc: StageUnavailableError) -> ApiError:
+    """A stage that stayed down past the request's retry budget: 503, come back later."""
+    return ApiError(
+        str(exc),
+        status_code=503,
+        code="stage_unavailable",
+        error_type=SERVER_ERROR,
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
+
+
+async def _stage_unavailable(_: Request, exc: StageUnavailableError) -> JSONResponse:
+    return stage_unavailable(exc).response()
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The client gets the error's kind; the traceback goes to the ingress replica's log.
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -120,6 +137,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.exception_handler(ApiError)(_api_error)
     app.exception_handler(RequestValidationError)(_request_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(StageUnavailableError)(_stage_unavailable)
     app.exception_handler(Exception)(_unexpected_error)
 
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from serve_app.config import QualityTier
 from serve_app.flow.pipeline import GenerationResult, PartialImages, StreamEvent
-from serve_app.http.errors import SERVER_ERROR, ApiError, ErrorDetail, ErrorResponse
+from serve_app.flow.retry import StageUnavailableError
+from serve_app.http.errors import SERVER_ERROR, ApiError, ErrorDetail, ErrorResponse, stage_unavailable
 from serve_app.http.image_output import ImageOutput, encode_image
 from serve_app.http.schemas import OPENAI_QUALITY, CompletedEvent, PartialImageEvent, StreamKind
 
@@ -94,6 +95,8 @@ class ImageEventWriter:
 
     @staticmethod
     def error(error: Exception) -> bytes:
+        if isinstance(error, StageUnavailableError):
+            error = stage_unavailable(error)
         if isinstance(error, ApiError):
             detail = ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code)
         else:
