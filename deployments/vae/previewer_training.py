@@ -62,7 +62,9 @@ def train_previewer(
 ) -> LatentPreviewer:
     """A previewer for `vae`, trained on `latents` (scaled) and their decodes."""
     targets = decoded_targets(vae, latents, directory / "previewer_targets.pt", progress=progress)
-    previewer = LatentPreviewer(previewer_config or PreviewerConfig(latent_channels=latents.shape[1]))
+    with torch.random.fork_rng():  # the starting weights, a function of the seed alone
+        torch.manual_seed(config.seed)
+        previewer = LatentPreviewer(previewer_config or PreviewerConfig(latent_channels=latents.shape[1]))
     optimizer = torch.optim.AdamW(previewer.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     phase = Phase("previewer", {"previewer": previewer}, optimizer, schedule, config.steps)

@@ -29,6 +29,7 @@ def test_training_brings_the_previewer_nearer_the_vae_and_it_survives_save_and_l
     vae = loading.load_vae(tiny_model_path)
     latents = latents_of(vae, 64)
     targets = decoded_targets(vae, latents, tmp_path / "targets.pt", progress=False).float()
+    torch.manual_seed(0)
     untrained = LatentPreviewer(SMALL)
     with torch.no_grad():
         before = psnr_db(untrained(latents), targets)
@@ -36,7 +37,7 @@ def test_training_brings_the_previewer_nearer_the_vae_and_it_survives_save_and_l
     previewer = train_previewer(vae, latents, config, tmp_path, previewer_config=SMALL, progress=False)
     with torch.no_grad():
         after = psnr_db(previewer(latents), targets)
-    assert after > before + 2, (before, after)  # deterministic: 14.2 -> 16.7 dB
+    assert after > before + 2, (before, after)  # seeded
     previewer.save(tmp_path / "saved")
     loaded = LatentPreviewer.load(tmp_path / "saved")
     with torch.no_grad():

@@ -54,7 +54,7 @@ class PortraitTrainingConfig:
     diffusion_batch: int = 32
     diffusion_learning_rate: float = 4e-4
     # The diffusion model continued on the refined VAE's latents (a new pool).
-    diffusion_refine_steps: int = 3000
+    diffusion_refine_steps: int = 1500
     diffusion_refine_learning_rate: float = 2e-4
     # The live-preview decoder (deployments/vae/previewer.py), trained against the final VAE on
     # the first `previewer_targets` latents of the last pool.

@@ -1,0 +1,75 @@
+"""API keys on a served app (a second application, `keyed`, deployed beside the test session's
+one with `api_keys_file` set), reached with the official client: no key or a wrong one is
+refused with 401, a key's requests-per-minute limit answers 429 with Retry-After, a streamed
+generation works with a key, and a key revoked while the app runs is refused."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from serve_app.http.api_keys import add_key, revoke_key
+
+STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
+FAST = {"seed": 3, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def keyed(base_url, serve_settings, tmp_path_factory):
+    """(base URL of the keyed app, key file, alice's key (3 requests a minute), bob's key)."""
+    from ray import serve
+
+    from serve_app.app import build_application
+
+    path = tmp_path_factory.mktemp("keys") / "keys.json"
+    _, alice = add_key(path, "alice", requests_per_minute=3)
+    _, bob = add_key(path, "bob")
+    settings = serve_settings[0].model_copy(update={"api_keys_file": str(path)})
+    small = {name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01}} for name in STAGES}
+    serve.run(build_application(settings, small), name="keyed", route_prefix="/keyed")
+    url = f"{base_url}/keyed"
+    deadline = time.time() + 60
+    while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:  # /healthz needs no key
+        assert time.time() < deadline, "the keyed application did not become healthy"
+        time.sleep(0.5)
+    try:
+        yield url, path, alice, bob
+    finally:
+        serve.delete("keyed")
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_a_missing_or_wrong_key_is_refused_with_401(keyed):
+    url, _, _, _ = keyed
+    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "a man"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(url, "sk-not-a-key").images.generate(prompt="a man", size="64x64", extra_body=FAST)
+    assert caught.value.body["code"] == "invalid_api_key"
+
+
+def test_a_key_streams_and_its_rate_limit_answers_429(keyed):
+    url, _, alice, _ = keyed
+    alices = client(url, alice)
+    events = list(alices.images.generate(prompt="a man", size="64x64", stream=True, partial_images=1, extra_body=FAST))
+    assert [event.type for event in events] == ["image_generation.partial_image", "image_generation.completed"]
+    for _ in range(2):
+        assert alices.images.generate(prompt="a man", size="64x64", extra_body=FAST).data
+    with pytest.raises(openai.RateLimitError) as caught:  # the fourth in a minute
+        alices.images.generate(prompt="a man", size="64x64", extra_body=FAST)
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+def test_a_key_revoked_while_serving_is_refused(keyed):
+    url, path, _, bob = keyed
+    bobs = client(url, bob)
+    assert bobs.images.generate(prompt="a man", size="64x64", extra_body=FAST).data
+    revoke_key(path, "bob")
+    with pytest.raises(openai.AuthenticationError):
+        bobs.images.generate(prompt="a man", size="64x64", extra_body=FAST)
