@@ -6,7 +6,6 @@ request gets without a fault, and the app is healthy afterwards."""
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import json
 import os
@@ -15,6 +14,9 @@ import time
 
 import httpx
 import pytest
+
+from tests.conftest import max_pixel_diff
+from tests.integration.test_generation_http import png_of
 
 
 def replica_pids(deployment: str) -> list[int]:
@@ -71,10 +73,11 @@ def test_a_killed_replica_costs_no_request(stage, base_url, http):
     while not (new := replica_pids(stage)) or pid in new:
         assert time.time() < deadline, f"{stage} was not restarted"
         time.sleep(0.5)
-    # the answers equal the no-fault images of the same requests
+    # the answers are the no-fault images of the same requests (within the batch tolerance:
+    # a request re-sent alone runs in another batch, whose matmuls may round differently)
     for index in (3, 4):
         again = http.post("/v1/images/generations", json=body(stage, index))
-        assert again.json()["data"][0]["b64_json"] == answers[index].json()["data"][0]["b64_json"]
-    plain_stream = http.post("/v1/images/generations", json=body(stage, 99)).json()["data"][0]["b64_json"]
-    assert base64.b64decode(events[-1][1]["b64_json"]) == base64.b64decode(plain_stream)
+        assert max_pixel_diff(png_of(again.json()["data"][0]), png_of(answers[index].json()["data"][0])) <= 1
+    plain_stream = http.post("/v1/images/generations", json=body(stage, 99)).json()["data"][0]
+    assert max_pixel_diff(png_of(events[-1][1]), png_of(plain_stream)) <= 1
     assert http.get("/healthz").status_code == 200
