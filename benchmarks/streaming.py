@@ -1,6 +1,6 @@
 """Streaming: what partial images cost, and how faithful each previewer is.
 
-Reproduce (the full run takes about N minutes on the 2-core development machine):
+Reproduce (the full run takes about three minutes on the 2-core development machine):
 
     .venv/bin/python -m benchmarks.streaming [--quick] [--json PATH] [--update-readme README.md]
 
@@ -201,7 +201,7 @@ def table(results: dict) -> str:
         "| previewer | ms per partial image (128x128, PNG included) | PSNR of the final latent's preview vs the VAE |",
         "|---|---|---|",
         f"| VAE decoder | {ms['vae']} | exact (it is the VAE) |",
-        f"| trained previewer (`previewer/`, served) | {ms['previewer']} | {fidelity['previewer']} dB "
+        f"| trained previewer (`previewer/`, served, in the Denoiser) | {ms['previewer']} | {fidelity['previewer']} dB "
         f"(min {previewers['fidelity_psnr_db_min']}) |",
         "",
         f"| concurrency {throughput['concurrency']}, {STEPS} steps | images/s | cost |",

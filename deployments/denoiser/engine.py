@@ -25,6 +25,7 @@ from deployments.denoiser.settings import DenoiserSettings
 from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher, UNetForward
 from deployments.denoiser.variant import UNetVariant, VariantKind
 from deployments.models import loading
+from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer, preview_pngs
 
 __all__ = [
     "DenoiseJob",
@@ -89,6 +90,8 @@ class DenoiseUpdate:
     total_steps: int
     latents: torch.Tensor  # [images, 4, h, w], scaled as the VAE decodes them
     final: bool
+    # a preview already decoded by the model's previewer (PNG per image); None: decode `latents`
+    preview_png: list[bytes] | None = None
 
 
 def image_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -117,6 +120,10 @@ class DenoiserEngine:
         self.latent_channels = 4 if self.inpainting_unet else self.unet_config["in_channels"]
         self.scheduler_cls, self.scheduler_config = loading.load_scheduler_config(model_path)
         self.unet = FallbackUNet(model_path, self.settings.backends, num_threads)
+        # Previews are decoded here when the model has a previewer (64K parameters, a few ms):
+        # sending each preview's latents to the VaeCodec and back cost a hop each way
+        # (benchmarks/streaming.py measured the difference).
+        self.previewer = LatentPreviewer.load(model_path / PREVIEWER_FOLDER) if has_previewer(model_path) else None
         self._baseline_unet: FallbackUNet | None = None
         self._ip_adapter_unet: AdapterRunner | None = None
         self._ip_adapter_lock = threading.Lock()
@@ -270,6 +277,12 @@ class DenoiserEngine:
         def on_preview(done: int, total: int, x0: torch.Tensor) -> None:  # on the step loop's thread
             loop.call_soon_threadsafe(updates.put_nowait, DenoiseUpdate(done, total, x0, final=False))
 
+        async def decoded(update: DenoiseUpdate) -> DenoiseUpdate:
+            if self.previewer is None:
+                return update
+            pngs = await asyncio.to_thread(preview_pngs, self.previewer, update.latents)
+            return dataclasses.replace(update, preview_png=pngs)
+
         cancelled = threading.Event()
         finished = asyncio.wrap_future(self.submit(job, on_step, cancelled, on_preview))
         try:
@@ -277,7 +290,7 @@ class DenoiserEngine:
                 next_update = asyncio.ensure_future(updates.get())
                 await asyncio.wait({next_update, finished}, return_when=asyncio.FIRST_COMPLETED)
                 if next_update.done():
-                    yield next_update.result()
+                    yield await decoded(next_update.result())
                 else:  # previews are queued before the result is set, so none is left behind
                     next_update.cancel()
             latents = finished.result()

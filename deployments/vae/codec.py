@@ -16,7 +16,7 @@ from PIL import Image
 from deployments.common.vae_scale import vae_scale_factor
 from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 from deployments.models import loading
-from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer
+from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer, preview_pngs
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
@@ -25,9 +25,10 @@ def to_uint8(decoded: torch.Tensor) -> np.ndarray:
     return (images * 255).round().astype("uint8")
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
+def encode_png(pixels: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG bytes (`compress_level`: zlib's 0-9; Pillow's default 6 for final images)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -91,8 +92,12 @@ class VaeCodecEngine:
             return to_uint8(self.previewer(latents.float()))
 
     def preview_png(self, latents: torch.Tensor) -> list[bytes]:
-        """Partial images of a streamed request."""
-        return [encode_png(image) for image in self.preview_pixels(latents)]
+        """Partial images of a streamed request (fast PNG compression: they are seen once)."""
+        if self.previewer is not None:
+            with self._lock:
+                loading.set_torch_threads(self.num_threads)
+                return preview_pngs(self.previewer, latents)
+        return [encode_png(image, compress_level=1) for image in self.decode_pixels(latents)]
 
     def decode_png(self, latents: torch.Tensor, overlay: tuple[Image.Image, Image.Image] | None = None) -> list[bytes]:
         """`overlay` (image, mask; white = repainted): outside the mask, the image's own

@@ -373,9 +373,13 @@ class ImagePipeline:
                     updates.cancel()
 
     async def _preview(self, index: int, update: DenoiseUpdate, stage_ms: dict[str, float]) -> PartialImages:
-        start = time.perf_counter()
-        images = await self.vae_codec.preview_png.remote(update.latents)
-        stage_ms["preview"] = stage_ms.get("preview", 0.0) + (time.perf_counter() - start) * 1000.0
+        """The update's partial images: decoded by the denoiser already when the model has a
+        previewer, else by the VaeCodec."""
+        images = update.preview_png
+        if images is None:
+            start = time.perf_counter()
+            images = await self.vae_codec.preview_png.remote(update.latents)
+            stage_ms["preview"] = stage_ms.get("preview", 0.0) + (time.perf_counter() - start) * 1000.0
         return PartialImages(index, images, update.steps_done, update.total_steps)
 
     def _observe_timings(self, request: ImageRequest, steps: StepDecision, stage_ms: dict[str, float]) -> None:
