@@ -27,6 +27,12 @@ class Limits(BaseModel):
     # edits: per uploaded file; the pixel limit is checked on the header, before decoding
     max_upload_bytes: int = Field(16 * 2**20, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    request_timeout_s: float = Field(
+        290.0,
+        gt=0,
+        description="a request not answered by then gets 504 and its work is cancelled (a stream: an error "
+        "event); keep it under http_options.request_timeout_s, whose proxy timeout answers in its own shape",
+    )
 
 
 StepPolicy = Literal["fixed", "complexity", "slo"]

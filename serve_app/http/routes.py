@@ -150,20 +150,40 @@ async def streamed_response(
     """`stream: true`: what fails before the denoiser starts is an ordinary error answer;
     after that the answer is events (streaming.py)."""
     events = ready_pipeline().generate_stream(image_request, body.partial_images or 0)
-    started = await anext(events)
+    deadline = asyncio.get_running_loop().time() + _serving.settings.limits.request_timeout_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            started = await anext(events)
+    except TimeoutError:
+        await events.aclose()
+        raise request_timeout() from None
     if not isinstance(started, DenoiseStarted):
         raise RuntimeError(f"the pipeline's stream began with {type(started).__name__}")
     size = f"{image_request.width}x{image_request.height}"
     writer = ImageEventWriter(kind, output, answer_tier(image_request), size, image_request.seeds)
     return StreamingResponse(
-        writer.stream(events),
+        writer.stream(events, deadline, request_timeout()),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # proxies pass events on at once
     )
 
 
+def request_timeout() -> ApiError:
+    limit = _serving.settings.limits.request_timeout_s
+    return ApiError(
+        f"the request was not done within limits.request_timeout_s ({limit:g} s); its work was cancelled",
+        status_code=504,
+        code="timeout",
+        error_type=SERVER_ERROR,
+    )
+
+
 async def images_response(image_request: ImageRequest, output: ImageOutput, response: Response) -> ImagesResponse:
-    result = await ready_pipeline().generate(image_request)
+    try:  # a timeout cancels the awaited stage calls, and with them the denoising job
+        async with asyncio.timeout(_serving.settings.limits.request_timeout_s):
+            result = await ready_pipeline().generate(image_request)
+    except TimeoutError:
+        raise request_timeout() from None
     stage_ms = dict(result.stage_ms)
     images = result.images_png
     if output.format != "png":  # CPU work: on a worker thread

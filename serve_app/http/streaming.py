@@ -103,11 +103,22 @@ class ImageEventWriter:
             detail = ErrorDetail(message=f"internal error: {type(error).__name__}", type=SERVER_ERROR)
         return server_sent_event("error", StreamErrorEvent(error=detail))
 
-    async def stream(self, events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+    async def stream(
+        self, events: AsyncIterator[StreamEvent], deadline: float, timeout: ApiError
+    ) -> AsyncIterator[bytes]:
         """Every event of `events` that the client sees, then the end; closes `events` however
-        the stream ends (a client that went away cancels the work)."""
+        the stream ends (a client that went away cancels the work). Past `deadline` (the event
+        loop's clock) the work is cancelled and `timeout` is the last event."""
         try:
-            async for event in events:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    yield self.error(timeout)
+                    break
                 if isinstance(event, PartialImages):
                     for chunk in await self.partial(event):
                         yield chunk

@@ -1,10 +1,12 @@
-"""Stage calls retried after a replica failure: a dead replica's call is repeated and returns
-what the first would have; a stage error is never retried; a budget spent becomes a 503 with
-Retry-After; a streamed denoising whose replica died starts again without sending a preview
-twice, and ends with the no-fault image."""
+"""Faults without Ray: a call whose replica died is repeated and returns what the first would
+have; a stage error is never retried; a budget spent becomes a 503 with Retry-After; a streamed
+denoising whose replica died starts again without sending a preview twice, and ends with the
+no-fault image; a request past `limits.request_timeout_s` gets 504 (a stream: an error event)
+and its work is cancelled."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -12,11 +14,12 @@ from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from serve_app.config import AppSettings, RetrySettings
-from serve_app.flow.pipeline import PartialImages, local_pipeline_for
+from serve_app.flow.pipeline import DenoiseStarted, PartialImages, local_pipeline_for
 from serve_app.flow.retry import RetryingHandle, StageUnavailableError, retry_deadline, with_retries
 from serve_app.http import routes
 from tests.conftest import run
 from tests.unit.test_http_schemas import StandInPipeline
+from tests.unit.test_openai_fields import sse_events
 from tests.unit.test_streaming import request
 
 FAST = RetrySettings(attempts=3, first_backoff_s=0.01, max_backoff_s=0.02, max_wait_s=5.0)
@@ -144,3 +147,45 @@ def test_a_stream_whose_replica_died_restarts_and_sends_each_preview_once(tiny_m
     assert pipe.denoiser.streams == 2
     assert [p.steps_done for p in previews] == [2, 4, 6] and [p.index for p in previews] == [0, 1, 2]
     assert got[-1].images_png == run(local_pipe.generate(request())).images_png
+
+
+class SlowPipeline(StandInPipeline):
+    """Starts, then takes far longer than the test's request timeout; notes its cancellation."""
+
+    cancelled = 0
+
+    async def generate(self, request):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            SlowPipeline.cancelled += 1
+            raise
+        return await super().generate(request)
+
+    async def generate_stream(self, request, partial_images=0):
+        result = await StandInPipeline.generate(self, request)
+        yield DenoiseStarted(result.steps)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            SlowPipeline.cancelled += 1
+            raise
+        yield result
+
+
+def test_a_request_past_its_timeout_gets_504_and_its_work_is_cancelled(monkeypatch):
+    from serve_app.config import Limits
+
+    monkeypatch.setattr(routes, "_serving", routes.ServingState())
+    settings = AppSettings(default_size="64x64", limits=Limits(request_timeout_s=0.3))
+    routes.install(SlowPipeline(), settings, "stand-in")  # type: ignore[arg-type]
+    client = TestClient(routes.app)
+    SlowPipeline.cancelled = 0
+    response = client.post("/v1/images/generations", json={"prompt": "a man"})
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout" and "request_timeout_s (0.3 s)" in response.text
+    streamed = client.post("/v1/images/generations", json={"prompt": "a man", "stream": True, "partial_images": 1})
+    assert streamed.status_code == 200  # the stream had begun: the timeout is its last event
+    name, data = sse_events(streamed)[-1]
+    assert name == "error" and data["error"]["code"] == "timeout"
+    assert SlowPipeline.cancelled == 2
