@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 import httpx
@@ -12,18 +13,21 @@ import pytest
 
 from tests.integration.test_generation_http import generate, png_of
 
-_LOOP = asyncio.new_event_loop()  # one loop for the module: a handle stays bound to the loop it first ran on
+# One event loop for the test session's handles, running all the time in its own thread: a
+# handle stays bound to the loop it first ran on, and it learns of a restarted replica only
+# while that loop runs (Serve's long-poll updates; test_faults_http kills replicas).
+_LOOP = asyncio.new_event_loop()
+threading.Thread(target=_LOOP.run_forever, name="serve-handle-loop", daemon=True).start()
 
 
-def denoiser_load():
+def denoiser_load(timeout_s: float = 60.0):
     from ray import serve
 
-    handle = serve.get_deployment_handle("Denoiser", app_name="fusionserve")
-
     async def fetch():
+        handle = serve.get_deployment_handle("Denoiser", app_name="fusionserve")
         return await handle.load.remote()
 
-    return _LOOP.run_until_complete(fetch())
+    return asyncio.run_coroutine_threadsafe(fetch(), _LOOP).result(timeout=timeout_s)
 
 
 def idle_denoiser_load(timeout_s: float = 60.0):
