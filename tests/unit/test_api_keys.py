@@ -197,9 +197,16 @@ def test_concurrency_slots_are_released_after_each_answer(tmp_path, monkeypatch)
     client = serve(monkeypatch, path, max_concurrent=1, requests_per_minute=None)
     statuses = [
         client.post("/v1/images/generations", json=body, headers=bearer(key)).status_code
-        for body in (BODY, {**BODY, "n": 0}, BODY, {**BODY, "stream": True}, BODY)
+        for body in (
+            BODY,
+            {**BODY, "n": 0},
+            BODY,
+            {**BODY, "stream": True},
+            {**BODY, "background": "transparent"},
+            BODY,
+        )
     ]
-    assert statuses == [200, 400, 200, 400, 200]  # refused requests give their slot back too
+    assert statuses == [200, 400, 200, 200, 400, 200]  # refused and streamed requests give their slot back too
     assert routes._serving.auth is not None and routes._serving.auth.limiter.in_flight("alice") == 0
 
 
