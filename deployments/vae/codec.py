@@ -5,7 +5,6 @@ starting latents are the ones diffusers' Img2Img / Inpaint pipelines compute."""
 
 from __future__ import annotations
 
-import io
 import threading
 from pathlib import Path
 
@@ -13,23 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deployments.common.images import encode_png, to_uint8
 from deployments.common.vae_scale import vae_scale_factor
 from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 from deployments.models import loading
-from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer, preview_pngs
-
-
-def to_uint8(decoded: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW floats -> NHWC uint8, with diffusers' VaeImageProcessor arithmetic."""
-    images = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-    return (images * 255).round().astype("uint8")
-
-
-def encode_png(pixels: np.ndarray, compress_level: int = 6) -> bytes:
-    """PNG bytes (`compress_level`: zlib's 0-9; Pillow's default 6 for final images)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer
 
 
 class VaeCodecEngine:
@@ -93,11 +80,7 @@ class VaeCodecEngine:
 
     def preview_png(self, latents: torch.Tensor) -> list[bytes]:
         """Partial images of a streamed request (fast PNG compression: they are seen once)."""
-        if self.previewer is not None:
-            with self._lock:
-                loading.set_torch_threads(self.num_threads)
-                return preview_pngs(self.previewer, latents)
-        return [encode_png(image, compress_level=1) for image in self.decode_pixels(latents)]
+        return [encode_png(image, compress_level=1) for image in self.preview_pixels(latents)]
 
     def decode_png(self, latents: torch.Tensor, overlay: tuple[Image.Image, Image.Image] | None = None) -> list[bytes]:
         """`overlay` (image, mask; white = repainted): outside the mask, the image's own

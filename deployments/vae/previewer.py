@@ -72,17 +72,9 @@ class LatentPreviewer(nn.Module):
 @torch.inference_mode()
 def preview_pngs(previewer: LatentPreviewer, latents: torch.Tensor) -> list[bytes]:
     """Predicted clean latents -> one PNG per image (fast compression: a preview is seen once)."""
-    import io
+    from deployments.common.images import encode_png, to_uint8
 
-    from PIL import Image
-
-    pixels = ((previewer(latents.float()) / 2 + 0.5).clamp(0, 1) * 255).round().byte()
-    pngs = []
-    for image in pixels.permute(0, 2, 3, 1).numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-        pngs.append(buffer.getvalue())
-    return pngs
+    return [encode_png(image, compress_level=1) for image in to_uint8(previewer(latents.float()))]
 
 
 def has_previewer(model_path: Path) -> bool:
