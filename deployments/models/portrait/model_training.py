@@ -368,14 +368,16 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
         build_model(PRESET, start)
     parts = load_components(start)
     timings: dict[str, float] = {}
+    pool: LatentPool | None = None
     for vae_stage, diffusion_stage, folder in zip(
         vae_stages(config), diffusion_stages(config), ("latent_pool", REFINED_POOL), strict=True
     ):
         if vae_stage.steps == 0 and diffusion_stage.steps == 0:
-            continue
+            continue  # a stage pair switched off (e.g. no refine stages)
         began = time.perf_counter()
-        parts.vae.requires_grad_(True)
-        train_vae(parts, config, work, stage=vae_stage, progress=progress)
+        if vae_stage.steps:
+            parts.vae.requires_grad_(True)
+            train_vae(parts, config, work, stage=vae_stage, progress=progress)
         timings[f"{vae_stage.name}_s"] = time.perf_counter() - began
         began = time.perf_counter()
         parts.vae.requires_grad_(False)
@@ -383,8 +385,11 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
         parts.vae.register_to_config(scaling_factor=latent_scale(pool))
         timings[f"{folder}_s"] = time.perf_counter() - began
         began = time.perf_counter()
-        train_diffusion(parts, pool, config, work, stage=diffusion_stage, progress=progress)
+        if diffusion_stage.steps:
+            train_diffusion(parts, pool, config, work, stage=diffusion_stage, progress=progress)
         timings[f"{diffusion_stage.name}_s"] = time.perf_counter() - began
+    if pool is None:
+        raise ValueError("no training stage has steps: set vae_steps or diffusion_steps above 0")
     began = time.perf_counter()
     previewer = train_model_previewer(parts, pool, config, work, progress=progress)
     timings["previewer_s"] = time.perf_counter() - began
