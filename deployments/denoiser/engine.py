@@ -25,7 +25,7 @@ from deployments.denoiser.settings import DenoiserSettings
 from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher, UNetForward
 from deployments.denoiser.variant import UNetVariant, VariantKind
 from deployments.models import loading
-from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer, preview_pngs
+from deployments.vae.previewer import model_previewer, preview_pngs
 
 __all__ = [
     "DenoiseJob",
@@ -123,7 +123,7 @@ class DenoiserEngine:
         # Previews are decoded here when the model has a previewer (64K parameters, a few ms):
         # sending each preview's latents to the VaeCodec and back cost a hop each way
         # (benchmarks/streaming.py measured the difference).
-        self.previewer = LatentPreviewer.load(model_path / PREVIEWER_FOLDER) if has_previewer(model_path) else None
+        self.previewer = model_previewer(model_path)
         self._baseline_unet: FallbackUNet | None = None
         self._ip_adapter_unet: AdapterRunner | None = None
         self._ip_adapter_lock = threading.Lock()

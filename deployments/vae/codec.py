@@ -16,7 +16,7 @@ from deployments.common.images import encode_png, to_uint8
 from deployments.common.vae_scale import vae_scale_factor
 from deployments.denoiser.edit_latents import EncodedEdit, ImageLatentDistribution, latent_mask
 from deployments.models import loading
-from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer, has_previewer
+from deployments.vae.previewer import model_previewer
 
 
 class VaeCodecEngine:
@@ -36,8 +36,7 @@ class VaeCodecEngine:
         self._lock = threading.Lock()
         if previewer not in ("auto", "vae"):
             raise ValueError(f"previewer must be 'auto' or 'vae', got {previewer!r}")
-        use_own = previewer == "auto" and has_previewer(Path(model_path))
-        self.previewer = LatentPreviewer.load(Path(model_path) / PREVIEWER_FOLDER) if use_own else None
+        self.previewer = model_previewer(Path(model_path)) if previewer == "auto" else None
         # a 9-channel (inpainting) UNet also takes the masked image's latents
         self.inpainting_unet = loading.is_inpainting_unet(loading.load_unet_config(Path(model_path)))
 

@@ -81,6 +81,11 @@ def has_previewer(model_path: Path) -> bool:
     return (model_path / PREVIEWER_FOLDER / WEIGHTS).is_file()
 
 
+def model_previewer(model_path: Path) -> LatentPreviewer | None:
+    """The model folder's trained previewer, None when it has none."""
+    return LatentPreviewer.load(model_path / PREVIEWER_FOLDER) if has_previewer(model_path) else None
+
+
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR of two images in [-1, 1] (peak-to-peak 2)."""
     mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean())

@@ -54,12 +54,9 @@ class _LocalMethod:
 
 
 class _LocalCall:
-    def __init__(self, coroutine_function: Callable[..., Awaitable[Any]]):
-        self.remote = coroutine_function
+    """`.remote(...)` of a local handle: a coroutine, or a stream (`_LocalStream`)."""
 
-
-class _LocalStreamCall:
-    def __init__(self, function: Callable[..., _LocalStream]):
+    def __init__(self, function: Callable[..., Awaitable[Any] | _LocalStream]):
         self.remote = function
 
 
@@ -85,7 +82,7 @@ class LocalDenoiserHandle:
     def __init__(self, engine: DenoiserEngine, on_step: Callable[[int, int], None] | None = None):
         self._engine = engine
         self.denoise = _LocalCall(lambda job: engine.denoise_async(job, on_step))
-        self.denoise_stream = _LocalStreamCall(lambda job: _LocalStream(engine.denoise_stream(job, on_step)))
+        self.denoise_stream = _LocalCall(lambda job: _LocalStream(engine.denoise_stream(job, on_step)))
         self.load = _LocalCall(self._load)
 
     def options(self, **_: Any) -> LocalDenoiserHandle:

@@ -14,8 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from pydantic import BaseModel
-
 from serve_app.config import QualityTier
 from serve_app.flow.pipeline import GenerationResult, PartialImages, StreamEvent
 from serve_app.flow.retry import StageUnavailableError
@@ -32,8 +30,9 @@ class StreamErrorEvent(ErrorResponse):
     type: str = "error"
 
 
-def server_sent_event(event: str, data: BaseModel) -> bytes:
-    return f"event: {event}\ndata: {data.model_dump_json()}\n\n".encode()
+def server_sent_event(data: PartialImageEvent | CompletedEvent | StreamErrorEvent) -> bytes:
+    """One event, named by its `type` (as OpenAI's stream names them)."""
+    return f"event: {data.type}\ndata: {data.model_dump_json()}\n\n".encode()
 
 
 class ImageEventWriter:
@@ -54,7 +53,6 @@ class ImageEventWriter:
         now = int(time.time())
         return [
             server_sent_event(
-                f"{self.kind}.partial_image",
                 PartialImageEvent(
                     type=f"{self.kind}.partial_image",
                     b64_json=b64,
@@ -76,7 +74,6 @@ class ImageEventWriter:
         now = int(time.time())
         return [
             server_sent_event(
-                f"{self.kind}.completed",
                 CompletedEvent(
                     type=f"{self.kind}.completed",
                     b64_json=b64,
@@ -101,7 +98,7 @@ class ImageEventWriter:
             detail = ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code)
         else:
             detail = ErrorDetail(message=f"internal error: {type(error).__name__}", type=SERVER_ERROR)
-        return server_sent_event("error", StreamErrorEvent(error=detail))
+        return server_sent_event(StreamErrorEvent(error=detail))
 
     async def stream(
         self, events: AsyncIterator[StreamEvent], deadline: float, timeout: ApiError

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import png_pixels
-from tests.integration.test_denoiser_batching_http import denoiser_load, idle_denoiser_load
+from tests.integration.test_denoiser_batching_http import assert_one_job_cancelled, idle_denoiser_load
 from tests.integration.test_edits_http import TARGET
 
 
@@ -76,15 +75,7 @@ def test_a_client_that_leaves_mid_stream_cancels_its_job(base_url):
         for line in response.iter_lines():
             if line.startswith("event: image_generation.partial_image"):
                 break  # leave after the first preview
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        load = denoiser_load()
-        if load.cancelled_jobs > before.cancelled_jobs and load.active_jobs == 0:
-            break
-        time.sleep(0.5)
-    assert load.cancelled_jobs == before.cancelled_jobs + 1
-    assert load.active_jobs == 0 and load.waiting_jobs == 0
-    assert load.steps_run - before.steps_run < 150
+    assert_one_job_cancelled(before, steps=150, timeout_s=20)
 
 
 @pytest.mark.slow

@@ -15,21 +15,12 @@ from deployments.denoiser.engine import preview_steps
 from serve_app.flow.pipeline import DenoiseStarted, GenerationResult, PartialImages
 from serve_app.flow.request import ImageRequest
 from tests.conftest import png_pixels, run
+from tests.unit.test_pipeline import request as pipeline_request
 
 
 def request(**overrides) -> ImageRequest:
-    fields = dict(
-        prompt="portrait of a smiling woman",
-        negative_prompt="",
-        width=64,
-        height=64,
-        n=1,
-        seed=11,
-        guidance_scale=7.5,
-        num_inference_steps=8,
-    )
-    fields.update(overrides)
-    return ImageRequest(**fields)
+    """test_pipeline's request, 8 steps unless told otherwise."""
+    return pipeline_request(**{"num_inference_steps": 8, **overrides})
 
 
 @pytest.mark.parametrize(
