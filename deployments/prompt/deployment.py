@@ -22,7 +22,7 @@ def build_deployment() -> Any:
         def __init__(self, model_path: str, settings: PromptSettings | dict[str, Any] | None = None):
             prompt = PromptSettings.model_validate(settings or {})
             self.engine = PromptOptimizerEngine(Path(model_path), prompt.templates, prompt.default_style)
-            # tokens saved = original - optimized (Grafana: configs/grafana/fusionserve.json)
+            # tokens saved = original - (optimized - template) (Grafana: configs/grafana/fusionserve.json)
             self._original = metrics.Counter(
                 "fusionserve_prompt_original_tokens",
                 description="CLIP tokens of prompts as written",
@@ -31,6 +31,11 @@ def build_deployment() -> Any:
             self._optimized = metrics.Counter(
                 "fusionserve_prompt_optimized_tokens",
                 description="CLIP tokens of prompts as sent to the encoder",
+                tag_keys=("namespace",),
+            )
+            self._template = metrics.Counter(
+                "fusionserve_prompt_template_tokens",
+                description="of the optimized tokens, the namespace templates' (the server's text, not the user's)",
                 tag_keys=("namespace",),
             )
 
@@ -43,6 +48,8 @@ def build_deployment() -> Any:
                 self._original.inc(optimized.original_tokens, tags=tags)
             if optimized.prompt_tokens:
                 self._optimized.inc(optimized.prompt_tokens, tags=tags)
+            if optimized.template_tokens:
+                self._template.inc(optimized.template_tokens, tags=tags)
             return optimized
 
     return PromptOptimizer

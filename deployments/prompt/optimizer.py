@@ -39,6 +39,8 @@ class OptimizedPrompt:
     cache_namespace: str
     original_tokens: int = 0  # CLIP tokens of the instruction as the user wrote it
     prefix_tokens: int = 1  # leading positions (BOS included) identical for the whole namespace
+    # Of prompt_tokens, the namespace template's (its comma included): the server's, not the user's text
+    template_tokens: int = 0
     attributes: Attributes = field(default_factory=dict)  # key -> values (identity included)
     warnings: tuple[str, ...] = ()
     # Names the prompt's first window block in its namespace: the text encoder's router sends
@@ -49,6 +51,14 @@ class OptimizedPrompt:
         """The attributes as `/v1/prompts/optimize` shows them: each key's values as the prompt
         says them ("outdoors, blurred background"), accessories as a list."""
         return attribute_values.as_text(self.attributes)
+
+    def user_tokens(self) -> int:
+        """prompt_tokens without the namespace template: what the user's prompt became."""
+        return self.prompt_tokens - self.template_tokens
+
+    def saved_fraction(self) -> float:
+        """1 - user_tokens / original_tokens: the template is not the optimizer's cost."""
+        return round(1 - self.user_tokens() / self.original_tokens, 4) if self.original_tokens else 0.0
 
     def attribute_count(self) -> int:
         """Terms the attributes add to the prompt: one per key, each accessory apart."""
@@ -265,6 +275,7 @@ class PromptOptimizerEngine:
         template: str = "",
     ) -> OptimizedPrompt:
         tokens = self.count_tokens(text)
+        template_tokens = self.count_tokens(template + ",") if template and text.startswith(template) else 0
         if tokens > CONTENT_TOKENS:
             warnings = [*warnings, f"the prompt is {tokens} tokens; CLIP reads the first {CONTENT_TOKENS}"]
         return OptimizedPrompt(
@@ -275,7 +286,8 @@ class PromptOptimizerEngine:
             truncated_tokens=max(0, tokens - CONTENT_TOKENS),
             cache_namespace=namespace,
             original_tokens=original_tokens,
-            prefix_tokens=1 + (self.count_tokens(template + ",") if template and text.startswith(template) else 0),
+            prefix_tokens=1 + template_tokens,
+            template_tokens=template_tokens,
             attributes=attributes,
             warnings=tuple(warnings),
             routing_key=self.routing_key(text, namespace),

@@ -27,6 +27,7 @@ class Usage(BaseModel):
     total_tokens: int
     original_input_tokens: int = Field(description="CLIP tokens of the prompt before the prompt optimizer")
     prefix_tokens: int = Field(description="leading positions (BOS included) the namespace's prompts share")
+    template_tokens: int = Field(description="of input_tokens, the namespace template's (not the user's prompt)")
     negative_prompt_tokens: int
     truncated_tokens: int = Field(description="prompt tokens beyond the 77-token window, not seen by CLIP")
     num_inference_steps: int = Field(description="the schedule's length, as the step controller chose it")
@@ -63,6 +64,7 @@ def usage_of(
         total_tokens=prompt.prompt_tokens,
         original_input_tokens=prompt.original_tokens,
         prefix_tokens=prompt.prefix_tokens,
+        template_tokens=prompt.template_tokens,
         negative_prompt_tokens=prompt.negative_prompt_tokens,
         truncated_tokens=prompt.truncated_tokens,
         num_inference_steps=steps.steps,

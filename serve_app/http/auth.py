@@ -1,5 +1,5 @@
-"""API keys at the ingress: `Authorization: Bearer KEY` on every route but /healthz and the
-docs, and per-key limits. Off unless `api_keys_file` is set.
+"""API keys at the ingress: `Authorization: Bearer KEY` on every route but /healthz, the
+docs and the playground page, and per-key limits. Off unless `api_keys_file` is set.
 
 Keys are looked up by the SHA-256 of what the client sent, compared with every stored hash in
 constant time; a key is never logged, only its name. The key file is re-read when its inode,
@@ -25,10 +25,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serve_app.config import ApiKeyLimits
 from serve_app.http.api_keys import KeyFileError, StoredKey, hash_key, read_keys
 from serve_app.http.errors import ApiError
+from serve_app.http.playground import OPEN_PAGES, OPEN_PREFIXES
 
 logger = logging.getLogger("ray.serve")
 
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", *OPEN_PAGES})  # the page asks for the key, then sends it
 WINDOW_S = 60.0  # requests_per_minute counts admissions in any window this long
 INVALID_API_KEY = "invalid_api_key"
 RATE_LIMITED = "rate_limit_exceeded"
@@ -194,7 +195,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard = self.guard() if scope["type"] == "http" else None
-        if guard is None or _route_path(scope) in OPEN_PATHS:
+        if guard is None or is_open(_route_path(scope)):
             await self.app(scope, receive, send)
             return
         try:
@@ -206,6 +207,11 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
         finally:
             guard.release(name)
+
+
+def is_open(path: str) -> bool:
+    """Routes that need no key: health, the docs, the playground page and static assets."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def _route_path(scope: Scope) -> str:

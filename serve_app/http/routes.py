@@ -4,7 +4,8 @@ The FastAPI app is module-level. Ray Serve ships a copy of it to the ingress rep
 so the pipeline is not kept on `app.state` (that would be the copy's) but installed
 with `install()` into this module, which the replica process imports by reference.
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` (errors.py). With
-`api_keys_file` set, every route but /healthz and the docs needs an API key (auth.py).
+`api_keys_file` set, every route but /healthz, the docs and the playground page needs an API
+key (auth.py). `/` is the playground page, `/docs` and `/redoc` work offline (playground/).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,6 +27,7 @@ from serve_app import __version__
 from serve_app.config import AppSettings, Limits, QualityTier
 from serve_app.flow.pipeline import DenoiseStarted, ImagePipeline
 from serve_app.flow.request import ImageRequest
+from serve_app.http import playground
 from serve_app.http.auth import ApiKeyGuard, ApiKeyMiddleware
 from serve_app.http.errors import ERROR_RESPONSES, SERVER_ERROR, ApiError, add_error_handlers
 from serve_app.http.image_output import ImageOutput, encode_image
@@ -48,6 +50,7 @@ from serve_app.http.schemas import (
     OptimizedPromptResponse,
     PromptOptimizeBody,
     StreamKind,
+    server_timing,
 )
 from serve_app.http.streaming import ImageEventWriter
 
@@ -89,9 +92,13 @@ app = FastAPI(
     title="fusionserve",
     version=__version__,
     description="Portrait generation and face-fusion edits, OpenAI Images API compatible.",
+    docs_url=None,  # FastAPI's own pages load their assets from a CDN; ours are served here (playground)
+    redoc_url=None,
 )
 add_error_handlers(app)
 app.add_middleware(ApiKeyMiddleware, guard=current_auth)
+playground.mount_docs(app)
+playground.mount_page_assets(app)
 
 
 def ready_pipeline() -> ImagePipeline:
@@ -99,6 +106,28 @@ def ready_pipeline() -> ImagePipeline:
     if _serving.pipeline is None:
         raise ApiError("the pipeline is not ready", status_code=503, error_type=SERVER_ERROR)
     return _serving.pipeline
+
+
+@app.get("/", include_in_schema=False)
+async def playground_page(request: Request) -> HTMLResponse:
+    """The playground: generate and edit in the browser (serve_app/http/playground/)."""
+    return HTMLResponse(playground.render_page(request.scope.get("root_path", ""), playground_config()))
+
+
+def playground_config() -> playground.PlaygroundConfig:
+    settings, limits = _serving.settings, _serving.settings.limits
+    return playground.PlaygroundConfig(
+        model=_serving.model_id,
+        api_keys=_serving.auth is not None,
+        default_size=settings.default_size or f"{limits.min_side}x{limits.min_side}",
+        min_side=limits.min_side,
+        max_side=limits.max_side,
+        max_images=limits.max_images,
+        max_steps=limits.max_steps,
+        default_guidance_scale=settings.default_guidance_scale,
+        reference_image=bool(_serving.features.get("image_prompt_adapter")),
+        version=__version__,
+    )
 
 
 @app.get("/healthz")
@@ -112,11 +141,6 @@ async def list_models() -> ModelList:
     """OpenAI `GET /v1/models`: the one model this server runs (`client.models.list()`)."""
     ready_pipeline()
     return ModelList(data=[ModelCard(id=_serving.model_id)])
-
-
-def server_timing(stage_ms: Mapping[str, float]) -> str:
-    """W3C Server-Timing header: browsers' dev tools and curl -v show where time went."""
-    return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in stage_ms.items())
 
 
 # /docs: a streamed answer is server-sent events

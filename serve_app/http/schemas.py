@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -236,6 +237,11 @@ class PartialImageEvent(BaseModel):
     total_steps: int
 
 
+def server_timing(stage_ms: Mapping[str, float]) -> str:
+    """W3C Server-Timing: browsers' dev tools and curl -v show where time went."""
+    return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in stage_ms.items())
+
+
 class CompletedEvent(BaseModel):
     """The last events of a stream, one per image (`image_generation.completed` or `image_edit.completed`)."""
 
@@ -251,6 +257,9 @@ class CompletedEvent(BaseModel):
     image_index: int
     seed: int
     revised_prompt: str
+    server_timing: str = Field(
+        description="Where the time went, in the Server-Timing header's format (a stream's headers leave before it)."
+    )
 
 
 class OptimizedPromptResponse(BaseModel):
@@ -263,21 +272,27 @@ class OptimizedPromptResponse(BaseModel):
     )
     original_tokens: int = Field(description="CLIP tokens of the prompt as written.")
     optimized_tokens: int = Field(description="CLIP tokens of `prompt`.")
-    saved_fraction: float = Field(description="1 - optimized_tokens / original_tokens (negative: it grew).")
+    template_tokens: int = Field(
+        description="Of `optimized_tokens`, the namespace template's (put first so the namespace shares a prefix)."
+    )
+    saved_fraction: float = Field(
+        description="1 - (optimized_tokens - template_tokens) / original_tokens: the user's prompt only "
+        "(negative: it grew)."
+    )
     prefix_tokens: int = Field(description="Leading positions (BOS included) the namespace's prompts share.")
     cache_namespace: str
     warnings: list[str]
 
     @classmethod
     def of(cls, prompt: OptimizedPrompt) -> OptimizedPromptResponse:
-        original, optimized = prompt.original_tokens, prompt.prompt_tokens
         return cls(
             prompt=prompt.prompt,
             negative_prompt=prompt.negative_prompt,
             attributes=prompt.attribute_text(),
-            original_tokens=original,
-            optimized_tokens=optimized,
-            saved_fraction=round(1 - optimized / original, 4) if original else 0.0,
+            original_tokens=prompt.original_tokens,
+            optimized_tokens=prompt.prompt_tokens,
+            template_tokens=prompt.template_tokens,
+            saved_fraction=prompt.saved_fraction(),
             prefix_tokens=prompt.prefix_tokens,
             cache_namespace=prompt.cache_namespace,
             warnings=list(prompt.warnings),

@@ -19,7 +19,7 @@ from serve_app.flow.pipeline import GenerationResult, PartialImages, StreamEvent
 from serve_app.flow.retry import StageUnavailableError
 from serve_app.http.errors import SERVER_ERROR, ApiError, ErrorDetail, ErrorResponse, stage_unavailable
 from serve_app.http.image_output import ImageOutput, encode_image
-from serve_app.http.schemas import OPENAI_QUALITY, CompletedEvent, PartialImageEvent, StreamKind
+from serve_app.http.schemas import OPENAI_QUALITY, CompletedEvent, PartialImageEvent, StreamKind, server_timing
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,6 +85,7 @@ class ImageEventWriter:
                     image_index=image_index,
                     seed=seed,
                     revised_prompt=result.prompt.prompt,
+                    server_timing=server_timing(result.stage_ms),
                 ),
             )
             for image_index, (b64, seed) in enumerate(zip(await self.encoded(result.images_png), result.seeds))

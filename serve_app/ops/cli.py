@@ -353,8 +353,9 @@ def cmd_optimize(options: argparse.Namespace) -> int:
     else:
         print(body.prompt)
         print(
-            f"tokens: {body.original_tokens} -> {body.optimized_tokens} "
-            f"({body.saved_fraction:.0%} saved), shared prefix {body.prefix_tokens}",
+            f"tokens: {body.original_tokens} -> {body.optimized_tokens - body.template_tokens} "
+            f"({body.saved_fraction:.0%} saved), + {body.template_tokens} of the namespace template, "
+            f"shared prefix {body.prefix_tokens}",
             file=sys.stderr,
         )
         for warning in body.warnings:

@@ -77,6 +77,7 @@ def summarize(app_name: str, application: Any, samples: list[Sample]) -> dict[st
     """The report from Serve's status of one application and one scrape of the metrics."""
     original = metric_sum(samples, "ray_fusionserve_prompt_original_tokens_total")
     optimized = metric_sum(samples, "ray_fusionserve_prompt_optimized_tokens_total")
+    template = metric_sum(samples, "ray_fusionserve_prompt_template_tokens_total")
     window = metric_sum(samples, "ray_fusionserve_encoder_window_tokens_total")
     cached = metric_sum(samples, "ray_fusionserve_encoder_cached_tokens_total")
     return {
@@ -84,7 +85,9 @@ def summarize(app_name: str, application: Any, samples: list[Sample]) -> dict[st
         "status": _state_name(application.status),
         "stages": {name: _stage(name, deployment, samples) for name, deployment in application.deployments.items()},
         "denoiser": {name: metric_sum(samples, f"ray_fusionserve_denoiser_{name}") for name in DENOISER_GAUGES},
-        "prompt_tokens_saved": 1 - optimized / original if original else None,
+        # the user's prompts only: a namespace template is the server's text, not the optimizer's cost
+        "prompt_tokens_saved": 1 - (optimized - template) / original if original else None,
+        "template_tokens": template,
         "encoder_cache_hit_rate": cached / window if window else None,
         "encoder_cache_bytes": metric_sum(samples, "ray_fusionserve_encoder_cache_bytes"),
         "deadline_misses": metric_sum(samples, "ray_fusionserve_deadline_misses_total"),
@@ -126,7 +129,10 @@ def render(report: dict[str, Any]) -> str:
         f"waiting, {denoiser['queued_steps']:.0f} image-steps queued"
     )
     saved = report["prompt_tokens_saved"]
-    console.print(f"prompt optimizer: {'-' if saved is None else f'{saved:.0%}'} of prompt tokens saved")
+    console.print(
+        f"prompt optimizer: {'-' if saved is None else f'{saved:.0%}'} of the user's prompt tokens saved; "
+        f"namespace templates added {report['template_tokens']:.0f} tokens"
+    )
     console.print(
         f"text encoder cache: hit rate {'-' if hit is None else f'{hit:.0%}'} of window tokens, "
         f"{report['encoder_cache_bytes'] / 2**20:.1f} MiB; deadline misses: {report['deadline_misses']:.0f}"
