@@ -5,7 +5,7 @@ so the pipeline is not kept on `app.state` (that would be the copy's) but instal
 with `install()` into this module, which the replica process imports by reference.
 Every error leaves as `{"error": {"message", "type", "param", "code"}}` (errors.py). With
 `api_keys_file` set, every route but /healthz, the docs and the playground page needs an API
-key (auth.py). `/` is the playground page, `/docs` and `/redoc` work offline (playground/).
+key (auth.py). `/` is the playground page; `/docs` works offline (playground/).
 """
 
 from __future__ import annotations

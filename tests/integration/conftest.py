@@ -9,6 +9,20 @@ import time
 import httpx
 import pytest
 
+# Debian's chromium (`make browser` installs it); Playwright's own browser download cannot work here.
+CHROMIUM = os.environ.get("FUSIONSERVE_CHROMIUM", "/usr/bin/chromium")
+# Headless as root, and no calls home: this machine's network refuses them, noisily.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 PORT = int(os.environ.get("FUSIONSERVE_TEST_PORT", "8123"))
 
 
@@ -62,3 +76,18 @@ def metric_lines(prefix: str, label: str = "", timeout_s: float = 40.0) -> tuple
         if lines or time.time() > deadline:
             return lines, text
         time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session, driven by Playwright."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no browser at {CHROMIUM}: `make browser` installs Debian's chromium (or set FUSIONSERVE_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

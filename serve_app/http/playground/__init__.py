@@ -4,8 +4,8 @@ The page is plain HTML, CSS and ES-module JavaScript shipped as package data: no
 and no front-end dependency. The server fills in two things when it serves `index.html`: a
 `<base href>` (under a route prefix such as `/portrait` the page's relative API paths resolve
 to that application) and the `PlaygroundConfig` as JSON (limits, defaults, whether keys are on).
-Swagger UI and ReDoc load their JavaScript and CSS from the pinned `fastapi-offline` package
-instead of a CDN, so /docs works on a machine without internet.
+Swagger UI loads its JavaScript and CSS from the pinned `fastapi-offline` package instead of a
+CDN, so /docs works on a machine without internet.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -24,9 +24,9 @@ from pydantic import BaseModel, Field
 PAGE_DIR = Path(str(resources.files(__name__) / "static"))
 DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 PAGE_ASSETS = "/playground"  # the page's script and style sheet
-DOCS_ASSETS = "/docs-assets"  # Swagger UI's and ReDoc's
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's
 OPEN_PREFIXES = (PAGE_ASSETS + "/", DOCS_ASSETS + "/")  # static files: no API key asked
-OPEN_PAGES = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PAGES = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 QUALITY_TIERS = ("fast", "balanced", "best")
 
 
@@ -56,8 +56,9 @@ def render_page(root_path: str, config: PlaygroundConfig) -> str:
 
 
 def mount_docs(app: FastAPI) -> None:
-    """/docs (Swagger UI) and /redoc from the app's own assets. `app` is made with
-    docs_url=None and redoc_url=None so that FastAPI's CDN-loading pages are not registered."""
+    """/docs (Swagger UI) from the app's own assets. `app` is made with docs_url=None and
+    redoc_url=None so that FastAPI's CDN-loading pages are not registered. No /redoc: ReDoc's
+    bundle loads its logo from cdn.redoc.ly whatever its options (seen in the browser test)."""
     app.mount(DOCS_ASSETS, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
     oauth2_redirect = "/docs/oauth2-redirect"
 
@@ -76,17 +77,6 @@ def mount_docs(app: FastAPI) -> None:
     @app.get(oauth2_redirect, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
-            with_google_fonts=False,
-        )
 
 
 def mount_page_assets(app: FastAPI) -> None:
