@@ -4,7 +4,8 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test test-fast lint bench clean
+.PHONY: install model serve test test-fast lint bench clean browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
 
@@ -20,8 +21,14 @@ model: install
 serve: install  # the default model, portrait, ships in the package: nothing to build
 	$(VENV)/bin/fusionserve serve
 
-test: model
+test: model browser
 	$(PY) -m pytest
+
+# Debian's Chromium for the playground's browser tests (Playwright drives it; its own browser
+# download cannot work without internet). Installed once, when missing.
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; }
 
 # Unit tests only: no model loaded, no Ray started.
 test-fast: install

@@ -78,11 +78,12 @@ def metric_lines(prefix: str, label: str = "", timeout_s: float = 40.0) -> tuple
         time.sleep(2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the session, driven by Playwright."""
+    """A headless Chromium driven by Playwright, per test module: while Playwright's sync API
+    runs, this thread has a running event loop, and other modules' asyncio.run() would fail."""
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no browser at {CHROMIUM}: `make browser` installs Debian's chromium (or set FUSIONSERVE_CHROMIUM)")
+        pytest.fail(f"no browser at {CHROMIUM}: `make browser` installs Debian's chromium (or FUSIONSERVE_CHROMIUM)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -1,7 +1,8 @@
 """API keys on a served app (a second application, `keyed`, deployed beside the test session's
 one with `api_keys_file` set), reached with the official client: no key or a wrong one is
 refused with 401, a key's requests-per-minute limit answers 429 with Retry-After, a streamed
-generation works with a key, and a key revoked while the app runs is refused."""
+generation works with a key, the playground page asks for a key and sends it, and a key revoked
+while the app runs is refused."""
 
 from __future__ import annotations
 
@@ -64,6 +65,29 @@ def test_a_key_streams_and_its_rate_limit_answers_429(keyed):
         alices.images.generate(prompt="a man", size="64x64", extra_body=FAST)
     assert caught.value.body["code"] == "rate_limit_exceeded"
     assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+def test_the_playground_asks_for_a_key_and_sends_it(keyed, browser):
+    url, _, _, bob = keyed
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{url}/")  # the page itself needs no key
+        assert page.is_visible("#api-key")
+        page.fill("#prompt", "a man")
+        page.fill("#size", "64x64")
+        page.fill("#steps", "2")
+        page.click("#submit")
+        refused = page.locator('.field[data-param="api_key"] .field-error')
+        refused.wait_for()
+        assert "Authorization: Bearer KEY" in refused.text_content()  # the API's message, by the key field
+        page.fill("#api-key", bob)
+        page.click("#submit")
+        page.wait_for_selector("#images[data-state=done]", timeout=120_000)
+        assert page.locator('#images img[data-kind="final"]').count() == 1
+        assert refused.text_content() == ""
+    finally:
+        context.close()
 
 
 def test_a_key_revoked_while_serving_is_refused(keyed):

@@ -171,13 +171,17 @@ def test_prompt_optimize_endpoint(http):
         "attributes",
         "original_tokens",
         "optimized_tokens",
+        "template_tokens",
         "saved_fraction",
         "prefix_tokens",
         "cache_namespace",
         "warnings",
     ]
     assert body["cache_namespace"] == "studio-portrait"
-    assert body["saved_fraction"] == round(1 - body["optimized_tokens"] / body["original_tokens"], 4)
+    # the template is the server's text: the saving is measured on what the user's prompt became
+    assert body["template_tokens"] == body["prefix_tokens"] - 1 == 18
+    yours = body["optimized_tokens"] - body["template_tokens"]
+    assert body["saved_fraction"] == round(1 - yours / body["original_tokens"], 4) > 0
     assert body["prompt"].startswith(
         "portrait photo, front view, head and shoulders, soft studio lighting, plain grey background, Asian man, age:35"
     )

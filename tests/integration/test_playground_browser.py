@@ -4,7 +4,8 @@ at /portrait): typing shows the optimized prompt; Ctrl+Enter generates, previews
 final image shows what was asked (read by the judge), and its copied Python code gives the same
 image; an edit with an uploaded target and a painted mask keeps the unpainted pixels; a bad input
 shows the API's message next to its control; /docs renders with no request leaving the machine
-(and /redoc, whose ReDoc bundle would fetch its logo from a CDN, is not served); the page fits a phone's width; no console errors. Screenshots go to test-artifacts/."""
+(/redoc, whose ReDoc bundle would fetch its logo from a CDN, is not served); the page fits a
+phone's width; no console errors. Screenshots go to test-artifacts/playground/."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 import pytest
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
@@ -166,6 +167,8 @@ def test_an_edit_with_an_uploaded_target_and_a_painted_mask_keeps_what_was_not_p
     page.fill("#prompt", "wearing sunglasses")
     page.fill("#seed", "3")
     page.fill("#steps", "8")
+    # the optimized prompt's panel opens above the canvas: paint once the layout has settled
+    page.wait_for_function("document.querySelector('#optimized-prompt').textContent.includes('sunglasses')")
     box = page.locator("#mask-canvas").bounding_box()
     for row in (0.36, 0.42):  # a band over the eyes
         page.mouse.move(box["x"] + 0.3 * box["width"], box["y"] + row * box["height"])

@@ -136,6 +136,13 @@ def test_healthz_and_docs_stay_open(tmp_path, monkeypatch):
     client = serve(monkeypatch, path)
     assert client.get("/healthz").status_code == 200
     assert client.get("/openapi.json").status_code == 200
+    # the playground page and the static assets: the page asks for the key, then sends it
+    page = client.get("/")
+    assert page.status_code == 200 and '"api_keys":true' in page.text
+    assert client.get("/playground/playground.js").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert_unauthorized(client.post("/v1/prompts/optimize", json={"prompt": "a man"}))
 
 
 def test_no_key_file_means_no_authentication(monkeypatch):

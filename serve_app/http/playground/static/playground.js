@@ -487,6 +487,7 @@ function setUpMaskEditor() {
     preview.src = url;
   });
   $("size").addEventListener("input", () => ($("size").dataset.touched = "1"));
+  $("strength").addEventListener("input", () => ($("strength").dataset.touched = "1"));
 
   function point(event) {
     const rect = canvas.getBoundingClientRect();
@@ -504,6 +505,10 @@ function setUpMaskEditor() {
     context.lineTo(to.x, to.y);
     context.stroke();
     state.maskPainted = $("eraser").checked ? hasPaint() : true; // an eraser stroke may have cleared it all
+    if (state.maskPainted && !$("strength").dataset.touched) {
+      $("strength").value = "1"; // the server's default with a mask: the masked area is redrawn whole
+      $("strength-value").textContent = "1";
+    }
   }
 
   canvas.addEventListener("pointerdown", (event) => {
