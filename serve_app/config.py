@@ -161,6 +161,12 @@ class AppSettings(BaseModel):
     )
     api_key_limits: ApiKeyLimits = ApiKeyLimits()
     retry: RetrySettings = RetrySettings()
+    drain_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="`fusionserve serve` on SIGTERM/Ctrl-C: new requests get 503 shutting_down at once, requests "
+        "in flight get this long to finish before Ray stops",
+    )
 
     def threads_for(self, stage: StageName) -> int | None:
         return self.stage_threads.get(stage, self.num_threads)

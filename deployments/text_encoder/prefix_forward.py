@@ -6,7 +6,9 @@ to run, each layer's queries attending to cached + new keys. This module is that
 forward, written with the very operations of transformers' `CLIPTextModel` (same
 projections, same `scaled_dot_product_attention` over all 77 key positions with the
 causal mask), so that a row computed from a cached prefix is bit-identical to the same
-row computed from scratch, and to `CLIPTextModel` itself (tests check both).
+row computed from scratch, and to `CLIPTextModel` itself (tests check both, on SD-1.5's shape
+for every prefix length). Two kernel choices that depend on row counts are matched: see
+MIN_GEMM_ROWS and ATTENTION_QUERY_BLOCK.
 
 Rows in one batch may start at different positions: the projections and MLPs run on
 all new rows of the batch at once; attention runs once per group of rows that share a
@@ -38,6 +40,15 @@ class CachedPrefix:
 class ForwardResult:
     hidden: torch.Tensor  # [batch, 77, hidden]: the whole window, cached rows included
     kv: list[torch.Tensor]  # per row: [layers, 2, heads, 77, head_dim], a view valid until the next call
+
+
+# MKL multiplies a matrix of very few rows (here: under 12 that are not a multiple of 4, with 2
+# threads) with other kernels than a tall one, and rounds differently (up to ~1e-6 on SD-1.5's
+# encoder): a prefix hit leaving a few new positions was then not bit-identical to the full
+# forward. Every projection and MLP runs on at least this many rows, zero rows added.
+MIN_GEMM_ROWS = 16
+# PyTorch's CPU flash attention takes queries 32 at a time below 192 of them (q_split_size).
+ATTENTION_QUERY_BLOCK = 32
 
 
 class PrefixReuseForward:
@@ -95,6 +106,8 @@ class PrefixReuseForward:
             plan.append((start, rows, offset, offset + len(rows) * new, kv))
             offset += len(rows) * new
         hidden = embedded[0] if len(embedded) == 1 else torch.cat(embedded)
+        if offset < MIN_GEMM_ROWS:  # zero rows, never read back: see MIN_GEMM_ROWS
+            hidden = torch.cat([hidden, hidden.new_zeros(MIN_GEMM_ROWS - offset, self.hidden_size)])
 
         for layer_index, layer in enumerate(self.model.encoder.layers):
             hidden = self._layer(layer, layer_index, hidden, plan)
@@ -127,13 +140,21 @@ class PrefixReuseForward:
         outputs = []
         for start, rows, first, last, kv in plan:
             shape = (len(rows), self.window - start, self.num_heads, self.head_dim)
-            q = queries[first:last].view(shape).transpose(1, 2)
+            # CPU attention cuts the queries into blocks of ATTENTION_QUERY_BLOCK rows from the
+            # first one and rounds a block by its row count: the queries start at the block
+            # boundary below `start` (zeros before it, outputs dropped) so that every new row
+            # sits in the same block as in a full forward.
+            aligned = start - start % ATTENTION_QUERY_BLOCK
+            q = queries.new_zeros(len(rows), self.num_heads, self.window - aligned, self.head_dim)
+            q[:, :, start - aligned :] = queries[first:last].view(shape).transpose(1, 2)
             kv[layer_index, 0, :, :, start:] = keys[first:last].view(shape).transpose(1, 2)
             kv[layer_index, 1, :, :, start:] = values[first:last].view(shape).transpose(1, 2)
             attended = F.scaled_dot_product_attention(
-                q, kv[layer_index, 0], kv[layer_index, 1], attn_mask=self.mask[start:], scale=attention.scale
-            )
+                q, kv[layer_index, 0], kv[layer_index, 1], attn_mask=self.mask[aligned:], scale=attention.scale
+            )[:, :, start - aligned :]
             outputs.append(attended.transpose(1, 2).reshape(-1, self.hidden_size))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if attended.shape[0] < hidden.shape[0]:  # the padding rows (MIN_GEMM_ROWS)
+            attended = torch.cat([attended, attended.new_zeros(hidden.shape[0] - attended.shape[0], self.hidden_size)])
         hidden = residual + attention.out_proj(attended)
         return hidden + layer.mlp(layer.layer_norm2(hidden))

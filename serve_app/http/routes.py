@@ -29,6 +29,7 @@ from serve_app.flow.pipeline import DenoiseStarted, ImagePipeline
 from serve_app.flow.request import ImageRequest
 from serve_app.http import playground
 from serve_app.http.auth import ApiKeyGuard, ApiKeyMiddleware
+from serve_app.http.drain import DrainMiddleware
 from serve_app.http.errors import ERROR_RESPONSES, SERVER_ERROR, ApiError, add_error_handlers
 from serve_app.http.image_output import ImageOutput, encode_image
 from serve_app.http.image_request import (
@@ -50,6 +51,7 @@ from serve_app.http.schemas import (
     OptimizedPromptResponse,
     PromptOptimizeBody,
     StreamKind,
+    edit_form_openapi,
     server_timing,
 )
 from serve_app.http.streaming import ImageEventWriter
@@ -97,6 +99,7 @@ app = FastAPI(
 )
 add_error_handlers(app)
 app.add_middleware(ApiKeyMiddleware, guard=current_auth)
+app.add_middleware(DrainMiddleware)  # added last, so it runs first: a draining replica refuses before anything
 playground.mount_docs(app)
 playground.mount_page_assets(app)
 
@@ -219,7 +222,7 @@ async def images_response(image_request: ImageRequest, output: ImageOutput, resp
     return ImagesResponse.of(result, images, output.format, answer_tier(image_request), size)
 
 
-@app.post("/v1/images/edits", responses={**ERROR_RESPONSES, **STREAMED})
+@app.post("/v1/images/edits", responses={**ERROR_RESPONSES, **STREAMED}, openapi_extra=edit_form_openapi())
 async def edit_image(request: Request, response: Response) -> ImagesResponse:
     """OpenAI `images.edit`: multipart with `image` (the target), optional `mask` and
     `reference_image` (the source face), and the generation fields."""

@@ -162,6 +162,24 @@ class ImageEditForm(ImageOptions):
     )
 
 
+def edit_form_openapi() -> dict[str, object]:
+    """The edit's multipart body for the OpenAPI schema (/docs, client generators, schema
+    fuzzing): the form fields of ImageEditForm and the files. The handler reads the form itself
+    (to refuse an oversized body before reading it), so FastAPI cannot derive this."""
+    form = ImageEditForm.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    files = {
+        "image": {**binary, "description": "The target (B): PNG, JPEG or WebP; `image[]` is accepted too."},
+        "mask": {**binary, "description": "Transparent (alpha 0) or white = may change; the target's size."},
+        "reference_image": {
+            "anyOf": [binary, {"type": "string"}],
+            "description": "The source face (A) as a file, or as base64 text.",
+        },
+    }
+    schema = {**form, "properties": {**form["properties"], **files}, "required": ["image", "prompt"]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 class PromptOptimizeBody(BaseModel):
     """`POST /v1/prompts/optimize`: what the optimizer makes of a prompt, without generating."""
 

@@ -162,7 +162,8 @@ def cmd_serve(options: argparse.Namespace) -> int:
     )
     _print_addresses(http_options, context.dashboard_url or "")
     _wait_for_ctrl_c()
-    print("\nstopping: shutting down Serve and Ray...", flush=True)
+    _drain(application.get("name", "fusionserve"), settings.drain_grace_s)
+    print("stopping: shutting down Serve and Ray...", flush=True)
     try:
         # On a Ray instance of our own, ray.shutdown() stops every process at once; Serve's
         # graceful shutdown would wait ~30 s for the direct-ingress replica to drain.
@@ -172,6 +173,21 @@ def cmd_serve(options: argparse.Namespace) -> int:
         ray.shutdown()
     print("stopped.", flush=True)
     return 0
+
+
+def _drain(app_name: str, grace_s: float) -> None:
+    """New requests get 503 from now on; wait for those in flight, up to `grace_s`."""
+    from serve_app.http.drain import begin_drain_in_replica, in_flight_in_replica
+    from serve_app.ops.replicas import call_in_replicas
+
+    waiting = sum(call_in_replicas(app_name, "Ingress", begin_drain_in_replica))
+    print(f"\ndraining: new requests get 503; {waiting} in flight, up to {grace_s:g} s to finish", flush=True)
+    deadline = time.monotonic() + grace_s
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.2)
+        waiting = sum(call_in_replicas(app_name, "Ingress", in_flight_in_replica))
+    if waiting:
+        print(f"drain: {waiting} requests still in flight after {grace_s:g} s; stopping anyway", flush=True)
 
 
 def _with_api_keys(settings: AppSettings, api_keys_file: str | None) -> AppSettings:

@@ -3,7 +3,7 @@
 Replicas per stage come from Serve's status API; queue depths, the encoder cache's hit rate
 and latency from the Prometheus text on each Ray node's metrics export port (what the
 dashboard's metrics views and Grafana read). Custom metrics reach that port ~10 s after
-they change.
+they change. Restarts are the replicas that died unexpectedly, from Ray's actor table.
 """
 
 from __future__ import annotations
@@ -68,13 +68,20 @@ def collect(app_name: str = "fusionserve", urls: list[str] | None = None) -> dic
     application = status.applications.get(app_name)
     if application is None:
         raise LookupError(f"no application {app_name!r} is running (running: {sorted(status.applications) or 'none'})")
-    report = summarize(app_name, application, scrape(metrics_urls() if urls is None else urls))
+    from serve_app.ops.replicas import replica_deaths
+
+    samples = scrape(metrics_urls() if urls is None else urls)
+    report = summarize(app_name, application, samples, replica_deaths(app_name))
     report["metrics_endpoints"] = len(urls) if urls is not None else None
     return report
 
 
-def summarize(app_name: str, application: Any, samples: list[Sample]) -> dict[str, Any]:
-    """The report from Serve's status of one application and one scrape of the metrics."""
+def summarize(
+    app_name: str, application: Any, samples: list[Sample], restarts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The report from Serve's status of one application, one scrape of the metrics and the
+    replicas that died unexpectedly (by deployment)."""
+    restarts = restarts or {}
     original = metric_sum(samples, "ray_fusionserve_prompt_original_tokens_total")
     optimized = metric_sum(samples, "ray_fusionserve_prompt_optimized_tokens_total")
     template = metric_sum(samples, "ray_fusionserve_prompt_template_tokens_total")
@@ -83,7 +90,10 @@ def summarize(app_name: str, application: Any, samples: list[Sample]) -> dict[st
     return {
         "application": app_name,
         "status": _state_name(application.status),
-        "stages": {name: _stage(name, deployment, samples) for name, deployment in application.deployments.items()},
+        "stages": {
+            name: {**_stage(name, deployment, samples), "restarts": restarts.get(name, 0)}
+            for name, deployment in application.deployments.items()
+        },
         "denoiser": {name: metric_sum(samples, f"ray_fusionserve_denoiser_{name}") for name in DENOISER_GAUGES},
         # the user's prompts only: a namespace template is the server's text, not the optimizer's cost
         "prompt_tokens_saved": 1 - (optimized - template) / original if original else None,
@@ -112,14 +122,14 @@ def render(report: dict[str, Any]) -> str:
     from rich.table import Table
 
     table = Table(title=f"{report['application']}: {report['status']}")
-    for column in ("stage", "status", "replicas running", "other replica states", "mean latency"):
+    for column in ("stage", "status", "replicas running", "other replica states", "restarts", "mean latency"):
         table.add_column(column)
     ordered = sorted(report["stages"], key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES))
     for name in ordered:
         stage = report["stages"][name]
         others = ", ".join(f"{k.lower()} {v}" for k, v in stage["replicas"].items() if k != "RUNNING") or "-"
         latency = "-" if stage["mean_latency_ms"] is None else f"{stage['mean_latency_ms']:.0f} ms"
-        table.add_row(name, stage["status"], str(stage["running"]), others, latency)
+        table.add_row(name, stage["status"], str(stage["running"]), others, str(stage["restarts"]), latency)
     denoiser = report["denoiser"]
     hit = report["encoder_cache_hit_rate"]
     console = Console(record=True, width=100)

@@ -1,10 +1,11 @@
 """The two ways to start the server from a shell: `fusionserve serve` (what `make serve`
 runs) and Ray's own `serve run serve_config.yaml`. Each starts, serves the README's
-request, and stops cleanly on Ctrl-C (SIGINT)."""
+request, and stops cleanly on Ctrl-C (SIGINT); `fusionserve serve` drains on SIGTERM."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,3 +112,64 @@ def test_start_serve_and_stop_on_ctrl_c(command, tmp_path):
     while not port_is_free(PORT):  # the HTTP proxy is gone with Ray
         assert time.time() < deadline, "port still served after Ctrl-C"
         time.sleep(0.5)
+
+
+def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
+    """SIGTERM: a streamed request already in flight finishes (its completed event arrives), new
+    requests get 503 shutting_down with Retry-After (never a 500 or a dropped connection before
+    the drain), then the process exits 0."""
+    import threading
+
+    assert port_is_free(PORT), f"port {PORT} is taken"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "fusionserve"), "serve", "--port", str(PORT), "--model", "tiny"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=default_sigint,
+        )
+    url = f"http://127.0.0.1:{PORT}"
+    events: list[str] = []
+    started = threading.Event()
+
+    def long_stream() -> None:  # ~100 steps at 256x256: several seconds on 2 cores
+        body = {"prompt": "a man", "size": "256x256", "seed": 1, "num_inference_steps": 100}
+        body |= {"stream": True, "partial_images": 3}
+        with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line.removeprefix("event: "))
+                    started.set()
+
+    try:
+        wait_healthy(process, url, log_path)
+        stream = threading.Thread(target=long_stream)
+        stream.start()
+        assert started.wait(120), "the long request never started"
+        process.send_signal(signal.SIGTERM)
+        refused = None
+        deadline = time.time() + 60
+        while refused is None:  # from the drain's start until the exit, new requests are refused
+            assert time.time() < deadline, "no request was refused while draining"
+            response = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a man", "size": "64x64"}, timeout=60)
+            assert response.status_code in (200, 503), response.text
+            if response.status_code == 503:
+                refused = response
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 503  # load balancers stop sending
+        stream.join(timeout=300)
+        assert events[-1] == "image_generation.completed", events  # the request in flight finished
+        assert events.count("image_generation.partial_image") == 3
+        status = stop(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert status == 0, output
+    # the stream, and perhaps one of the probes sent just before the drain began
+    assert re.search(r"draining: new requests get 503; [12] in flight", output), output
+    assert "stopped." in output

@@ -76,11 +76,13 @@ def test_the_installed_copy_is_what_runs(installed, elsewhere):
     probe = (
         "import json, sys, serve_app, fusionserve_configs, deployments.models.clip_vocab as vocab; "
         "print(json.dumps({'serve_app': serve_app.__file__, 'configs': fusionserve_configs.__file__, "
-        "'vocabulary': str(vocab.find_bpe_file()), 'finders': [repr(f) for f in sys.meta_path]}))"
+        "'vocabulary': str(vocab.find_bpe_file()), 'finders': [repr(f) for f in sys.meta_path], "
+        "'page': str(__import__('serve_app.http.playground', fromlist=['x']).PAGE_DIR / 'playground.js')}))"
     )
     found = json.loads(run([str(installed / "python"), "-c", probe], elsewhere).stdout)
     venv = installed.parent.resolve()
-    for name in ("serve_app", "configs", "vocabulary"):
+    assert Path(found["page"]).is_file(), found["page"]  # the playground ships as package data
+    for name in ("serve_app", "configs", "vocabulary", "page"):
         assert Path(found[name]).resolve().is_relative_to(venv), (name, found[name])
     assert not any("editable" in finder for finder in found["finders"]), found["finders"]
 

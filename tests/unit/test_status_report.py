@@ -12,9 +12,7 @@ NAMESPACE = {"namespace": "studio-portrait"}
 
 
 def report_of(samples: list[Sample]) -> dict:
-    deployment = SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})
-    application = SimpleNamespace(status="RUNNING", deployments={"Denoiser": deployment})
-    return status.summarize("fusionserve", application, samples)
+    return status.summarize("fusionserve", report_application(), samples)
 
 
 def test_a_namespace_template_is_not_reported_as_the_optimizers_cost():
@@ -38,3 +36,15 @@ def test_without_templates_the_saving_is_the_optimizers():
         Sample("ray_fusionserve_prompt_optimized_tokens_total", {}, 30.0),
     ]
     assert report_of(samples)["prompt_tokens_saved"] == 0.25
+
+
+def test_restarts_are_reported_per_stage():
+    report = status.summarize("fusionserve", report_application(), [], {"Denoiser": 2})
+    assert report["stages"]["Denoiser"]["restarts"] == 2
+    rendered = status.render(report)
+    assert "restarts" in rendered and "│ 2 " in rendered
+
+
+def report_application() -> SimpleNamespace:
+    deployment = SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 1})
+    return SimpleNamespace(status="RUNNING", deployments={"Denoiser": deployment})

@@ -80,6 +80,34 @@ def test_prefix_forward_is_bit_identical_to_clip_text_model():
         assert torch.equal(resumed.kv[row], full.kv[row])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_prefix_length_is_bit_identical_on_the_sd15_shape(threads):
+    """SD-1.5's text encoder shape (12 layers, width 768; random weights), every prefix length,
+    batches of 1 and 2, 1 and 2 torch threads: a hit leaving few new positions used to differ
+    by ~1e-6 (MKL's kernels for a handful of rows round differently; MIN_GEMM_ROWS pads them)."""
+    torch.manual_seed(0)
+    config = CLIPTextConfig(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+    model = CLIPTextModel(config).eval()
+    forward = PrefixReuseForward(model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 2):
+            ids = torch.randint(0, VOCAB, (batch, WINDOW))
+            with torch.inference_mode():
+                expected = model(ids)[0]
+            full = forward(ids, [None] * batch)
+            kv = [k.clone() for k in full.kv]
+            assert torch.equal(full.hidden, expected)
+            for start in range(1, WINDOW, batch):  # batch 2: every other length (CI time)
+                prefixes = [CachedPrefix([kv[i][:, :, :, :start]], [expected[i, :start]]) for i in range(batch)]
+                resumed = forward(ids, prefixes).hidden
+                assert torch.equal(resumed, expected), (batch, start, (resumed - expected).abs().max().item())
+    finally:
+        torch.set_num_threads(previous)
+
+
 # -- the engine: exactness -------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(6))
 def test_random_shared_prefixes_are_bit_exact(tiny_model_path, reference_engine, seed):
