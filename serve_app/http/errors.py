@@ -108,7 +108,8 @@ async def _request_validation_error(_: Request, exc: RequestValidationError) -> 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     error_type = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
-    return error_response(exc.status_code, str(exc.detail), error_type=error_type)
+    # headers kept: a 405 names the allowed methods in Allow (RFC 9110; found by schema fuzzing)
+    return error_response(exc.status_code, str(exc.detail), error_type=error_type, headers=exc.headers)
 
 
 def stage_unavailable(exc: StageUnavailableError) -> ApiError:

@@ -44,18 +44,22 @@ INTENTIONAL_DEATHS = frozenset({"RAY_KILL"})  # the controller stopping a replic
 
 def replica_deaths(app: str) -> dict[str, int]:
     """Per deployment: replicas of `app` that died unexpectedly (a crash, a kill, out of memory)
-    and that Serve replaced, from Ray's actor table (which keeps a bounded number of dead actors)."""
-    from ray.util.state import list_actors
+    and that Serve replaced. Read from the GCS actor table, which keeps a bounded number of dead
+    actors, through ray._private.state: the public state API needs the dashboard, which tests and
+    some clusters run without."""
+    from ray._private import state
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext  # type: ignore[attr-defined]
 
     prefix = f"SERVE_REPLICA::{app}#"
     deaths: dict[str, int] = {}
-    dead = list_actors(filters=[("state", "=", "DEAD")], limit=10_000, detail=True, raise_on_missing_output=False)
-    for actor in dead:
-        name = actor.name or ""
-        if not name.startswith(prefix):
+    for actor in state.actors().values():
+        name = actor.get("Name") or ""
+        if actor.get("State") != "DEAD" or not name.startswith(prefix):
             continue
-        context = (actor.death_cause or {}).get("actor_died_error_context") or {}
-        if context.get("reason") not in INTENTIONAL_DEATHS:
+        cause = actor.get("DeathCause")
+        context = getattr(cause, "actor_died_error_context", None)
+        reason = ActorDiedErrorContext.Reason.Name(context.reason) if context is not None else "UNKNOWN"
+        if reason not in INTENTIONAL_DEATHS:
             deployment = name[len(prefix) :].split("#")[0]
             deaths[deployment] = deaths.get(deployment, 0) + 1
     return deaths

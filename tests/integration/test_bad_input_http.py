@@ -93,6 +93,8 @@ def test_unknown_route_and_method_are_openai_shaped(http):
     wrong_method = http.get("/v1/images/generations")
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["message"] == "Method Not Allowed"
+    assert wrong_method.headers["allow"] == "POST"  # kept by the error handler (schema fuzzing found it gone)
+    assert http.request("TRACE", "/healthz").headers["allow"] == "GET"
 
 
 def test_bad_input_does_not_disturb_concurrent_work(http):
