@@ -5,7 +5,8 @@ Reproduce (about four minutes on the 2-core development machine):
 
     .venv/bin/python -m benchmarks.chaos [--quick] [--json PATH] [--update-readme README.md]
 
-An application of the tiny model (`chaos`) runs with N replicas of every stage. For each stage
+An application of the model (`chaos`; `--model`, default portrait at its native 128x128) runs
+with N replicas of every stage. For each stage
 in turn (Denoiser, TextEncoder, VaeCodec, PromptOptimizer) a stream of mixed requests —
 generations, edits (target + mask, multipart) and streamed generations, one every 0.3 s from 6
 clients — runs while one replica of that stage is SIGKILLed after a quarter of them were sent.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -87,24 +89,29 @@ def _png(size: tuple[int, int], colour: tuple[int, ...], mode: str = "RGB") -> b
     return buffer.getvalue()
 
 
-TARGET = _png((64, 64), (40, 120, 200))
-MASK = _png((64, 64), (0, 0, 0, 0), "RGBA")  # all transparent: the whole target may change
+@functools.cache
+def edit_files(side: int) -> dict[str, tuple[str, bytes, str]]:
+    """A target and an all-transparent mask (the whole target may change) of the model's size."""
+    target = _png((side, side), (40, 120, 200))
+    mask = _png((side, side), (0, 0, 0, 0), "RGBA")
+    return {"image": ("target.png", target, "image/png"), "mask": ("mask.png", mask, "image/png")}
 
 
-def send(client: httpx.Client, kind: str, index: int) -> Outcome:
-    """One request of `kind`; never raises (a dropped connection is an outcome too)."""
+def send(client: httpx.Client, kind: str, index: int, side: int = 64) -> Outcome:
+    """One request of `kind` at side x side; never raises (a dropped connection is an outcome too)."""
     fields = {"prompt": f"portrait {kind} {index}", "seed": 500 + index, "num_inference_steps": 12}
+    size = f"{side}x{side}"
     start = time.perf_counter()
     try:
         if kind == "edit":
             form = {key: str(value) for key, value in fields.items()}
-            files = {"image": ("target.png", TARGET, "image/png"), "mask": ("mask.png", MASK, "image/png")}
+            files = edit_files(side)
             response = client.post("/v1/images/edits", data=form, files=files)
             return _outcome(kind, response.status_code, "retry-after" in response.headers, start, response.text)
         if kind == "generation":
-            response = client.post("/v1/images/generations", json={**fields, "size": "64x64"})
+            response = client.post("/v1/images/generations", json={**fields, "size": size})
             return _outcome(kind, response.status_code, "retry-after" in response.headers, start, response.text)
-        body = {**fields, "size": "64x64", "stream": True, "partial_images": 2}
+        body = {**fields, "size": size, "stream": True, "partial_images": 2}
         with client.stream("POST", "/v1/images/generations", json=body) as response:
             if response.status_code != 200:
                 response.read()
@@ -156,7 +163,7 @@ def wait_recovered(stage: str, replicas: int, killed: int, timeout_s: float = 12
         time.sleep(0.25)
 
 
-def scenario(url: str, stage: str, replicas: int, requests: int, request_timeout_s: float) -> dict:
+def scenario(url: str, stage: str, replicas: int, requests: int, request_timeout_s: float, side: int = 64) -> dict:
     """`requests` mixed requests, one replica of `stage` SIGKILLed after a quarter were sent."""
     timeout = httpx.Timeout(request_timeout_s + ANSWER_BOUND_S)
     kill_at = max(1, requests // 4)
@@ -167,7 +174,7 @@ def scenario(url: str, stage: str, replicas: int, requests: int, request_timeout
     ):
         futures, recovery = [], None
         for index in range(requests):
-            futures.append(pool.submit(send, client, KINDS[index % len(KINDS)], index))
+            futures.append(pool.submit(send, client, KINDS[index % len(KINDS)], index, side))
             if index + 1 == kill_at:
                 killed = replica_pids(stage)[0]
                 os.kill(killed, signal.SIGKILL)
@@ -194,11 +201,13 @@ def scenario(url: str, stage: str, replicas: int, requests: int, request_timeout
 
 def run(options: argparse.Namespace) -> dict:
     from benchmarks.serving_overhead import check_port_free, start_ray, stop_ray
+    from deployments.models import loading
     from serve_app.ops.cli import load_serve_config, split_app_config
     from serve_app.ops.replicas import replica_deaths
 
     serve_config = load_serve_config("serve_config.yaml")
-    settings, _, _ = split_app_config(serve_config, "tiny")
+    settings, _, _ = split_app_config(serve_config, options.model)
+    side = loading.native_size(loading.resolve_model(options.model))
     url = f"http://127.0.0.1:{options.port}{ROUTE}"
     check_port_free(options.port)
     start_ray(2, options.port, serve_config)
@@ -208,13 +217,14 @@ def run(options: argparse.Namespace) -> dict:
             deploy(settings, replicas)
             wait_healthy(url)
             for stage in STAGES:
-                result = scenario(url, stage, replicas, options.requests, settings.limits.request_timeout_s)
+                result = scenario(url, stage, replicas, options.requests, settings.limits.request_timeout_s, side)
                 print(json.dumps(result), flush=True)
                 scenarios.append(result)
         restarts = replica_deaths(APP)
     finally:
         stop_ray()
-    return {"scenarios": scenarios, "restarts_seen_by_status": restarts}
+    size = f"{side}x{side}"
+    return {"model": options.model, "size": size, "scenarios": scenarios, "restarts_seen_by_status": restarts}
 
 
 def table(results: dict) -> str:
@@ -229,11 +239,12 @@ def table(results: dict) -> str:
             f"{s['other']} | {s['slowest_answer_s']} s | {s['recover_s']} s |"
         )
     setup = results["setup"]
+    restarts = ", ".join(f"{stage} {count}" for stage, count in sorted(results["restarts_seen_by_status"].items()))
     lines += [
         "",
-        f"<sub>`{setup['command']}`, {setup['machine']}, {setup['date']}; tiny model, mixed generations, edits and "
-        f"streamed generations from {CLIENTS} clients, one every {SPACING_S} s; `fusionserve status` counted "
-        f"{results['restarts_seen_by_status']} restarts.</sub>",
+        f"<sub>`{setup['command']}`, {setup['machine']}, {setup['date']}; {results['model']} model at "
+        f"{results['size']}, 12 steps; mixed generations, edits and streamed generations from {CLIENTS} clients, one "
+        f"every {SPACING_S} s; `fusionserve status` counted restarts: {restarts}.</sub>",
     ]
     return "\n".join(lines)
 
@@ -241,6 +252,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=24, help="requests per scenario")
+    parser.add_argument("--model", default="portrait", help="the model served (default: portrait, as shipped)")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--quick", action="store_true", help="8 requests per scenario")
     parser.add_argument("--json", help="results file (default: benchmarks/results/[quick/]chaos.json)")
