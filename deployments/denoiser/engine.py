@@ -22,6 +22,7 @@ from deployments.common.vae_scale import latent_shape, vae_scale_factor
 from deployments.denoiser.backends import AdapterRunner, FallbackUNet, ip_adapter_runner
 from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
 from deployments.denoiser.settings import DenoiserSettings
+from deployments.denoiser.solvers import make_scheduler
 from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher, UNetForward
 from deployments.denoiser.variant import UNetVariant, VariantKind
 from deployments.models import loading
@@ -48,7 +49,7 @@ class DenoiseJob:
     seeds: list[int]  # one image per seed
     num_inference_steps: int
     guidance_scale: float
-    scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
+    scheduler: str | None = None  # a solver of solvers.SOLVERS or a diffusers class name; None: the model's own
     # the UNet that runs it: the served one, the quality guard's full-precision baseline, or the
     # image-prompt adapter at a scale (UNetVariant.ip_adapter(scale), with `image_embeds`)
     variant: UNetVariant = field(default_factory=UNetVariant.production)
@@ -160,16 +161,7 @@ class DenoiserEngine:
             return self._ip_adapter_unet
 
     def new_scheduler(self, num_inference_steps: int, name: str | None = None) -> Any:
-        scheduler_cls: Any = self.scheduler_cls
-        if name is not None and name != scheduler_cls.__name__:
-            import diffusers
-
-            scheduler_cls = getattr(diffusers, name, None)
-            if scheduler_cls is None or not name.endswith("Scheduler"):
-                raise ValueError(f"unknown scheduler {name!r}")
-        scheduler = scheduler_cls.from_config(self.scheduler_config)
-        scheduler.set_timesteps(num_inference_steps)
-        return scheduler
+        return make_scheduler(name, self.scheduler_cls, self.scheduler_config, num_inference_steps)
 
     def prepare(self, job: DenoiseJob) -> ActiveJob:
         """The job's starting state: its scheduler, noise and text context."""

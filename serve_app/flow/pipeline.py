@@ -298,6 +298,7 @@ class ImagePipeline:
             seeds=request.seeds,
             num_inference_steps=steps.steps,
             guidance_scale=request.guidance_scale,
+            scheduler=request.scheduler,
             variant=UNetVariant.baseline() if guard.tripped else UNetVariant.production(),
             early_stop=None if guard.tripped else self.step_controller.settings.early_stop_threshold,
             early_stop_min_steps=self.step_controller.range_for(request)[0],  # never below the tier's minimum

@@ -24,6 +24,7 @@ class ImageRequest:
     step_policy: StepPolicy | None = None  # None: deadline_ms given -> slo, else the config's
     deadline_ms: float | None = None  # latency target for the slo policy
     quality: QualityTier | None = None  # the step range; None: the config's
+    scheduler: str | None = None  # a solver of deployments/denoiser/solvers.py; None: the model's own
     # Edits (/v1/images/edits): decoded and checked at the ingress (serve_app/http/image_request.py).
     image: Image.Image | None = None  # RGB: the target; its latents start the denoising at `strength`
     mask: Image.Image | None = None  # L, white = repaint (same size as `image`)

@@ -33,6 +33,7 @@ class Usage(BaseModel):
     num_inference_steps: int = Field(description="the schedule's length, as the step controller chose it")
     steps_reason: str = Field(description="why: explicit, fixed, complexity, slo, slo:reduced, ..., quality-guard")
     steps_policy: str
+    scheduler: str | None = Field(description="the sampler asked for; null: the model's own")
     steps_complexity: float | None = Field(description="the complexity score behind the choice, 0..1")
     deadline_ms: float | None
     deadline_met: bool | None
@@ -70,6 +71,7 @@ def usage_of(
         num_inference_steps=steps.steps,
         steps_reason=steps.reason,
         steps_policy=steps.policy,
+        scheduler=job.scheduler,
         steps_complexity=steps.complexity,
         deadline_ms=deadline,
         deadline_met=None if deadline is None else total_ms <= deadline,

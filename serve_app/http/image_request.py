@@ -119,6 +119,7 @@ def to_image_request(body: ImageOptions, settings: AppSettings, edit: EditInputs
         step_policy=body.step_policy,
         deadline_ms=body.deadline_ms,
         quality=QUALITY_TIERS[body.quality] if body.quality else None,
+        scheduler=body.scheduler,
     )
     if edit is None:
         return request

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.denoiser.solvers import SolverName
 from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import QualityTier, StepPolicy
 from serve_app.flow.pipeline import GenerationResult
@@ -109,6 +110,12 @@ class ImageOptions(BaseModel):
         description="Latency target in ms for the slo policy: the most steps that still meet it.",
     )
     quality: QualityName | None = Field(None, description=QUALITY_HELP)
+    scheduler: SolverName | None = Field(
+        None,
+        description="The sampler: ddim, dpmpp_2m (DPM-Solver++ 2M), dpmpp_2m_karras (with Karras sigmas) or unipc; "
+        "default: the model's own (DDIM for the shipped models). Multistep solvers need fewer steps for the "
+        "same picture.",
+    )
 
     @field_validator("size")
     @classmethod

@@ -265,6 +265,7 @@ def _request_options(options: argparse.Namespace) -> dict[str, Any]:
         step_policy=options.step_policy,
         deadline_ms=options.deadline_ms,
         quality=options.quality,
+        scheduler=options.scheduler,
     )
 
 
@@ -782,6 +783,7 @@ def _add_serve(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> Non
 
 def _image_options(default_size: str | None) -> argparse.ArgumentParser:
     """Options of `generate` and `edit` (the request fields, and where the output goes)."""
+    from deployments.denoiser.solvers import SolverName
     from serve_app.config import QualityTier, StepPolicy
 
     command = argparse.ArgumentParser(add_help=False)
@@ -798,6 +800,7 @@ def _image_options(default_size: str | None) -> argparse.ArgumentParser:
     command.add_argument("-n", type=int, default=1)
     command.add_argument("--steps", type=int, help="denoising steps (default: the step controller's choice)")
     command.add_argument("--quality", choices=_choices(QualityTier), help="the step range (default: the config's)")
+    command.add_argument("--scheduler", choices=_choices(SolverName), help="the sampler (default: the model's own)")
     command.add_argument("--step-policy", choices=_choices(StepPolicy), help="default: the config's")
     command.add_argument("--deadline-ms", type=float, help="latency target for the slo policy")
     command.add_argument("--guidance-scale", type=float)

@@ -44,6 +44,7 @@ USAGE_KEYS = [
     "num_inference_steps",
     "steps_reason",
     "steps_policy",
+    "scheduler",
     "steps_complexity",
     "deadline_ms",
     "deadline_met",

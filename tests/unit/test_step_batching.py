@@ -304,3 +304,44 @@ def test_a_stochastic_scheduler_matches_diffusers(tiny_model_path, scheduler):
         generator=torch.Generator("cpu").manual_seed(11),
     ).images
     assert (ours - reference).abs().max().item() < 1e-4
+
+
+def test_multistep_solvers_by_name_run_side_by_side_as_they_run_alone(tiny_model_path, vae):
+    """DPM-Solver++ 2M (with and without Karras sigmas) and UniPC keep their previous outputs in
+    the job's own scheduler: in one batch with DDIM and each other, each renders its image alone."""
+    jobs = [job(31, steps=9, scheduler=name) for name in ("dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddim")]
+    jobs.append(job(32, steps=5, scheduler="dpmpp_2m"))
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    batched = together(engine, jobs)
+    assert engine.load().steps_run <= 9 + 2  # they shared forwards
+    singles = alone(tiny_model_path, jobs)
+    for got, expected in zip(batched, singles):
+        assert_same_images(vae, got, expected)
+    assert (singles[0] - singles[3]).abs().max().item() > 1e-2  # a solver is not DDIM under another name
+    assert (singles[0] - singles[1]).abs().max().item() > 1e-3  # Karras sigmas change the schedule
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+def test_a_named_solver_matches_diffusers_with_that_scheduler(tiny_model_path, name):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from deployments.denoiser.solvers import SOLVERS
+
+    solver = SOLVERS[name]
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path))
+    pipe.scheduler = getattr(diffusers, solver.scheduler_class).from_config(pipe.scheduler.config, **solver.settings)
+    pipe.set_progress_bar_config(disable=True)
+    target = job(12, steps=8, scheduler=name)
+    ours = denoise(engine_for(tiny_model_path, max_batch_size=4), target)
+    reference = pipe(
+        prompt_embeds=target.prompt_embeds,
+        negative_prompt_embeds=target.negative_prompt_embeds,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=8,
+        guidance_scale=7.5,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(12),
+    ).images
+    assert (ours - reference).abs().max().item() < 1e-4

@@ -155,7 +155,7 @@ function showOptimized(result) {
   const yours = result.optimized_tokens - result.template_tokens;
   const saved = Math.round(result.saved_fraction * 100);
   const template = result.template_tokens
-    ? ` + ${result.template_tokens} of the “${result.cache_namespace}” template (shared prefix: ${result.prefix_tokens} positions, cached)`
+    ? ` + ${result.template_tokens} of the “${result.cache_namespace}” template (a prefix of ${result.prefix_tokens} positions shared by the namespace: the encoder caches it)`
     : "";
   $("token-counts").textContent = `CLIP tokens: ${result.original_tokens} as written → ${yours} (${saved}% saved)${template}`;
   const list = $("attributes");
