@@ -219,3 +219,15 @@ def test_generation_reports_the_optimized_prompt(http):
     )
     assert raw["data"][0]["revised_prompt"] == "A smiling Asian man who is wearing glasses"
     assert raw["usage"]["input_tokens"] == 8
+
+
+def test_a_request_picks_its_sampler(http):
+    """`scheduler` runs the request with that sampler (usage says which); an unknown one is a 400."""
+    body = {"prompt": "portrait of a woman", "size": "64x64", "seed": 5, "num_inference_steps": 6}
+    ddim = generate(http, **body)
+    dpm = generate(http, **body, scheduler="dpmpp_2m")
+    assert (ddim["usage"]["scheduler"], dpm["usage"]["scheduler"]) == (None, "dpmpp_2m")
+    assert png_of(ddim["data"][0]) != png_of(dpm["data"][0])
+    assert png_of(generate(http, **body, scheduler="dpmpp_2m")["data"][0]) == png_of(dpm["data"][0])
+    refused = http.post("/v1/images/generations", json={**body, "scheduler": "euler"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "scheduler"
