@@ -115,7 +115,9 @@ def quality(model_dir, settings: list[tuple[str, int]], count: int) -> dict[tupl
     images = {}
     for name, steps in [REFERENCE, *[s for s in settings if s != REFERENCE]]:
         solver = SOLVERS[name]
-        pipe.scheduler = getattr(diffusers, solver.scheduler_class).from_config(base_config, **solver.settings)
+        pipe.scheduler = from_first_step(
+            getattr(diffusers, solver.scheduler_class).from_config(base_config, **solver.settings)
+        )
         images[(name, steps)] = generate(pipe, texts, seeds, steps, guidance_scale=GUIDANCE)
         print(f"  {name} {steps} steps: {len(texts)} images", flush=True)
     reference = [np.asarray(image, dtype=np.float64) for image in images[REFERENCE]]
@@ -125,6 +127,21 @@ def quality(model_dir, settings: list[tuple[str, int]], count: int) -> dict[tupl
         psnr = [psnr_db(np.asarray(image, dtype=np.float64), ref) for image, ref in zip(images[setting], reference)]
         results[setting] = {"adherence": report.overall, "psnr_db": float(np.mean(psnr))}
     return results
+
+
+def from_first_step(scheduler):
+    """`scheduler`, starting at its first timestep after every set_timesteps (as the engine's
+    solvers.make_scheduler does: diffusers' pipeline would look a repeated Karras timestep up and
+    start at the second)."""
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_from_the_first(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+
+    scheduler.set_timesteps = set_timesteps_from_the_first
+    return scheduler
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:

@@ -45,4 +45,9 @@ def make_scheduler(name: str | None, model_class: Any, model_config: Any, num_in
             raise ValueError(f"unknown scheduler {name!r}; the solvers: {', '.join(SOLVERS)}")
     scheduler = scheduler_class.from_config(model_config, **settings)
     scheduler.set_timesteps(num_inference_steps)
+    if hasattr(scheduler, "set_begin_index"):
+        # The job walks the timesteps from the first. Without this, a multistep solver finds its
+        # first step by looking the timestep up, and Karras sigmas can repeat a timestep (50 steps
+        # on a 1000-step schedule): the lookup takes the second one and the last step overruns.
+        scheduler.set_begin_index(0)
     return scheduler

@@ -321,6 +321,17 @@ def test_multistep_solvers_by_name_run_side_by_side_as_they_run_alone(tiny_model
     assert (singles[0] - singles[1]).abs().max().item() > 1e-3  # Karras sigmas change the schedule
 
 
+def test_karras_sigmas_that_repeat_a_timestep_run_every_step(tiny_model_path):
+    """At 50 steps Karras sigmas repeat the first timestep; the solver must still start at the first."""
+    from deployments.denoiser.solvers import make_scheduler
+
+    engine = engine_for(tiny_model_path, max_batch_size=2)
+    scheduler = make_scheduler("dpmpp_2m_karras", engine.scheduler_cls, engine.scheduler_config, 50)
+    assert len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps)  # the repeat this is about
+    latents = denoise(engine, job(41, steps=50, scheduler="dpmpp_2m_karras"))
+    assert torch.isfinite(latents).all()
+
+
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "unipc"])
 def test_a_named_solver_matches_diffusers_with_that_scheduler(tiny_model_path, name):
     import diffusers
