@@ -142,13 +142,9 @@ def _stream_outcome(response: httpx.Response, start: float) -> Outcome:
 
 
 def replica_pids(stage: str) -> list[int]:
-    from serve_app.ops.replicas import call_in_replicas
+    from serve_app.ops.replicas import replica_pids as pids_of
 
-    return call_in_replicas(APP, stage, _pid)
-
-
-def _pid(_replica: object) -> int:
-    return os.getpid()
+    return pids_of(APP, stage)
 
 
 def wait_recovered(stage: str, replicas: int, killed: int, timeout_s: float = 120.0) -> float:

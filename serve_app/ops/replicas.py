@@ -39,6 +39,17 @@ def call_in_replicas(app: str, deployment: str, function: Callable[[Any], T], ti
     return results
 
 
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """The process ids of the deployment's live replicas (what the chaos tools SIGKILL)."""
+    return call_in_replicas(app, deployment, _pid)
+
+
+def _pid(_replica: object) -> int:
+    import os
+
+    return os.getpid()
+
+
 INTENTIONAL_DEATHS = frozenset({"RAY_KILL"})  # the controller stopping a replica (downscale, redeploy)
 
 

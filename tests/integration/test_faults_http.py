@@ -20,19 +20,10 @@ from tests.integration.test_generation_http import png_of
 
 
 def replica_pids(deployment: str) -> list[int]:
-    """The process ids of the deployment's live replicas (Serve names its replica actors
-    SERVE_REPLICA::APP#DEPLOYMENT#ID)."""
-    import ray
+    """The process ids of the session app's live replicas of `deployment`."""
+    from serve_app.ops.replicas import replica_pids as pids_of
 
-    pids = []
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith(f"SERVE_REPLICA::fusionserve#{deployment}#"):
-            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            try:
-                pids.append(ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
-            except ray.exceptions.RayActorError:
-                continue  # a replica that is gone, not yet removed from the list
-    return pids
+    return pids_of("fusionserve", deployment)
 
 
 def streamed_events(base_url: str, body: dict) -> list[tuple[str, dict]]:

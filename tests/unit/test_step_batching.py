@@ -285,25 +285,29 @@ def test_a_stochastic_scheduler_draws_its_step_noise_from_the_request_seed(tiny_
 
 @pytest.mark.parametrize("scheduler", STOCHASTIC)
 def test_a_stochastic_scheduler_matches_diffusers(tiny_model_path, scheduler):
+    target = job(11, steps=7, scheduler=scheduler)
+    ours = denoise(engine_for(tiny_model_path, max_batch_size=4), target)
+    assert (ours - diffusers_latents(tiny_model_path, target, scheduler)).abs().max().item() < 1e-4
+
+
+def diffusers_latents(model_path, target: DenoiseJob, scheduler: str, **settings) -> torch.Tensor:
+    """`target`'s final latents from diffusers' own pipeline with that scheduler class and settings."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path))
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_path))
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **settings)
     pipe.set_progress_bar_config(disable=True)
-    target = job(11, steps=7, scheduler=scheduler)
-    ours = denoise(engine_for(tiny_model_path, max_batch_size=4), target)
-    reference = pipe(
+    return pipe(
         prompt_embeds=target.prompt_embeds,
         negative_prompt_embeds=target.negative_prompt_embeds,
         height=SIZE,
         width=SIZE,
-        num_inference_steps=7,
-        guidance_scale=7.5,
+        num_inference_steps=target.num_inference_steps,
+        guidance_scale=target.guidance_scale,
         output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(11),
+        generator=torch.Generator("cpu").manual_seed(target.seeds[0]),
     ).images
-    assert (ours - reference).abs().max().item() < 1e-4
 
 
 def test_multistep_solvers_by_name_run_side_by_side_as_they_run_alone(tiny_model_path, vae):
@@ -334,25 +338,10 @@ def test_karras_sigmas_that_repeat_a_timestep_run_every_step(tiny_model_path):
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "unipc"])
 def test_a_named_solver_matches_diffusers_with_that_scheduler(tiny_model_path, name):
-    import diffusers
-    from diffusers import StableDiffusionPipeline
-
     from deployments.denoiser.solvers import SOLVERS
 
     solver = SOLVERS[name]
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_path))
-    pipe.scheduler = getattr(diffusers, solver.scheduler_class).from_config(pipe.scheduler.config, **solver.settings)
-    pipe.set_progress_bar_config(disable=True)
     target = job(12, steps=8, scheduler=name)
     ours = denoise(engine_for(tiny_model_path, max_batch_size=4), target)
-    reference = pipe(
-        prompt_embeds=target.prompt_embeds,
-        negative_prompt_embeds=target.negative_prompt_embeds,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=8,
-        guidance_scale=7.5,
-        output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(12),
-    ).images
+    reference = diffusers_latents(tiny_model_path, target, solver.scheduler_class, **solver.settings)
     assert (ours - reference).abs().max().item() < 1e-4
