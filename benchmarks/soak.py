@@ -25,7 +25,7 @@ compared with the cache's peak bytes.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
 import io
 import json
 import os
@@ -72,55 +72,62 @@ def png(size: int, mode: str = "RGB", colour: tuple[int, ...] = (90, 140, 200)) 
 
 
 class Load:
-    """Sends one request of a kind; never raises."""
+    """Sends one request of a kind; never raises. Async, one task per request and no cap on
+    connections: an open-loop sender must not queue in the client, or the server never sees
+    the overload it is meant to refuse."""
 
-    def __init__(self, client: httpx.Client, side: int):
+    def __init__(self, client: httpx.AsyncClient, side: int):
         self.client, self.side = client, side
         self.target, self.mask = png(side), png(side, "RGBA", (0, 0, 0, 0))
 
-    def send(self, kind: str, index: int) -> Answer:
+    async def send(self, kind: str, index: int) -> Answer:
         body = {"prompt": f"portrait {index}", "seed": index, "num_inference_steps": STEPS}
         try:
             if kind == "generation":
-                response = self.client.post("/v1/images/generations", json={**body, "size": f"{self.side}x{self.side}"})
+                size = f"{self.side}x{self.side}"
+                response = await self.client.post("/v1/images/generations", json={**body, "size": size})
             elif kind == "edit":
                 files = {"image": ("t.png", self.target, "image/png"), "mask": ("m.png", self.mask, "image/png")}
-                response = self.client.post("/v1/images/edits", data={k: str(v) for k, v in body.items()}, files=files)
+                form = {k: str(v) for k, v in body.items()}
+                response = await self.client.post("/v1/images/edits", data=form, files=files)
             elif kind == "bad":
-                response = self.client.post("/v1/images/generations", json=BAD_BODIES[index % len(BAD_BODIES)])
+                response = await self.client.post("/v1/images/generations", json=BAD_BODIES[index % len(BAD_BODIES)])
             else:
-                return self.disconnect(body)
+                return await self.disconnect(body)
         except httpx.HTTPError:
             return Answer(kind, 0, False)
         return Answer(kind, response.status_code, "retry-after" in response.headers)
 
-    def disconnect(self, body: dict) -> Answer:
+    async def disconnect(self, body: dict) -> Answer:
         """A streamed request whose client goes away after the first partial image."""
         streamed = {**body, "size": f"{self.side}x{self.side}", "stream": True, "partial_images": 3}
-        with self.client.stream("POST", "/v1/images/generations", json=streamed) as response:
-            if response.status_code != 200:
-                response.read()
-                return Answer("disconnect", response.status_code, "retry-after" in response.headers)
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    return Answer("disconnect", -1, False)  # closing the stream here cancels the job
+        try:
+            async with self.client.stream("POST", "/v1/images/generations", json=streamed) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return Answer("disconnect", response.status_code, "retry-after" in response.headers)
+                async for line in response.aiter_lines():
+                    if line.startswith("event: "):
+                        return Answer("disconnect", -1, False)  # closing the stream here cancels the job
+        except httpx.HTTPError:
+            pass
         return Answer("disconnect", 0, False)
 
 
-def capacity(load: Load, seconds: float, clients: int = 8) -> float:
+async def capacity(load: Load, seconds: float, clients: int = 8) -> float:
     """Generations completed per second by `clients` closed-loop clients."""
-    done, stop = [], time.perf_counter() + seconds
+    done: list[float] = []
+    stop = time.perf_counter() + seconds
 
-    def client_loop(offset: int) -> None:
+    async def client_loop(offset: int) -> None:
         index = offset
         while time.perf_counter() < stop:
-            if load.send("generation", 10_000 + index).status == 200:
+            if (await load.send("generation", 10_000 + index)).status == 200:
                 done.append(time.perf_counter())
             index += clients
 
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client_loop, range(clients)))
+    await asyncio.gather(*(client_loop(offset) for offset in range(clients)))
     return len(done) / (time.perf_counter() - start)
 
 
@@ -145,9 +152,11 @@ def sample(handles: dict) -> dict:
     }
 
 
-def soak(load: Load, rate: float, seconds: float, handles: dict, rng: random.Random) -> tuple[list[Answer], list[dict]]:
-    answers: list[Answer] = []
-    samples: list[dict] = [sample(handles)]
+async def soak(
+    load: Load, rate: float, seconds: float, handles: dict, rng: random.Random
+) -> tuple[list[Answer], list[dict]]:
+    """Open loop: request i leaves at start + i / rate whatever the answers so far."""
+    samples: list[dict] = [await asyncio.to_thread(sample, handles)]  # handles block: not on the loop
     stop = threading.Event()
 
     def sampler() -> None:
@@ -157,13 +166,12 @@ def soak(load: Load, rate: float, seconds: float, handles: dict, rng: random.Ran
     watcher = threading.Thread(target=sampler, daemon=True)
     watcher.start()
     kinds, weights = zip(*MIX)
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        futures, start, index = [], time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            futures.append(pool.submit(load.send, rng.choices(kinds, weights)[0], index))
-            index += 1
-            time.sleep(max(0.0, start + index / rate - time.perf_counter()))
-        answers = [future.result() for future in futures]
+    tasks, start, index = [], time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        tasks.append(asyncio.create_task(load.send(rng.choices(kinds, weights)[0], index)))
+        index += 1
+        await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+    answers = list(await asyncio.gather(*tasks))
     stop.set()
     watcher.join()
     return answers, samples
@@ -225,6 +233,17 @@ def summarize(answers: list[Answer], samples: list[dict], budget: int) -> dict:
     }
 
 
+async def load_phases(options: argparse.Namespace, side: int, handles: dict) -> tuple[float, list[Answer], list[dict]]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # no cap: see Load
+    base_url = f"http://127.0.0.1:{options.port}"
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        load = Load(client, side)
+        rate = await capacity(load, options.capacity_seconds)
+        print(f"capacity {rate:.2f} requests/s; soaking at {2 * rate:.2f}/s for {options.minutes} min", flush=True)
+        answers, samples = await soak(load, 2 * rate, 60 * options.minutes, handles, random.Random(0))
+    return rate, answers, samples
+
+
 def run(options: argparse.Namespace) -> dict:
     from ray import serve
 
@@ -240,12 +259,7 @@ def run(options: argparse.Namespace) -> dict:
     try:
         deploy_dag(settings, deployment_options)
         handles = {name: serve.get_deployment_handle(name, APP) for name in ("TextEncoder", "Denoiser")}
-        limits = httpx.Limits(max_connections=96, max_keepalive_connections=96)
-        with httpx.Client(base_url=f"http://127.0.0.1:{options.port}", timeout=600, limits=limits) as client:
-            load = Load(client, side)
-            rate = capacity(load, options.capacity_seconds)
-            print(f"capacity {rate:.2f} requests/s; soaking at {2 * rate:.2f}/s for {options.minutes} min", flush=True)
-            answers, samples = soak(load, 2 * rate, 60 * options.minutes, handles, random.Random(0))
+        rate, answers, samples = asyncio.run(load_phases(options, side, handles))
         left = jobs_left(handles)
     finally:
         stop_ray()
