@@ -19,6 +19,7 @@ from serve_app.flow.metrics import PipelineMetrics
 from serve_app.flow.pipeline import ImagePipeline
 from serve_app.flow.quality_guard import LiveQualityGuard
 from serve_app.flow.retry import RetryingHandle
+from serve_app.flow.sampler_table import SamplerTable, sampler_table_for
 from serve_app.flow.steps import StepController
 from serve_app.http import routes as api
 
@@ -38,7 +39,8 @@ class Ingress:
         vae_codec,
         settings: AppSettings,
         model_id: str,
-        features: dict[str, bool] | None = None,
+        features: dict[str, bool | int] | None = None,
+        sampler_table: SamplerTable | None = None,
     ):
         metrics = PipelineMetrics()
 
@@ -50,7 +52,7 @@ class Ingress:
             retried(text_encoder, "TextEncoder"),
             retried(denoiser, "Denoiser"),
             retried(vae_codec, "VaeCodec"),
-            StepController(settings.steps),
+            StepController(settings.steps, sampler_table),
             LiveQualityGuard(settings.quality_guard),
             metrics,
             retry=settings.retry,
@@ -85,6 +87,7 @@ def build_application(
         settings,
         loading.model_id(model_path),
         loading.features(model_path),
+        sampler_table_for(settings.steps.sampler_table, model_path),
     )
 
 

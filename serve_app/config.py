@@ -44,6 +44,12 @@ StageName = Literal["TextEncoder", "Denoiser", "VaeCodec"]  # the stages that ru
 # ~30-33 dB PSNR against 50, 20 steps ~35 dB, 30 steps ~40 dB.
 DEFAULT_STEP_RANGES: dict[QualityTier, tuple[int, int]] = {"fast": (15, 20), "balanced": (15, 30), "best": (25, 40)}
 
+# with a measured sampler table (serve_app/flow/sampler_table.py), per tier: how much adherence
+# under the table's best the cheapest setting may give up, and how close (PSNR) to the most
+# expensive picture it must stay
+DEFAULT_MAX_ADHERENCE_DROP: dict[QualityTier, float] = {"fast": 0.03, "balanced": 0.01, "best": 0.0}
+DEFAULT_MIN_PSNR_DB: dict[QualityTier, float] = {"fast": 22.0, "balanced": 26.0, "best": 30.0}
+
 
 class StepSettings(BaseModel):
     """The step controller (serve_config.yaml: args.steps); see serve_app/flow/steps.py."""
@@ -56,6 +62,21 @@ class StepSettings(BaseModel):
     default_quality: QualityTier = "balanced"
     deadline_ms: float = Field(
         30000.0, gt=0, description="the `slo` policy's latency target unless a request gives deadline_ms"
+    )
+
+    sampler_table: str | None = Field(
+        "auto",
+        description="the measured (sampler, steps, cache interval) table the controller chooses from: auto (the "
+        "model's configs/samplers/<model>.json when it ships and matches the weights), a path, or null (off: the "
+        "step ranges above, the model's sampler, no feature caching)",
+    )
+    max_adherence_drop: dict[QualityTier, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MAX_ADHERENCE_DROP),
+        description="with a table: the cheapest setting within this much adherence of the table's best",
+    )
+    min_psnr_db: dict[QualityTier, float] = Field(
+        default_factory=lambda: dict(DEFAULT_MIN_PSNR_DB),
+        description="with a table: and at least this close (PSNR) to the most expensive picture of the same seed",
     )
 
     early_stop_threshold: float | None = Field(

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
+from deployments.denoiser.deep_cache import DeepCacheUNet
 from deployments.denoiser.settings import BackendName, BackendSpec
 from deployments.models import loading
 
@@ -49,32 +50,91 @@ def model_fingerprint(model_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- torch
-def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
-    device = spec.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable("no CUDA GPU here")
-    if spec.precision == "int8":
-        raise BackendUnavailable("int8 runs on the onnxruntime backend")
-    if spec.precision == "fp16" and device == "cpu":
-        raise BackendUnavailable("fp16 needs a GPU; use bf16 on CPU")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
-    unet = loading.load_unet(model_path, dtype=dtype).to(device)
-    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-    if spec.channels_last:
-        unet = unet.to(memory_format=memory_format)
-    # dynamic: the step loop's batches change size every few steps, and a static compile
-    # recompiles per shape (51 s each for the tiny UNet on 2 CPU cores). Measured on CPU:
-    # static 1.13x eager, dynamic 1.0x after a 100 s compile -- worth it only on GPUs.
-    forward = torch.compile(unet, dynamic=True) if spec.compile else unet
+class TorchFeatureCache:
+    """Feature caching across steps (deep_cache.py) on a torch backend's module: inputs and
+    outputs converted as its runner converts them; the kept features stay on the module's
+    device, in its dtype. `before` runs ahead of every forward (the adapter sets its scale)."""
 
-    def run(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        sample = sample.to(device, dtype).contiguous(memory_format=memory_format)
-        noise = forward(
-            sample, timesteps.to(device), encoder_hidden_states=context.to(device, dtype), return_dict=False
-        )[0]
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        device: str,
+        dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        before: Callable[[], None] | None = None,
+    ):
+        self.model = DeepCacheUNet(unet)
+        self.device, self.dtype, self.memory_format = device, dtype, memory_format
+        self.before = before
+
+    def _inputs(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.before is not None:
+            self.before()
+        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        embeds = None if image_embeds is None else image_embeds.to(self.device, self.dtype)
+        return sample, timesteps.to(self.device), context.to(self.device, self.dtype), embeds
+
+    def full(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        branch_ids: Iterable[int],
+        image_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        sample, timesteps, context, embeds = self._inputs(sample, timesteps, context, image_embeds)
+        noise, features = self.model.full(sample, timesteps, context, branch_ids, image_embeds=embeds)
+        return noise.float().cpu().contiguous(), features
+
+    def shallow(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        deep_features: torch.Tensor,
+        branch_id: int,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        sample, timesteps, context, embeds = self._inputs(sample, timesteps, context, image_embeds)
+        noise = self.model.shallow(sample, timesteps, context, deep_features, branch_id, image_embeds=embeds)
         return noise.float().cpu().contiguous()
 
-    return run
+
+class TorchRunner:
+    """A torch UNet: `runner(sample, timesteps, context) -> noise`, and its `feature_cache`."""
+
+    def __init__(self, model_path: Path, spec: BackendSpec):
+        device = spec.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA GPU here")
+        if spec.precision == "int8":
+            raise BackendUnavailable("int8 runs on the onnxruntime backend")
+        if spec.precision == "fp16" and device == "cpu":
+            raise BackendUnavailable("fp16 needs a GPU; use bf16 on CPU")
+        self.device = device
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
+        unet = loading.load_unet(model_path, dtype=self.dtype).to(device)
+        self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        if spec.channels_last:
+            unet = unet.to(memory_format=self.memory_format)
+        # dynamic: the step loop's batches change size every few steps, and a static compile
+        # recompiles per shape (51 s each for the tiny UNet on 2 CPU cores). Measured on CPU:
+        # static 1.13x eager, dynamic 1.0x after a 100 s compile -- worth it only on GPUs.
+        self.forward = torch.compile(unet, dynamic=True) if spec.compile else unet
+        # the cached path runs the module eagerly (its hooks and partial forwards)
+        self.feature_cache = TorchFeatureCache(unet, device, self.dtype, self.memory_format)
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        context = context.to(self.device, self.dtype)
+        noise = self.forward(sample, timesteps.to(self.device), encoder_hidden_states=context, return_dict=False)[0]
+        return noise.float().cpu().contiguous()
+
+
+def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
+    return TorchRunner(model_path, spec)
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -261,25 +321,33 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
     return run
 
 
-AdapterRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-def ip_adapter_runner(model_path: Path) -> AdapterRunner:
-    """The UNet with the image-prompt adapter, torch fp32: run(sample, timesteps, context, image_embeds, scale).
+class AdapterUNet:
+    """The UNet with the image-prompt adapter, torch fp32: `runner(sample, timesteps, context,
+    image_embeds, scale)`, and `feature_cache(scale)`.
 
     Its own module, not the production backend's: the adapter adds cross-attention to every
     image of a batch, so reference-image jobs batch only with each other (a UNet variant)."""
-    unet = loading.load_ip_adapter_unet(model_path)
-    processors = [p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
 
-    def run(
-        sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+    def __init__(self, model_path: Path):
+        self.unet = loading.load_ip_adapter_unet(model_path)
+        self._processors = [p for p in self.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+
+    def set_scale(self, scale: float) -> None:
         # the adapter's weight in every cross-attention (diffusers' set_ip_adapter_scale); one
         # per batch: jobs batch together only with the same scale (their variant names it)
-        for processor in processors:
+        for processor in self._processors:
             processor.scale = [scale] * len(processor.scale)
-        return unet(
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        image_embeds: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        self.set_scale(scale)
+        return self.unet(
             sample,
             timesteps,
             encoder_hidden_states=context,
@@ -287,7 +355,12 @@ def ip_adapter_runner(model_path: Path) -> AdapterRunner:
             return_dict=False,
         )[0]
 
-    return run
+    def feature_cache(self, scale: float) -> TorchFeatureCache:
+        return TorchFeatureCache(self.unet, "cpu", torch.float32, before=lambda: self.set_scale(scale))
+
+
+def ip_adapter_runner(model_path: Path) -> AdapterUNet:
+    return AdapterUNet(model_path)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -330,6 +403,12 @@ class FallbackUNet:
             logger.info("denoiser backend: %s", spec.name)
             return runner
         raise BackendUnavailable(f"no denoiser backend could load ({reason}); tried {[s.name for s in self.specs]}")
+
+    @property
+    def feature_cache(self) -> TorchFeatureCache | None:
+        """The active backend's feature caching across steps; None where it has none (ONNX
+        Runtime, TensorRT: their graphs are the whole UNet), and then jobs run every step whole."""
+        return getattr(self.runner, "feature_cache", None)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         while True:

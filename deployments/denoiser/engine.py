@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from deployments.common.vae_scale import latent_shape, vae_scale_factor
-from deployments.denoiser.backends import AdapterRunner, FallbackUNet, ip_adapter_runner
+from deployments.denoiser.backends import AdapterUNet, FallbackUNet, TorchFeatureCache, ip_adapter_runner
+from deployments.denoiser.deep_cache import check_cache_settings
 from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
 from deployments.denoiser.settings import DenoiserSettings
 from deployments.denoiser.solvers import make_scheduler
@@ -66,6 +67,10 @@ class DenoiseJob:
     image_embeds: torch.Tensor | None = None
     # streaming: steps done (1-based, of steps_to_run) after which the predicted clean latent is sent
     preview_steps: tuple[int, ...] = ()
+    # feature caching across steps (deep_cache.py): a whole UNet step every `cache_interval`
+    # steps (1: every step), the others rerun only the branch `cache_branch_id` names
+    cache_interval: int = 1
+    cache_branch_id: int = 0
 
     @property
     def steps_to_run(self) -> int:
@@ -126,7 +131,7 @@ class DenoiserEngine:
         # (benchmarks/streaming.py measured the difference).
         self.previewer = model_previewer(model_path)
         self._baseline_unet: FallbackUNet | None = None
-        self._ip_adapter_unet: AdapterRunner | None = None
+        self._ip_adapter_unet: AdapterUNet | None = None
         self._ip_adapter_lock = threading.Lock()
         if self.settings.preload_ip_adapter and loading.has_image_prompt_adapter(model_path):
             # here, not on a background thread: from_pretrained patches torch.nn.Module globally
@@ -138,6 +143,7 @@ class DenoiserEngine:
             lambda: loading.set_torch_threads(self.num_threads),
             self.settings.max_batch_size,
             self.settings.admit_between_steps,
+            self.feature_cache_for,
         )
 
     def unet_for(self, variant: UNetVariant) -> UNetForward:
@@ -153,7 +159,16 @@ class DenoiserEngine:
             raise ValueError(f"UNet variant {variant}: the image-prompt adapter needs a scale")
         return lambda sample, timesteps, context, image_embeds: runner(sample, timesteps, context, image_embeds, scale)
 
-    def _load_ip_adapter(self) -> AdapterRunner:
+    def feature_cache_for(self, variant: UNetVariant) -> TorchFeatureCache | None:
+        """`variant`'s feature caching across steps; None where its backend has none."""
+        if variant.kind is VariantKind.PRODUCTION:
+            return self.unet.feature_cache
+        if variant.kind is VariantKind.BASELINE:
+            return None if self._baseline_unet is None else self._baseline_unet.feature_cache
+        assert variant.adapter_scale is not None, "UNetVariant checks the adapter's scale"
+        return self._load_ip_adapter().feature_cache(variant.adapter_scale)
+
+    def _load_ip_adapter(self) -> AdapterUNet:
         """The adapter UNet, loaded once: at start (preload) or by the step loop at the first reference job."""
         with self._ip_adapter_lock:
             if self._ip_adapter_unet is None:
@@ -201,6 +216,8 @@ class DenoiserEngine:
             extra_channels=conditioning,
             generators=generators,
             preview_after=frozenset(job.preview_steps),
+            cache_interval=job.cache_interval,
+            cache_branch_id=job.cache_branch_id,
         )
 
     def submit(
@@ -242,6 +259,7 @@ class DenoiserEngine:
             raise ValueError(
                 "this model's UNet is an inpainting UNet (9 input channels): it serves only edits with a mask"
             )
+        check_cache_settings(job.cache_interval, job.cache_branch_id, self.unet_config)
         if (job.image_embeds is not None) != job.variant.takes_image_embeds:
             raise ValueError("image_embeds go with the ip_adapter variant, and only with it")
         return shape

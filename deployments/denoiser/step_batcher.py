@@ -18,6 +18,12 @@ then applied (`_apply_step_output`: each job's guidance, scheduler step and inpa
 and the finished jobs retired (`_retire`), as vLLM separates `schedule()` from
 `update_from_output()`.
 
+Feature caching across steps (DeepCache, per job, `cache_interval` 1 = off): on a job's
+full step the UNet runs whole and the job keeps its deep features; on the next
+`cache_interval - 1` steps only the UNet's outer levels run, on those features
+(`deep_cache.py`). Jobs at different phases share a loop iteration: the rows on a full step
+go through one forward, the rows on a cached step through one shallow forward per branch.
+
 Convergence early stop (per job, off by default): a job ends when its predicted clean
 latent x0 changes by less than a threshold between two steps, and returns that x0.
 Live previews: after the steps a job names, its predicted x0 goes to the job's `on_preview`
@@ -37,10 +43,10 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -52,6 +58,29 @@ logger = logging.getLogger(__name__)
 
 # One UNet forward: (sample, timesteps, context[, image_embeds]) -> noise prediction.
 UNetForward = Callable[..., torch.Tensor]
+
+
+class FeatureCache(Protocol):
+    """A UNet run whole keeping its deep features, or shallow from them (backends.TorchFeatureCache)."""
+
+    def full(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        branch_ids: Iterable[int],
+        image_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]: ...
+
+    def shallow(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        deep_features: torch.Tensor,
+        branch_id: int,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 @functools.cache
@@ -96,6 +125,18 @@ class ActiveJob:
     generators: list[torch.Generator] | None = None  # one per image: a stochastic scheduler's step noise
     preview_after: frozenset[int] = frozenset()  # steps done after which the job shows its predicted x0
     preview: torch.Tensor | None = None  # that x0, set by the step that made it, taken by the step loop
+    cache_interval: int = 1  # a full UNet step every this many steps; the others reuse its deep features
+    cache_branch_id: int = 0  # which deep features (deep_cache.py): 0 = only the outermost level reruns
+    deep_features: torch.Tensor | None = None  # [rows, C, h, w] from the job's last full step
+
+    @property
+    def caches_features(self) -> bool:
+        return self.cache_interval > 1
+
+    @property
+    def cached_step(self) -> bool:
+        """Does this step reuse the deep features of the job's last full step?"""
+        return self.deep_features is not None and self.step % self.cache_interval != 0
 
     @property
     def guided(self) -> bool:
@@ -216,6 +257,7 @@ class LoadSnapshot:
     early_stops: int = 0
     recent_occupancy: float = 0.0  # mean images per step lately (0 when idle)
     image_steps: int = 0  # images stepped, summed over the forwards (over steps_run: the mean occupancy)
+    cached_image_steps: int = 0  # of image_steps, those that ran shallow on cached deep features
     backend: str = ""  # the UNet backend now in use (filled in by the engine)
     backend_fallbacks: int = 0
 
@@ -232,17 +274,39 @@ class StepPlan:
     contexts: list[torch.Tensor]
     image_embeds: list[torch.Tensor]  # one variant per batch: every job has them, or none
     started: float  # a step's cost counts the inputs, the forward and every job's scheduler step
+    cached: list[bool]  # per job: does this step run shallow on its cached features (fixed at planning)
 
     @property
     def images(self) -> int:
         return sum(job.images for job in self.jobs)
 
-    def by_job(self, noise: torch.Tensor) -> Iterator[tuple[_Ticket, ActiveJob, torch.Tensor]]:
-        """Each job with its rows of the forward's output."""
-        offset = 0
-        for ticket, job in zip(self.tickets, self.jobs):
-            yield ticket, job, noise[offset : offset + job.rows]
-            offset += job.rows
+    @property
+    def cached_images(self) -> int:
+        return sum(job.images for job, cached in zip(self.jobs, self.cached) if cached)
+
+    def forwards(self) -> Iterator[tuple[int | None, list[int]]]:
+        """The forwards this step takes: (None, the jobs on a full step), then (branch id, the
+        jobs on a cached step of that branch) per branch; job indices into `jobs`."""
+        full = [i for i, cached in enumerate(self.cached) if not cached]
+        if full:
+            yield None, full
+        cached_jobs = [i for i, cached in enumerate(self.cached) if cached]
+        for branch_id in sorted({self.jobs[i].cache_branch_id for i in cached_jobs}):
+            yield branch_id, [i for i in cached_jobs if self.jobs[i].cache_branch_id == branch_id]
+
+    def inputs(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The batched UNet inputs of these jobs: sample, timesteps, context[, image_embeds]."""
+        extra = [torch.cat([self.image_embeds[i] for i in indices])] if self.image_embeds else []
+        return (
+            torch.cat([self.samples[i] for i in indices]),
+            torch.cat([self.timesteps[i] for i in indices]),
+            torch.cat([self.contexts[i] for i in indices]),
+            extra,
+        )
+
+    def by_job(self, noise: list[torch.Tensor]) -> Iterator[tuple[_Ticket, ActiveJob, torch.Tensor]]:
+        """Each job with its rows of the step's output."""
+        yield from zip(self.tickets, self.jobs, noise)
 
 
 class StepTimings:
@@ -282,11 +346,15 @@ class StepBatcher:
         num_threads_setter: Callable[[], None],
         max_batch_size: int = 8,
         admit_between_steps: bool = True,
+        feature_cache_for: Callable[[UNetVariant], FeatureCache | None] | None = None,
     ):
-        """`unet_for(variant)`: the forward (any backend) that runs the jobs of that variant."""
+        """`unet_for(variant)`: the forward (any backend) that runs the jobs of that variant;
+        `feature_cache_for(variant)`: its feature caching, None where the backend has none (then
+        every step of every job runs whole)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.unet_for = unet_for
+        self.feature_cache_for = feature_cache_for or (lambda variant: None)
         self.max_batch_size = max_batch_size
         self.admit_between_steps = admit_between_steps
         self._set_threads = num_threads_setter
@@ -298,6 +366,7 @@ class StepBatcher:
         self._timings = StepTimings()
         self._steps_run = 0
         self._image_steps = 0
+        self._cached_image_steps = 0
         self._cancelled = 0
         self._early_stops = 0
 
@@ -355,6 +424,7 @@ class StepBatcher:
                 early_stops=self._early_stops,
                 recent_occupancy=self._timings.recent_occupancy() if active or self._waiting else 0.0,
                 image_steps=self._image_steps,
+                cached_image_steps=self._cached_image_steps,
             )
 
     # -- the loop ------------------------------------------------------------------------
@@ -435,6 +505,9 @@ class StepBatcher:
         started = time.perf_counter()
         tickets = list(self._active)
         jobs = [ticket.job for ticket in tickets]
+        if self.feature_cache_for(tickets[0].variant) is None:  # e.g. the backend fell back to ONNX Runtime
+            for job in jobs:
+                job.deep_features = None
         samples, timesteps = [], []
         for job in jobs:
             sample, t = job.unet_input()
@@ -449,15 +522,28 @@ class StepBatcher:
             [job.context for job in jobs],
             [job.image_embeds for job in jobs if job.image_embeds is not None],
             started,
+            [job.cached_step for job in jobs],
         )
 
-    def _run_unet(self, plan: StepPlan) -> torch.Tensor | None:
-        """One forward for every image of the plan; None when it failed (e.g. out of memory):
-        then the plan's jobs fail with its error and the loop goes on."""
-        extra = [torch.cat(plan.image_embeds)] if plan.image_embeds else []
+    def _run_unet(self, plan: StepPlan) -> list[torch.Tensor] | None:
+        """The step's forwards for every image of the plan: each job's rows of noise; None when
+        one failed (e.g. out of memory): then the plan's jobs fail with its error and the loop
+        goes on."""
+        noise: list[torch.Tensor | None] = [None] * len(plan.jobs)
         try:
-            forward = self.unet_for(plan.variant)
-            noise = forward(torch.cat(plan.samples), torch.cat(plan.timesteps), torch.cat(plan.contexts), *extra)
+            for branch_id, indices in plan.forwards():
+                sample, timesteps, context, extra = plan.inputs(indices)
+                if branch_id is None:
+                    output = self._full_forward(plan, indices, sample, timesteps, context, extra)
+                else:
+                    cache = self.feature_cache_for(plan.variant)
+                    assert cache is not None, "_plan_step drops deep features where the backend has no cache"
+                    deep = torch.cat([plan.jobs[i].deep_features for i in indices])  # type: ignore[misc]
+                    output = cache.shallow(sample, timesteps, context, deep, branch_id, *extra)
+                offset = 0
+                for i in indices:
+                    noise[i] = output[offset : offset + plan.jobs[i].rows]
+                    offset += plan.jobs[i].rows
         except Exception as error:
             logger.exception("UNet forward failed for a batch of %d jobs", len(plan.tickets))
             with self._condition:
@@ -467,9 +553,34 @@ class StepBatcher:
             return None
         self._steps_run += 1
         self._image_steps += plan.images
-        return noise
+        self._cached_image_steps += plan.cached_images
+        return [part for part in noise if part is not None]
 
-    def _apply_step_output(self, plan: StepPlan, noise: torch.Tensor) -> list[_Ticket]:
+    def _full_forward(
+        self,
+        plan: StepPlan,
+        indices: list[int],
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        extra: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The whole UNet for these jobs; the ones that cache features keep theirs."""
+        caching = [i for i in indices if plan.jobs[i].caches_features]
+        cache = self.feature_cache_for(plan.variant) if caching else None
+        if cache is None:
+            return self.unet_for(plan.variant)(sample, timesteps, context, *extra)
+        branch_ids = {plan.jobs[i].cache_branch_id for i in caching}
+        output, features = cache.full(sample, timesteps, context, branch_ids, *extra)
+        offset = 0
+        for i in indices:
+            job = plan.jobs[i]
+            if job.caches_features:  # a copy: a view would keep the whole batch's features alive
+                job.deep_features = features[job.cache_branch_id][offset : offset + job.rows].clone()
+            offset += job.rows
+        return output
+
+    def _apply_step_output(self, plan: StepPlan, noise: list[torch.Tensor]) -> list[_Ticket]:
         """Each job's guidance, scheduler step (or early stop) and inpaint blend; its progress
         callback. Returns the tickets whose jobs are done."""
         finished = []
@@ -491,7 +602,8 @@ class StepBatcher:
     def _retire(self, plan: StepPlan, finished: list[_Ticket]) -> None:
         """Record the step's cost; the finished jobs leave the batch with their latents."""
         with self._condition:  # snapshot() reads the timings from other threads
-            if plan.variant.kind is VariantKind.PRODUCTION:  # the cost model is about the served UNet
+            # the cost model is about the served UNet's whole steps
+            if plan.variant.kind is VariantKind.PRODUCTION and plan.cached_images == 0:
                 shape = "{}x{}".format(*plan.tickets[0].latent_shape)
                 self._timings.record(shape, plan.images, (time.perf_counter() - plan.started) * 1000.0)
             for ticket in finished:

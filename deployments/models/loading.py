@@ -10,6 +10,7 @@ folder. Presets are built once into the cache directory; every model is loaded w
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -100,6 +101,14 @@ def model_id(path: Path) -> str:
     return f"{Path(path).name}:{index.get('_class_name', 'unknown')}"
 
 
+def unet_digest(path: Path) -> str:
+    """The UNet's weights by content (a measured sampler table names the weights it holds for)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for weights in sorted((Path(path) / "unet").glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()
+
+
 def set_torch_threads(num_threads: int | None) -> None:
     """Ray gives a replica with a fractional CPU OMP_NUM_THREADS=1, which would run the
     model on one core; set the count explicitly (default: every core of the node).
@@ -186,11 +195,13 @@ def is_inpainting_unet(unet_config: dict) -> bool:
     return unet_config["in_channels"] == 9
 
 
-def features(path: Path) -> dict[str, bool]:
+def features(path: Path) -> dict[str, bool | int]:
     """What a model folder can serve beyond text-to-image (the ingress answers 400 otherwise)."""
+    unet_config = load_unet_config(path)
     return {
         "image_prompt_adapter": has_image_prompt_adapter(path),
-        "inpainting_unet": is_inpainting_unet(load_unet_config(path)),
+        "inpainting_unet": is_inpainting_unet(unet_config),
+        "max_cache_branch_id": len(unet_config["down_block_types"]) - 2,  # deep_cache.max_branch_id
     }
 
 

@@ -38,6 +38,7 @@ from serve_app.flow.metrics import PipelineMetrics
 from serve_app.flow.quality_guard import Adherence, LiveQualityGuard
 from serve_app.flow.request import ImageRequest
 from serve_app.flow.retry import RetryBudget, is_replica_failure, retry_deadline
+from serve_app.flow.sampler_table import sampler_table_for
 from serve_app.flow.steps import StepController, StepDecision, image_detail
 from serve_app.flow.usage import Usage, usage_of
 
@@ -298,7 +299,9 @@ class ImagePipeline:
             seeds=request.seeds,
             num_inference_steps=steps.steps,
             guidance_scale=request.guidance_scale,
-            scheduler=request.scheduler,
+            scheduler=steps.scheduler,
+            cache_interval=steps.cache_interval,
+            cache_branch_id=steps.cache_branch_id,
             variant=UNetVariant.baseline() if guard.tripped else UNetVariant.production(),
             early_stop=None if guard.tripped else self.step_controller.settings.early_stop_threshold,
             early_stop_min_steps=self.step_controller.range_for(request)[0],  # never below the tier's minimum
@@ -411,10 +414,12 @@ class ImagePipeline:
         detail: float | None = None,
     ) -> StepDecision:
         controller, guard = self.step_controller, self.quality_guard
-        if guard.tripped and guard.settings.baseline_steps and request.num_inference_steps is None:
-            return StepDecision(
-                controller.at_least_one_step(guard.settings.baseline_steps, request), "quality-guard", "fixed"
-            )
+        if guard.tripped:  # the speed-ups are off: the baseline's steps, the request's sampler, no feature caching
+            decision = controller.choose(request, prompt)
+            if guard.settings.baseline_steps and request.num_inference_steps is None:
+                steps = controller.at_least_one_step(guard.settings.baseline_steps, request)
+                decision = StepDecision(steps, "quality-guard", "fixed", scheduler=request.scheduler)
+            return dataclasses.replace(decision, cache_interval=1, cache_branch_id=0, sampler_reason="quality-guard")
         load = None
         if controller.needs_load(request):  # the live cost per step and the queue ahead
             with _timed(stage_ms, "steps"):  # the step controller asks the denoiser its load
@@ -427,7 +432,12 @@ class ImagePipeline:
 
         steps = self.quality_guard.settings.baseline_steps or job.num_inference_steps
         baseline_job = dataclasses.replace(
-            job, variant=UNetVariant.baseline(), background=True, num_inference_steps=steps, early_stop=None
+            job,
+            variant=UNetVariant.baseline(),
+            background=True,
+            num_inference_steps=steps,
+            early_stop=None,
+            cache_interval=1,  # the reference picture: every step whole
         )
         try:
             baseline_png = await self.vae_codec.decode_png.remote(await self.denoiser.denoise.remote(baseline_job))
@@ -483,7 +493,7 @@ def local_pipeline_for(
             DenoiserEngine(model_path, settings.threads_for("Denoiser"), settings.denoiser), on_step
         ),
         vae_codec=LocalHandle(VaeCodecEngine(model_path, settings.threads_for("VaeCodec"))),
-        step_controller=StepController(settings.steps),
+        step_controller=StepController(settings.steps, sampler_table_for(settings.steps.sampler_table, model_path)),
         quality_guard=LiveQualityGuard(settings.quality_guard),
         image_prompt_encoder=LocalHandle(
             LazyImagePromptEncoder(model_path, text_encoder_threads, settings.text_encoder.image_prompt_cache_entries)

@@ -100,7 +100,11 @@ def variant_pipeline(spec: VariantSpec, settings: AppSettings, engines: ImagePip
     steps = settings.steps.model_copy(update=_step_overrides(spec))
     if engines is not None:
         return ImagePipeline(
-            engines.prompt_optimizer, engines.text_encoder, engines.denoiser, engines.vae_codec, StepController(steps)
+            engines.prompt_optimizer,
+            engines.text_encoder,
+            engines.denoiser,
+            engines.vae_codec,
+            StepController(steps, engines.step_controller.table),
         )
     encoder_cache = settings.text_encoder.cache.model_copy(update={"enabled": spec.encoder_cache == "on"})
     variant_settings = settings.model_copy(

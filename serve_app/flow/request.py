@@ -25,6 +25,8 @@ class ImageRequest:
     deadline_ms: float | None = None  # latency target for the slo policy
     quality: QualityTier | None = None  # the step range; None: the config's
     scheduler: str | None = None  # a solver of deployments/denoiser/solvers.py; None: the model's own
+    cache_interval: int | None = None  # feature caching across steps (1: off); None: the step controller decides
+    cache_branch_id: int | None = None  # which deep features cached steps reuse; None: 0
     # Edits (/v1/images/edits): decoded and checked at the ingress (serve_app/http/image_request.py).
     image: Image.Image | None = None  # RGB: the target; its latents start the denoising at `strength`
     mask: Image.Image | None = None  # L, white = repaint (same size as `image`)

@@ -27,11 +27,22 @@ generation would be cut; and an edit always gets at least the steps that make on
 
 An explicit `num_inference_steps` always wins; `quality` (fast | balanced | best) picks the
 range. Plain Python: the ingress calls it between the encoder and the denoiser.
+
+**With a measured table** (`sampler_table.py`: sampler x steps x cache interval, their cost in
+whole-UNet-step equivalents and their adherence, written by benchmarks/step_savings.py) the
+controller chooses the sampler, the steps and the cache interval together, unless the policy
+is `fixed`: the cheapest setting within the tier's `max_adherence_drop` of the table's best
+adherence and at least its `min_psnr_db` (reason `table`); under `slo`, if that one misses the
+deadline, the setting of highest adherence that meets it (`table:slo`), or the cheapest of all
+(`table:slo-infeasible`). A request's own `scheduler`, `num_inference_steps` or
+`cache_interval` narrows the table to the rows that agree; with no such row, the step
+ranges above decide and the request's fields are used as given.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +53,7 @@ from deployments.denoiser.step_batcher import LoadSnapshot
 from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import StepPolicy, StepSettings
 from serve_app.flow.request import ImageRequest
+from serve_app.flow.sampler_table import SamplerSetting, SamplerTable, acceptable
 
 ATTRIBUTES_FOR_FULL_SCORE = 8
 TOKENS_FOR_FULL_SCORE = 60
@@ -58,6 +70,10 @@ class StepDecision:
     deadline_ms: float | None = None  # the latency target the request is judged against (slo)
     predicted_ms: float | None = None  # what the cost model expected for the whole request
     predicted_denoise_ms: float | None = None  # the denoise part, before calibration (observe_denoise)
+    scheduler: str | None = None  # the sampler (solvers.py); None: the model's own
+    cache_interval: int = 1  # feature caching across steps (deep_cache.py); 1: off
+    cache_branch_id: int = 0
+    sampler_reason: str = "default"  # explicit | default | table | table:slo | table:slo-infeasible | quality-guard
 
 
 def prompt_complexity(prompt: OptimizedPrompt) -> float:
@@ -128,7 +144,7 @@ def step_ms(load: LoadSnapshot, latent_shape: tuple[int, int], images: int) -> f
     return _interpolate(tables[nearest], images) * pixels / size_of(nearest)
 
 
-def predict_denoise_ms(load: LoadSnapshot, steps: int, images: int, latent_shape: tuple[int, int]) -> float | None:
+def predict_denoise_ms(load: LoadSnapshot, steps: float, images: int, latent_shape: tuple[int, int]) -> float | None:
     """When a job submitted now would finish: the larger of its own chain of steps (each
     as slow as the batch it joins) and the time the replica needs to drain all the work
     queued ahead of it plus its own at full-batch throughput (FIFO: with the batch full,
@@ -146,8 +162,9 @@ def predict_denoise_ms(load: LoadSnapshot, steps: int, images: int, latent_shape
 
 
 class StepController:
-    def __init__(self, settings: StepSettings | None = None):
+    def __init__(self, settings: StepSettings | None = None, table: SamplerTable | None = None):
         self.settings = settings or StepSettings()
+        self.table = table
         self._decode_ms_per_pixel: float | None = None  # moving average, learned from served requests
         self.calibration = 1.0  # actual / predicted denoise time, moving average (observe_denoise)
 
@@ -176,8 +193,83 @@ class StepController:
         elapsed_ms: float = 0.0,
         detail: float | None = None,
     ) -> StepDecision:
-        """`elapsed_ms`: time the request has already spent (prompt, encoder); `detail`: the
-        input image's `image_detail` for edits."""
+        """Steps, sampler and cache interval. `elapsed_ms`: time the request has already spent
+        (prompt, encoder); `detail`: the input image's `image_detail` for edits."""
+        rows = self.table_rows(request)
+        if rows:
+            return self._choose_from_table(request, rows, load, elapsed_ms)
+        decision = self.choose_steps(request, prompt, load, elapsed_ms, detail)
+        explicit = request.scheduler is not None or request.cache_interval is not None
+        return dataclasses.replace(
+            decision,
+            scheduler=request.scheduler,
+            cache_interval=request.cache_interval or 1,
+            cache_branch_id=request.cache_branch_id or 0,
+            sampler_reason="explicit" if explicit else "default",
+        )
+
+    def table_rows(self, request: ImageRequest) -> list[SamplerSetting]:
+        """The table's settings this request may get (none: no table, the fixed policy, or
+        nothing agrees with the request's own fields)."""
+        if self.table is None or self.policy_for(request) == "fixed":
+            return []
+        if request.cache_branch_id not in (None, 0):
+            return []  # the table was measured at branch 0
+        return self.table.matching(request.scheduler, request.num_inference_steps, request.cache_interval)
+
+    def _choose_from_table(
+        self, request: ImageRequest, rows: list[SamplerSetting], load: LoadSnapshot | None, elapsed_ms: float
+    ) -> StepDecision:
+        tier = request.quality or self.settings.default_quality
+        candidates = acceptable(rows, self.settings.max_adherence_drop[tier], self.settings.min_psnr_db[tier])
+        policy = self.policy_for(request)
+        choice, reason, predicted, raw = candidates[0], "table", None, None
+        deadline = self.slo_deadline_ms(request) if policy == "slo" else request.deadline_ms
+        if deadline is not None and policy == "slo" and load is not None:
+            latents = latent_shape(request.height, request.width)
+            spent = elapsed_ms + self.decode_estimate_ms(request)
+
+            def predicted_ms(setting: SamplerSetting) -> tuple[float, float] | None:
+                work = setting.step_equivalents * self.steps_run(setting.steps, request) / setting.steps
+                denoise = predict_denoise_ms(load, work, request.n, latents)
+                return None if denoise is None else (spent + denoise * self.calibration, denoise)
+
+            first = predicted_ms(choice)
+            if first is not None:
+                predicted, raw = first
+                if predicted > deadline:  # the best that makes it, else the cheapest of all
+                    by_adherence = sorted(rows, key=lambda s: (-s.adherence, s.step_equivalents))
+                    estimates = ((s, predicted_ms(s)) for s in by_adherence)
+                    fitting = next(((s, e) for s, e in estimates if e is not None and e[0] <= deadline), None)
+                    if fitting is not None:
+                        (choice, (predicted, raw)), reason = fitting, "table:slo"
+                    else:
+                        choice = min(rows, key=lambda s: s.step_equivalents)
+                        predicted, raw = predicted_ms(choice) or (predicted, raw)
+                        reason = "table:slo-infeasible"
+        explicit = request.num_inference_steps is not None
+        return StepDecision(
+            self.at_least_one_step(choice.steps, request),
+            "explicit" if explicit else reason,
+            "explicit" if explicit else policy,
+            deadline_ms=deadline,
+            predicted_ms=None if predicted is None else round(predicted, 1),
+            predicted_denoise_ms=raw,
+            scheduler=choice.scheduler,
+            cache_interval=choice.cache_interval,
+            cache_branch_id=choice.cache_branch_id,
+            sampler_reason=reason,
+        )
+
+    def choose_steps(
+        self,
+        request: ImageRequest,
+        prompt: OptimizedPrompt,
+        load: LoadSnapshot | None = None,
+        elapsed_ms: float = 0.0,
+        detail: float | None = None,
+    ) -> StepDecision:
+        """The step count alone, from the tier's step range (no table)."""
         if request.num_inference_steps is not None:
             return StepDecision(request.num_inference_steps, "explicit", "explicit", deadline_ms=request.deadline_ms)
         policy = self.policy_for(request)

@@ -33,7 +33,14 @@ class Usage(BaseModel):
     num_inference_steps: int = Field(description="the schedule's length, as the step controller chose it")
     steps_reason: str = Field(description="why: explicit, fixed, complexity, slo, slo:reduced, ..., quality-guard")
     steps_policy: str
-    scheduler: str | None = Field(description="the sampler asked for; null: the model's own")
+    scheduler: str | None = Field(description="the sampler that ran; null: the model's own")
+    cache_interval: int = Field(description="feature caching across steps: a whole UNet step every this many (1: off)")
+    cache_branch_id: int = Field(description="the deep features cached steps reused (0: the outermost level reran)")
+    sampler_reason: str = Field(
+        description="why this sampler and cache interval: explicit (the request's), default, table (the cheapest "
+        "setting within the tier's adherence in the model's measured table), table:slo (the best that meets the "
+        "deadline), table:slo-infeasible, quality-guard (speed-ups off)"
+    )
     steps_complexity: float | None = Field(description="the complexity score behind the choice, 0..1")
     deadline_ms: float | None
     deadline_met: bool | None
@@ -72,6 +79,9 @@ def usage_of(
         steps_reason=steps.reason,
         steps_policy=steps.policy,
         scheduler=job.scheduler,
+        cache_interval=job.cache_interval,
+        cache_branch_id=job.cache_branch_id,
+        sampler_reason=steps.sampler_reason,
         steps_complexity=steps.complexity,
         deadline_ms=deadline,
         deadline_met=None if deadline is None else total_ms <= deadline,

@@ -69,6 +69,13 @@ def check_generation_supported(features: Mapping[str, Any]) -> None:
         )
 
 
+def check_feature_caching_supported(body: ImageOptions, features: Mapping[str, Any]) -> None:
+    """A cache branch the model's UNet has (`features["max_cache_branch_id"]`, from its depth)."""
+    deepest = features.get("max_cache_branch_id", 0)
+    if body.cache_branch_id is not None and body.cache_branch_id > deepest:
+        raise ApiError(f"cache_branch_id must be between 0 and {deepest} for this model's UNet", "cache_branch_id")
+
+
 def image_output(body: ImageOptions) -> ImageOutput:
     """How the answer's images are encoded. Refused: a transparent background (the model
     draws opaque images) and output_compression for PNG (lossless: nothing to set)."""
@@ -120,6 +127,8 @@ def to_image_request(body: ImageOptions, settings: AppSettings, edit: EditInputs
         deadline_ms=body.deadline_ms,
         quality=QUALITY_TIERS[body.quality] if body.quality else None,
         scheduler=body.scheduler,
+        cache_interval=body.cache_interval,
+        cache_branch_id=body.cache_branch_id,
     )
     if edit is None:
         return request

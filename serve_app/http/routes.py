@@ -33,6 +33,7 @@ from serve_app.http.drain import DrainMiddleware
 from serve_app.http.errors import ERROR_RESPONSES, SERVER_ERROR, ApiError, add_error_handlers
 from serve_app.http.image_output import ImageOutput, encode_image
 from serve_app.http.image_request import (
+    check_feature_caching_supported,
     check_generation_supported,
     check_text,
     decoded_edit_inputs,
@@ -159,6 +160,7 @@ STREAMED: dict[int | str, dict[str, Any]] = {
 async def create_image(body: ImageGenerationBody, response: Response) -> ImagesResponse:
     ready_pipeline()
     check_generation_supported(_serving.features)
+    check_feature_caching_supported(body, _serving.features)
     output = image_output(body)
     image_request = to_image_request(body, _serving.settings)
     if body.stream:
@@ -230,6 +232,7 @@ async def edit_image(request: Request, response: Response) -> ImagesResponse:
     settings = _serving.settings
     files, edit_form = await read_edit_form(request, settings.limits)
     output = image_output(edit_form)  # before decoding: a refused field costs no decode
+    check_feature_caching_supported(edit_form, _serving.features)
     edit = await asyncio.to_thread(decoded_edit_inputs, files, edit_form, settings, _serving.features)
     image_request = to_image_request(edit_form, settings, edit)
     if edit_form.stream:

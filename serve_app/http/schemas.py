@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.denoiser.deep_cache import MAX_CACHE_INTERVAL
 from deployments.denoiser.solvers import SolverName
 from deployments.prompt.optimizer import OptimizedPrompt
 from serve_app.config import QualityTier, StepPolicy
@@ -115,6 +116,20 @@ class ImageOptions(BaseModel):
         description="The sampler: ddim, dpmpp_2m (DPM-Solver++ 2M), dpmpp_2m_karras (with Karras sigmas) or unipc; "
         "default: the model's own (DDIM for the shipped models). Multistep solvers need fewer steps for the "
         "same picture.",
+    )
+    cache_interval: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CACHE_INTERVAL,
+        description="Feature caching across steps (DeepCache): the whole UNet runs every this many steps and the "
+        "steps between rerun only its outer levels on the deep features kept from the last whole one (1: off). "
+        "Default: the step controller's choice.",
+    )
+    cache_branch_id: int | None = Field(
+        None,
+        ge=0,
+        description="Which deep features a cached step reuses: 0 (default) reruns only the UNet's outermost level, "
+        "the cheapest; k reruns the k + 1 outermost levels (at most the model's levels - 2).",
     )
 
     @field_validator("size")

@@ -231,3 +231,20 @@ def test_a_request_picks_its_sampler(http):
     assert png_of(generate(http, **body, scheduler="dpmpp_2m")["data"][0]) == png_of(dpm["data"][0])
     refused = http.post("/v1/images/generations", json={**body, "scheduler": "euler"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "scheduler"
+
+
+def test_a_request_caches_unet_features_across_steps(http):
+    """`cache_interval` 3 over 6 steps: whole UNet steps at 0 and 3, the outer level only at the
+    others (usage says so); a nearby image, not the uncached one, and the same one again. A
+    branch deeper than the model's UNet, or an interval out of range, is a 400 naming it."""
+    body = {"prompt": "portrait of a man", "size": "64x64", "seed": 8, "num_inference_steps": 6}
+    uncached = generate(http, **body)
+    cached = generate(http, **body, cache_interval=3)
+    assert (uncached["usage"]["cache_interval"], cached["usage"]["cache_interval"]) == (1, 3)
+    assert cached["usage"]["sampler_reason"] == "explicit"
+    assert png_of(cached["data"][0]) != png_of(uncached["data"][0])
+    assert png_of(generate(http, **body, cache_interval=3)["data"][0]) == png_of(cached["data"][0])
+    for field, value in (("cache_branch_id", 1), ("cache_interval", 0), ("cache_interval", 11)):
+        refused = http.post("/v1/images/generations", json={**body, field: value})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == field

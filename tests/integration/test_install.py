@@ -118,7 +118,12 @@ def test_pyproject_lists_every_package_folder():
         if folder.is_dir() and folder.name != "__pycache__" and any(p.is_file() for p in folder.iterdir())
     }
     assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
-    assert {"fusionserve_configs", "fusionserve_configs.models", "fusionserve_configs.profiles"} <= listed
+    assert {
+        "fusionserve_configs",
+        "fusionserve_configs.models",
+        "fusionserve_configs.profiles",
+        "fusionserve_configs.samplers",
+    } <= listed
 
 
 def test_the_packaged_serve_config_is_the_top_level_one():

@@ -212,3 +212,91 @@ def test_an_edit_always_gets_a_schedule_that_runs_a_step():
     controller = StepController(StepSettings(policy="fixed", fixed_steps=20))
     tiny_strength = request(image=Image.new("RGB", (128, 128)), strength=0.01)
     assert controller.choose(tiny_strength, SIMPLE).steps == 100  # int(100 x 0.01) = 1
+
+
+# -- with a measured sampler table ------------------------------------------------------------
+def sampler_table():
+    from serve_app.flow.sampler_table import SamplerSetting, SamplerTable
+
+    def row(scheduler, steps, interval, equivalents, adherence, psnr):
+        return SamplerSetting(
+            scheduler=scheduler,
+            steps=steps,
+            cache_interval=interval,
+            step_equivalents=equivalents,
+            adherence=adherence,
+            psnr_db=psnr,
+        )
+
+    return SamplerTable(
+        model="portrait",
+        unet_digest="0" * 16,
+        measured="constructed",
+        settings=[
+            row("ddim", 30, 1, 30.0, 0.400, 45.0),
+            row("ddim", 20, 1, 20.0, 0.398, 37.0),
+            row("dpmpp_2m", 20, 3, 10.0, 0.395, 31.0),  # cheap, within 1 point, close to the picture
+            row("unipc", 10, 5, 4.0, 0.370, 24.0),  # cheapest: 3 points under, far from the picture
+        ],
+    )
+
+
+def table_controller(**settings) -> StepController:
+    return StepController(StepSettings(**settings), sampler_table())
+
+
+def test_the_table_gives_the_cheapest_setting_within_the_tier():
+    """balanced: within 1 point of the best and >= 26 dB -> DPM-Solver++ 20 steps, cache 3;
+    fast (3 points, 22 dB) -> the cheapest row; best (0 points, 30 dB) -> the best row."""
+    controller = table_controller(policy="complexity")
+    balanced = controller.choose(request(), BUSY)
+    assert (balanced.scheduler, balanced.steps, balanced.cache_interval) == ("dpmpp_2m", 20, 3)
+    assert balanced.sampler_reason == "table"
+    fast = controller.choose(request(quality="fast"), BUSY)
+    assert (fast.scheduler, fast.steps, fast.cache_interval) == ("unipc", 10, 5)
+    best = controller.choose(request(quality="best"), BUSY)
+    assert (best.scheduler, best.steps, best.cache_interval) == ("ddim", 30, 1)
+
+
+def test_request_fields_narrow_the_table_and_win():
+    controller = table_controller(policy="complexity")
+    ddim = controller.choose(request(scheduler="ddim"), BUSY)
+    assert (ddim.scheduler, ddim.steps, ddim.cache_interval) == ("ddim", 20, 1)  # the cheapest DDIM within 1 point
+    uncached = controller.choose(request(cache_interval=1, quality="fast"), BUSY)
+    assert uncached.cache_interval == 1 and uncached.scheduler == "ddim"
+    steps = controller.choose(request(num_inference_steps=20), BUSY)
+    assert (steps.steps, steps.reason) == (20, "explicit") and steps.scheduler == "dpmpp_2m"
+    # nothing in the table agrees: the step ranges decide, the request's fields are used as given
+    other = controller.choose(request(num_inference_steps=7, cache_interval=2), BUSY)
+    assert (other.steps, other.cache_interval, other.scheduler, other.sampler_reason) == (7, 2, None, "explicit")
+
+
+def test_the_fixed_policy_and_no_table_keep_the_models_sampler_uncached():
+    for controller in (table_controller(policy="fixed"), StepController(StepSettings(policy="complexity"))):
+        decision = controller.choose(request(), BUSY)
+        assert (decision.scheduler, decision.cache_interval, decision.sampler_reason) == (None, 1, "default")
+
+
+def test_under_a_deadline_the_table_gives_the_best_setting_that_meets_it():
+    """Idle replica, 30 ms per whole step alone: dpmpp 20/3 (10 equivalents) takes ~300 ms;
+    a 200 ms deadline leaves only unipc 10/5 (4 equivalents, ~120 ms); 50 ms leaves nothing."""
+    controller = table_controller(policy="slo")
+    roomy = controller.choose(request(deadline_ms=10_000), BUSY, load())
+    assert (roomy.scheduler, roomy.sampler_reason) == ("dpmpp_2m", "table")
+    tight = controller.choose(request(deadline_ms=200), BUSY, load())
+    assert (tight.scheduler, tight.steps, tight.sampler_reason) == ("unipc", 10, "table:slo")
+    assert tight.predicted_ms is not None and tight.predicted_ms <= 200
+    hopeless = controller.choose(request(deadline_ms=50), BUSY, load())
+    assert (hopeless.scheduler, hopeless.sampler_reason) == ("unipc", "table:slo-infeasible")
+
+
+def test_a_table_measured_on_other_weights_is_not_used(tmp_path):
+    from serve_app.flow.sampler_table import load_sampler_table
+
+    path = tmp_path / "table.json"
+    path.write_text(sampler_table().model_dump_json())
+    assert load_sampler_table(str(path), "portrait", "0" * 16) == sampler_table()
+    assert load_sampler_table(str(path), "portrait", "f" * 16) is None
+    assert load_sampler_table(None, "portrait", "0" * 16) is None
+    with pytest.raises(ValueError, match="not found"):
+        load_sampler_table(str(tmp_path / "missing.json"), "portrait", "0" * 16)

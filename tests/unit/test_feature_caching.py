@@ -1,0 +1,138 @@
+"""Feature caching across steps (DeepCache): a cached step reuses the deep features of the
+job's last full step and reruns only the UNet's outer levels; per job, inside the step loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+from deployments.denoiser.deep_cache import DeepCacheUNet, max_branch_id
+from deployments.denoiser.engine import DenoiseJob, UNetVariant
+from deployments.models import loading
+from deployments.vae.codec import VaeCodecEngine
+from tests.unit.test_step_batching import WAIT_S, assert_same_images, denoise, engine_for, job, together
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_model_path):
+    return VaeCodecEngine(tiny_model_path, num_threads=2)
+
+
+def unet_inputs(unet, rows: int = 4, side: int = 8, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(rows, unet.config.in_channels, side, side, generator=generator)
+    context = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=generator)
+    return sample, torch.full((rows,), 601), context
+
+
+@pytest.mark.parametrize("model", ["tiny", "portrait"])
+def test_a_shallow_step_on_its_own_features_is_the_full_step(model):
+    """Fed the features its full forward kept, the shallow path must give the UNet's output
+    bit for bit: it runs the same outer levels on the same inputs (the portrait UNet has three
+    levels, a text-time embedding and no attention at the outer level; the tiny one two)."""
+    unet = loading.load_unet(loading.resolve_model(model))
+    cached = DeepCacheUNet(unet)
+    sample, timesteps, context = unet_inputs(unet, side=16)
+    branches = range(max_branch_id(unet.config) + 1)
+    with torch.inference_mode():
+        expected = unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        noise, features = cached.full(sample, timesteps, context, branches)
+        assert torch.equal(noise, expected)  # the hooks only read
+        for branch_id in branches:
+            assert torch.equal(cached.shallow(sample, timesteps, context, features[branch_id], branch_id), expected)
+        # and a later step's shallow forward is an approximation, not a copy of the kept output
+        later = cached.shallow(sample * 0.95, timesteps - 40, context, features[0], 0)
+        assert not torch.equal(later, expected)
+
+
+def test_the_adapter_unet_caches_features_too(tiny_model_path):
+    """The image-prompt adapter's projection runs on a cached step as on a full one."""
+    from deployments.denoiser.backends import AdapterUNet
+
+    adapter = AdapterUNet(tiny_model_path)
+    sample, timesteps, context = unet_inputs(adapter.unet)
+    embed_dim = adapter.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+    image_embeds = torch.randn(4, 1, embed_dim, generator=torch.Generator().manual_seed(3))
+    cache = adapter.feature_cache(0.7)
+    with torch.inference_mode():
+        expected = adapter(sample, timesteps, context, image_embeds, 0.7)
+        noise, features = cache.full(sample, timesteps, context, [0], image_embeds)
+        shallow = cache.shallow(sample, timesteps, context, features[0], 0, image_embeds)
+        without_reference = cache.shallow(sample, timesteps, context, features[0], 0, torch.zeros_like(image_embeds))
+    assert torch.equal(noise, expected) and torch.equal(shallow, expected)
+    assert not torch.equal(without_reference, expected)  # the reference reaches the outer level's attention
+
+
+def cached(target: DenoiseJob, interval: int, branch_id: int = 0) -> DenoiseJob:
+    return dataclasses.replace(target, cache_interval=interval, cache_branch_id=branch_id)
+
+
+def test_a_cached_job_runs_shallow_steps_between_full_ones(tiny_model_path):
+    """9 steps at interval 3: full at steps 0, 3, 6; the other 6 shallow. The image stays near
+    the uncached one (the deep features change slowly), yet is not it."""
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    uncached = denoise(engine, job(1, steps=9))
+    assert engine.load().cached_image_steps == 0
+    got = denoise(engine, cached(job(1, steps=9), 3))
+    assert engine.load().cached_image_steps == 6
+    assert not torch.equal(got, uncached)
+    relative = float((got - uncached).norm() / uncached.norm())
+    assert relative < 0.2, relative
+
+
+def test_interval_one_is_the_uncached_job(tiny_model_path):
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    assert torch.equal(denoise(engine, cached(job(2, steps=6), 1)), denoise(engine, job(2, steps=6)))
+    assert engine.load().cached_image_steps == 0
+
+
+def test_a_cached_job_renders_the_same_image_in_any_batch(tiny_model_path, vae):
+    """Jobs at different phases, intervals and guidance share the loop: rows on a full step go
+    through one forward, rows on a cached step through a shallow one; each job's image is the
+    one it renders alone."""
+    jobs = [
+        cached(job(3, steps=9), 3),
+        cached(job(4, steps=7, images=2), 2),
+        job(5, steps=8),
+        cached(job(6, steps=10, guidance=1.0), 4),
+    ]
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    batched = together(engine, jobs)
+    assert engine.load().cached_image_steps == 6 + 2 * 3 + 0 + 7
+    lone = engine_for(tiny_model_path, max_batch_size=1)
+    for got, single in zip(batched, [denoise(lone, j) for j in jobs]):
+        assert (got - single).abs().max().item() < 1e-3
+        assert_same_images(vae, got, single)
+
+
+def test_an_edit_caches_features_from_its_first_step(tiny_model_path, vae):
+    """img2img at strength 0.5 runs the last 5 of 10 steps: full, shallow, full, shallow, full."""
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    start = vae.encode_image(Image.fromarray(vae.decode_pixels(denoise(engine, job(7, steps=4)))[0]), 64, 64)
+    edit = dataclasses.replace(job(8, steps=10), init_image=start.image, strength=0.5)
+    plain = denoise(engine, edit)
+    steps_before = engine.load().cached_image_steps
+    got = denoise(engine, cached(edit, 2))
+    assert engine.load().cached_image_steps - steps_before == 2
+    assert float((got - plain).norm() / plain.norm()) < 0.2
+
+
+def test_bad_cache_settings_are_refused_with_what_to_fix(tiny_model_path):
+    engine = engine_for(tiny_model_path)
+    with pytest.raises(ValueError, match="cache_interval must be between 1"):
+        engine.submit(cached(job(9), 0))
+    with pytest.raises(ValueError, match=r"cache_branch_id must be in \[0, 0\]"):
+        engine.submit(cached(job(9), 2, branch_id=1))
+
+
+def test_a_backend_without_feature_caching_runs_every_step_whole(tiny_model_path):
+    """ONNX Runtime's graph is the whole UNet: a job that asks for caching runs uncached there
+    and gets the uncached image."""
+    engine = engine_for(tiny_model_path, backends=[{"backend": "onnxruntime", "precision": "fp32"}])
+    assert engine.feature_cache_for(UNetVariant.production()) is None
+    got = engine.submit(cached(job(10, steps=6), 3)).result(timeout=WAIT_S)
+    assert engine.load().cached_image_steps == 0
+    assert torch.equal(got, denoise(engine, job(10, steps=6)))
