@@ -34,7 +34,12 @@ class DenoiserMetrics:
         self._fallbacks = metrics.Counter(
             "fusionserve_denoiser_backend_fallbacks", description="UNet backends given up (load or run-time failure)"
         )
-        self._last = (0, 0, 0)
+        self._image_steps = metrics.Counter("fusionserve_denoiser_image_steps", description="images stepped")
+        self._cached_image_steps = metrics.Counter(
+            "fusionserve_denoiser_cached_image_steps",
+            description="of the images stepped, those on a cached step (only the UNet's outer levels ran)",
+        )
+        self._last = (0, 0, 0, 0, 0)
 
     def update(self, load: LoadSnapshot) -> None:
         for name, gauge in self._gauges.items():
@@ -42,11 +47,9 @@ class DenoiserMetrics:
         for shape, by_occupancy in load.step_ms_by_shape.items():
             for occupancy, ms in by_occupancy.items():
                 self._step_ms.set(ms, tags={"shape": shape, "occupancy": str(occupancy)})
-        steps, cancelled, fallbacks = self._last
-        if load.steps_run > steps:
-            self._steps.inc(load.steps_run - steps)
-        if load.cancelled_jobs > cancelled:
-            self._cancelled.inc(load.cancelled_jobs - cancelled)
-        if load.backend_fallbacks > fallbacks:
-            self._fallbacks.inc(load.backend_fallbacks - fallbacks)
-        self._last = (load.steps_run, load.cancelled_jobs, load.backend_fallbacks)
+        now = (load.steps_run, load.cancelled_jobs, load.backend_fallbacks, load.image_steps, load.cached_image_steps)
+        counters = (self._steps, self._cancelled, self._fallbacks, self._image_steps, self._cached_image_steps)
+        for counter, before, after in zip(counters, self._last, now):
+            if after > before:
+                counter.inc(after - before)
+        self._last = now
