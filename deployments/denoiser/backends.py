@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -66,6 +68,9 @@ class TorchFeatureCache:
         self.model = DeepCacheUNet(unet)
         self.device, self.dtype, self.memory_format = device, dtype, memory_format
         self.before = before
+
+    def supports(self, branch_id: int) -> bool:
+        return True  # the module runs any branch its UNet has (the engine checks the depth)
 
     def _inputs(
         self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor | None
@@ -138,44 +143,121 @@ def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
 
 
 # --------------------------------------------------------------------------- onnxruntime
-def export_onnx(model_path: Path, target: Path) -> Path:
-    """Export the UNet with dynamic batch and latent size (once; later calls reuse the file)."""
+def _export(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    target: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> Path:
+    """Export once (later calls reuse the file); written to a partial file, then renamed."""
     if target.is_file():
         return target
-    unet = loading.load_unet(model_path)
-    config = unet.config
-    sample = torch.randn(2, config.in_channels, 8, 8)
-    timesteps = torch.tensor([999, 999])
-    context = torch.randn(2, 77, config.cross_attention_dim)
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timesteps, context):
-            return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
-
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial.onnx")
     with torch.inference_mode():
         torch.onnx.export(
-            Wrapper(unet).eval(),
-            (sample, timesteps, context),
+            module.eval(),
+            inputs,
             str(partial),
-            input_names=["sample", "timesteps", "context"],
-            output_names=["noise"],
-            dynamic_axes={
-                "sample": {0: "batch", 2: "height", 3: "width"},
-                "timesteps": {0: "batch"},
-                "context": {0: "batch"},
-                "noise": {0: "batch", 2: "height", 3: "width"},
-            },
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
             opset_version=17,
             dynamo=False,
         )
     partial.replace(target)
     return target
+
+
+UNET_AXES = {
+    "sample": {0: "batch", 2: "height", 3: "width"},
+    "timesteps": {0: "batch"},
+    "context": {0: "batch"},
+    "noise": {0: "batch", 2: "height", 3: "width"},
+}
+
+
+def _example_inputs(unet: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = unet.config
+    sample = torch.randn(2, config.in_channels, 8, 8)
+    return sample, torch.tensor([999, 999]), torch.randn(2, 77, config.cross_attention_dim)
+
+
+class _WholeUNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def export_onnx(model_path: Path, target: Path) -> Path:
+    """Export the UNet with dynamic batch and latent size (once; later calls reuse the file)."""
+    if target.is_file():
+        return target
+    unet = loading.load_unet(model_path)
+    names = ["sample", "timesteps", "context"]
+    return _export(_WholeUNet(unet), _example_inputs(unet), target, names, ["noise"], UNET_AXES)
+
+
+class _WholeKeepingFeatures(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        noise, features = DeepCacheUNet(self.unet).full(sample, timesteps, context, [ONNX_CACHE_BRANCH])
+        return noise, features[ONNX_CACHE_BRANCH]
+
+
+class _Shallow(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, deep_features: torch.Tensor
+    ) -> torch.Tensor:
+        return DeepCacheUNet(self.unet).shallow(sample, timesteps, context, deep_features, ONNX_CACHE_BRANCH)
+
+
+ONNX_CACHE_BRANCH = 0  # the graphs are exported for one branch: the cheapest, the one the table measures
+
+
+def export_feature_cache_onnx(model_path: Path, folder: Path) -> tuple[Path, Path]:
+    """The UNet as two more graphs for feature caching at branch 0: whole, also returning the
+    deep features, and shallow, from them (the whole graph alone stays the plain forward)."""
+    whole, shallow = folder / "unet-fp32-cache-whole-b0.onnx", folder / "unet-fp32-cache-shallow-b0.onnx"
+    if whole.is_file() and shallow.is_file():
+        return whole, shallow
+    unet = loading.load_unet(model_path)
+    inputs = _example_inputs(unet)
+    with torch.inference_mode():
+        deep = DeepCacheUNet(unet).full(*inputs, [ONNX_CACHE_BRANCH])[1][ONNX_CACHE_BRANCH]
+    deep_axes = {0: "batch", 2: "deep_height", 3: "deep_width"}
+    names = ["sample", "timesteps", "context"]
+    _export(
+        _WholeKeepingFeatures(unet),
+        inputs,
+        whole,
+        names,
+        ["noise", "deep_features"],
+        {**UNET_AXES, "deep_features": deep_axes},
+    )
+    _export(
+        _Shallow(unet),
+        (*inputs, deep),
+        shallow,
+        [*names, "deep_features"],
+        ["noise"],
+        {**UNET_AXES, "deep_features": deep_axes},
+    )
+    return whole, shallow
 
 
 def _folder_lock(folder: Path) -> FileLock:
@@ -203,29 +285,98 @@ def _quantized(fp32: Path, int8: Path) -> Path:
     return int8
 
 
-def onnxruntime_runner(model_path: Path, spec: BackendSpec, num_threads: int | None = None) -> Runner:
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise BackendUnavailable(f"onnxruntime is not installed: {error}") from error
-    path = onnx_model_file(model_path, spec.precision)
-    options = onnxruntime.SessionOptions()
-    if num_threads:
-        options.intra_op_num_threads = num_threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+class OnnxFeatureCache:
+    """Feature caching on ONNX Runtime: the two graphs of `export_feature_cache_onnx` (fp32,
+    branch 0), exported and loaded at the first cached job; if that fails, `supports` says no
+    from then on and jobs run every step whole (logged)."""
 
-    def run(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        (noise,) = session.run(
-            None,
-            {
-                "sample": sample.float().numpy(),
-                "timesteps": timesteps.long().numpy(),
-                "context": context.float().numpy(),
-            },
-        )
+    def __init__(self, model_path: Path, options: object):
+        self.model_path, self.options = model_path, options
+        self._sessions: tuple | None = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def supports(self, branch_id: int) -> bool:
+        return branch_id == ONNX_CACHE_BRANCH and not self._failed and self._load() is not None
+
+    def _load(self) -> tuple | None:
+        with self._lock:
+            if self._sessions is None and not self._failed:
+                try:
+                    import onnxruntime
+
+                    folder = cache_root() / model_fingerprint(self.model_path)
+                    with _folder_lock(folder):
+                        paths = export_feature_cache_onnx(self.model_path, folder)
+                    self._sessions = tuple(
+                        onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
+                        for path in paths
+                    )
+                except Exception:
+                    logger.exception("ONNX feature-cache graphs unavailable: cached jobs run every step whole")
+                    self._failed = True
+            return self._sessions
+
+    @staticmethod
+    def _feeds(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> dict:
+        return {
+            "sample": sample.float().numpy(),
+            "timesteps": timesteps.long().numpy(),
+            "context": context.float().numpy(),
+        }
+
+    def full(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        branch_ids: Iterable[int],
+        image_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        sessions = self._load()
+        assert sessions is not None and image_embeds is None, "only the production UNet runs on ONNX Runtime"
+        noise, deep = sessions[0].run(None, self._feeds(sample, timesteps, context))
+        return torch.from_numpy(noise), {ONNX_CACHE_BRANCH: torch.from_numpy(deep)}
+
+    def shallow(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        deep_features: torch.Tensor,
+        branch_id: int,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        sessions = self._load()
+        assert sessions is not None and branch_id == ONNX_CACHE_BRANCH
+        feeds = {**self._feeds(sample, timesteps, context), "deep_features": deep_features.float().numpy()}
+        (noise,) = sessions[1].run(None, feeds)
         return torch.from_numpy(noise)
 
-    return run
+
+class OnnxRunner:
+    """The UNet on ONNX Runtime: `runner(sample, timesteps, context) -> noise`; `feature_cache`
+    at fp32 (int8 runs every step whole: its quantized graph is the whole UNet)."""
+
+    def __init__(self, model_path: Path, spec: BackendSpec, num_threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise BackendUnavailable(f"onnxruntime is not installed: {error}") from error
+        path = onnx_model_file(model_path, spec.precision)
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.feature_cache = OnnxFeatureCache(model_path, options) if spec.precision == "fp32" else None
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        (noise,) = self.session.run(None, OnnxFeatureCache._feeds(sample, timesteps, context))
+        return torch.from_numpy(noise)
+
+
+def onnxruntime_runner(model_path: Path, spec: BackendSpec, num_threads: int | None = None) -> Runner:
+    return OnnxRunner(model_path, spec, num_threads)
 
 
 # --------------------------------------------------------------------------- tensorrt
@@ -405,9 +556,9 @@ class FallbackUNet:
         raise BackendUnavailable(f"no denoiser backend could load ({reason}); tried {[s.name for s in self.specs]}")
 
     @property
-    def feature_cache(self) -> TorchFeatureCache | None:
+    def feature_cache(self) -> TorchFeatureCache | OnnxFeatureCache | None:
         """The active backend's feature caching across steps; None where it has none (ONNX
-        Runtime, TensorRT: their graphs are the whole UNet), and then jobs run every step whole."""
+        Runtime int8, TensorRT: their graph is the whole UNet), and then jobs run every step whole."""
         return getattr(self.runner, "feature_cache", None)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,19 @@ from typing import Any
 import torch
 
 from deployments.common.vae_scale import latent_shape, vae_scale_factor
-from deployments.denoiser.backends import AdapterUNet, FallbackUNet, TorchFeatureCache, ip_adapter_runner
+from deployments.denoiser.backends import AdapterUNet, FallbackUNet, ip_adapter_runner
 from deployments.denoiser.deep_cache import check_cache_settings
 from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
 from deployments.denoiser.settings import DenoiserSettings
 from deployments.denoiser.solvers import make_scheduler
-from deployments.denoiser.step_batcher import ActiveJob, JobCancelled, LoadSnapshot, StepBatcher, UNetForward
+from deployments.denoiser.step_batcher import (
+    ActiveJob,
+    FeatureCache,
+    JobCancelled,
+    LoadSnapshot,
+    StepBatcher,
+    UNetForward,
+)
 from deployments.denoiser.variant import UNetVariant, VariantKind
 from deployments.models import loading
 from deployments.vae.previewer import model_previewer, preview_pngs
@@ -159,7 +166,7 @@ class DenoiserEngine:
             raise ValueError(f"UNet variant {variant}: the image-prompt adapter needs a scale")
         return lambda sample, timesteps, context, image_embeds: runner(sample, timesteps, context, image_embeds, scale)
 
-    def feature_cache_for(self, variant: UNetVariant) -> TorchFeatureCache | None:
+    def feature_cache_for(self, variant: UNetVariant) -> FeatureCache | None:
         """`variant`'s feature caching across steps; None where its backend has none."""
         if variant.kind is VariantKind.PRODUCTION:
             return self.unet.feature_cache

@@ -61,7 +61,12 @@ UNetForward = Callable[..., torch.Tensor]
 
 
 class FeatureCache(Protocol):
-    """A UNet run whole keeping its deep features, or shallow from them (backends.TorchFeatureCache)."""
+    """A UNet run whole keeping its deep features, or shallow from them (backends.TorchFeatureCache,
+    backends.OnnxFeatureCache)."""
+
+    def supports(self, branch_id: int) -> bool:
+        """Can it cache this branch? (else the job runs every step whole)"""
+        ...
 
     def full(
         self,
@@ -566,16 +571,20 @@ class StepBatcher:
         extra: list[torch.Tensor],
     ) -> torch.Tensor:
         """The whole UNet for these jobs; the ones that cache features keep theirs."""
-        caching = [i for i in indices if plan.jobs[i].caches_features]
-        cache = self.feature_cache_for(plan.variant) if caching else None
-        if cache is None:
+        cache = self.feature_cache_for(plan.variant)
+        caching = [
+            i
+            for i in indices
+            if plan.jobs[i].caches_features and cache is not None and cache.supports(plan.jobs[i].cache_branch_id)
+        ]
+        if cache is None or not caching:  # a branch the backend cannot cache runs every step whole
             return self.unet_for(plan.variant)(sample, timesteps, context, *extra)
         branch_ids = {plan.jobs[i].cache_branch_id for i in caching}
         output, features = cache.full(sample, timesteps, context, branch_ids, *extra)
         offset = 0
         for i in indices:
             job = plan.jobs[i]
-            if job.caches_features:  # a copy: a view would keep the whole batch's features alive
+            if i in caching:  # a copy: a view would keep the whole batch's features alive
                 job.deep_features = features[job.cache_branch_id][offset : offset + job.rows].clone()
             offset += job.rows
         return output

@@ -128,10 +128,23 @@ def test_bad_cache_settings_are_refused_with_what_to_fix(tiny_model_path):
         engine.submit(cached(job(9), 2, branch_id=1))
 
 
+def test_onnx_runtime_caches_features_with_two_more_graphs(tiny_model_path):
+    """fp32 ONNX Runtime exports the whole UNet keeping its features and the shallow path as two
+    more graphs (at the first cached job): a cached job there matches the torch backend's."""
+    onnx = engine_for(tiny_model_path, backends=[{"backend": "onnxruntime", "precision": "fp32"}])
+    torch_engine = engine_for(tiny_model_path)
+    target = cached(job(11, steps=6), 3)
+    got = denoise(onnx, target)
+    assert onnx.load().cached_image_steps == 4
+    assert (got - denoise(torch_engine, target)).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="cache_branch_id"):  # deeper than the tiny UNet
+        onnx.submit(cached(job(11), 2, branch_id=1))
+
+
 def test_a_backend_without_feature_caching_runs_every_step_whole(tiny_model_path):
-    """ONNX Runtime's graph is the whole UNet: a job that asks for caching runs uncached there
-    and gets the uncached image."""
-    engine = engine_for(tiny_model_path, backends=[{"backend": "onnxruntime", "precision": "fp32"}])
+    """ONNX Runtime int8's quantized graph is the whole UNet: a job that asks for caching runs
+    uncached there and gets the uncached image."""
+    engine = engine_for(tiny_model_path, backends=[{"backend": "onnxruntime", "precision": "int8"}])
     assert engine.feature_cache_for(UNetVariant.production()) is None
     got = engine.submit(cached(job(10, steps=6), 3)).result(timeout=WAIT_S)
     assert engine.load().cached_image_steps == 0
