@@ -167,6 +167,8 @@ def test_an_edit_with_an_uploaded_target_and_a_painted_mask_keeps_what_was_not_p
     page.fill("#prompt", "wearing sunglasses")
     page.fill("#seed", "3")
     page.fill("#steps", "8")
+    page.select_option("#sampler", "dpmpp_2m")
+    page.fill("#cache-interval", "2")
     # the optimized prompt's panel opens above the canvas: paint once the layout has settled
     page.wait_for_function("document.querySelector('#optimized-prompt').textContent.includes('sunglasses')")
     box = page.locator("#mask-canvas").bounding_box()
@@ -195,7 +197,9 @@ def test_an_edit_with_an_uploaded_target_and_a_painted_mask_keeps_what_was_not_p
     assert far.mean() > 0.4
     assert np.abs(edited - original)[far].max() == 0  # kept exactly where nothing was painted
     assert np.abs(edited - original)[painted].mean() > 2  # and redrawn where it was
-    assert "strength" in page.text_content("#usage-list")
+    usage = page.text_content("#usage-list")
+    assert "strength" in usage
+    assert "dpmpp_2m, whole UNet every 2 step(s) (explicit)" in usage, usage  # the form's sampler fields went through
     assert page.console.unexpected() == []
 
 

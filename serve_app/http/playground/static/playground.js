@@ -190,6 +190,8 @@ function requestFields() {
     deadline_ms: numberField("deadline"),
     guidance_scale: numberField("guidance"),
     num_inference_steps: numberField("steps"),
+    scheduler: $("sampler").value || undefined,
+    cache_interval: numberField("cache-interval"),
     n: numberField("count") ?? 1,
     cache_namespace: $("namespace").value.trim() || undefined,
     stream: true,
@@ -349,6 +351,7 @@ function showUsage(event) {
   const rows = [
     ["steps", `${usage.num_inference_steps} (${usage.steps_reason}; policy ${usage.steps_policy}${usage.steps_complexity == null ? "" : `, complexity ${usage.steps_complexity.toFixed(2)}`})`],
     ["UNet steps run", String(usage.denoising_steps)],
+    ["sampler", `${usage.scheduler ?? "the model's own"}, whole UNet every ${usage.cache_interval} step(s) (${usage.sampler_reason})`],
     ["deadline", deadline],
     ["elapsed", `${Math.round(usage.elapsed_ms)} ms`],
     ["prompt tokens", `${usage.input_tokens - usage.template_tokens} yours + ${usage.template_tokens} template (${usage.original_input_tokens} as written)`],
