@@ -385,10 +385,13 @@ def build_baseline_app(model_path: str, num_threads: int | None, ingress_options
     )
     class StableDiffusion:
         def __init__(self, path: str, threads: int | None) -> None:
+            import torch
             from diffusers import StableDiffusionPipeline
 
+            # fp32 on CPU (the example's fp16 is for GPUs); explicit, or a component stored in
+            # fp16 (the portrait text encoder) loads as fp16 beside an fp32 UNet
             self.pipe = StableDiffusionPipeline.from_pretrained(
-                path, safety_checker=None, requires_safety_checker=False
+                path, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
             )
             self.pipe.set_progress_bar_config(disable=True)
             self.threads = int(threads or os.cpu_count() or 1)
