@@ -14,10 +14,11 @@ same forward, so no request in flight fails for it; both are logged and counted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def model_fingerprint(model_path: Path) -> str:
 class TorchFeatureCache:
     """Feature caching across steps (deep_cache.py) on a torch backend's module: inputs and
     outputs converted as its runner converts them; the kept features stay on the module's
-    device, in its dtype. `before` runs ahead of every forward (the adapter sets its scale)."""
+    device, in its dtype. `around()` wraps every forward (the adapter puts itself in)."""
 
     def __init__(
         self,
@@ -63,11 +64,11 @@ class TorchFeatureCache:
         device: str,
         dtype: torch.dtype,
         memory_format: torch.memory_format = torch.contiguous_format,
-        before: Callable[[], None] | None = None,
+        around: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         self.model = DeepCacheUNet(unet)
         self.device, self.dtype, self.memory_format = device, dtype, memory_format
-        self.before = before
+        self.around = around or contextlib.nullcontext
 
     def supports(self, branch_id: int) -> bool:
         return True  # the module runs any branch its UNet has (the engine checks the depth)
@@ -75,8 +76,6 @@ class TorchFeatureCache:
     def _inputs(
         self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.before is not None:
-            self.before()
         sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         embeds = None if image_embeds is None else image_embeds.to(self.device, self.dtype)
         return sample, timesteps.to(self.device), context.to(self.device, self.dtype), embeds
@@ -90,7 +89,8 @@ class TorchFeatureCache:
         image_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         sample, timesteps, context, embeds = self._inputs(sample, timesteps, context, image_embeds)
-        noise, features = self.model.full(sample, timesteps, context, branch_ids, image_embeds=embeds)
+        with self.around():
+            noise, features = self.model.full(sample, timesteps, context, branch_ids, image_embeds=embeds)
         return noise.float().cpu().contiguous(), features
 
     def shallow(
@@ -103,7 +103,8 @@ class TorchFeatureCache:
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sample, timesteps, context, embeds = self._inputs(sample, timesteps, context, image_embeds)
-        noise = self.model.shallow(sample, timesteps, context, deep_features, branch_id, image_embeds=embeds)
+        with self.around():
+            noise = self.model.shallow(sample, timesteps, context, deep_features, branch_id, image_embeds=embeds)
         return noise.float().cpu().contiguous()
 
 
@@ -128,6 +129,8 @@ class TorchRunner:
         # recompiles per shape (51 s each for the tiny UNet on 2 CPU cores). Measured on CPU:
         # static 1.13x eager, dynamic 1.0x after a 100 s compile -- worth it only on GPUs.
         self.forward = torch.compile(unet, dynamic=True) if spec.compile else unet
+        self.module = unet  # eager: the feature cache's partial forwards, the adapter's shared weights
+        self.compiled = spec.compile
         # the cached path runs the module eagerly (its hooks and partial forwards)
         self.feature_cache = TorchFeatureCache(unet, device, self.dtype, self.memory_format)
 
@@ -473,21 +476,65 @@ def tensorrt_runner(model_path: Path, spec: BackendSpec) -> Runner:
 
 
 class AdapterUNet:
-    """The UNet with the image-prompt adapter, torch fp32: `runner(sample, timesteps, context,
-    image_embeds, scale)`, and `feature_cache(scale)`.
+    """The UNet with the image-prompt adapter: `runner(sample, timesteps, context, image_embeds,
+    scale)`, and `feature_cache(scale)`.
 
-    Its own module, not the production backend's: the adapter adds cross-attention to every
-    image of a batch, so reference-image jobs batch only with each other (a UNet variant)."""
+    On the production torch UNet's own weights when given its runner (`shared`): the adapter's
+    image projection and attention processors (its key/value projections) are held beside
+    those weights and put in only while an adapter batch runs (reference-image jobs batch only
+    with each other: a UNet variant; the step loop runs one batch at a time, on one thread),
+    at the production UNet's device and precision. Without one (ONNX Runtime or TensorRT in
+    production, or a compiled UNet whose guards a swap would break): its own fp32 copy."""
 
-    def __init__(self, model_path: Path):
-        self.unet = loading.load_ip_adapter_unet(model_path)
-        self._processors = [p for p in self.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    def __init__(self, model_path: Path, shared: TorchRunner | None = None):
+        self.shared = shared is not None
+        if shared is not None:
+            unet, self.device, self.dtype, self.memory_format = (
+                shared.module,
+                shared.device,
+                shared.dtype,
+                shared.memory_format,
+            )
+        else:
+            unet, self.device, self.dtype = loading.load_unet(model_path), "cpu", torch.float32
+            self.memory_format = torch.contiguous_format
+        plain = dict(unet.attn_processors)
+        # diffusers' own loader (what a pipeline's load_ip_adapter calls) on this module; then
+        # the adapter's parts are taken out again until an adapter batch needs them
+        unet._load_ip_adapter_weights([loading.load_ip_adapter_state_dict(model_path)], low_cpu_mem_usage=False)
+        self.unet = unet.eval()
+        self._adapter_processors, self._plain_processors = dict(unet.attn_processors), plain
+        self._projection = unet.encoder_hid_proj
+        self._processors = [p for p in self._adapter_processors.values() if hasattr(p, "to_k_ip")]
+        if self.shared:
+            self._put_in(adapter=False)
+
+    def _put_in(self, adapter: bool) -> None:
+        """The adapter's processors and projection in the UNet, or its plain ones (as diffusers'
+        load_ip_adapter and unload_ip_adapter leave it)."""
+        # set_attn_processor pops from the dict it is given: a copy each time
+        self.unet.set_attn_processor(dict(self._adapter_processors if adapter else self._plain_processors))
+        self.unet.encoder_hid_proj = self._projection if adapter else None
+        self.unet.config.encoder_hid_dim_type = "ip_image_proj" if adapter else None
 
     def set_scale(self, scale: float) -> None:
         # the adapter's weight in every cross-attention (diffusers' set_ip_adapter_scale); one
         # per batch: jobs batch together only with the same scale (their variant names it)
         for processor in self._processors:
             processor.scale = [scale] * len(processor.scale)
+
+    @contextlib.contextmanager
+    def active(self, scale: float) -> Iterator[None]:
+        """The adapter at `scale` for the forwards inside; the plain UNet again after."""
+        self.set_scale(scale)
+        if not self.shared:
+            yield
+            return
+        self._put_in(adapter=True)
+        try:
+            yield
+        finally:
+            self._put_in(adapter=False)
 
     def __call__(
         self,
@@ -497,21 +544,26 @@ class AdapterUNet:
         image_embeds: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        self.set_scale(scale)
-        return self.unet(
-            sample,
-            timesteps,
-            encoder_hidden_states=context,
-            added_cond_kwargs={"image_embeds": [image_embeds]},
-            return_dict=False,
-        )[0]
+        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        embeds = [image_embeds.to(self.device, self.dtype)]
+        with self.active(scale):
+            noise = self.unet(
+                sample,
+                timesteps.to(self.device),
+                encoder_hidden_states=context.to(self.device, self.dtype),
+                added_cond_kwargs={"image_embeds": embeds},
+                return_dict=False,
+            )[0]
+        return noise.float().cpu().contiguous()
 
     def feature_cache(self, scale: float) -> TorchFeatureCache:
-        return TorchFeatureCache(self.unet, "cpu", torch.float32, before=lambda: self.set_scale(scale))
+        return TorchFeatureCache(
+            self.unet, self.device, self.dtype, self.memory_format, around=lambda: self.active(scale)
+        )
 
 
-def ip_adapter_runner(model_path: Path) -> AdapterUNet:
-    return AdapterUNet(model_path)
+def ip_adapter_runner(model_path: Path, shared: TorchRunner | None = None) -> AdapterUNet:
+    return AdapterUNet(model_path, shared)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -554,6 +606,13 @@ class FallbackUNet:
             logger.info("denoiser backend: %s", spec.name)
             return runner
         raise BackendUnavailable(f"no denoiser backend could load ({reason}); tried {[s.name for s in self.specs]}")
+
+    @property
+    def shareable_torch_runner(self) -> TorchRunner | None:
+        """The active backend when the image-prompt adapter can run on its weights (an eager
+        torch UNet; a compiled one's guards would not survive the adapter's processor swap)."""
+        runner = self.runner
+        return runner if isinstance(runner, TorchRunner) and not runner.compiled else None
 
     @property
     def feature_cache(self) -> TorchFeatureCache | OnnxFeatureCache | None:

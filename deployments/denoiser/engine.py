@@ -179,7 +179,8 @@ class DenoiserEngine:
         """The adapter UNet, loaded once: at start (preload) or by the step loop at the first reference job."""
         with self._ip_adapter_lock:
             if self._ip_adapter_unet is None:
-                self._ip_adapter_unet = ip_adapter_runner(self.model_path)
+                # on the production UNet's own weights when its backend is eager torch
+                self._ip_adapter_unet = ip_adapter_runner(self.model_path, self.unet.shareable_torch_runner)
             return self._ip_adapter_unet
 
     def new_scheduler(self, num_inference_steps: int, name: str | None = None) -> Any:

@@ -228,7 +228,7 @@ def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path, monke
 
     loads = []
 
-    def count_load(path):
+    def count_load(path, shared=None):
         loads.append(path)
         return lambda *args: None
 
@@ -240,6 +240,44 @@ def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path, monke
     lazy.unet_for(engine.UNetVariant.ip_adapter(0.5))
     lazy.unet_for(engine.UNetVariant.ip_adapter(1.0))
     assert len(loads) == 2  # ... but at the first reference job, once
+
+
+def parameter_bytes(*modules) -> int:
+    """Bytes of the distinct parameter storages the modules hold (a shared one counted once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in modules for p in m.parameters()}
+    return sum(storages.values())
+
+
+def test_the_adapter_runs_on_the_production_unets_own_weights(tiny_model_path):
+    """One set of UNet weights per replica: the adapter's projection and key/value projections
+    sit beside the production torch UNet's weights and are put in for adapter batches only; a
+    plain forward after an adapter one is the plain forward exactly. An ONNX Runtime production
+    UNet has no torch weights to share: the adapter keeps its own copy."""
+    from deployments.denoiser.engine import DenoiserEngine, UNetVariant
+    from deployments.models import loading
+
+    engine = DenoiserEngine(tiny_model_path, 1)
+    production = engine.unet.runner.module
+    adapter = engine._load_ip_adapter()
+    assert adapter.shared and adapter.unet is production
+    base = parameter_bytes(loading.load_unet(tiny_model_path))
+    extras = parameter_bytes(adapter._projection, *adapter._processors)
+    assert parameter_bytes(production, adapter._projection, *adapter._processors) == base + extras  # not 2 x base
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    timesteps, context = torch.tensor([500, 500]), torch.randn(2, 77, 64, generator=generator)
+    embed_dim = adapter._projection.image_projection_layers[0].image_embeds.in_features
+    embeds = torch.randn(2, 1, embed_dim, generator=generator)
+    with torch.inference_mode():
+        plain = engine.unet_for(UNetVariant.production())(sample, timesteps, context)
+        with_reference = engine.unet_for(UNetVariant.ip_adapter(1.0))(sample, timesteps, context, embeds)
+        again = engine.unet_for(UNetVariant.production())(sample, timesteps, context)
+    assert not torch.equal(with_reference, plain)
+    assert torch.equal(again, plain)
+
+    onnx = DenoiserEngine(tiny_model_path, 1, {"backends": [{"backend": "onnxruntime", "precision": "fp32"}]})
+    assert not onnx._load_ip_adapter().shared
 
 
 def test_inpaint_keeps_the_unmasked_region(local_pipe):
