@@ -559,7 +559,7 @@ class StepBatcher:
         self._steps_run += 1
         self._image_steps += plan.images
         self._cached_image_steps += plan.cached_images
-        return [part for part in noise if part is not None]
+        return [part for part in noise if part is not None]  # every job is in exactly one forward
 
     def _full_forward(
         self,

@@ -414,17 +414,18 @@ class ImagePipeline:
         detail: float | None = None,
     ) -> StepDecision:
         controller, guard = self.step_controller, self.quality_guard
-        if guard.tripped:  # the speed-ups are off: the baseline's steps, the request's sampler, no feature caching
-            decision = controller.choose(request, prompt)
-            if guard.settings.baseline_steps and request.num_inference_steps is None:
-                steps = controller.at_least_one_step(guard.settings.baseline_steps, request)
-                decision = StepDecision(steps, "quality-guard", "fixed", scheduler=request.scheduler)
-            return dataclasses.replace(decision, cache_interval=1, cache_branch_id=0, sampler_reason="quality-guard")
+        if guard.tripped and guard.settings.baseline_steps and request.num_inference_steps is None:
+            steps = controller.at_least_one_step(guard.settings.baseline_steps, request)
+            reason = "quality-guard"
+            return StepDecision(steps, reason, "fixed", scheduler=request.scheduler, sampler_reason=reason)
         load = None
         if controller.needs_load(request):  # the live cost per step and the queue ahead
             with _timed(stage_ms, "steps"):  # the step controller asks the denoiser its load
                 load = await self.denoiser.load.remote()
-        return controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0, detail)
+        decision = controller.choose(request, prompt, load, (time.perf_counter() - start) * 1000.0, detail)
+        if guard.tripped:  # the speed-ups are off: every step runs the whole (baseline) UNet
+            decision = dataclasses.replace(decision, cache_interval=1, sampler_reason="quality-guard")
+        return decision
 
     async def _shadow(self, job: DenoiseJob, served_png: list[bytes], asked: PromptExpectations) -> None:
         """Render `job` again with the baseline, in the background, and judge the served images."""

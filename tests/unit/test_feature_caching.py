@@ -90,13 +90,13 @@ def test_interval_one_is_the_uncached_job(tiny_model_path):
 
 
 def test_a_cached_job_renders_the_same_image_in_any_batch(tiny_model_path, vae):
-    """Jobs at different phases, intervals and guidance share the loop: rows on a full step go
+    """Jobs at different phases, intervals, samplers and guidance share the loop: rows on a full step go
     through one forward, rows on a cached step through a shallow one; each job's image is the
     one it renders alone."""
     jobs = [
         cached(job(3, steps=9), 3),
-        cached(job(4, steps=7, images=2), 2),
-        job(5, steps=8),
+        cached(job(4, steps=7, scheduler="dpmpp_2m", images=2), 2),
+        job(5, steps=8, scheduler="unipc"),
         cached(job(6, steps=10, guidance=1.0), 4),
     ]
     engine = engine_for(tiny_model_path, max_batch_size=8)
@@ -149,3 +149,28 @@ def test_a_backend_without_feature_caching_runs_every_step_whole(tiny_model_path
     got = engine.submit(cached(job(10, steps=6), 3)).result(timeout=WAIT_S)
     assert engine.load().cached_image_steps == 0
     assert torch.equal(got, denoise(engine, job(10, steps=6)))
+
+
+def test_a_cancelled_job_frees_its_cached_features(tiny_model_path):
+    """The kept features live in the job: once it leaves the batch they are gone (no cache
+    outlives its request)."""
+    import gc
+    import threading
+    import weakref
+
+    from deployments.denoiser.engine import JobCancelled
+
+    engine = engine_for(tiny_model_path, max_batch_size=8)
+    cancelled, kept = threading.Event(), []
+
+    def on_step(done, total):  # on the step loop's thread, between two steps
+        if done == 2:
+            (ticket,) = engine.batcher._active
+            kept.append(weakref.ref(ticket.job.deep_features))
+            cancelled.set()
+
+    future = engine.submit(cached(job(12, steps=9), 3), on_step=on_step, cancelled=cancelled)
+    with pytest.raises(JobCancelled):
+        future.result(timeout=WAIT_S)
+    gc.collect()
+    assert len(kept) == 1 and kept[0]() is None
