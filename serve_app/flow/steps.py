@@ -34,9 +34,9 @@ controller chooses the sampler, the steps and the cache interval together, unles
 is `fixed`: the cheapest setting within the tier's `max_adherence_drop` of the table's best
 adherence and at least its `min_psnr_db` (reason `table`); under `slo`, if that one misses the
 deadline, the setting of highest adherence that meets it (`table:slo`), or the cheapest of all
-(`table:slo-infeasible`). A request's own `scheduler`, `num_inference_steps` or
-`cache_interval` narrows the table to the rows that agree; with no such row, the step
-ranges above decide and the request's fields are used as given.
+(`table:slo-infeasible`). A request's own `scheduler` or `cache_interval` narrows the table
+to the rows that agree; a request with its own `num_inference_steps` (or whose fields no row
+agrees with) gets those steps, its own sampler or the model's, and caching only if it asks.
 """
 
 from __future__ import annotations
@@ -209,13 +209,15 @@ class StepController:
         )
 
     def table_rows(self, request: ImageRequest) -> list[SamplerSetting]:
-        """The table's settings this request may get (none: no table, the fixed policy, or
-        nothing agrees with the request's own fields)."""
+        """The table's settings this request may get (none: no table, the fixed policy, steps
+        the request fixed itself, or nothing agrees with its scheduler or cache interval)."""
         if self.table is None or self.policy_for(request) == "fixed":
             return []
+        if request.num_inference_steps is not None:
+            return []  # explicit steps: the request's sampler (or the model's own), no caching unless asked
         if request.cache_branch_id not in (None, 0):
             return []  # the table was measured at branch 0
-        return self.table.matching(request.scheduler, request.num_inference_steps, request.cache_interval)
+        return self.table.matching(request.scheduler, None, request.cache_interval)
 
     def _choose_from_table(
         self, request: ImageRequest, rows: list[SamplerSetting], load: LoadSnapshot | None, elapsed_ms: float
@@ -247,11 +249,10 @@ class StepController:
                         choice = min(rows, key=lambda s: s.step_equivalents)
                         predicted, raw = predicted_ms(choice) or (predicted, raw)
                         reason = "table:slo-infeasible"
-        explicit = request.num_inference_steps is not None
         return StepDecision(
             self.at_least_one_step(choice.steps, request),
-            "explicit" if explicit else reason,
-            "explicit" if explicit else policy,
+            reason,
+            policy,
             deadline_ms=deadline,
             predicted_ms=None if predicted is None else round(predicted, 1),
             predicted_denoise_ms=raw,

@@ -264,11 +264,15 @@ def test_request_fields_narrow_the_table_and_win():
     assert (ddim.scheduler, ddim.steps, ddim.cache_interval) == ("ddim", 20, 1)  # the cheapest DDIM within 1 point
     uncached = controller.choose(request(cache_interval=1, quality="fast"), BUSY)
     assert uncached.cache_interval == 1 and uncached.scheduler == "ddim"
+    # explicit steps: the model's own sampler, uncached, as without a table (same request, same image)
     steps = controller.choose(request(num_inference_steps=20), BUSY)
-    assert (steps.steps, steps.reason) == (20, "explicit") and steps.scheduler == "dpmpp_2m"
-    # nothing in the table agrees: the step ranges decide, the request's fields are used as given
+    assert (steps.steps, steps.reason, steps.scheduler, steps.cache_interval) == (20, "explicit", None, 1)
+    assert steps.sampler_reason == "default"
     other = controller.choose(request(num_inference_steps=7, cache_interval=2), BUSY)
     assert (other.steps, other.cache_interval, other.scheduler, other.sampler_reason) == (7, 2, None, "explicit")
+    # nothing in the table agrees: the step ranges decide, the request's fields are used as given
+    unmeasured = controller.choose(request(cache_interval=4), BUSY)
+    assert (unmeasured.cache_interval, unmeasured.reason, unmeasured.sampler_reason) == (4, "complexity", "explicit")
 
 
 def test_the_fixed_policy_and_no_table_keep_the_models_sampler_uncached():
