@@ -288,6 +288,15 @@ def _quantized(fp32: Path, int8: Path) -> Path:
     return int8
 
 
+def _onnx_feeds(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> dict:
+    """The UNet graphs' inputs, as their export named and typed them."""
+    return {
+        "sample": sample.float().numpy(),
+        "timesteps": timesteps.long().numpy(),
+        "context": context.float().numpy(),
+    }
+
+
 class OnnxFeatureCache:
     """Feature caching on ONNX Runtime: the two graphs of `export_feature_cache_onnx` (fp32,
     branch 0), exported and loaded at the first cached job; if that fails, `supports` says no
@@ -320,14 +329,6 @@ class OnnxFeatureCache:
                     self._failed = True
             return self._sessions
 
-    @staticmethod
-    def _feeds(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> dict:
-        return {
-            "sample": sample.float().numpy(),
-            "timesteps": timesteps.long().numpy(),
-            "context": context.float().numpy(),
-        }
-
     def full(
         self,
         sample: torch.Tensor,
@@ -338,7 +339,7 @@ class OnnxFeatureCache:
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         sessions = self._load()
         assert sessions is not None and image_embeds is None, "only the production UNet runs on ONNX Runtime"
-        noise, deep = sessions[0].run(None, self._feeds(sample, timesteps, context))
+        noise, deep = sessions[0].run(None, _onnx_feeds(sample, timesteps, context))
         return torch.from_numpy(noise), {ONNX_CACHE_BRANCH: torch.from_numpy(deep)}
 
     def shallow(
@@ -352,7 +353,7 @@ class OnnxFeatureCache:
     ) -> torch.Tensor:
         sessions = self._load()
         assert sessions is not None and branch_id == ONNX_CACHE_BRANCH
-        feeds = {**self._feeds(sample, timesteps, context), "deep_features": deep_features.float().numpy()}
+        feeds = {**_onnx_feeds(sample, timesteps, context), "deep_features": deep_features.float().numpy()}
         (noise,) = sessions[1].run(None, feeds)
         return torch.from_numpy(noise)
 
@@ -374,7 +375,7 @@ class OnnxRunner:
         self.feature_cache = OnnxFeatureCache(model_path, options) if spec.precision == "fp32" else None
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        (noise,) = self.session.run(None, OnnxFeatureCache._feeds(sample, timesteps, context))
+        (noise,) = self.session.run(None, _onnx_feeds(sample, timesteps, context))
         return torch.from_numpy(noise)
 
 
