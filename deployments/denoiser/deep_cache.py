@@ -49,10 +49,6 @@ class DeepCacheUNet:
     def __init__(self, unet: Any):
         self.unet = unet
 
-    def _encoder_states(self, context: torch.Tensor, image_embeds: torch.Tensor | None) -> tuple[Any, Any]:
-        added = {"image_embeds": [image_embeds]} if image_embeds is not None else None
-        return added, context
-
     def full(
         self,
         sample: torch.Tensor,
@@ -73,7 +69,7 @@ class DeepCacheUNet:
                 captured[branch_id] = output
 
             hooks.append(block.register_forward_hook(keep))
-        added, context = self._encoder_states(context, image_embeds)
+        added = _added_conditions(image_embeds)
         try:
             noise = self.unet(sample, timesteps, encoder_hidden_states=context, added_cond_kwargs=added)[0]
         finally:
@@ -93,7 +89,7 @@ class DeepCacheUNet:
         """The UNet's output on a cached step: only the `branch_id + 1` outermost levels run."""
         unet = self.unet
         levels = branch_id + 1
-        added, context = self._encoder_states(context, image_embeds)
+        added = _added_conditions(image_embeds)
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
         aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added or {})
         emb = emb + aug_emb if aug_emb is not None else emb
@@ -121,6 +117,11 @@ class DeepCacheUNet:
         if unet.conv_norm_out:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)
+
+
+def _added_conditions(image_embeds: torch.Tensor | None) -> dict[str, list[torch.Tensor]] | None:
+    """The UNet's `added_cond_kwargs`: the image-prompt adapter's input, when there is one."""
+    return {"image_embeds": [image_embeds]} if image_embeds is not None else None
 
 
 def _down_block(block: Any, hidden: torch.Tensor, emb: torch.Tensor, context: Any) -> tuple[torch.Tensor, tuple]:
