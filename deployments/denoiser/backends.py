@@ -19,6 +19,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,31 @@ def model_fingerprint(model_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- torch
+@dataclass(frozen=True)
+class TorchPlacement:
+    """Where and how a torch UNet runs: its inputs are moved there, its noise comes back as
+    contiguous float32 on the CPU (what every runner returns)."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def inputs(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        embeds = None if image_embeds is None else image_embeds.to(self.device, self.dtype)
+        return sample, timesteps.to(self.device), context.to(self.device, self.dtype), embeds
+
+    @staticmethod
+    def output(noise: torch.Tensor) -> torch.Tensor:
+        return noise.float().cpu().contiguous()
+
+
 class TorchFeatureCache:
     """Feature caching across steps (deep_cache.py) on a torch backend's module: inputs and
     outputs converted as its runner converts them; the kept features stay on the module's
@@ -61,24 +87,15 @@ class TorchFeatureCache:
     def __init__(
         self,
         unet: torch.nn.Module,
-        device: str,
-        dtype: torch.dtype,
-        memory_format: torch.memory_format = torch.contiguous_format,
+        placement: TorchPlacement,
         around: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         self.model = DeepCacheUNet(unet)
-        self.device, self.dtype, self.memory_format = device, dtype, memory_format
+        self.placement = placement
         self.around = around or contextlib.nullcontext
 
     def supports(self, branch_id: int) -> bool:
         return True  # the module runs any branch its UNet has (the engine checks the depth)
-
-    def _inputs(
-        self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        embeds = None if image_embeds is None else image_embeds.to(self.device, self.dtype)
-        return sample, timesteps.to(self.device), context.to(self.device, self.dtype), embeds
 
     def full(
         self,
@@ -88,10 +105,10 @@ class TorchFeatureCache:
         branch_ids: Iterable[int],
         image_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        sample, timesteps, context, embeds = self._inputs(sample, timesteps, context, image_embeds)
+        sample, timesteps, context, embeds = self.placement.inputs(sample, timesteps, context, image_embeds)
         with self.around():
             noise, features = self.model.full(sample, timesteps, context, branch_ids, image_embeds=embeds)
-        return noise.float().cpu().contiguous(), features
+        return self.placement.output(noise), features
 
     def shallow(
         self,
@@ -102,10 +119,10 @@ class TorchFeatureCache:
         branch_id: int,
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        sample, timesteps, context, embeds = self._inputs(sample, timesteps, context, image_embeds)
+        sample, timesteps, context, embeds = self.placement.inputs(sample, timesteps, context, image_embeds)
         with self.around():
             noise = self.model.shallow(sample, timesteps, context, deep_features, branch_id, image_embeds=embeds)
-        return noise.float().cpu().contiguous()
+        return self.placement.output(noise)
 
 
 class TorchRunner:
@@ -119,12 +136,12 @@ class TorchRunner:
             raise BackendUnavailable("int8 runs on the onnxruntime backend")
         if spec.precision == "fp16" and device == "cpu":
             raise BackendUnavailable("fp16 needs a GPU; use bf16 on CPU")
-        self.device = device
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
-        unet = loading.load_unet(model_path, dtype=self.dtype).to(device)
-        self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
+        memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        self.placement = TorchPlacement(device, dtype, memory_format)
+        unet = loading.load_unet(model_path, dtype=dtype).to(device)
         if spec.channels_last:
-            unet = unet.to(memory_format=self.memory_format)
+            unet = unet.to(memory_format=memory_format)
         # dynamic: the step loop's batches change size every few steps, and a static compile
         # recompiles per shape (51 s each for the tiny UNet on 2 CPU cores). Measured on CPU:
         # static 1.13x eager, dynamic 1.0x after a 100 s compile -- worth it only on GPUs.
@@ -132,13 +149,12 @@ class TorchRunner:
         self.module = unet  # eager: the feature cache's partial forwards, the adapter's shared weights
         self.compiled = spec.compile
         # the cached path runs the module eagerly (its hooks and partial forwards)
-        self.feature_cache = TorchFeatureCache(unet, device, self.dtype, self.memory_format)
+        self.feature_cache = TorchFeatureCache(unet, self.placement)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        context = context.to(self.device, self.dtype)
-        noise = self.forward(sample, timesteps.to(self.device), encoder_hidden_states=context, return_dict=False)[0]
-        return noise.float().cpu().contiguous()
+        sample, timesteps, context, _ = self.placement.inputs(sample, timesteps, context)
+        noise = self.forward(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        return self.placement.output(noise)
 
 
 def torch_runner(model_path: Path, spec: BackendSpec) -> Runner:
@@ -490,15 +506,9 @@ class AdapterUNet:
     def __init__(self, model_path: Path, shared: TorchRunner | None = None):
         self.shared = shared is not None
         if shared is not None:
-            unet, self.device, self.dtype, self.memory_format = (
-                shared.module,
-                shared.device,
-                shared.dtype,
-                shared.memory_format,
-            )
+            unet, self.placement = shared.module, shared.placement
         else:
-            unet, self.device, self.dtype = loading.load_unet(model_path), "cpu", torch.float32
-            self.memory_format = torch.contiguous_format
+            unet, self.placement = loading.load_unet(model_path), TorchPlacement()
         plain = dict(unet.attn_processors)
         # diffusers' own loader (what a pipeline's load_ip_adapter calls) on this module; then
         # the adapter's parts are taken out again until an adapter batch needs them
@@ -545,22 +555,19 @@ class AdapterUNet:
         image_embeds: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        sample = sample.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        embeds = [image_embeds.to(self.device, self.dtype)]
+        sample, timesteps, context, embeds = self.placement.inputs(sample, timesteps, context, image_embeds)
         with self.active(scale):
             noise = self.unet(
                 sample,
-                timesteps.to(self.device),
-                encoder_hidden_states=context.to(self.device, self.dtype),
-                added_cond_kwargs={"image_embeds": embeds},
+                timesteps,
+                encoder_hidden_states=context,
+                added_cond_kwargs={"image_embeds": [embeds]},
                 return_dict=False,
             )[0]
-        return noise.float().cpu().contiguous()
+        return self.placement.output(noise)
 
     def feature_cache(self, scale: float) -> TorchFeatureCache:
-        return TorchFeatureCache(
-            self.unet, self.device, self.dtype, self.memory_format, around=lambda: self.active(scale)
-        )
+        return TorchFeatureCache(self.unet, self.placement, around=lambda: self.active(scale))
 
 
 def ip_adapter_runner(model_path: Path, shared: TorchRunner | None = None) -> AdapterUNet:
