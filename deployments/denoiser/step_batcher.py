@@ -280,6 +280,7 @@ class StepPlan:
     image_embeds: list[torch.Tensor]  # one variant per batch: every job has them, or none
     started: float  # a step's cost counts the inputs, the forward and every job's scheduler step
     cached: list[bool]  # per job: does this step run shallow on its cached features (fixed at planning)
+    feature_cache: FeatureCache | None  # the variant's feature caching this step; None: every row whole
 
     @property
     def images(self) -> int:
@@ -510,7 +511,8 @@ class StepBatcher:
         started = time.perf_counter()
         tickets = list(self._active)
         jobs = [ticket.job for ticket in tickets]
-        if self.feature_cache_for(tickets[0].variant) is None:  # e.g. the backend fell back to ONNX Runtime
+        feature_cache = self.feature_cache_for(tickets[0].variant)
+        if feature_cache is None:  # e.g. the backend fell back to one without feature caching
             for job in jobs:
                 job.deep_features = None
         samples, timesteps = [], []
@@ -528,6 +530,7 @@ class StepBatcher:
             [job.image_embeds for job in jobs if job.image_embeds is not None],
             started,
             [job.cached_step for job in jobs],
+            feature_cache,
         )
 
     def _run_unet(self, plan: StepPlan) -> list[torch.Tensor] | None:
@@ -541,7 +544,7 @@ class StepBatcher:
                 if branch_id is None:
                     output = self._full_forward(plan, indices, sample, timesteps, context, extra)
                 else:
-                    cache = self.feature_cache_for(plan.variant)
+                    cache = plan.feature_cache
                     assert cache is not None, "_plan_step drops deep features where the backend has no cache"
                     deep = torch.cat([plan.jobs[i].deep_features for i in indices])  # type: ignore[misc]
                     output = cache.shallow(sample, timesteps, context, deep, branch_id, *extra)
@@ -571,7 +574,7 @@ class StepBatcher:
         extra: list[torch.Tensor],
     ) -> torch.Tensor:
         """The whole UNet for these jobs; the ones that cache features keep theirs."""
-        cache = self.feature_cache_for(plan.variant)
+        cache = plan.feature_cache
         caching = [
             i
             for i in indices
