@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -63,7 +64,7 @@ def _calibrate_unet(unet, text_hidden_size: int, seed: int) -> None:
         unet.conv_out.bias.mul_(1.0 / std)
 
 
-def _ip_adapter_weights(unet, projection_dim: int, seed: int) -> dict:
+def ip_adapter_weights(unet, projection_dim: int, seed: int) -> dict:
     """IP-Adapter weights in h94's file layout for `unet`: an image projection to 4 context
     tokens, and per cross-attention layer `to_k_ip`/`to_v_ip` initialised from the layer's
     own `to_k`/`to_v` (as IP-Adapter training starts), numbered 1, 3, 5, ... in diffusers'
@@ -86,6 +87,23 @@ def _ip_adapter_weights(unet, projection_dim: int, seed: int) -> dict:
         weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
         key_id += 2
     return {key: value.contiguous() for key, value in weights.items()}
+
+
+def build_image_encoder(preset: dict) -> tuple[Any, Any]:
+    """The preset's image-prompt encoder (CLIP vision tower + projection) with its random
+    starting weights, and the feature extractor that feeds it."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(int(preset.get("seed", 0)) + 30)
+    vision_config = CLIPVisionConfig(**preset["image_encoder"])
+    image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
+    side = vision_config.image_size  # an int; transformers types it int | list | tuple | None
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": side},  # type: ignore[dict-item]
+        crop_size={"height": side, "width": side},  # type: ignore[dict-item]
+    )
+    return image_encoder, feature_extractor
 
 
 def build_model(preset_name: str, destination: Path) -> Path:
@@ -131,16 +149,7 @@ def build_model(preset_name: str, destination: Path) -> Path:
         # without it (and the parts above) are unchanged by it.
         image_encoder = feature_extractor = None
         if "image_encoder" in preset:
-            from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-            torch.manual_seed(seed + 30)
-            vision_config = CLIPVisionConfig(**preset["image_encoder"])
-            image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
-            side = vision_config.image_size  # an int; transformers types it int | list | tuple | None
-            feature_extractor = CLIPImageProcessor(
-                size={"shortest_edge": side},  # type: ignore[dict-item]
-                crop_size={"height": side, "width": side},  # type: ignore[dict-item]
-            )
+            image_encoder, feature_extractor = build_image_encoder(preset)
 
         pipe = StableDiffusionPipeline(
             vae=vae,
@@ -162,7 +171,7 @@ def build_model(preset_name: str, destination: Path) -> Path:
 
             (model_dir / IP_ADAPTER_FILE).parent.mkdir(parents=True)
             save_file(
-                _ip_adapter_weights(unet, image_encoder.config.projection_dim, seed + 40),
+                ip_adapter_weights(unet, image_encoder.config.projection_dim, seed + 40),
                 str(model_dir / IP_ADAPTER_FILE),
             )
         (model_dir / "fusionserve_preset.yaml").write_text(preset_path(preset_name).read_text())

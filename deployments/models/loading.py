@@ -239,7 +239,11 @@ def load_ip_adapter_unet(path: Path):
 
 @_one_load_at_a_time
 def load_image_encoder(path: Path):
+    import torch
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    encoder = CLIPVisionModelWithProjection.from_pretrained(str(path), subfolder="image_encoder").eval()
+    # fp32 whatever the file holds (the portrait model ships its tower in fp16)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(
+        str(path), subfolder="image_encoder", dtype=torch.float32
+    ).eval()
     return encoder, CLIPImageProcessor.from_pretrained(str(path), subfolder="feature_extractor")

@@ -265,8 +265,8 @@ class ImagePipeline:
         """The target's latents, the reference's embedding and the target's detail, concurrently."""
 
         async def reference() -> ImagePromptEmbedding | None:
-            if request.reference_image is None:
-                return None
+            if request.reference_image is None or request.reference_scale == 0:
+                return None  # at scale 0 the adapter adds nothing: the plain edit, on the production UNet
             with _timed(stage_ms, "reference"):
                 key = await asyncio.to_thread(image_hash, request.reference_image)
                 return await self.image_prompt_encoder.encode_image_prompt.remote(

@@ -43,3 +43,17 @@ class ImageRequest:
     def seeds(self) -> list[int]:
         """Image i of the request uses seed + i, so n>1 gives distinct, reproducible images."""
         return [self.seed + i for i in range(self.n)]
+
+
+@dataclass(frozen=True)
+class EditDefaults:
+    """What an edit runs at where the request does not say: the face-fusion recipe."""
+
+    strength: float  # the share of the steps run on the target's noised latents
+    reference_scale: float  # the reference face's weight (IP-Adapter scale), when one is sent
+
+
+def edit_defaults(masked: bool) -> EditDefaults:
+    """With a mask the masked area is redrawn whole (the unmasked one is kept by the blend and
+    the overlay); without one most of the target is redrawn, keeping its layout and colours."""
+    return EditDefaults(strength=1.0 if masked else 0.8, reference_scale=1.0)

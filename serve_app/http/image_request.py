@@ -21,7 +21,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from deployments.common.vae_scale import VAE_SCALE_FACTOR
 from serve_app.config import AppSettings, parse_size
-from serve_app.flow.request import ImageRequest
+from serve_app.flow.request import ImageRequest, edit_defaults
 from serve_app.http import uploads
 from serve_app.http.errors import ApiError
 from serve_app.http.image_output import ImageOutput, OutputFormat
@@ -246,7 +246,8 @@ def decoded_edit_inputs(
             "mask",
             code="missing_required_parameter",
         )
-    strength = form.strength if form.strength is not None else (1.0 if mask is not None else 0.8)
+    defaults = edit_defaults(masked=mask is not None)
+    strength = form.strength if form.strength is not None else defaults.strength
     if form.num_inference_steps is not None and int(form.num_inference_steps * strength) < 1:
         raise ApiError(
             f"strength {strength} x num_inference_steps {form.num_inference_steps} runs no step; raise either",
@@ -259,7 +260,7 @@ def decoded_edit_inputs(
         reference_image=reference,
         strength=strength,
         keep_unmasked=form.keep_unmasked,
-        reference_scale=form.reference_scale,
+        reference_scale=form.reference_scale if form.reference_scale is not None else defaults.reference_scale,
         default_size=default_size,
     )
 

@@ -172,8 +172,8 @@ class ImageEditForm(ImageOptions):
         description="The source face as base64 (or a data: URL), for "
         "clients that send only image and mask as files; or send it as a file.",
     )
-    reference_scale: float = Field(
-        1.0,
+    reference_scale: float | None = Field(
+        None,
         ge=0.0,
         le=2.0,
         allow_inf_nan=False,

@@ -460,7 +460,8 @@ def cmd_train_model(options: argparse.Namespace) -> int:
     """Train the portrait model (resuming from --work's checkpoints) into a diffusers folder."""
     from deployments.models.portrait.model_training import PortraitTrainingConfig, train_portrait_model
 
-    chosen = {name: getattr(options, name) for name in ("vae_steps", "diffusion_steps", "pool_size", "seed", "threads")}
+    names = ("vae_steps", "diffusion_steps", "adapter_steps", "pool_size", "seed", "threads")
+    chosen = {name: getattr(options, name) for name in names}
     config = PortraitTrainingConfig(**{name: value for name, value in chosen.items() if value is not None})
     print(train_portrait_model(config, Path(options.work), Path(options.output)))
     return 0
@@ -952,6 +953,7 @@ def _add_train_model(commands: Any) -> None:
     # Defaults (None) are PortraitTrainingConfig's: importing it here would load torch for --help.
     train.add_argument("--vae-steps", type=int, help="VAE training steps")
     train.add_argument("--diffusion-steps", type=int, help="text encoder + UNet training steps")
+    train.add_argument("--adapter-steps", type=int, help="image-prompt adapter training steps (0: no adapter)")
     train.add_argument("--pool-size", type=int, help="renders encoded once for the diffusion phase")
     train.add_argument("--seed", type=int)
     train.add_argument("--threads", type=int, help="torch threads of the trainer")

@@ -92,3 +92,29 @@ def browser():
             yield chromium
         finally:
             chromium.close()
+
+
+PORTRAIT_STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
+
+
+@pytest.fixture(scope="session")
+def portrait_url(base_url):
+    """The portrait model served as a second application at /portrait, with small CPU shares
+    (the playground's browser tests and the face-fusion tests share it)."""
+    from ray import serve
+
+    from serve_app.app import build_application
+    from serve_app.ops.cli import load_serve_config, split_app_config
+
+    settings, _, _ = split_app_config(load_serve_config("serve_config.yaml"), model="portrait")
+    small = {name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01}} for name in PORTRAIT_STAGES}
+    serve.run(build_application(settings, small), name="portrait", route_prefix="/portrait")
+    url = f"{base_url}/portrait"
+    deadline = time.time() + 120
+    while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
+        assert time.time() < deadline, "the portrait application did not become healthy"
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        serve.delete("portrait")

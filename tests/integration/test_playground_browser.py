@@ -13,7 +13,6 @@ import base64
 import io
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,35 +21,12 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "playground"
 PROMPT = "a woman with white hair, plain blue background"
 RUN_TIMEOUT_MS = 180_000
 BAD_REQUEST_LOG = "Failed to load resource: the server responded with a status of 400"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def portrait_url(base_url):
-    """The portrait model served as a second application at /portrait, with small CPU shares."""
-    from ray import serve
-
-    from serve_app.app import build_application
-    from serve_app.ops.cli import load_serve_config, split_app_config
-
-    settings, _, _ = split_app_config(load_serve_config("serve_config.yaml"), model="portrait")
-    small = {name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01}} for name in STAGES}
-    serve.run(build_application(settings, small), name="portrait", route_prefix="/portrait")
-    url = f"{base_url}/portrait"
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
-        assert time.time() < deadline, "the portrait application did not become healthy"
-        time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        serve.delete("portrait")
 
 
 class Console:

@@ -27,6 +27,7 @@ CONFIG = PortraitTrainingConfig(
     threads=1,
     pool_size=6,
     pool_chunk=4,
+    adapter_steps=0,
 )
 
 
@@ -81,8 +82,9 @@ def test_held_out_combinations_are_fixed_and_never_sampled_for_training():
     assert all(is_held_out(a) for a in held_out[:20])
 
 
-def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer(portrait_random_weights, tmp_path):
-    """Both stage pairs and the previewer, a step or two each, from the preset's random weights."""
+def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter(portrait_random_weights, tmp_path):
+    """Both stage pairs, the previewer and the adapter, a step or two each, from the preset's
+    random weights."""
     import dataclasses
     import shutil
 
@@ -90,15 +92,24 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer(portrait_ra
     from deployments.vae.previewer import PREVIEWER_FOLDER, LatentPreviewer
 
     config = dataclasses.replace(
-        CONFIG, vae_refine_steps=1, diffusion_refine_steps=1, previewer_steps=2, previewer_targets=4
+        CONFIG,
+        vae_refine_steps=1,
+        diffusion_refine_steps=1,
+        previewer_steps=2,
+        previewer_targets=4,
+        adapter_steps=1,
+        adapter_batch=2,
     )
     work = tmp_path / "work"
     shutil.copytree(portrait_random_weights, work / "init")  # the recipe builds it when missing
     output = train_portrait_model(config, work, tmp_path / "model", progress=False)
-    for stage in ("vae", "vae_refine", "diffusion", "diffusion_refine", "previewer"):
+    for stage in ("vae", "vae_refine", "diffusion", "diffusion_refine", "previewer", "adapter"):
         assert (work / f"{stage}_checkpoint.pt").exists(), stage
     assert (work / "latent_pool_refined").is_dir()
     parts = load_components(output)
     assert parts.vae.config.scaling_factor > 0
     previewer = LatentPreviewer.load(output / PREVIEWER_FOLDER)
     assert previewer(torch.zeros(1, 4, 16, 16)).shape == (1, 3, 128, 128)
+    from deployments.models.loading import has_image_prompt_adapter
+
+    assert has_image_prompt_adapter(output)

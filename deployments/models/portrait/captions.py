@@ -13,6 +13,7 @@ from typing import Literal
 from deployments.models.portrait.attributes import AGE_YEARS, PortraitAttributes
 
 CaptionForm = Literal["structured", "sentence", "empty"]
+IdentityTerm = Literal["ethnicity", "hair"]  # the structured caption's terms naming a face's own traits
 
 EMPTY_SHARE = 0.1
 STRUCTURED_SHARE = 0.45  # of the non-empty captions
@@ -61,16 +62,27 @@ def hair_phrase(attributes: PortraitAttributes) -> str:
     return f"{attributes.hair_style} {attributes.hair_color} hair"
 
 
-def structured_caption(attributes: PortraitAttributes, rng: random.Random | None = None, keep: float = 1.0) -> str:
+def structured_caption(
+    attributes: PortraitAttributes,
+    rng: random.Random | None = None,
+    keep: float = 1.0,
+    *,
+    leave_out: frozenset[IdentityTerm] = frozenset(),
+    always: frozenset[IdentityTerm] = frozenset(),
+) -> str:
     """`Asian woman, age:70, smiling expression, wearing round glasses, short white hair, ...`:
-    the optimizer's key order; each attribute kept with probability `keep` (all with keep=1)."""
+    the optimizer's key order; each attribute kept with probability `keep` (all with keep=1).
+    `leave_out` and `always` override the draw for the identity terms (the image-prompt
+    adapter's captions leave a face's traits to the reference image); the random draws are the
+    same either way."""
     a = attributes
 
-    def kept() -> bool:
-        return rng is None or rng.random() < keep
+    def kept(term: IdentityTerm | None = None) -> bool:
+        drawn = rng is None or rng.random() < keep
+        return term not in leave_out and (drawn or term in always)
 
     terms: list[str] = []
-    identity = f"{a.ethnicity} {a.identity}" if kept() else a.identity
+    identity = f"{a.ethnicity} {a.identity}" if kept("ethnicity") else a.identity
     terms.append(identity)
     if kept():
         low, high = AGE_YEARS[a.age]
@@ -79,7 +91,7 @@ def structured_caption(attributes: PortraitAttributes, rng: random.Random | None
         terms.append(a.expression)
     if a.glasses != "no glasses" and kept():
         terms.append(a.glasses)
-    if "headscarf" not in a.accessories and kept():
+    if "headscarf" not in a.accessories and kept("hair"):
         terms.append(hair_phrase(a))
     if a.identity == "man" and kept():
         terms.append(a.facial_hair)

@@ -124,3 +124,20 @@ def rendered_frechet(judge: Judge, prompts: Sequence[HeldOutPrompt], images: Seq
     attribute combinations (lower is closer to what the renderer draws)."""
     renders = [render_portrait(p.attributes, p.seed) for p in prompts]
     return frechet_distance(judge.embed(list(images)), judge.embed(renders))
+
+
+def vae_round_trip(model_dir: Path, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The images encoded by the model's VAE (posterior mean) and decoded again: what its latent
+    space can hold of them, whatever the UNet does."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval()
+    pixels = torch.from_numpy(np.stack([np.asarray(i, np.float32) / 127.5 - 1.0 for i in images])).permute(0, 3, 1, 2)
+    out: list[Image.Image] = []
+    with torch.no_grad():
+        for start in range(0, len(images), 32):
+            decoded = vae.decode(vae.encode(pixels[start : start + 32]).latent_dist.mean).sample
+            arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            out.extend(Image.fromarray(a) for a in arrays)
+    return out

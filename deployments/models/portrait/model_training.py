@@ -61,6 +61,9 @@ class PortraitTrainingConfig:
     # the first `previewer_targets` latents of the last pool.
     previewer_steps: int = 1500
     previewer_targets: int = 2048
+    # The image-prompt adapter (adapter_training.py), trained last on the finished model; 0: none.
+    adapter_steps: int = 2000
+    adapter_batch: int = 32
     # Renders encoded once and sampled from (each with a fresh caption and posterior draw): a
     # VAE encode of 32 images costs as much as a UNet training step (0.85 s vs 0.72 s).
     pool_size: int = 16384
@@ -358,8 +361,9 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
     """The whole recipe, resumable at any point: build the random starting folder (once); train
     the VAE, encode the pool, set the latent scale, train text encoder + UNet; then the refine
     stages in the same order on the edge-weighted VAE and a pool it encodes again; save a
-    diffusers folder (fp16 weights) at `output`. (The order is the order the committed model was
-    trained in: the refine stages came after its first run showed faces without features.)"""
+    diffusers folder (fp16 weights) at `output`; train the image-prompt adapter on it. (The order
+    is the order the committed model was trained in: the refine stages came after its first run
+    showed faces without features.)"""
     from deployments.models.builder import build_model
 
     torch.set_num_threads(config.threads)
@@ -395,6 +399,10 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
     timings["previewer_s"] = time.perf_counter() - began
     save_model(parts, start, output)
     previewer.save(output / PREVIEWER_FOLDER)
+    if config.adapter_steps:
+        began = time.perf_counter()
+        train_model_adapter(config, pool, work, output, progress=progress)
+        timings["adapter_s"] = time.perf_counter() - began
     (work / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}))
     return output
 
@@ -406,6 +414,23 @@ def train_model_previewer(
     latents = pool.mean[: config.previewer_targets] * float(parts.vae.config.scaling_factor)
     training = PreviewerTrainingConfig(steps=config.previewer_steps, seed=config.seed)
     return train_previewer(parts.vae, latents, training, work, progress=progress)
+
+
+def train_model_adapter(
+    config: PortraitTrainingConfig, pool: LatentPool, work: Path, output: Path, *, progress: bool = True
+) -> None:
+    """The image-prompt adapter of the saved model in `output`, written into it."""
+    from deployments.models.portrait.adapter_training import AdapterTrainingConfig, train_adapter
+
+    adapter = AdapterTrainingConfig(
+        steps=config.adapter_steps,
+        batch=config.adapter_batch,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        threads=config.threads,
+        workers=config.workers,
+    )
+    train_adapter(output, pool, adapter, work, output, progress=progress)
 
 
 def export_model(config: PortraitTrainingConfig, work: Path, output: Path) -> Path:

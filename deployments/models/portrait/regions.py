@@ -1,0 +1,48 @@
+"""Where a render's face and hair, or its eyes, are: the masks a user paints in the playground
+for a face fusion or an "add glasses" edit, found from the renderer itself (benchmarks and
+tests paint them this way). The render is drawn again at the same seed with other face traits
+(or with glasses): the pixels that change, widened by a few pixels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from deployments.models.portrait.attributes import Ethnicity, PortraitAttributes
+from deployments.models.portrait.renderer import render_portrait
+
+CHANGE_THRESHOLD = 24  # summed |RGB| difference that counts as "this pixel changed"
+WIDEN_PX = 4
+
+
+def changed_region(base: PortraitAttributes, variants: list[PortraitAttributes], seed: int) -> Image.Image:
+    """The mask (L, white = may change) of the pixels where any variant's render differs from
+    `base`'s at the same seed, widened by WIDEN_PX."""
+    pixels = np.asarray(render_portrait(base, seed), np.int32)
+    changed = np.zeros(pixels.shape[:2], bool)
+    for variant in variants:
+        other = np.asarray(render_portrait(variant, seed), np.int32)
+        changed |= np.abs(other - pixels).sum(-1) > CHANGE_THRESHOLD
+    mask = Image.fromarray((changed * 255).astype(np.uint8), "L")
+    return mask.filter(ImageFilter.MaxFilter(2 * WIDEN_PX + 1))
+
+
+def head_region(target: PortraitAttributes, seed: int, face: PortraitAttributes) -> Image.Image:
+    """Where `face` goes on the target: the target's skin (redrawn with a contrasting skin tone),
+    its hair, and the hair and face shape of `face` drawn at the target's place."""
+    from deployments.models.portrait.adapter_training import IDENTITY_TRAITS
+
+    contrast: Ethnicity = "White" if target.ethnicity in ("Black", "South Asian") else "Black"
+    variants = [
+        dataclasses.replace(target, ethnicity=contrast),
+        dataclasses.replace(target, **{t: getattr(face, t) for t in IDENTITY_TRAITS}),
+    ]
+    return changed_region(target, variants, seed)
+
+
+def eyes_region(target: PortraitAttributes, seed: int) -> Image.Image:
+    """Where glasses go on the target's face."""
+    variants = [dataclasses.replace(target, glasses=g) for g in ("wearing round glasses", "wearing square glasses")]
+    return changed_region(target, variants, seed)
