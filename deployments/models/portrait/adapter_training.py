@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from deployments.models.portrait.attributes import PortraitAttributes
+from deployments.models.portrait.attributes import ATTRIBUTE_VALUES, PortraitAttributes
 from deployments.models.portrait.captions import EMPTY_SHARE, KEEP_SHARE, IdentityTerm, structured_caption
 from deployments.models.portrait.held_out import training_attributes
 from deployments.models.portrait.renderer import render_portrait
@@ -57,6 +57,10 @@ class AdapterTrainingConfig:
     # References dropped (zero image embedding, as diffusers' unconditional branch feeds it),
     # so classifier-free guidance has an adapter-free direction to push from.
     reference_dropped: float = 0.1
+    # Weight of an auxiliary loss: small heads on the image embedding predict the reference's
+    # identity traits (the renderer's ground truth). A tower trained from scratch by the
+    # diffusion loss alone learns slowly what to encode; the heads tell it (they are not saved).
+    identity_loss_weight: float = 0.1
     seed: int = 0
     checkpoint_every: int = 250
     threads: int = 2
@@ -95,13 +99,14 @@ class AdapterBatch:
     references: torch.Tensor  # the feature extractor's pixel values of each reference render
     captions: list[str]
     dropped: torch.Tensor  # bool: this row's reference embedding is zeroed
+    traits: torch.Tensor  # (batch, len(IDENTITY_TRAITS)): each reference's trait values, as indices
 
 
 def adapter_batch(
     config: AdapterTrainingConfig, pool_attributes: list[PortraitAttributes], feature_extractor: Any, step: int
 ) -> AdapterBatch:
     rng = random.Random(f"portrait-adapter:{config.seed}:{step}")
-    rows, references, captions, dropped = [], [], [], []
+    rows, references, captions, dropped, traits = [], [], [], [], []
     for _ in range(config.batch):
         row = rng.randrange(len(pool_attributes))
         target = pool_attributes[row]
@@ -110,9 +115,10 @@ def adapter_batch(
         references.append(render_portrait(reference, rng.randrange(2**31)))
         captions.append(adapter_caption(target, rng, restyled))
         dropped.append(rng.random() < config.reference_dropped)
+        traits.append([ATTRIBUTE_VALUES[t].index(getattr(reference, t)) for t in IDENTITY_TRAITS])
         rows.append(row)
     pixels = feature_extractor(references, return_tensors="pt").pixel_values
-    return AdapterBatch(torch.tensor(rows), pixels, captions, torch.tensor(dropped))
+    return AdapterBatch(torch.tensor(rows), pixels, captions, torch.tensor(dropped), torch.tensor(traits))
 
 
 class _Batches(IterableDataset):
@@ -131,11 +137,13 @@ class AdapterParts(nn.Module):
 
     image_encoder: Any  # transformers' CLIPVisionModelWithProjection
 
-    def __init__(self, image_encoder: nn.Module, unet: Any):
+    def __init__(self, image_encoder: Any, unet: Any):
         super().__init__()
         self.image_encoder = image_encoder
         self.projection = unet.encoder_hid_proj
         self.processors = nn.ModuleList(p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip"))
+        width = image_encoder.config.projection_dim
+        self.trait_heads = nn.ModuleDict({t: nn.Linear(width, len(ATTRIBUTE_VALUES[t])) for t in IDENTITY_TRAITS})
 
 
 def adapter_state_dict(parts: AdapterParts) -> dict[str, torch.Tensor]:
@@ -231,12 +239,18 @@ def train_adapter(
                 return_tensors="pt",
             ).input_ids
             context = text_encoder(tokens)[0]
-        embeds = parts.image_encoder(batch.references).image_embeds
-        embeds = torch.where(batch.dropped[:, None], torch.zeros_like(embeds), embeds)
+        shown = parts.image_encoder(batch.references).image_embeds
+        embeds = torch.where(batch.dropped[:, None], torch.zeros_like(shown), shown)
         prediction = unet(
             noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs={"image_embeds": [embeds[:, None]]}
         ).sample
-        return nn.functional.mse_loss(prediction, target)
+        trait_loss = torch.stack(
+            [
+                nn.functional.cross_entropy(parts.trait_heads[t](shown), batch.traits[:, k])
+                for k, t in enumerate(IDENTITY_TRAITS)
+            ]
+        ).mean()
+        return nn.functional.mse_loss(prediction, target) + config.identity_loss_weight * trait_loss
 
     if phase.step < end:
         loader = DataLoader(
@@ -265,10 +279,11 @@ def save_adapter(parts: AdapterParts, feature_extractor: Any, output: Path) -> N
     # listed in model_index.json, so StableDiffusionPipeline.from_pretrained loads them as any
     # IP-Adapter-ready folder's (the built presets' too)
     index_path = output / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["image_encoder"] = ["transformers", type(parts.image_encoder).__name__]
-    index["feature_extractor"] = ["transformers", type(feature_extractor).__name__]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["image_encoder"] = ["transformers", type(parts.image_encoder).__name__]
+        index["feature_extractor"] = ["transformers", type(feature_extractor).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def json_config(folder: Path) -> dict:

@@ -1,5 +1,5 @@
-"""Where a render's face and hair, or its eyes, are: the masks a user paints in the playground
-for a face fusion or an "add glasses" edit, found from the renderer itself (benchmarks and
+"""Where a render's face and hair, its hair, or its eyes are: the masks a user paints in the
+playground for a face fusion, a hair-colour or an "add glasses" edit, found from the renderer itself (benchmarks and
 tests paint them this way). The render is drawn again at the same seed with other face traits
 (or with glasses): the pixels that change, widened by a few pixels."""
 
@@ -45,4 +45,10 @@ def head_region(target: PortraitAttributes, seed: int, face: PortraitAttributes)
 def eyes_region(target: PortraitAttributes, seed: int) -> Image.Image:
     """Where glasses go on the target's face."""
     variants = [dataclasses.replace(target, glasses=g) for g in ("wearing round glasses", "wearing square glasses")]
+    return changed_region(target, variants, seed)
+
+
+def hair_region(target: PortraitAttributes, seed: int) -> Image.Image:
+    """The target's hair (for a hair-colour edit)."""
+    variants = [dataclasses.replace(target, hair_color=c) for c in ("red", "white")]
     return changed_region(target, variants, seed)
