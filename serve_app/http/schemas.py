@@ -179,7 +179,7 @@ class ImageEditForm(ImageOptions):
         allow_inf_nan=False,
         description=(
             "How strongly the reference face conditions the image (the IP-Adapter scale; 0.5-0.8 keeps more of "
-            "the prompt)."
+            "the prompt). Default 1.5 with a mask, else 1.0; 0 ignores the reference (the plain edit)."
         ),
     )
 

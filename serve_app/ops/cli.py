@@ -833,8 +833,7 @@ def _add_edit(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> None
     edit.add_argument(
         "--reference-scale",
         type=float,
-        default=1.0,
-        help="how strongly the reference face conditions the image, 0-2 (default: %(default)s)",
+        help="the reference face's weight, 0-2 (default 1.5 with --mask, else 1.0; 0 ignores it)",
     )
     edit.add_argument("--strength", type=float, help="share of the steps run, (0, 1] (default 0.8; 1.0 with --mask)")
     edit.add_argument("--blend-only", action="store_true", help="do not paste the target back outside the mask")

@@ -63,6 +63,7 @@ def test_generate_rejects_bad_input(argv, fragment, capsys, tmp_path):
 
 def test_edit_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
 
+    from serve_app.flow.request import edit_defaults
     from tests.unit.test_edit_parity import box_mask, portrait
 
     target, face, mask = portrait(64, 64, seed=1), portrait(64, 64, seed=2), box_mask(64, 64)
@@ -105,6 +106,7 @@ def test_edit_writes_the_pipeline_image(tmp_path, local_pipe, capsys):
         mask=mask,
         reference_image=face,
         strength=0.5,
+        reference_scale=edit_defaults(masked=True).reference_scale,  # the CLI's default with --mask
     )
     assert out.read_bytes() == run(local_pipe.generate(request)).images_png[0]
     captured = capsys.readouterr()

@@ -176,6 +176,7 @@ def test_the_portrait_adapter_matches_diffusers_ip_adapter(fusion_pipe, portrait
         cache_interval=1,
     )
     ours = run(fusion_pipe.generate(request))
+    pipe.set_ip_adapter_scale(request.reference_scale)  # the edit's default: 1.5 with a mask
     extra = {"mask_image": mask} if masked else {}
     theirs = pipe(
         request.prompt,

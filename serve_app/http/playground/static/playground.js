@@ -199,7 +199,10 @@ function requestFields() {
   };
   if (state.mode === "edit") {
     fields.strength = Number($("strength").value);
-    if (config.reference_image && $("reference-file").files[0]) fields.reference_scale = Number($("reference-scale").value);
+    // untouched: the server's default (1.5 with a mask, 1.0 without: the measured fusion recipe)
+    if (config.reference_image && $("reference-file").files[0] && $("reference-scale").dataset.touched) {
+      fields.reference_scale = Number($("reference-scale").value);
+    }
   }
   return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
 }
@@ -491,6 +494,7 @@ function setUpMaskEditor() {
   });
   $("size").addEventListener("input", () => ($("size").dataset.touched = "1"));
   $("strength").addEventListener("input", () => ($("strength").dataset.touched = "1"));
+  $("reference-scale").addEventListener("input", () => ($("reference-scale").dataset.touched = "1"));
 
   function point(event) {
     const rect = canvas.getBoundingClientRect();
@@ -511,6 +515,10 @@ function setUpMaskEditor() {
     if (state.maskPainted && !$("strength").dataset.touched) {
       $("strength").value = "1"; // the server's default with a mask: the masked area is redrawn whole
       $("strength-value").textContent = "1";
+    }
+    if (state.maskPainted && !$("reference-scale").dataset.touched) {
+      $("reference-scale").value = "1.5"; // the server's default with a mask
+      $("reference-scale-value").textContent = "1.5";
     }
   }
 
