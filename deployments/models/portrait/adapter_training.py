@@ -80,15 +80,19 @@ def reference_attributes(target: PortraitAttributes, rng: random.Random, restyle
     return dataclasses.replace(shown, **{name: getattr(target, name) for name in traits})
 
 
-def adapter_caption(target: PortraitAttributes, rng: random.Random, restyled: bool) -> str:
-    """The target's caption as the adapter trains on it (see the config's shares)."""
+def adapter_caption(
+    target: PortraitAttributes, rng: random.Random, restyled: bool, identity_left_out: float = 0.7
+) -> str:
+    """The target's caption as the adapter trains on it: empty EMPTY_SHARE of the time; naming the
+    target's hair (and not its skin) for a restyled reference; else leaving the face's traits out
+    with probability `identity_left_out`."""
     if rng.random() < EMPTY_SHARE:
         return ""
     leave_out: frozenset[IdentityTerm] = frozenset()
     always: frozenset[IdentityTerm] = frozenset()
     if restyled:
         leave_out, always = frozenset({"ethnicity"}), frozenset({"hair"})
-    elif rng.random() < AdapterTrainingConfig.identity_left_out:
+    elif rng.random() < identity_left_out:
         leave_out = frozenset({"ethnicity", "hair"})
     return structured_caption(target, rng, keep=KEEP_SHARE, leave_out=leave_out, always=always)
 
@@ -113,7 +117,7 @@ def adapter_batch(
         restyled = rng.random() < config.restyled_reference
         reference = reference_attributes(target, rng, restyled)
         references.append(render_portrait(reference, rng.randrange(2**31)))
-        captions.append(adapter_caption(target, rng, restyled))
+        captions.append(adapter_caption(target, rng, restyled, config.identity_left_out))
         dropped.append(rng.random() < config.reference_dropped)
         traits.append([ATTRIBUTE_VALUES[t].index(getattr(reference, t)) for t in IDENTITY_TRAITS])
         rows.append(row)
