@@ -127,7 +127,8 @@ def ceilings(judge, prompts, asked, model_dir) -> dict:
             "adherence": round(report.overall, 4),
             "plain_background": round(report.plain_background, 4),
             "per_attribute": {k: round(v, 4) for k, v in report.per_attribute.items()},
-            "frechet_vs_rendered": round(rendered_frechet(judge, prompts, images), 3),
+            # max: the renders against themselves come out a rounding error below 0
+            "frechet_vs_rendered": max(0.0, round(rendered_frechet(judge, prompts, images), 3)),
             "seconds": round(time.perf_counter() - started, 1),
         }
     return rows
