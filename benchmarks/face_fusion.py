@@ -127,6 +127,15 @@ def fusion_cases(count: int, split: str = "held_out") -> list[FusionCase]:
     ]
 
 
+def outside_mask_diff(image: Any, target: Any, mask: Any) -> int:
+    """The largest channel difference between `image` and `target` where `mask` keeps (black)."""
+    import numpy as np
+
+    keep = np.asarray(mask) == 0
+    diff = np.abs(np.asarray(image, np.int32) - np.asarray(target, np.int32)).max(-1)
+    return int(diff[keep].max()) if keep.any() else 0
+
+
 def head_mask(case: FusionCase) -> Any:
     from deployments.models.portrait.regions import head_region
 
@@ -136,7 +145,6 @@ def head_mask(case: FusionCase) -> Any:
 def run(pairs: int, split: str, model: str = "portrait") -> dict:
     import io
 
-    import numpy as np
     from PIL import Image
 
     from deployments.models import loading
@@ -198,9 +206,7 @@ def run(pairs: int, split: str, model: str = "portrait") -> dict:
                 instruction.append(met)
             background_kept.append(reading.values["background"] == case.target.background)
             if masked:
-                keep = np.asarray(mask) == 0
-                diff = np.abs(np.asarray(image, np.int32) - np.asarray(target, np.int32)).max(-1)
-                outside.append(int(diff[keep].max()) if keep.any() else 0)
+                outside.append(outside_mask_diff(image, target, mask))
         row = {
             "identity_adherence": round(statistics.fmean(identity), 4),
             "instruction_adherence": round(statistics.fmean(instruction), 4) if instruction else None,
@@ -226,12 +232,7 @@ def run(pairs: int, split: str, model: str = "portrait") -> dict:
         ]
         images, _ = await outputs(requests)
         confirmed = [edit.confirmed(r, cases[i].target) for r, i in zip(judge.read(images), chosen, strict=True)]
-        outside = []
-        for req, image in zip(requests, images, strict=True):
-            keep = np.asarray(req.mask) == 0
-            outside.append(
-                int(np.abs(np.asarray(image, np.int32) - np.asarray(req.image, np.int32)).max(-1)[keep].max())
-            )
+        outside = [outside_mask_diff(image, req.image, req.mask) for req, image in zip(requests, images, strict=True)]
         row = {
             "targets": len(chosen),
             "rate": round(statistics.fmean(confirmed), 4) if confirmed else None,

@@ -215,11 +215,17 @@ def has_image_prompt_adapter(path: Path) -> bool:
 
 
 def load_ip_adapter_state_dict(path: Path) -> dict[str, dict]:
-    """{"image_proj": {...}, "ip_adapter": {...}}, split as diffusers' `load_ip_adapter` splits it."""
+    """The folder's adapter file, grouped for diffusers' loader (`grouped_ip_adapter_state`)."""
     from safetensors.torch import load_file
 
+    return grouped_ip_adapter_state(load_file(str(Path(path) / IP_ADAPTER_FILE)))
+
+
+def grouped_ip_adapter_state(flat: dict[str, Any]) -> dict[str, dict]:
+    """h94's flat keys as {"image_proj": {...}, "ip_adapter": {...}}, split as diffusers'
+    `load_ip_adapter` splits them (other keys ignored)."""
     state: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in load_file(str(Path(path) / IP_ADAPTER_FILE)).items():
+    for key, tensor in flat.items():
         group, _, rest = key.partition(".")
         if group in state:
             state[group][rest] = tensor

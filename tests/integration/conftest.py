@@ -26,6 +26,14 @@ CHROMIUM_ARGS = [
 PORT = int(os.environ.get("FUSIONSERVE_TEST_PORT", "8123"))
 
 
+def wait_until_healthy(url: str, timeout_s: float) -> None:
+    """Poll the application's /healthz until it answers 200 (fails the test after timeout_s)."""
+    deadline = time.time() + timeout_s
+    while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
+        assert time.time() < deadline, f"{url} did not become healthy in {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def serve_settings(tiny_model_path):
     from serve_app.ops.cli import load_serve_config, split_app_config
@@ -47,10 +55,7 @@ def base_url(serve_settings):
         serve.start(http_options={"host": "127.0.0.1", "port": PORT}, proxy_location="HeadOnly")
         serve.run(build_application(settings, deployment_options), name="fusionserve", route_prefix="/")
         url = f"http://127.0.0.1:{PORT}"
-        deadline = time.time() + 60
-        while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
-            assert time.time() < deadline, "the application did not become healthy"
-            time.sleep(0.5)
+        wait_until_healthy(url, timeout_s=60)
         yield url
     finally:
         ray.shutdown()  # our own Ray instance: stops Serve too, without its ~30 s graceful drain
@@ -110,10 +115,7 @@ def portrait_url(base_url):
     small = {name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01}} for name in PORTRAIT_STAGES}
     serve.run(build_application(settings, small), name="portrait", route_prefix="/portrait")
     url = f"{base_url}/portrait"
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
-        assert time.time() < deadline, "the portrait application did not become healthy"
-        time.sleep(0.5)
+    wait_until_healthy(url, timeout_s=120)
     try:
         yield url
     finally:

@@ -6,13 +6,12 @@ while the app runs is refused."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
 
 from serve_app.http.api_keys import add_key, revoke_key
+from tests.integration.conftest import wait_until_healthy
 
 STAGES = ("Ingress", "PromptOptimizer", "TextEncoder", "Denoiser", "VaeCodec")
 FAST = {"seed": 3, "num_inference_steps": 2}
@@ -32,10 +31,7 @@ def keyed(base_url, serve_settings, tmp_path_factory):
     small = {name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01}} for name in STAGES}
     serve.run(build_application(settings, small), name="keyed", route_prefix="/keyed")
     url = f"{base_url}/keyed"
-    deadline = time.time() + 60
-    while httpx.get(f"{url}/healthz", timeout=5).status_code != 200:  # /healthz needs no key
-        assert time.time() < deadline, "the keyed application did not become healthy"
-        time.sleep(0.5)
+    wait_until_healthy(url, timeout_s=60)  # /healthz needs no key
     try:
         yield url, path, alice, bob
     finally:

@@ -149,19 +149,15 @@ def test_reference_scale_zero_is_the_plain_edit(fusion_pipe):
 def test_the_portrait_adapter_matches_diffusers_ip_adapter(fusion_pipe, portrait_model_path, masked):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
-    from deployments.models.loading import IP_ADAPTER_FILE
+    from tests.unit.test_edit_parity import with_adapter
 
     source, target = render_portrait(SOURCE, SOURCE_SEED), render_portrait(TARGET, TARGET_SEED)
     mask = head_region(TARGET, TARGET_SEED, face=SOURCE) if masked else None
     kind = StableDiffusionInpaintPipeline if masked else StableDiffusionImg2ImgPipeline
-    pipe = kind.from_pretrained(str(portrait_model_path), dtype=torch.float32, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_ip_adapter(
-        str(portrait_model_path),
-        subfolder=str(IP_ADAPTER_FILE.parent),
-        weight_name=IP_ADAPTER_FILE.name,
-        image_encoder_folder=None,  # the folder's own image_encoder/ is loaded already
+    pipe = with_adapter(
+        kind.from_pretrained(str(portrait_model_path), dtype=torch.float32, safety_checker=None), portrait_model_path
     )
+    pipe.set_progress_bar_config(disable=True)
     strength = 1.0 if masked else 0.8
     request = edit(
         PROMPT,

@@ -22,7 +22,6 @@ the same weights (the training loop's checkpoints).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -171,12 +170,13 @@ def starting_adapter(model_dir: Path, config: AdapterTrainingConfig) -> tuple[Ad
     from diffusers import UNet2DConditionModel
 
     from deployments.models.builder import build_image_encoder, ip_adapter_weights, load_preset
+    from deployments.models.loading import grouped_ip_adapter_state
     from deployments.models.portrait.model_training import PRESET
 
     image_encoder, feature_extractor = build_image_encoder(load_preset(PRESET))
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32).eval()
     start = ip_adapter_weights(unet, image_encoder.config.projection_dim, config.seed + 40)
-    unet._load_ip_adapter_weights([_grouped(start)], low_cpu_mem_usage=False)
+    unet._load_ip_adapter_weights([grouped_ip_adapter_state(start)], low_cpu_mem_usage=False)
     unet.requires_grad_(False)
     parts = AdapterParts(image_encoder, unet)
     parts.requires_grad_(True)
@@ -213,8 +213,10 @@ def train_adapter(
     """Train the adapter on the model in `model_dir` from `pool` (the latents its VAE encoded:
     model_training.LatentPool), checkpointing in `work`; write it into the model folder `output`
     when the phase is complete."""
-    from diffusers import DDPMScheduler
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from deployments.models.portrait.model_training import step_generator
 
     torch.set_num_threads(config.threads)
     parts, feature_extractor, unet = starting_adapter(model_dir, config)
@@ -222,12 +224,12 @@ def train_adapter(
     text_encoder.requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
-    scale = float(json_config(model_dir / "vae")["scaling_factor"])
+    scale = float(AutoencoderKL.load_config(model_dir / "vae")["scaling_factor"])
     phase = _adapter_phase(parts, config, work)
     end = config.steps if stop_after is None else min(config.steps, phase.step + stop_after)
 
     def loss_of(batch: AdapterBatch, step: int) -> torch.Tensor:
-        generator = step_generator(config.seed, step)
+        generator = step_generator(config.seed, PHASE, step)
         posterior = torch.randn(pool.mean[batch.rows].shape, generator=generator)
         latents = (pool.mean[batch.rows] + pool.std[batch.rows] * posterior) * scale
         noise = torch.randn(latents.shape, generator=generator)
@@ -288,22 +290,3 @@ def save_adapter(parts: AdapterParts, feature_extractor: Any, output: Path) -> N
         index["image_encoder"] = ["transformers", type(parts.image_encoder).__name__]
         index["feature_extractor"] = ["transformers", type(feature_extractor).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def json_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The random draws of one step (posterior sample, noise, timesteps): a pure function of (seed, step)."""
-    digest = hashlib.sha256(f"{seed}:{PHASE}:{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def _grouped(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """h94's flat keys grouped as diffusers' loader takes them: {"image_proj": ..., "ip_adapter": ...}."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in flat.items():
-        group, _, rest = key.partition(".")
-        grouped[group][rest] = tensor
-    return grouped

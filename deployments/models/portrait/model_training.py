@@ -174,10 +174,14 @@ class _Batches(IterableDataset):
             yield self.make(self.config, step)
 
 
-def _step_generator(config: PortraitTrainingConfig, phase: str, step: int) -> torch.Generator:
-    """The random draws of one step, a pure function of (seed, phase, step)."""
-    digest = hashlib.sha256(f"{config.seed}:{phase}:{step}".encode()).digest()
+def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """The random draws of one step of a phase, a pure function of (seed, phase, step)."""
+    digest = hashlib.sha256(f"{seed}:{phase}:{step}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _step_generator(config: PortraitTrainingConfig, phase: str, step: int) -> torch.Generator:
+    return step_generator(config.seed, phase, step)
 
 
 # -- phases ---------------------------------------------------------------------------------------
