@@ -336,6 +336,12 @@ def save_grid(grid: tuple, path: Path, columns: int = 8) -> None:
     canvas.save(path)
 
 
+def share(value: float | None) -> str:
+    """A rate as a percentage; a dash where no case applied (a small run may have no target for
+    a masked edit kind, or no instruction the judge can read)."""
+    return "—" if value is None else f"{value:.1%}"
+
+
 def table(results: dict) -> str:
     d, n = results["defaults"], results["no_reference"]
     lines = [
@@ -348,12 +354,12 @@ def table(results: dict) -> str:
         "max pixel difference outside the mask |",
         "|---|---|---|---|---|",
         f"| fusion at the defaults (mask over B's head, strength {d['strength']}, reference_scale "
-        f"{d['reference_scale']}) | **{d['identity_adherence']:.1%}** | **{d['instruction_adherence']:.1%}** | "
+        f"{d['reference_scale']}) | **{d['identity_adherence']:.1%}** | **{share(d['instruction_adherence'])}** | "
         f"{d['background_kept']:.1%} | {d['unmasked_max_diff']} |",
-        f"| the same without A | {n['identity_adherence']:.1%} | {n['instruction_adherence']:.1%} | | |",
+        f"| the same without A | {n['identity_adherence']:.1%} | {share(n['instruction_adherence'])} | | |",
         *(
             f"| masked {kind}, no reference ({row['targets']} targets; mask over the "
-            f"{'eyes' if kind == 'wearing glasses' else 'hair'}) | | the judge sees it: **{row['rate']:.1%}** | | "
+            f"{'eyes' if kind == 'wearing glasses' else 'hair'}) | | the judge sees it: **{share(row['rate'])}** | | "
             f"{row['unmasked_max_diff']} |"
             for kind, row in results["masked_edits"].items()
         ),
