@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from filelock import FileLock
 
@@ -195,6 +196,9 @@ UNET_AXES = {
     "timesteps": {0: "batch"},
     "context": {0: "batch"},
     "noise": {0: "batch", 2: "height", 3: "width"},
+    "deep_features": {0: "batch", 2: "deep_height", 3: "deep_width"},
+    "image_embeds": {0: "batch"},
+    "ip_scale": {0: "batch"},
 }
 
 
@@ -214,7 +218,8 @@ class _WholeUNet(torch.nn.Module):
 
 
 def export_onnx(model_path: Path, target: Path) -> Path:
-    """Export the UNet with dynamic batch and latent size (once; later calls reuse the file)."""
+    """The plain UNet with dynamic batch and latent size (once; later calls reuse the file): the
+    source of the int8 graph and of TensorRT engines."""
     if target.is_file():
         return target
     unet = loading.load_unet(model_path)
@@ -222,61 +227,94 @@ def export_onnx(model_path: Path, target: Path) -> Path:
     return _export(_WholeUNet(unet), _example_inputs(unet), target, names, ["noise"], UNET_AXES)
 
 
-class _WholeKeepingFeatures(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
+class _RowScaled(torch.nn.Module):
+    """An adapter value projection whose output is multiplied per row by `scale` (set for each
+    forward): attention is linear in its values, so this is the adapter's `scale * attention`
+    with the scale a graph input, one per row (0: exactly the plain UNet's row)."""
 
-    def forward(
-        self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        noise, features = DeepCacheUNet(self.unet).full(sample, timesteps, context, [ONNX_CACHE_BRANCH])
+    def __init__(self, projection: torch.nn.Module):
+        super().__init__()
+        self.projection = projection
+        self.scale: torch.Tensor | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.scale is not None, "set by _UNetGraph.forward"
+        values = self.projection(tokens)  # [rows, images, tokens, width]
+        return values * self.scale.view(-1, *([1] * (values.dim() - 1)))
+
+
+class _UNetGraph(torch.nn.Module):
+    """The fp32 graphs ONNX Runtime runs: the whole UNet, also returning the deep features of
+    cache branch 0 (the production graph), or its shallow cached step from them. With the
+    image-prompt adapter in when `adapter` (inputs image_embeds [rows, 1, dim] and ip_scale
+    [rows]; plain rows: zeros at scale 0), so one set of weights serves plain and reference rows."""
+
+    def __init__(self, unet: Any, shallow: bool, adapter: bool):
+        super().__init__()
+        self.unet, self.shallow, self.adapter = unet, shallow, adapter
+        self.scaled: list[_RowScaled] = []
+        if adapter:
+            for processor in unet.attn_processors.values():
+                if hasattr(processor, "to_v_ip"):
+                    processor.to_v_ip = torch.nn.ModuleList(_RowScaled(v) for v in processor.to_v_ip)
+                    processor.scale = [1.0] * len(processor.scale)
+                    self.scaled.extend(processor.to_v_ip)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        sample, timesteps, context, *rest = inputs
+        deep = rest.pop(0) if self.shallow else None
+        embeds = None
+        if self.adapter:
+            embeds, scale = rest
+            for projection in self.scaled:
+                projection.scale = scale
+        model = DeepCacheUNet(self.unet)
+        if deep is not None:
+            return model.shallow(sample, timesteps, context, deep, ONNX_CACHE_BRANCH, image_embeds=embeds)
+        noise, features = model.full(sample, timesteps, context, [ONNX_CACHE_BRANCH], image_embeds=embeds)
         return noise, features[ONNX_CACHE_BRANCH]
-
-
-class _Shallow(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(
-        self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, deep_features: torch.Tensor
-    ) -> torch.Tensor:
-        return DeepCacheUNet(self.unet).shallow(sample, timesteps, context, deep_features, ONNX_CACHE_BRANCH)
 
 
 ONNX_CACHE_BRANCH = 0  # the graphs are exported for one branch: the cheapest, the one the table measures
 
 
-def export_feature_cache_onnx(model_path: Path, folder: Path) -> tuple[Path, Path]:
-    """The UNet as two more graphs for feature caching at branch 0: whole, also returning the
-    deep features, and shallow, from them (the whole graph alone stays the plain forward)."""
-    whole, shallow = folder / "unet-fp32-cache-whole-b0.onnx", folder / "unet-fp32-cache-shallow-b0.onnx"
-    if whole.is_file() and shallow.is_file():
-        return whole, shallow
+def image_embed_dim(unet: Any) -> int:
+    """The width of the image embedding the adapter's projection takes."""
+    return int(unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features)
+
+
+def graph_name(model_path: Path, kind: str) -> str:
+    """`unet-fp32-<kind>[-ip-<adapter digest>].onnx`: an adapter's own weights name its graphs too."""
+    if not loading.has_image_prompt_adapter(model_path):
+        return f"unet-fp32-{kind}.onnx"
+    stat = (Path(model_path) / loading.IP_ADAPTER_FILE).stat()
+    digest = hashlib.blake2b(f"{stat.st_size}:{int(stat.st_mtime)}".encode(), digest_size=4).hexdigest()
+    return f"unet-fp32-{kind}-ip-{digest}.onnx"
+
+
+def export_fp32_graph(model_path: Path, folder: Path, shallow: bool) -> Path:
+    """The production graph (`shallow=False`: noise and deep features) or the cached step's
+    (once per model; later calls reuse the file)."""
+    target = folder / graph_name(model_path, "cache-shallow-b0" if shallow else "whole-b0")
+    if target.is_file():
+        return target
     unet = loading.load_unet(model_path)
-    inputs = _example_inputs(unet)
-    with torch.inference_mode():
-        deep = DeepCacheUNet(unet).full(*inputs, [ONNX_CACHE_BRANCH])[1][ONNX_CACHE_BRANCH]
-    deep_axes = {0: "batch", 2: "deep_height", 3: "deep_width"}
+    adapter = loading.has_image_prompt_adapter(model_path)
+    if adapter:  # diffusers' own loader, as a pipeline's load_ip_adapter calls it
+        unet._load_ip_adapter_weights([loading.load_ip_adapter_state_dict(model_path)], low_cpu_mem_usage=False)
+    sample, timesteps, context = _example_inputs(unet)
+    inputs: tuple[torch.Tensor, ...] = (sample, timesteps, context)
     names = ["sample", "timesteps", "context"]
-    _export(
-        _WholeKeepingFeatures(unet),
-        inputs,
-        whole,
-        names,
-        ["noise", "deep_features"],
-        {**UNET_AXES, "deep_features": deep_axes},
-    )
-    _export(
-        _Shallow(unet),
-        (*inputs, deep),
-        shallow,
-        [*names, "deep_features"],
-        ["noise"],
-        {**UNET_AXES, "deep_features": deep_axes},
-    )
-    return whole, shallow
+    embeds = torch.randn(sample.shape[0], 1, image_embed_dim(unet)) if adapter else None
+    if shallow:
+        with torch.inference_mode():
+            kept = DeepCacheUNet(unet).full(sample, timesteps, context, [ONNX_CACHE_BRANCH], image_embeds=embeds)
+        inputs, names = (*inputs, kept[1][ONNX_CACHE_BRANCH]), [*names, "deep_features"]
+    if embeds is not None:
+        inputs = (*inputs, embeds, torch.linspace(0.5, 1.0, sample.shape[0]))
+        names = [*names, "image_embeds", "ip_scale"]
+    outputs = ["noise"] if shallow else ["noise", "deep_features"]
+    return _export(_UNetGraph(unet, shallow, adapter), inputs, target, names, outputs, UNET_AXES)
 
 
 def _folder_lock(folder: Path) -> FileLock:
@@ -286,12 +324,23 @@ def _folder_lock(folder: Path) -> FileLock:
 
 
 def onnx_model_file(model_path: Path, precision: str) -> Path:
+    """The graph a runner of `precision` loads: fp32's production graph, or the int8 one."""
     if precision not in ("fp32", "int8"):
         raise BackendUnavailable(f"onnxruntime backend: precision {precision} is not offered (fp32, int8)")
     folder = cache_root() / model_fingerprint(model_path)
+    if precision == "fp32":
+        with _folder_lock(folder):
+            return export_fp32_graph(model_path, folder, shallow=False)
+    plain = onnx_plain_graph_file(model_path)
     with _folder_lock(folder):
-        fp32 = export_onnx(model_path, folder / "unet-fp32.onnx")
-        return fp32 if precision == "fp32" else _quantized(fp32, folder / "unet-int8.onnx")
+        return _quantized(plain, folder / "unet-int8.onnx")
+
+
+def onnx_plain_graph_file(model_path: Path) -> Path:
+    """The plain UNet's graph (no features out, no adapter): int8's source, and a comparison."""
+    folder = cache_root() / model_fingerprint(model_path)
+    with _folder_lock(folder):
+        return export_onnx(model_path, folder / "unet-fp32.onnx")
 
 
 def _quantized(fp32: Path, int8: Path) -> Path:
@@ -304,46 +353,80 @@ def _quantized(fp32: Path, int8: Path) -> Path:
     return int8
 
 
-def _onnx_feeds(sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> dict:
-    """The UNet graphs' inputs, as their export named and typed them."""
-    return {
-        "sample": sample.float().numpy(),
-        "timesteps": timesteps.long().numpy(),
-        "context": context.float().numpy(),
-    }
+class _FP32Session:
+    """An fp32 graph's session with its feeds: plain rows get zero embeddings at scale 0 when
+    the graph has the adapter in."""
+
+    def __init__(self, session: Any):
+        self.session = session
+        embeds = next((i for i in session.get_inputs() if i.name == "image_embeds"), None)
+        self.embed_dim = None if embeds is None else int(embeds.shape[-1])
+
+    def run(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        scale: float = 0.0,
+        deep_features: torch.Tensor | None = None,
+    ) -> list[np.ndarray]:
+        feeds = {
+            "sample": sample.float().numpy(),
+            "timesteps": timesteps.long().numpy(),
+            "context": context.float().numpy(),
+        }
+        if deep_features is not None:
+            feeds["deep_features"] = deep_features.float().numpy()
+        if self.embed_dim is not None:
+            rows = sample.shape[0]
+            if image_embeds is None:
+                feeds["image_embeds"] = np.zeros((rows, 1, self.embed_dim), np.float32)
+            else:
+                feeds["image_embeds"] = image_embeds.float().numpy()
+            feeds["ip_scale"] = np.full(rows, scale if image_embeds is not None else 0.0, np.float32)
+        elif image_embeds is not None:
+            raise ValueError("this model's ONNX graph has no image-prompt adapter")
+        return self.session.run(None, feeds)
 
 
 class OnnxFeatureCache:
-    """Feature caching on ONNX Runtime: the two graphs of `export_feature_cache_onnx` (fp32,
-    branch 0), exported and loaded at the first cached job; if that fails, `supports` says no
-    from then on and jobs run every step whole (logged)."""
+    """Feature caching on ONNX Runtime at fp32, branch 0: the whole step is the production
+    session itself (its graph returns the deep features too); the shallow graph is exported and
+    loaded at the first cached job (if that fails, `supports` says no from then on and jobs run
+    every step whole, logged). `scale`: the adapter's, for reference rows (`at_scale`)."""
 
-    def __init__(self, model_path: Path, options: object):
-        self.model_path, self.options = model_path, options
-        self._sessions: tuple | None = None
+    def __init__(self, model_path: Path, options: object, whole: _FP32Session, scale: float = 0.0):
+        self.model_path, self.options, self.whole, self.scale = model_path, options, whole, scale
+        self._shallow: _FP32Session | None = None
         self._failed = False
         self._lock = threading.Lock()
+
+    def at_scale(self, scale: float) -> OnnxFeatureCache:
+        """The same graphs (the shallow one loaded once) for reference rows at `scale`."""
+        self._load()
+        view = OnnxFeatureCache(self.model_path, self.options, self.whole, scale)
+        view._shallow, view._failed = self._shallow, self._failed
+        return view
 
     def supports(self, branch_id: int) -> bool:
         return branch_id == ONNX_CACHE_BRANCH and not self._failed and self._load() is not None
 
-    def _load(self) -> tuple | None:
+    def _load(self) -> _FP32Session | None:
         with self._lock:
-            if self._sessions is None and not self._failed:
+            if self._shallow is None and not self._failed:
                 try:
                     import onnxruntime
 
                     folder = cache_root() / model_fingerprint(self.model_path)
                     with _folder_lock(folder):
-                        paths = export_feature_cache_onnx(self.model_path, folder)
-                    self._sessions = tuple(
-                        onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
-                        for path in paths
-                    )
+                        path = export_fp32_graph(self.model_path, folder, shallow=True)
+                    session = onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
+                    self._shallow = _FP32Session(session)
                 except Exception:
-                    logger.exception("ONNX feature-cache graphs unavailable: cached jobs run every step whole")
+                    logger.exception("ONNX feature-cache graph unavailable: cached jobs run every step whole")
                     self._failed = True
-            return self._sessions
+            return self._shallow
 
     def full(
         self,
@@ -353,9 +436,7 @@ class OnnxFeatureCache:
         branch_ids: Iterable[int],
         image_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        sessions = self._load()
-        assert sessions is not None and image_embeds is None, "only the production UNet runs on ONNX Runtime"
-        noise, deep = sessions[0].run(None, _onnx_feeds(sample, timesteps, context))
+        noise, deep = self.whole.run(sample, timesteps, context, image_embeds, self.scale)
         return torch.from_numpy(noise), {ONNX_CACHE_BRANCH: torch.from_numpy(deep)}
 
     def shallow(
@@ -367,16 +448,21 @@ class OnnxFeatureCache:
         branch_id: int,
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        sessions = self._load()
-        assert sessions is not None and branch_id == ONNX_CACHE_BRANCH
-        feeds = {**_onnx_feeds(sample, timesteps, context), "deep_features": deep_features.float().numpy()}
-        (noise,) = sessions[1].run(None, feeds)
+        session = self._load()
+        assert session is not None and branch_id == ONNX_CACHE_BRANCH
+        (noise,) = session.run(sample, timesteps, context, image_embeds, self.scale, deep_features)
         return torch.from_numpy(noise)
 
 
 class OnnxRunner:
-    """The UNet on ONNX Runtime: `runner(sample, timesteps, context) -> noise`; `feature_cache`
-    at fp32 (int8 runs every step whole: its quantized graph is the whole UNet)."""
+    """The UNet on ONNX Runtime: `runner(sample, timesteps, context) -> noise`.
+
+    fp32: one graph for everything (`export_fp32_graph`): it returns the deep features that
+    feature caching keeps (`feature_cache`), and for a model with an image-prompt adapter it has
+    the adapter in, so reference rows run on the same session (`adapter`): one copy of the
+    UNet's weights per replica, plus the shallow graph's outer levels once a job caches.
+    int8 runs every step whole on the plain quantized graph (the adapter then keeps its own
+    torch copy)."""
 
     def __init__(self, model_path: Path, spec: BackendSpec, num_threads: int | None = None):
         try:
@@ -388,11 +474,51 @@ class OnnxRunner:
         if num_threads:
             options.intra_op_num_threads = num_threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.feature_cache = OnnxFeatureCache(model_path, options) if spec.precision == "fp32" else None
+        self.feature_cache: OnnxFeatureCache | None = None
+        self.adapter: OnnxAdapterUNet | None = None
+        if spec.precision == "fp32":
+            whole = _FP32Session(self.session)
+            self.feature_cache = OnnxFeatureCache(model_path, options, whole)
+            if whole.embed_dim is not None:
+                self.adapter = OnnxAdapterUNet(whole, self.feature_cache)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        (noise,) = self.session.run(None, _onnx_feeds(sample, timesteps, context))
+        if self.feature_cache is not None:
+            return torch.from_numpy(self.feature_cache.whole.run(sample, timesteps, context)[0])
+        (noise,) = self.session.run(
+            None,
+            {
+                "sample": sample.float().numpy(),
+                "timesteps": timesteps.long().numpy(),
+                "context": context.float().numpy(),
+            },
+        )
         return torch.from_numpy(noise)
+
+
+class OnnxAdapterUNet:
+    """Reference rows on the production ONNX Runtime session (its graph has the adapter in):
+    AdapterUNet's interface."""
+
+    shared = True
+
+    def __init__(self, whole: _FP32Session, feature_cache: OnnxFeatureCache):
+        self.whole, self._feature_cache = whole, feature_cache
+        assert whole.embed_dim is not None
+        self.embed_dim: int = whole.embed_dim
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        image_embeds: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        return torch.from_numpy(self.whole.run(sample, timesteps, context, image_embeds, scale)[0])
+
+    def feature_cache(self, scale: float) -> OnnxFeatureCache:
+        return self._feature_cache.at_scale(scale)
 
 
 def onnxruntime_runner(model_path: Path, spec: BackendSpec, num_threads: int | None = None) -> Runner:
@@ -570,7 +696,13 @@ class AdapterUNet:
         return TorchFeatureCache(self.unet, self.placement, around=lambda: self.active(scale))
 
 
-def ip_adapter_runner(model_path: Path, shared: TorchRunner | None = None) -> AdapterUNet:
+def ip_adapter_runner(
+    model_path: Path, shared: TorchRunner | OnnxAdapterUNet | None = None
+) -> AdapterUNet | OnnxAdapterUNet:
+    """The adapter on the production backend's weights where it can run there (`shared`: an
+    eager torch UNet, or the ONNX Runtime graph with the adapter in), else on its own copy."""
+    if isinstance(shared, OnnxAdapterUNet):
+        return shared
     return AdapterUNet(model_path, shared)
 
 
@@ -616,11 +748,14 @@ class FallbackUNet:
         raise BackendUnavailable(f"no denoiser backend could load ({reason}); tried {[s.name for s in self.specs]}")
 
     @property
-    def shareable_torch_runner(self) -> TorchRunner | None:
-        """The active backend when the image-prompt adapter can run on its weights (an eager
-        torch UNet; a compiled one's guards would not survive the adapter's processor swap)."""
+    def shareable_runner(self) -> TorchRunner | OnnxAdapterUNet | None:
+        """What the image-prompt adapter can run on without a copy of the UNet: an eager torch
+        UNet (a compiled one's guards would not survive the adapter's processor swap), or the
+        ONNX Runtime graph that has the adapter in."""
         runner = self.runner
-        return runner if isinstance(runner, TorchRunner) and not runner.compiled else None
+        if isinstance(runner, TorchRunner) and not runner.compiled:
+            return runner
+        return runner.adapter if isinstance(runner, OnnxRunner) else None
 
     @property
     def feature_cache(self) -> TorchFeatureCache | OnnxFeatureCache | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from deployments.common.vae_scale import latent_shape, vae_scale_factor
-from deployments.denoiser.backends import AdapterUNet, FallbackUNet, ip_adapter_runner
+from deployments.denoiser.backends import AdapterUNet, FallbackUNet, OnnxAdapterUNet, ip_adapter_runner
 from deployments.denoiser.deep_cache import check_cache_settings
 from deployments.denoiser.edit_latents import ImageLatentDistribution, denoising_steps, edit_start, edit_timesteps
 from deployments.denoiser.settings import DenoiserSettings
@@ -138,7 +138,7 @@ class DenoiserEngine:
         # (benchmarks/streaming.py measured the difference).
         self.previewer = model_previewer(model_path)
         self._baseline_unet: FallbackUNet | None = None
-        self._ip_adapter_unet: AdapterUNet | None = None
+        self._ip_adapter_unet: AdapterUNet | OnnxAdapterUNet | None = None
         self._ip_adapter_lock = threading.Lock()
         if self.settings.preload_ip_adapter and loading.has_image_prompt_adapter(model_path):
             # here, not on a background thread: from_pretrained patches torch.nn.Module globally
@@ -175,12 +175,12 @@ class DenoiserEngine:
         assert variant.adapter_scale is not None, "UNetVariant checks the adapter's scale"
         return self._load_ip_adapter().feature_cache(variant.adapter_scale)
 
-    def _load_ip_adapter(self) -> AdapterUNet:
+    def _load_ip_adapter(self) -> AdapterUNet | OnnxAdapterUNet:
         """The adapter UNet, loaded once: at start (preload) or by the step loop at the first reference job."""
         with self._ip_adapter_lock:
             if self._ip_adapter_unet is None:
                 # on the production UNet's own weights when its backend is eager torch
-                self._ip_adapter_unet = ip_adapter_runner(self.model_path, self.unet.shareable_torch_runner)
+                self._ip_adapter_unet = ip_adapter_runner(self.model_path, self.unet.shareable_runner)
             return self._ip_adapter_unet
 
     def new_scheduler(self, num_inference_steps: int, name: str | None = None) -> Any:

@@ -251,8 +251,7 @@ def parameter_bytes(*modules) -> int:
 def test_the_adapter_runs_on_the_production_unets_own_weights(tiny_model_path):
     """One set of UNet weights per replica: the adapter's projection and key/value projections
     sit beside the production torch UNet's weights and are put in for adapter batches only; a
-    plain forward after an adapter one is the plain forward exactly. An ONNX Runtime production
-    UNet has no torch weights to share: the adapter keeps its own copy."""
+    plain forward after an adapter one is the plain forward exactly. (ONNX Runtime: the next test.)"""
     from deployments.denoiser.engine import DenoiserEngine, UNetVariant
     from deployments.models import loading
 
@@ -276,8 +275,37 @@ def test_the_adapter_runs_on_the_production_unets_own_weights(tiny_model_path):
     assert not torch.equal(with_reference, plain)
     assert torch.equal(again, plain)
 
-    onnx = DenoiserEngine(tiny_model_path, 1, {"backends": [{"backend": "onnxruntime", "precision": "fp32"}]})
-    assert not onnx._load_ip_adapter().shared
+
+def test_on_onnx_runtime_the_adapter_is_in_the_production_graph(tiny_model_path):
+    """One graph, one session, one copy of the weights: reference rows run the production ONNX
+    Runtime session at their scale (as torch's adapter computes them), plain rows at scale 0
+    (the plain UNet's output); no torch UNet is loaded for the adapter. (Caching them:
+    test_feature_caching.)"""
+    import onnxruntime
+
+    from deployments.denoiser import backends
+    from deployments.denoiser.engine import DenoiserEngine, UNetVariant
+
+    engine = DenoiserEngine(tiny_model_path, 1, {"backends": [{"backend": "onnxruntime", "precision": "fp32"}]})
+    adapter = engine._load_ip_adapter()
+    assert isinstance(adapter, backends.OnnxAdapterUNet)
+    assert adapter.whole.session is engine.unet.runner.session
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    timesteps, context = torch.tensor([500, 500]), torch.randn(2, 77, 64, generator=generator)
+    embeds = torch.randn(2, 1, adapter.embed_dim, generator=generator)
+    with torch.inference_mode():
+        plain = engine.unet_for(UNetVariant.production())(sample, timesteps, context)
+        with_reference = engine.unet_for(UNetVariant.ip_adapter(0.7))(sample, timesteps, context, embeds)
+        in_torch = backends.AdapterUNet(tiny_model_path)(sample, timesteps, context, embeds, 0.7)
+    plain_graph = onnxruntime.InferenceSession(
+        str(backends.onnx_plain_graph_file(tiny_model_path)), providers=["CPUExecutionProvider"]
+    )
+    (expected,) = backends._FP32Session(plain_graph).run(sample, timesteps, context)
+    assert torch.allclose(plain, torch.from_numpy(expected), atol=1e-5)  # the plain UNet's rows
+    assert not torch.allclose(with_reference, plain, atol=1e-3)
+    assert torch.allclose(with_reference, in_torch, atol=1e-4)
 
 
 def test_inpaint_keeps_the_unmasked_region(local_pipe):

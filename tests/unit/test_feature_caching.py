@@ -66,6 +66,32 @@ def test_the_adapter_unet_caches_features_too(tiny_model_path):
     assert not torch.equal(without_reference, expected)  # the reference reaches the outer level's attention
 
 
+def test_on_onnx_runtime_reference_rows_cache_on_the_production_graph(tiny_model_path):
+    """The adapter's rows on ONNX Runtime: whole and shallow steps through the production
+    session and the shallow graph at the row's scale, as the torch adapter computes them."""
+    from deployments.denoiser.backends import AdapterUNet
+    from deployments.denoiser.engine import DenoiserEngine
+
+    engine = DenoiserEngine(tiny_model_path, 1, {"backends": [{"backend": "onnxruntime", "precision": "fp32"}]})
+    onnx = engine.feature_cache_for(UNetVariant.ip_adapter(0.7))
+    torch_adapter = AdapterUNet(tiny_model_path)
+    in_torch = torch_adapter.feature_cache(0.7)
+    sample, timesteps, context = unet_inputs(torch_adapter.unet)
+    embed_dim = torch_adapter.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+    image_embeds = torch.randn(4, 1, embed_dim, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        noise, features = onnx.full(sample, timesteps, context, [0], image_embeds)
+        expected_noise, expected_features = in_torch.full(sample, timesteps, context, [0], image_embeds)
+        later = (sample * 0.9, timesteps - 50, context)
+        shallow = onnx.shallow(*later, features[0], 0, image_embeds)
+        expected_shallow = in_torch.shallow(*later, expected_features[0], 0, image_embeds)
+    assert (noise - expected_noise).abs().max().item() < 1e-4
+    assert (features[0] - expected_features[0]).abs().max().item() < 1e-4
+    assert (shallow - expected_shallow).abs().max().item() < 1e-4
+    plain = engine.feature_cache_for(UNetVariant.production())
+    assert not torch.allclose(plain.shallow(*later, features[0], 0), shallow, atol=1e-3)  # scale 0: no reference
+
+
 def cached(target: DenoiseJob, interval: int, branch_id: int = 0) -> DenoiseJob:
     return dataclasses.replace(target, cache_interval=interval, cache_branch_id=branch_id)
 
@@ -128,9 +154,9 @@ def test_bad_cache_settings_are_refused_with_what_to_fix(tiny_model_path):
         engine.submit(cached(job(9), 2, branch_id=1))
 
 
-def test_onnx_runtime_caches_features_with_two_more_graphs(tiny_model_path):
-    """fp32 ONNX Runtime exports the whole UNet keeping its features and the shallow path as two
-    more graphs (at the first cached job): a cached job there matches the torch backend's."""
+def test_onnx_runtime_caches_features_with_one_more_graph(tiny_model_path):
+    """fp32 ONNX Runtime's production graph returns the deep features too; the shallow path is
+    one more graph (exported at the first cached job): a cached job there matches torch's."""
     onnx = engine_for(tiny_model_path, backends=[{"backend": "onnxruntime", "precision": "fp32"}])
     torch_engine = engine_for(tiny_model_path)
     target = cached(job(11, steps=6), 3)
