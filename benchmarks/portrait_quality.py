@@ -3,7 +3,8 @@ draws what its prompts ask.
 
 1. The judge (deployments/models/portrait/judge.py) is trained on renders only; here it reads
    renders with seeds from a range training never draws from, and its accuracy per attribute
-   (over the images that show it) and per accessory (worn or not) is the share it gets right.
+   (over the images that show it) and per accessory (worn or not; earrings the hair hides are
+   not counted) is the share it gets right.
    The Fréchet distance on judge features between two independent sets of renders is the noise
    floor for generated images.
 2. The model (`--model`, default `portrait`) generates one image per held-out attribute

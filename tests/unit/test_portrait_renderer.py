@@ -27,7 +27,7 @@ from deployments.models.portrait.attributes import (
     age_group_of,
 )
 from deployments.models.portrait.captions import caption, structured_caption
-from deployments.models.portrait.renderer import PLAIN_BACKGROUNDS
+from deployments.models.portrait.renderer import PLAIN_BACKGROUNDS, hidden_accessories
 
 BASE = PortraitAttributes(identity="man", ethnicity="Asian", age="young", hair_color="black", hair_style="short")
 
@@ -76,6 +76,20 @@ def test_every_value_of_an_attribute_draws_a_different_picture(name, values):
 def test_each_accessory_is_drawn(accessory):
     plain, worn = pixels(BASE, seed=4), pixels(replace(BASE, accessories=frozenset({accessory})), seed=4)
     assert (np.abs(plain - worn).max(axis=-1) > 24).sum() >= 6
+
+
+def test_earrings_under_hair_worn_down_are_hidden_and_on_a_bald_head_shown():
+    earrings = frozenset({"earrings"})
+    bald = replace(BASE, hair_style="bald", accessories=earrings)
+    assert hidden_accessories(bald, seed=4) == frozenset()
+    # A bob seen from the front covers the ears: those renders equal the portrait without them.
+    long_hair = replace(BASE, hair_style="bob", view="front view", accessories=earrings)
+    hidden_seeds = [seed for seed in range(10) if hidden_accessories(long_hair, seed)]
+    assert hidden_seeds
+    seed = hidden_seeds[0]
+    covered = np.abs(pixels(long_hair, seed) - pixels(replace(long_hair, accessories=frozenset()), seed))
+    assert (covered.sum(axis=-1) > 0).sum() < 4
+    assert hidden_accessories(replace(BASE, accessories=frozenset({"hat", "necklace"})), seed=4) == frozenset()
 
 
 @pytest.mark.parametrize("background", list(PLAIN_BACKGROUNDS))

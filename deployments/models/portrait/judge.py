@@ -5,7 +5,8 @@ what its prompt asked without having learnt the generator's habits. One softmax 
 attribute, one sigmoid per accessory; its pooled features feed a Fréchet distance.
 
 Attributes the picture cannot show are not scored: hair colour and style under a headscarf,
-hair colour of a bald head, eye colour behind sunglasses. A `person` is drawn as a man, woman,
+hair colour of a bald head, eye colour behind sunglasses, earrings under hair worn down
+(renderer.hidden_accessories: more than a third of the earrings drawn). A `person` is drawn as a man, woman,
 boy or girl, so the identity head knows those four.
 """
 

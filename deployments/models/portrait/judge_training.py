@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from deployments.models.portrait.attributes import ACCESSORIES, CHILDREN, PortraitAttributes, sample_attributes
 from deployments.models.portrait.judge import HEADS, IGNORE, Judge, JudgeNet, to_tensor, visible_labels
-from deployments.models.portrait.renderer import render_portrait
+from deployments.models.portrait.renderer import hidden_accessories, render_portrait
 from deployments.models.portrait.training_loop import Phase, run_phase
 
 EVAL_SEED_OFFSET = 2**40  # render seeds of evaluation images; training seeds stay below 2**31
@@ -137,16 +137,19 @@ def evaluation_set(
 
 
 def judge_accuracy(judge: Judge, attributes: list[PortraitAttributes], seeds: list[int]) -> dict[str, float]:
-    """Accuracy per head (over the images that show it) and per accessory (present or not)."""
+    """Accuracy per head (over the images that show it) and per accessory (present or not,
+    over the images where it is absent or shown: not earrings the hair hides)."""
     images = [render_portrait(a, s) for a, s in zip(attributes, seeds)]
     readings = judge.read(images)
     correct: dict[str, list[bool]] = {}
-    for truth, reading in zip(attributes, readings):
+    for truth, seed, image, reading in zip(attributes, seeds, images, readings):
         for name, label in visible_labels(truth).items():
             if label != IGNORE:
                 correct.setdefault(name, []).append(reading.values[name] == HEADS[name][label])
+        hidden = hidden_accessories(truth, seed, image)
         for accessory in ACCESSORIES:
-            correct.setdefault(accessory, []).append(
-                (accessory in truth.accessories) == (accessory in reading.accessories)
-            )
+            if accessory not in hidden:
+                correct.setdefault(accessory, []).append(
+                    (accessory in truth.accessories) == (accessory in reading.accessories)
+                )
     return {name: sum(flags) / len(flags) for name, flags in correct.items()}

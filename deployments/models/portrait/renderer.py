@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -98,6 +98,27 @@ def render_portrait(attributes: PortraitAttributes, seed: int, size: int = 128) 
     figure = figure.convert("RGBa").reduce(SUPERSAMPLE).convert("RGBA")
     background.alpha_composite(_apply_lighting(figure, attributes.lighting, rng))
     return background.convert("RGB")
+
+
+# Accessories another part of the picture can cover: earrings are drawn with the ears, and hair
+# worn down falls over them (more than half the time on long, curly or afro hair).
+COVERABLE_ACCESSORIES = ("earrings",)
+MIN_SHOWN_PIXELS = 4  # an earring is a ring ~4 px across; a sliver under the hair is not one
+
+
+def hidden_accessories(attributes: PortraitAttributes, seed: int, image: Image.Image | None = None) -> frozenset[str]:
+    """The accessories `attributes` asks for that its render (`image`, or drawn here) does not
+    show: the same portrait drawn without one differs in fewer than `MIN_SHOWN_PIXELS` pixels."""
+    image = image or render_portrait(attributes, seed)
+    reference = np.asarray(image, dtype=np.int16)
+    hidden = set()
+    for accessory in COVERABLE_ACCESSORIES:
+        if accessory in attributes.accessories:
+            bare = replace(attributes, accessories=attributes.accessories - {accessory})
+            changed = np.abs(np.asarray(render_portrait(bare, seed, image.width), dtype=np.int16) - reference).sum(-1)
+            if (changed > 0).sum() < MIN_SHOWN_PIXELS:
+                hidden.add(accessory)
+    return frozenset(hidden)
 
 
 def _jitter(color: RGB, rng: random.Random, amount: int) -> RGB:
