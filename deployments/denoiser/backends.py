@@ -763,14 +763,21 @@ class FallbackUNet:
         Runtime int8, TensorRT: their graph is the whole UNet), and then jobs run every step whole."""
         return getattr(self.runner, "feature_cache", None)
 
+    def fail_over(self, error: Exception) -> bool:
+        """The active backend failed at run time with `error`: load the next one (False, and
+        nothing changes, when none is left)."""
+        if self._index + 1 >= len(self.specs):
+            return False
+        failed = self.active.name
+        self.fallbacks.append((failed, f"run: {error}"))
+        logger.warning("denoiser backend %s failed at run time (%s); falling back", failed, error)
+        self.runner = self._next_runner(f"{failed} failed")
+        return True
+
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         while True:
             try:
                 return self.runner(sample, timesteps, context)
             except Exception as error:
-                if self._index + 1 >= len(self.specs):
+                if not self.fail_over(error):
                     raise
-                failed = self.active.name
-                self.fallbacks.append((failed, f"run: {error}"))
-                logger.warning("denoiser backend %s failed at run time (%s); falling back", failed, error)
-                self.runner = self._next_runner(f"{failed} failed")

@@ -139,6 +139,7 @@ class DenoiserEngine:
         self.previewer = model_previewer(model_path)
         self._baseline_unet: FallbackUNet | None = None
         self._ip_adapter_unet: AdapterUNet | OnnxAdapterUNet | None = None
+        self._ip_adapter_backend: object = None  # the production runner it was loaded beside
         self._ip_adapter_lock = threading.Lock()
         if self.settings.preload_ip_adapter and loading.has_image_prompt_adapter(model_path):
             # here, not on a background thread: from_pretrained patches torch.nn.Module globally
@@ -161,10 +162,25 @@ class DenoiserEngine:
             if self._baseline_unet is None:  # on the step loop's thread, when the first baseline job runs
                 self._baseline_unet = FallbackUNet(self.model_path, self.settings.baseline_backends, self.num_threads)
             return self._baseline_unet
-        runner, scale = self._load_ip_adapter(), variant.adapter_scale
+        scale = variant.adapter_scale
         if scale is None:
             raise ValueError(f"UNet variant {variant}: the image-prompt adapter needs a scale")
-        return lambda sample, timesteps, context, image_embeds: runner(sample, timesteps, context, image_embeds, scale)
+        self._load_ip_adapter()
+
+        def forward(
+            sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_embeds: torch.Tensor
+        ) -> torch.Tensor:
+            while True:
+                runner = self._load_ip_adapter()
+                try:
+                    return runner(sample, timesteps, context, image_embeds, scale)
+                except Exception as error:
+                    # on the production backend's weights: its failure moves production on
+                    # too, and the adapter follows it (a copy of its own fails alone)
+                    if not runner.shared or not self.unet.fail_over(error):
+                        raise
+
+        return forward
 
     def feature_cache_for(self, variant: UNetVariant) -> FeatureCache | None:
         """`variant`'s feature caching across steps; None where its backend has none."""
@@ -176,12 +192,17 @@ class DenoiserEngine:
         return self._load_ip_adapter().feature_cache(variant.adapter_scale)
 
     def _load_ip_adapter(self) -> AdapterUNet | OnnxAdapterUNet:
-        """The adapter UNet, loaded once: at start (preload) or by the step loop at the first reference job."""
+        """The adapter UNet, loaded once: at start (preload) or by the step loop at the first
+        reference job; again on the new production backend after a fallback, when it shared
+        the old one's weights."""
         with self._ip_adapter_lock:
-            if self._ip_adapter_unet is None:
-                # on the production UNet's own weights when its backend is eager torch
-                self._ip_adapter_unet = ip_adapter_runner(self.model_path, self.unet.shareable_runner)
-            return self._ip_adapter_unet
+            adapter = self._ip_adapter_unet
+            if adapter is None or (adapter.shared and self._ip_adapter_backend is not self.unet.runner):
+                # on the production UNet's own weights where its backend allows (eager torch,
+                # ONNX Runtime fp32's graph with the adapter in)
+                adapter = ip_adapter_runner(self.model_path, self.unet.shareable_runner)
+                self._ip_adapter_unet, self._ip_adapter_backend = adapter, self.unet.runner
+            return adapter
 
     def new_scheduler(self, num_inference_steps: int, name: str | None = None) -> Any:
         return make_scheduler(name, self.scheduler_cls, self.scheduler_config, num_inference_steps)

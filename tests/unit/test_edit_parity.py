@@ -224,13 +224,15 @@ def test_inpainting_with_a_reference_matches_diffusers_ip_adapter(local_pipe, ti
 
 
 def test_the_adapter_unet_is_preloaded_unless_told_not_to(tiny_model_path, monkeypatch):
+    import types
+
     from deployments.denoiser import engine
 
     loads = []
 
     def count_load(path, shared=None):
         loads.append(path)
-        return lambda *args: None
+        return types.SimpleNamespace(shared=False)
 
     monkeypatch.setattr(engine, "ip_adapter_runner", count_load)
     engine.DenoiserEngine(tiny_model_path, 1)
@@ -306,6 +308,36 @@ def test_on_onnx_runtime_the_adapter_is_in_the_production_graph(tiny_model_path)
     assert torch.allclose(plain, torch.from_numpy(expected), atol=1e-5)  # the plain UNet's rows
     assert not torch.allclose(with_reference, plain, atol=1e-3)
     assert torch.allclose(with_reference, in_torch, atol=1e-4)
+
+
+def test_when_the_shared_onnx_graph_fails_reference_rows_fall_back_with_production(tiny_model_path):
+    """A run-time failure of the ONNX session under an adapter batch moves production to the next
+    backend (torch fp32) and the adapter with it, onto its weights: the batch is served."""
+    from deployments.denoiser import backends
+    from deployments.denoiser.engine import DenoiserEngine, UNetVariant
+
+    chain = [{"backend": "onnxruntime", "precision": "fp32"}, {"backend": "torch", "precision": "fp32"}]
+    engine = DenoiserEngine(tiny_model_path, 1, {"backends": chain})
+    onnx_adapter = engine._load_ip_adapter()
+    assert isinstance(onnx_adapter, backends.OnnxAdapterUNet)
+
+    class Broken:
+        def run(self, *args, **kwargs):
+            raise RuntimeError("simulated ONNX Runtime failure")
+
+    onnx_adapter.whole.session = Broken()
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    timesteps, context = torch.tensor([500, 500]), torch.randn(2, 77, 64, generator=generator)
+    embeds = torch.randn(2, 1, onnx_adapter.embed_dim, generator=generator)
+    with torch.inference_mode():
+        got = engine.unet_for(UNetVariant.ip_adapter(0.7))(sample, timesteps, context, embeds)
+        expected = backends.AdapterUNet(tiny_model_path)(sample, timesteps, context, embeds, 0.7)
+    assert engine.unet.active.backend == "torch"
+    assert engine.unet.fallbacks[0][0].startswith("onnxruntime")
+    adapter = engine._load_ip_adapter()
+    assert isinstance(adapter, backends.AdapterUNet) and adapter.unet is engine.unet.runner.module
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_inpaint_keeps_the_unmasked_region(local_pipe):
