@@ -61,6 +61,8 @@ bench: model
 	$(PY) -m benchmarks.autoscaling --update-readme README.md
 	$(PY) -m benchmarks.autoscaling --workload phases --update-readme README.md
 	$(PY) -m benchmarks.edits --update-readme README.md
+	$(PY) -m benchmarks.face_fusion --update-readme README.md
+	$(PY) -m benchmarks.adapter_sharing --update-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

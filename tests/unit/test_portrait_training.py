@@ -27,6 +27,7 @@ CONFIG = PortraitTrainingConfig(
     threads=1,
     pool_size=6,
     pool_chunk=4,
+    diffusion_long_steps=0,
     adapter_steps=0,
 )
 
@@ -95,6 +96,7 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
         CONFIG,
         vae_refine_steps=1,
         diffusion_refine_steps=1,
+        diffusion_long_steps=1,
         previewer_steps=2,
         previewer_targets=4,
         adapter_steps=1,
@@ -103,7 +105,7 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
     work = tmp_path / "work"
     shutil.copytree(portrait_random_weights, work / "init")  # the recipe builds it when missing
     output = train_portrait_model(config, work, tmp_path / "model", progress=False)
-    for stage in ("vae", "vae_refine", "diffusion", "diffusion_refine", "previewer", "adapter"):
+    for stage in ("vae", "vae_refine", "diffusion", "diffusion_refine", "diffusion_long", "previewer", "adapter"):
         assert (work / f"{stage}_checkpoint.pt").exists(), stage
     assert (work / "latent_pool_refined").is_dir()
     parts = load_components(output)
