@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", metavar="README", help="replace this README's adapter_sharing section")
     options = parser.parse_args(argv)
     began = time.perf_counter()
-    rounds = 6 if options.quick else 30
+    rounds = 6 if options.quick else 120
     results = {
         "unet_fp32_mb": unet_weights_mb(),
         "memory_mb": {name: memory_of(name) for name in ARRANGEMENTS},
