@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Every benchmark, each rewriting its README table and its committed results in
-# benchmarks/results/ (~45 min on 2 cores); each has --quick for a short check, which writes
+# benchmarks/results/ (~50 min on 2 cores); each has --quick for a short check, which writes
 # to benchmarks/results/quick/ (git-ignored) instead.
 bench: model
 	$(PY) -m benchmarks.prompt_compression --update-readme README.md
