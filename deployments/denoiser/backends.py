@@ -474,26 +474,16 @@ class OnnxRunner:
         if num_threads:
             options.intra_op_num_threads = num_threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.graph = _FP32Session(self.session)  # its feeds; an int8 graph takes the same inputs
         self.feature_cache: OnnxFeatureCache | None = None
         self.adapter: OnnxAdapterUNet | None = None
         if spec.precision == "fp32":
-            whole = _FP32Session(self.session)
-            self.feature_cache = OnnxFeatureCache(model_path, options, whole)
-            if whole.embed_dim is not None:
-                self.adapter = OnnxAdapterUNet(whole, self.feature_cache)
+            self.feature_cache = OnnxFeatureCache(model_path, options, self.graph)
+            if self.graph.embed_dim is not None:
+                self.adapter = OnnxAdapterUNet(self.graph, self.feature_cache)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.feature_cache is not None:
-            return torch.from_numpy(self.feature_cache.whole.run(sample, timesteps, context)[0])
-        (noise,) = self.session.run(
-            None,
-            {
-                "sample": sample.float().numpy(),
-                "timesteps": timesteps.long().numpy(),
-                "context": context.float().numpy(),
-            },
-        )
-        return torch.from_numpy(noise)
+        return torch.from_numpy(self.graph.run(sample, timesteps, context)[0])
 
 
 class OnnxAdapterUNet:
