@@ -447,7 +447,8 @@ def cmd_train_judge(options: argparse.Namespace) -> int:
         train_judge,
     )
 
-    config = JudgeTrainingConfig(steps=options.steps, seed=options.seed, threads=options.threads)
+    steps = {"steps": options.steps} if options.steps else {}
+    config = JudgeTrainingConfig(**steps, seed=options.seed, threads=options.threads)
     judge = train_judge(config, Path(options.work))
     judge.save(Path(options.output))
     attributes, seeds = evaluation_set(options.eval_images)
@@ -937,7 +938,7 @@ def _add_judge(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> Non
 
 def _add_train_judge(commands: Any) -> None:
     train = commands.add_parser("train-judge", help="train the portrait judge on renders (resumes from --work)")
-    train.add_argument("--steps", type=int, default=4000, help="optimizer steps of 64 renders (default: %(default)s)")
+    train.add_argument("--steps", type=int, help="optimizer steps of 64 renders (default: the recipe's, 8000)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=1, help="torch threads; one more process renders")
     train.add_argument("--work", default="judge-training", help="checkpoint and loss log folder")

@@ -13,9 +13,10 @@ from deployments.models.portrait.judge_training import evaluation_set, judge_acc
 from deployments.models.portrait.renderer import render_portrait
 from serve_app.ops import cli
 
-# Heads the committed judge reads reliably (>= 97% on 1,000 held-out renders, README); the
-# regression check holds them to 90% on 200 renders so one unlucky image cannot fail it.
-RELIABLE = ("background", "view", "hair_color", "hair_style", "hat", "headscarf")
+# Heads the committed judge reads reliably (>= 97% on 1,000 held-out renders, README): all but
+# expression (90.9%) and earrings (88.5%). The regression check holds them to 90% on 200
+# renders so one unlucky image cannot fail it, and the two others to a floor below theirs.
+RELIABLE = tuple(name for name in (*HEADS, "hat", "headscarf", "necklace") if name != "expression")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_the_packaged_judge_reads_renders_it_never_saw(judge):
     assert set(HEADS) <= set(accuracy)
     low = {name: accuracy[name] for name in RELIABLE if accuracy[name] < 0.9}
     assert not low, low
-    assert sum(accuracy.values()) / len(accuracy) > 0.8, accuracy
+    assert accuracy["expression"] >= 0.85 and accuracy["earrings"] >= 0.8, accuracy
 
 
 def test_judge_command_prints_attributes_and_adherence(tmp_path, capsys, judge):
@@ -62,6 +63,30 @@ def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_
     features = np.random.default_rng(0).normal(size=(400, 6))
     assert abs(frechet_distance(features, features)) < 1e-9
     assert frechet_distance(features, features + 0.5) == pytest.approx(6 * 0.25, rel=1e-6)
+
+
+def test_training_batches_blur_half_the_renders_and_do_not_teach_hidden_earrings():
+    from dataclasses import replace
+
+    from deployments.models.portrait.attributes import ACCESSORIES
+    from deployments.models.portrait.judge_training import JudgeTrainingConfig, render_batch, training_batch
+    from deployments.models.portrait.renderer import hidden_accessories
+
+    config = JudgeTrainingConfig(batch_size=16)
+    batch = training_batch(config, step=0)
+    sharp = training_batch(replace(config, max_blur=0.0), step=0)
+    blurred = [not bool((a == b).all()) for a, b in zip(batch.images, sharp.images)]
+    assert 2 <= sum(blurred) <= 14  # about half, drawn per image
+    assert (batch.labels == sharp.labels).all()
+    # the loss's weight is 0 exactly for the earrings the hair hides
+    attributes = [replace(a, accessories=frozenset({"earrings"})) for a in evaluation_set(12)[0]]
+    seeds = list(range(12))
+    labelled = render_batch(attributes, seeds)
+    column = ACCESSORIES.index("earrings")
+    hidden = [bool(hidden_accessories(a, s)) for a, s in zip(attributes, seeds)]
+    assert any(hidden) and not all(hidden)
+    assert labelled.accessories_shown[:, column].tolist() == [0.0 if h else 1.0 for h in hidden]
+    assert labelled.accessories[:, column].tolist() == [1.0] * 12
 
 
 def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
