@@ -1,7 +1,9 @@
 """UNet variants on this machine: speed vs torch fp32, and what they cost in the picture.
 
 For each variant (backend x precision x layout, pruned copies), in one run on the same prompts
-and seeds: ms per UNet step (a guided step at batch 2, the median of timed forwards), the
+and seeds: ms per UNet step (a guided step at batch 2, the median of 30 timed forwards, the
+variants taking turns, three forwards each after a settling pause, so that the machine's
+drift falls on all of them alike), the
 speed-up over torch fp32, the PSNR of the final image against the torch fp32 image (full
 pipeline: the same text encoder and VAE, only the UNet differs) and, on the portrait model,
 the judge's adherence on held-out attribute combinations (their full structured captions). A
@@ -44,6 +46,7 @@ VARIANTS = [
     {"backend": "torch", "precision": "fp32", "prune": 0.3},
     {"backend": "torch", "precision": "fp32", "prune": 0.5},
 ]
+TIMING_ROUNDS, TIMED_PER_TURN, SETTLE_S = 10, 3, 0.3  # 30 timed forwards per variant, in turns
 
 
 def prompts_for(model: str, count: int) -> tuple[list[str], list[int], list | None]:
@@ -98,7 +101,7 @@ def run(
     sample = torch.randn(2, config["in_channels"], latent, latent)
     timestep, context = torch.tensor([500, 500]), contexts[0].clone()
 
-    reference, rows = None, []
+    built = []  # (name, reduction, spec, engine) of each variant that runs here
     for variant in VARIANTS:
         variant = dict(variant)
         prune = variant.pop("prune", 0.0)
@@ -113,13 +116,24 @@ def run(
         except Exception as error:
             print(f"{spec.name}: unavailable ({error})", flush=True)
             continue
-        run_unet = engine.unet
-        run_unet(sample, timestep, context)  # warm-up (and ONNX export on first use)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            run_unet(sample, timestep, context)
-            times.append((time.perf_counter() - start) * 1000.0)
+        engine.unet(sample, timestep, context)  # warm-up (and ONNX export on first use)
+        built.append((name, reduction, spec, engine))
+    # The variants take turns, a few forwards each per round, so the machine's drift falls on all
+    # alike. Each turn starts after a pause and an untimed forward: ONNX Runtime's and OpenMP's
+    # threads spin for a while after a call, and a variant timed right after another's ran at
+    # half speed (torch fp32 67 ms alternating with ONNX Runtime, 29 ms settled).
+    times: dict[str, list[float]] = {name: [] for name, *_ in built}
+    for _ in range(TIMING_ROUNDS):
+        for name, _, _, engine in built:
+            time.sleep(SETTLE_S)
+            engine.unet(sample, timestep, context)
+            for _ in range(TIMED_PER_TURN):
+                start = time.perf_counter()
+                engine.unet(sample, timestep, context)
+                times[name].append((time.perf_counter() - start) * 1000.0)
+
+    reference, rows = None, []
+    for name, reduction, spec, engine in built:
         futures = [engine.submit(job) for job in jobs]  # side by side: images do not depend on their batch
         images = [vae.decode_pixels(future.result())[0] for future in futures]
         if reference is None:
@@ -133,7 +147,7 @@ def run(
             "precision": spec.precision,
             "channels_last": spec.channels_last,
             "params_reduction": reduction,
-            "ms_per_step": round(statistics.median(times), 2),
+            "ms_per_step": round(statistics.median(times[name]), 2),
             "psnr_db": round(mean_psnr, 2),
             "min_psnr_db": round(min(scores), 2),
         }
