@@ -7,7 +7,8 @@ rows with zero embeddings at scale 0. Before it, the replica held the plain grap
 reference edits, the adapter on its own fp32 torch copy of the UNet. Each arrangement is built
 in a fresh Python process (after its imports), one plain and one reference forward run, and
 the process's resident memory measured before and after; then, in one process, the ms of a
-plain forward on the plain graph and on the shared graph (scale 0), interleaved rounds, median.
+plain forward on the plain graph and on the shared graph (scale 0), timed in turns
+(benchmarks/turns.py), median.
 
     .venv/bin/python -m benchmarks.adapter_sharing [--quick] [--json PATH] [--update-readme README.md]
 """
@@ -24,9 +25,11 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from benchmarks.readme_table import command_line, publish, results_path
+from benchmarks.turns import time_in_turns
 
 SECTION = "adapter_sharing"
 MODEL = Path("deployments/models/trained/portrait")
@@ -88,7 +91,7 @@ def unet_weights_mb() -> float:
 
 def plain_step_ms(rows: int, rounds: int) -> dict:
     """ms of a plain forward: the plain graph vs the production graph (deep features out, the
-    adapter in at scale 0), interleaved rounds, median; and whether they agree bit for bit."""
+    adapter in at scale 0), timed in turns, median; and whether they agree bit for bit."""
     import numpy as np
     import onnxruntime
     import torch
@@ -110,15 +113,8 @@ def plain_step_ms(rows: int, rounds: int) -> dict:
     timesteps = torch.full((rows,), 500)
     context = torch.randn(rows, 77, 128, generator=generator)
     runs = {"plain_graph": plain, "shared_graph": shared}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for graph in runs.values():  # warm-up
-        graph.run(sample, timesteps, context)
-    for round_index in range(rounds):
-        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
-        for name in order:
-            start = time.perf_counter()
-            runs[name].run(sample, timesteps, context)
-            times[name].append((time.perf_counter() - start) * 1000)
+    calls = {name: partial(graph.run, sample, timesteps, context) for name, graph in runs.items()}
+    times = time_in_turns(calls, rounds)
     a, b = plain.run(sample, timesteps, context)[0], shared.run(sample, timesteps, context)[0]
     result = {name: round(statistics.median(values), 2) for name, values in times.items()}
     return {
@@ -143,7 +139,8 @@ def render_table(results: dict) -> str:
     lines += [
         "",
         "A plain forward on the production graph (deep features out, the adapter in at scale 0) against"
-        " the plain UNet's graph, ms, median of interleaved rounds:",
+        f" the plain UNet's graph, ms, median of {results['timed_forwards']} forwards each, timed in turns"
+        " (each turn after a settling pause):",
         "",
         "| UNet rows | plain graph | production graph | ratio | max difference |",
         "|---|---|---|---|---|",
@@ -167,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", metavar="README", help="replace this README's adapter_sharing section")
     options = parser.parse_args(argv)
     began = time.perf_counter()
-    rounds = 6 if options.quick else 120
+    rounds = 2 if options.quick else 40  # x 3 timed forwards each (benchmarks/turns.py)
     results = {
         "unet_fp32_mb": unet_weights_mb(),
         "memory_mb": {name: memory_of(name) for name in ARRANGEMENTS},
         "memory_mb_with_a_cached_job": {name: memory_of(name, True) for name in ("onnx_shared", "torch_shared")},
         "plain_step": {str(rows): plain_step_ms(rows, rounds) for rows in (2, 16)},
+        "timed_forwards": rounds * 3,
         "command": command_line("benchmarks.adapter_sharing"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

@@ -24,10 +24,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import UTC, datetime
+from functools import partial
 
 from benchmarks.readme_table import command_line, publish, results_path
+from benchmarks.turns import time_in_turns
 
 SECTION = "unet_variants"
 PROMPTS = [
@@ -46,7 +47,7 @@ VARIANTS = [
     {"backend": "torch", "precision": "fp32", "prune": 0.3},
     {"backend": "torch", "precision": "fp32", "prune": 0.5},
 ]
-TIMING_ROUNDS, TIMED_PER_TURN, SETTLE_S = 10, 3, 0.3  # 30 timed forwards per variant, in turns
+TIMING_ROUNDS = 10  # x 3 timed forwards per variant (benchmarks/turns.py)
 
 
 def prompts_for(model: str, count: int) -> tuple[list[str], list[int], list | None]:
@@ -118,19 +119,9 @@ def run(
             continue
         engine.unet(sample, timestep, context)  # warm-up (and ONNX export on first use)
         built.append((name, reduction, spec, engine))
-    # The variants take turns, a few forwards each per round, so the machine's drift falls on all
-    # alike. Each turn starts after a pause and an untimed forward: ONNX Runtime's and OpenMP's
-    # threads spin for a while after a call, and a variant timed right after another's ran at
-    # half speed (torch fp32 67 ms alternating with ONNX Runtime, 29 ms settled).
-    times: dict[str, list[float]] = {name: [] for name, *_ in built}
-    for _ in range(TIMING_ROUNDS):
-        for name, _, _, engine in built:
-            time.sleep(SETTLE_S)
-            engine.unet(sample, timestep, context)
-            for _ in range(TIMED_PER_TURN):
-                start = time.perf_counter()
-                engine.unet(sample, timestep, context)
-                times[name].append((time.perf_counter() - start) * 1000.0)
+    times = time_in_turns(
+        {name: partial(engine.unet, sample, timestep, context) for name, _, _, engine in built}, TIMING_ROUNDS
+    )
 
     reference, rows = None, []
     for name, reduction, spec, engine in built:
