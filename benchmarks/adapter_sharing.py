@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.readme_table import command_line, publish, results_path
-from benchmarks.turns import time_in_turns
+from benchmarks.turns import PER_TURN, time_in_turns
 
 SECTION = "adapter_sharing"
 MODEL = Path("deployments/models/trained/portrait")
@@ -164,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", metavar="README", help="replace this README's adapter_sharing section")
     options = parser.parse_args(argv)
     began = time.perf_counter()
-    rounds = 2 if options.quick else 40  # x 3 timed forwards each (benchmarks/turns.py)
+    rounds = 2 if options.quick else 40
     results = {
         "unet_fp32_mb": unet_weights_mb(),
         "memory_mb": {name: memory_of(name) for name in ARRANGEMENTS},
         "memory_mb_with_a_cached_job": {name: memory_of(name, True) for name in ("onnx_shared", "torch_shared")},
         "plain_step": {str(rows): plain_step_ms(rows, rounds) for rows in (2, 16)},
-        "timed_forwards": rounds * 3,
+        "timed_forwards": rounds * PER_TURN,
         "command": command_line("benchmarks.adapter_sharing"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable, Mapping
 
 SETTLE_S = 0.3  # longer than OpenMP's default spin (200 ms) and ONNX Runtime's
+PER_TURN = 3  # timed calls per turn
 
 
 def time_in_turns(
-    calls: Mapping[str, Callable[[], object]], rounds: int, per_turn: int = 3, settle_s: float = SETTLE_S
+    calls: Mapping[str, Callable[[], object]], rounds: int, per_turn: int = PER_TURN, settle_s: float = SETTLE_S
 ) -> dict[str, list[float]]:
     """ms of each call, `rounds` x `per_turn` timings each: per round every call gets one turn
     (in reversed order every other round), a pause, an untimed call, then `per_turn` timed ones."""

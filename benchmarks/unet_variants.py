@@ -47,7 +47,7 @@ VARIANTS = [
     {"backend": "torch", "precision": "fp32", "prune": 0.3},
     {"backend": "torch", "precision": "fp32", "prune": 0.5},
 ]
-TIMING_ROUNDS = 10  # x 3 timed forwards per variant (benchmarks/turns.py)
+TIMING_ROUNDS = 10  # each a turn of turns.PER_TURN timed forwards per variant
 
 
 def prompts_for(model: str, count: int) -> tuple[list[str], list[int], list | None]:

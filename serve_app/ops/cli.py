@@ -447,7 +447,7 @@ def cmd_train_judge(options: argparse.Namespace) -> int:
         train_judge,
     )
 
-    steps = {"steps": options.steps} if options.steps else {}
+    steps = {"steps": options.steps} if options.steps is not None else {}
     config = JudgeTrainingConfig(**steps, seed=options.seed, threads=options.threads)
     judge = train_judge(config, Path(options.work))
     judge.save(Path(options.output))
