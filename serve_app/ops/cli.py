@@ -447,7 +447,8 @@ def cmd_train_judge(options: argparse.Namespace) -> int:
         train_judge,
     )
 
-    steps = {"steps": options.steps} if options.steps is not None else {}
+    given = {"steps": options.steps, "detail_steps": options.detail_steps}
+    steps = {name: value for name, value in given.items() if value is not None}  # absent: the recipe's
     config = JudgeTrainingConfig(**steps, seed=options.seed, threads=options.threads)
     judge = train_judge(config, Path(options.work))
     judge.save(Path(options.output))
@@ -938,7 +939,12 @@ def _add_judge(commands: Any, shared: dict[str, argparse.ArgumentParser]) -> Non
 
 def _add_train_judge(commands: Any) -> None:
     train = commands.add_parser("train-judge", help="train the portrait judge on renders (resumes from --work)")
-    train.add_argument("--steps", type=int, help="optimizer steps of 64 renders (default: the recipe's, 8000)")
+    train.add_argument(
+        "--steps", type=int, help="the coarse network's steps of 64 renders (default: the recipe's, 8000)"
+    )
+    train.add_argument(
+        "--detail-steps", type=int, help="then the detail network's, for earrings (default: the recipe's, 1500)"
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=1, help="torch threads; one more process renders")
     train.add_argument("--work", default="judge-training", help="checkpoint and loss log folder")

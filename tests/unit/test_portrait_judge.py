@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
+from deployments.models.portrait.attributes import ACCESSORIES
 from deployments.models.portrait.judge import HEADS, Judge
 from deployments.models.portrait.judge_training import evaluation_set, judge_accuracy
-from deployments.models.portrait.renderer import render_portrait
+from deployments.models.portrait.renderer import hidden_accessories, render_portrait
 from serve_app.ops import cli
 
 # Heads the committed judge reads reliably (>= 97% on 1,000 held-out renders, README): all but
-# expression (90.9%) and earrings (88.5%). The regression check holds them to 90% on 200
-# renders so one unlucky image cannot fail it, and the two others to a floor below theirs.
-RELIABLE = tuple(name for name in (*HEADS, "hat", "headscarf", "necklace") if name != "expression")
+# expression (90.9%). The regression check holds them to 90% on 200 renders so one unlucky
+# image cannot fail it, and expression to a floor below its own.
+RELIABLE = tuple(name for name in (*HEADS, *ACCESSORIES) if name != "expression")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,19 @@ def test_the_packaged_judge_reads_renders_it_never_saw(judge):
     assert set(HEADS) <= set(accuracy)
     low = {name: accuracy[name] for name in RELIABLE if accuracy[name] < 0.9}
     assert not low, low
-    assert accuracy["expression"] >= 0.85 and accuracy["earrings"] >= 0.8, accuracy
+    assert accuracy["expression"] >= 0.85, accuracy
+
+
+def test_the_packaged_judge_finds_earrings_where_they_show(judge):
+    # ~90% of renders have no earrings showing, so accuracy alone would pass a judge that never
+    # reports them (the coarse network's 88.5%): count the ones it finds (102 of 108 held-out)
+    attributes, seeds = evaluation_set(200, seed=7)
+    worn = [replace(a, accessories=a.accessories | {"earrings"}) for a in attributes]
+    images = [render_portrait(a, s) for a, s in zip(worn, seeds)]
+    shown = [i for i, (a, s, im) in enumerate(zip(worn, seeds, images)) if not hidden_accessories(a, s, im)]
+    readings = judge.read([images[i] for i in shown])
+    found = sum("earrings" in r.accessories for r in readings)
+    assert len(shown) >= 60 and found >= 0.85 * len(shown), (found, len(shown))
 
 
 def test_judge_command_prints_attributes_and_adherence(tmp_path, capsys, judge):
@@ -66,11 +80,10 @@ def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_
 
 
 def test_training_batches_blur_half_the_renders_and_do_not_teach_hidden_earrings():
-    from dataclasses import replace
 
     from deployments.models.portrait.attributes import ACCESSORIES
     from deployments.models.portrait.judge_training import JudgeTrainingConfig, render_batch, training_batch
-    from deployments.models.portrait.renderer import hidden_accessories
+    from deployments.models.portrait.renderer import accessory_pixels, hidden_accessories
 
     config = JudgeTrainingConfig(batch_size=16)
     batch = training_batch(config, step=0)
@@ -87,6 +100,15 @@ def test_training_batches_blur_half_the_renders_and_do_not_teach_hidden_earrings
     assert any(hidden) and not all(hidden)
     assert labelled.accessories_shown[:, column].tolist() == [0.0 if h else 1.0 for h in hidden]
     assert labelled.accessories[:, column].tolist() == [1.0] * 12
+    # the detail network's cells: 1 exactly where a 4 x 4 block holds a pixel of an earring
+    cells = labelled.detail_cells[:, 0]
+    for a, s, image_cells in zip(attributes, seeds, cells):
+        pixels = accessory_pixels(a, s)["earrings"]
+        assert image_cells.shape == (32, 32)
+        assert image_cells.tolist() == pixels.reshape(32, 4, 32, 4).any(axis=(1, 3)).astype(float).tolist()
+    assert all(bool(c.any()) for c, h in zip(cells, hidden) if not h)
+    bare = render_batch([replace(a, accessories=frozenset()) for a in attributes], seeds)
+    assert not bare.detail_cells.any()
 
 
 def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
@@ -94,8 +116,34 @@ def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterr
 
     from deployments.models.portrait.judge_training import JudgeTrainingConfig, train_judge
 
-    config = JudgeTrainingConfig(steps=6, batch_size=4, checkpoint_every=3)
+    config = JudgeTrainingConfig(steps=6, batch_size=4, checkpoint_every=3, detail_steps=4)
     whole = train_judge(config, tmp_path / "whole", progress=False, workers=0).net.state_dict()
-    train_judge(config, tmp_path / "cut", stop_after=2, progress=False, workers=0)
+    train_judge(config, tmp_path / "cut", stop_after=2, progress=False, workers=0)  # in the coarse phase
+    train_judge(config, tmp_path / "cut", stop_after=6, progress=False, workers=0)  # in the detail phase
     resumed = train_judge(config, tmp_path / "cut", progress=False, workers=0).net.state_dict()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    untrained = untrained_net(config).state_dict()
+    assert not torch.equal(whole["details.cells.weight"], untrained["details.cells.weight"])
+
+
+def untrained_net(config):
+    """A JudgeNet as train_judge makes it, before any step."""
+    import torch
+
+    from deployments.models.portrait.judge import JudgeNet
+
+    torch.manual_seed(config.seed)
+    return JudgeNet(config.width)
+
+
+def test_the_detail_phase_leaves_the_coarse_network_as_it_was(tmp_path):
+    import torch
+
+    from deployments.models.portrait.judge_training import JudgeTrainingConfig, train_judge_details
+
+    config = JudgeTrainingConfig(batch_size=4, detail_steps=3)
+    net = untrained_net(config)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trained = train_judge_details(config, net, tmp_path, progress=False, workers=0).net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], trained[k])}
+    assert changed and all(k.startswith("details.") for k in changed), changed

@@ -106,19 +106,31 @@ COVERABLE_ACCESSORIES = ("earrings",)
 MIN_SHOWN_PIXELS = 4  # an earring is a ring ~4 px across; a sliver under the hair is not one
 
 
-def hidden_accessories(attributes: PortraitAttributes, seed: int, image: Image.Image | None = None) -> frozenset[str]:
-    """The accessories `attributes` asks for that its render (`image`, or drawn here) does not
-    show: the same portrait drawn without one differs in fewer than `MIN_SHOWN_PIXELS` pixels."""
+def accessory_pixels(
+    attributes: PortraitAttributes, seed: int, image: Image.Image | None = None
+) -> dict[str, np.ndarray]:
+    """Where the render (`image`, or drawn here) shows each coverable accessory `attributes`
+    asks for: the pixels (a boolean H x W mask) in which the same portrait drawn without it differs."""
     image = image or render_portrait(attributes, seed)
     reference = np.asarray(image, dtype=np.int16)
-    hidden = set()
+    pixels: dict[str, np.ndarray] = {}
     for accessory in COVERABLE_ACCESSORIES:
         if accessory in attributes.accessories:
             bare = replace(attributes, accessories=attributes.accessories - {accessory})
             changed = np.abs(np.asarray(render_portrait(bare, seed, image.width), dtype=np.int16) - reference).sum(-1)
-            if (changed > 0).sum() < MIN_SHOWN_PIXELS:
-                hidden.add(accessory)
-    return frozenset(hidden)
+            pixels[accessory] = changed > 0
+    return pixels
+
+
+def hidden_accessories(attributes: PortraitAttributes, seed: int, image: Image.Image | None = None) -> frozenset[str]:
+    """The accessories `attributes` asks for that its render (`image`, or drawn here) does not
+    show: the same portrait drawn without one differs in fewer than `MIN_SHOWN_PIXELS` pixels."""
+    return shown_too_little(accessory_pixels(attributes, seed, image))
+
+
+def shown_too_little(pixels: dict[str, np.ndarray]) -> frozenset[str]:
+    """The accessories of `accessory_pixels` that fewer than `MIN_SHOWN_PIXELS` pixels show."""
+    return frozenset(name for name, mask in pixels.items() if mask.sum() < MIN_SHOWN_PIXELS)
 
 
 def _jitter(color: RGB, rng: random.Random, amount: int) -> RGB:
