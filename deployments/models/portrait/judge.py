@@ -57,8 +57,8 @@ class DetailNet(nn.Module):
     """Convolutions from full resolution to a 32 x 32 map of cells, a logit per cell (is the
     thing in these 4 x 4 pixels?), and the image's logit the largest of them. It trains on
     where the renderer drew each earring, not only whether: told only "somewhere in this
-    picture", 1,000 steps of it found no earring. It has its own input path, so it trains
-    after the coarse network, which it leaves as it was."""
+    picture", learning was hit or miss (two runs had found none after 600 and 1,000 steps). It
+    has its own input path, so it trains after the coarse network, which it leaves as it was."""
 
     CELL = 4  # pixels per cell side: 128 -> 32
 
