@@ -47,8 +47,8 @@ def visible_labels(attributes: PortraitAttributes) -> dict[str, int]:
 
 
 # Accessories a few pixels across (an earring is a ring ~4 px wide): the coarse network's first
-# stage halves the picture and its average pooling dilutes them, and trained with them it never
-# found one (1 of 108 on held-out renders); DetailNet reads them at full resolution instead.
+# stage halves the picture and its average pooling dilutes them: trained with them, it found 1
+# of 108 on held-out renders. DetailNet reads them at full resolution instead.
 DETAIL_ACCESSORIES = ("earrings",)
 DETAIL_COLUMNS = [ACCESSORIES.index(a) for a in DETAIL_ACCESSORIES]
 
