@@ -80,8 +80,6 @@ def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_
 
 
 def test_training_batches_blur_half_the_renders_and_do_not_teach_hidden_earrings():
-
-    from deployments.models.portrait.attributes import ACCESSORIES
     from deployments.models.portrait.judge_training import JudgeTrainingConfig, render_batch, training_batch
     from deployments.models.portrait.renderer import accessory_pixels, hidden_accessories
 
