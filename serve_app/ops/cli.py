@@ -392,7 +392,8 @@ def cmd_judge(options: argparse.Namespace) -> int:
     with user_errors(OSError, UnidentifiedImageError):
         images = [Image.open(path).convert("RGB") for path in options.images]
     asked = _prompt_expectations(options) if options.prompt is not None else None
-    judge = Judge.load(Path(options.weights)) if options.weights else Judge.packaged()
+    with user_errors(OSError, ValueError):
+        judge = Judge.load(Path(options.weights)) if options.weights else Judge.packaged()
     reports = [_judge_report(path, reading, asked) for path, reading in zip(options.images, judge.read(images))]
     if options.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, ensure_ascii=False, indent=2))

@@ -69,6 +69,18 @@ def test_judge_command_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_judge_command_refuses_a_judge_from_before_the_detail_network(tmp_path, capsys, judge):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old-judge.safetensors"
+    coarse_only = {k: v for k, v in judge.net.state_dict().items() if not k.startswith("details.")}
+    save_file({k: v.contiguous() for k, v in coarse_only.items()}, str(path))
+    image = tmp_path / "portrait.png"
+    render_portrait(evaluation_set(1)[0][0], seed=1).save(image)
+    assert cli.main(["judge", str(image), "--weights", str(path)]) == 2
+    assert "train-judge" in capsys.readouterr().err
+
+
 def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_one():
     import numpy as np
 

@@ -167,6 +167,11 @@ class Judge:
     @classmethod
     def load(cls, path: Path) -> Judge:
         state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(str(path)).items()}
+        if "details.features.0.weight" not in state:
+            raise ValueError(
+                f"{path} is a judge from before its detail network (earrings): "
+                "train one with `fusionserve train-judge`, or leave --weights out for the packaged judge"
+            )
         net = JudgeNet(state["features.0.weight"].shape[0], state["details.features.0.weight"].shape[0])
         net.load_state_dict(state)
         return cls(net)
