@@ -124,7 +124,7 @@ def test_training_batches_blur_half_the_renders_and_do_not_teach_hidden_earrings
 def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     import torch
 
-    from deployments.models.portrait.judge_training import JudgeTrainingConfig, train_judge
+    from deployments.models.portrait.judge_training import JudgeTrainingConfig, initial_net, train_judge
 
     config = JudgeTrainingConfig(steps=6, batch_size=4, checkpoint_every=3, detail_steps=4)
     whole = train_judge(config, tmp_path / "whole", progress=False, workers=0).net.state_dict()
@@ -132,27 +132,17 @@ def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterr
     train_judge(config, tmp_path / "cut", stop_after=6, progress=False, workers=0)  # in the detail phase
     resumed = train_judge(config, tmp_path / "cut", progress=False, workers=0).net.state_dict()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    untrained = untrained_net(config).state_dict()
+    untrained = initial_net(config).state_dict()
     assert not torch.equal(whole["details.cells.weight"], untrained["details.cells.weight"])
-
-
-def untrained_net(config):
-    """A JudgeNet as train_judge makes it, before any step."""
-    import torch
-
-    from deployments.models.portrait.judge import JudgeNet
-
-    torch.manual_seed(config.seed)
-    return JudgeNet(config.width)
 
 
 def test_the_detail_phase_leaves_the_coarse_network_as_it_was(tmp_path):
     import torch
 
-    from deployments.models.portrait.judge_training import JudgeTrainingConfig, train_judge_details
+    from deployments.models.portrait.judge_training import JudgeTrainingConfig, initial_net, train_judge_details
 
     config = JudgeTrainingConfig(batch_size=4, detail_steps=3)
-    net = untrained_net(config)
+    net = initial_net(config)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     trained = train_judge_details(config, net, tmp_path, progress=False, workers=0).net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], trained[k])}

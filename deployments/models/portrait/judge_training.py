@@ -168,6 +168,12 @@ def _phase(
     return Phase(name, modules, optimizer, schedule, steps)
 
 
+def initial_net(config: JudgeTrainingConfig) -> JudgeNet:
+    """The JudgeNet a run of `config` starts from (seeded: every run starts alike)."""
+    torch.manual_seed(config.seed)
+    return JudgeNet(config.width)
+
+
 def train_judge(
     config: JudgeTrainingConfig,
     directory: Path,
@@ -180,8 +186,7 @@ def train_judge(
     detail network on it. `stop_after` steps of this call (both phases counted) simulate a
     cut-off run. Returns the judge as it stands."""
     torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    net = JudgeNet(config.width)
+    net = initial_net(config)
     coarse = _phase(
         "judge", {"net": net}, net.coarse_parameters(), config.learning_rate, config.weight_decay, config.steps
     )
