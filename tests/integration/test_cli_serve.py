@@ -115,9 +115,9 @@ def test_start_serve_and_stop_on_ctrl_c(command, tmp_path):
 
 
 def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
-    """SIGTERM: a streamed request already in flight finishes (its completed event arrives), new
-    requests get 503 shutting_down with Retry-After (never a 500 or a dropped connection before
-    the drain), then the process exits 0."""
+    """SIGTERM: a streamed request already in flight finishes (its completed event arrives), /healthz
+    goes from 200 to 503 (never an error or a dropped connection in between), new requests get 503
+    shutting_down with Retry-After, then the process exits 0."""
     import threading
 
     assert port_is_free(PORT), f"port {PORT} is taken"
@@ -135,8 +135,11 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
     events: list[str] = []
     started = threading.Event()
 
-    def long_stream() -> None:  # ~100 steps at 256x256: several seconds on 2 cores
-        body = {"prompt": "a man", "size": "256x256", "seed": 1, "num_inference_steps": 100}
+    # The in-flight request must outlast the time from SIGTERM to the checks below. Measured here:
+    # the drain begins ~0.6 s after SIGTERM, this request ends ~8 s after it. (CI once lost the race
+    # when the loop probed with generations, which queued behind the stream for ~4 s.)
+    def long_stream() -> None:
+        body = {"prompt": "a man", "size": "256x256", "seed": 1, "num_inference_steps": 150}
         body |= {"stream": True, "partial_images": 3}
         with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=300) as response:
             for line in response.iter_lines():
@@ -150,17 +153,18 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
         stream.start()
         assert started.wait(120), "the long request never started"
         process.send_signal(signal.SIGTERM)
-        refused = None
         deadline = time.time() + 60
-        while refused is None:  # from the drain's start until the exit, new requests are refused
-            assert time.time() < deadline, "no request was refused while draining"
-            response = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a man", "size": "64x64"}, timeout=60)
-            assert response.status_code in (200, 503), response.text
-            if response.status_code == 503:
-                refused = response
+        # /healthz turns 503 when the drain begins (load balancers stop sending); polled because it
+        # answers at once, where a generation sent before the drain would hold the loop for seconds
+        while (health := httpx.get(f"{url}/healthz", timeout=10)).status_code != 503:
+            assert health.status_code == 200, health.text
+            assert time.time() < deadline, "the drain never began"
+            time.sleep(0.1)
+        assert stream.is_alive(), "the long request ended before the drain was checked: make it longer"
+        refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a man", "size": "64x64"}, timeout=60)
+        assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "shutting_down"
         assert int(refused.headers["retry-after"]) >= 1
-        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 503  # load balancers stop sending
         stream.join(timeout=300)
         assert events[-1] == "image_generation.completed", events  # the request in flight finished
         assert events.count("image_generation.partial_image") == 3
@@ -170,6 +174,6 @@ def test_sigterm_drains_requests_in_flight_then_exits(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     output = log_path.read_text()
     assert status == 0, output
-    # the stream, and perhaps one of the probes sent just before the drain began
+    # the stream, and perhaps a health probe sent just as the drain began
     assert re.search(r"draining: new requests get 503; [12] in flight", output), output
     assert "stopped." in output
