@@ -31,6 +31,8 @@ function setUp() {
     $("api-key-field").hidden = false;
     $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
     $("api-key").addEventListener("change", () => localStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));
+    // a new key: ask again, so a refusal of the old one (still in flight, say) is not left showing
+    $("api-key").addEventListener("input", scheduleOptimize);
   }
   $("reference-field").hidden = !config.reference_image;
   for (const [input, output] of [["strength", "strength-value"], ["reference-scale", "reference-scale-value"]]) {
@@ -126,7 +128,7 @@ async function optimize() {
     $("optimized").hidden = true;
     return;
   }
-  optimizeAbort = new AbortController();
+  const abort = (optimizeAbort = new AbortController());
   const body = { prompt, negative_prompt: $("negative-prompt").value, cache_namespace: $("namespace").value || "default" };
   let response;
   try {
@@ -134,19 +136,21 @@ async function optimize() {
       method: "POST",
       headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
-      signal: optimizeAbort.signal,
+      signal: abort.signal,
     });
   } catch (error) {
     if (error.name !== "AbortError") setStatus(`The server could not be reached: ${error.message}`);
     return;
   }
+  // Superseded while its answer was read (a newer prompt or key): the newer request speaks.
+  const result = response.ok ? await response.json() : await errorOf(response);
+  if (abort.signal.aborted) return;
   if (!response.ok) {
-    const error = await errorOf(response);
-    const field = fieldFor(error);
-    if (field) field.querySelector(".field-error").textContent = error.message;
+    const field = fieldFor(result);
+    if (field) field.querySelector(".field-error").textContent = result.message;
     return;
   }
-  showOptimized(await response.json());
+  showOptimized(result);
 }
 
 function showOptimized(result) {
