@@ -448,7 +448,7 @@ def cmd_train_judge(options: argparse.Namespace) -> int:
         train_judge,
     )
 
-    given = {"steps": options.steps, "detail_steps": options.detail_steps}
+    given = {"steps": options.steps, "detail_steps": options.detail_steps, "expression_steps": options.expression_steps}
     steps = {name: value for name, value in given.items() if value is not None}  # absent: the recipe's
     config = JudgeTrainingConfig(**steps, seed=options.seed, threads=options.threads)
     judge = train_judge(config, Path(options.work))
@@ -945,6 +945,9 @@ def _add_train_judge(commands: Any) -> None:
     )
     train.add_argument(
         "--detail-steps", type=int, help="then the detail network's, for earrings (default: the recipe's, 1500)"
+    )
+    train.add_argument(
+        "--expression-steps", type=int, help="then the expression network's (default: the recipe's, 3000)"
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=1, help="torch threads; one more process renders")

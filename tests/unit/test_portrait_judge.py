@@ -15,10 +15,10 @@ from deployments.models.portrait.judge_training import evaluation_set, judge_acc
 from deployments.models.portrait.renderer import hidden_accessories, render_portrait
 from serve_app.ops import cli
 
-# Heads the committed judge reads reliably (>= 97% on 1,000 held-out renders, README): all but
-# expression (90.9%). The regression check holds them to 90% on 200 renders so one unlucky
-# image cannot fail it, and expression to a floor below its own.
-RELIABLE = tuple(name for name in (*HEADS, *ACCESSORIES) if name != "expression")
+# The committed judge reads every head >= 97% of 1,000 held-out renders (README; expression
+# 97.5%, 90.9% before ExpressionNet). The regression check holds them to 90% on 200 renders, so
+# that one unlucky image cannot fail it.
+RELIABLE = (*HEADS, *ACCESSORIES)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def test_the_packaged_judge_reads_renders_it_never_saw(judge):
     assert set(HEADS) <= set(accuracy)
     low = {name: accuracy[name] for name in RELIABLE if accuracy[name] < 0.9}
     assert not low, low
-    assert accuracy["expression"] >= 0.85, accuracy
+    # expression on these 200: 97.0%; the coarse head alone (ExpressionNet's output zeroed) 93.5%
+    assert accuracy["expression"] >= 0.95, accuracy
 
 
 def test_the_packaged_judge_finds_earrings_where_they_show(judge):
@@ -69,16 +70,18 @@ def test_judge_command_refuses_a_file_that_is_not_an_image(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_judge_command_refuses_a_judge_from_before_the_detail_network(tmp_path, capsys, judge):
+@pytest.mark.parametrize("network", ["details", "expression"])
+def test_judge_command_refuses_a_judge_from_before_one_of_its_networks(tmp_path, capsys, judge, network):
     from safetensors.torch import save_file
 
     path = tmp_path / "old-judge.safetensors"
-    coarse_only = {k: v for k, v in judge.net.state_dict().items() if not k.startswith("details.")}
-    save_file({k: v.contiguous() for k, v in coarse_only.items()}, str(path))
+    older = {k: v for k, v in judge.net.state_dict().items() if not k.startswith(f"{network}.")}
+    save_file({k: v.contiguous() for k, v in older.items()}, str(path))
     image = tmp_path / "portrait.png"
     render_portrait(evaluation_set(1)[0][0], seed=1).save(image)
     assert cli.main(["judge", str(image), "--weights", str(path)]) == 2
-    assert "train-judge" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "train-judge" in error and f"its {network} network" in error
 
 
 def test_frechet_distance_is_zero_for_one_set_and_the_squared_shift_for_a_moved_one():
@@ -126,24 +129,50 @@ def test_judge_training_cut_off_and_resumed_ends_with_the_weights_of_an_uninterr
 
     from deployments.models.portrait.judge_training import JudgeTrainingConfig, initial_net, train_judge
 
-    config = JudgeTrainingConfig(steps=6, batch_size=4, checkpoint_every=3, detail_steps=4)
+    config = JudgeTrainingConfig(steps=6, batch_size=4, checkpoint_every=3, detail_steps=4, expression_steps=4)
     whole = train_judge(config, tmp_path / "whole", progress=False, workers=0).net.state_dict()
     train_judge(config, tmp_path / "cut", stop_after=2, progress=False, workers=0)  # in the coarse phase
     train_judge(config, tmp_path / "cut", stop_after=6, progress=False, workers=0)  # in the detail phase
+    train_judge(config, tmp_path / "cut", stop_after=3, progress=False, workers=0)  # in the expression phase
     resumed = train_judge(config, tmp_path / "cut", progress=False, workers=0).net.state_dict()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     untrained = initial_net(config).state_dict()
-    assert not torch.equal(whole["details.cells.weight"], untrained["details.cells.weight"])
+    for trained_last in ("details.cells.weight", "expression.head.weight"):
+        assert not torch.equal(whole[trained_last], untrained[trained_last])
 
 
-def test_the_detail_phase_leaves_the_coarse_network_as_it_was(tmp_path):
+@pytest.mark.parametrize("module", ["details", "expression"])
+def test_a_part_s_phase_changes_that_network_alone(tmp_path, module):
     import torch
 
-    from deployments.models.portrait.judge_training import JudgeTrainingConfig, initial_net, train_judge_details
+    from deployments.models.portrait.judge_training import PARTS, JudgeTrainingConfig, initial_net, train_judge_part
 
-    config = JudgeTrainingConfig(batch_size=4, detail_steps=3)
+    config = JudgeTrainingConfig(batch_size=4, detail_steps=3, expression_steps=3)
     net = initial_net(config)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    trained = train_judge_details(config, net, tmp_path, progress=False, workers=0).net.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], trained[k])}
-    assert changed and all(k.startswith("details.") for k in changed), changed
+    part = next(p for p in PARTS if p.module == module)
+    assert train_judge_part(part, config, net, tmp_path, progress=False, workers=0) is None
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith(f"{module}.") for k in changed), changed
+
+
+def test_expressions_are_drawn_inside_the_face_box_the_expression_network_reads():
+    import numpy as np
+
+    from deployments.models.portrait.attributes import ATTRIBUTE_VALUES
+    from deployments.models.portrait.judge import FACE_BOX, JUDGE_SIZE
+
+    left, top, right, bottom = FACE_BOX
+    outside = np.ones((JUDGE_SIZE, JUDGE_SIZE), dtype=bool)
+    outside[top:bottom, left:right] = False
+    attributes, seeds = evaluation_set(40, seed=3)
+    changed = 0
+    for truth, seed in zip(attributes, seeds):
+        drawn = [
+            np.asarray(render_portrait(replace(truth, expression=e), seed), dtype=np.int16)
+            for e in ATTRIBUTE_VALUES["expression"]
+        ]
+        differs = np.stack([np.abs(d - drawn[0]).max(axis=-1) > 0 for d in drawn[1:]]).any(axis=0)
+        assert not (differs & outside).any(), truth
+        changed += int(differs.sum())
+    assert changed > 40 * 50  # the expressions do differ, by tens of pixels a face

@@ -39,6 +39,8 @@ from deployments.models.portrait.renderer import (
 )
 from deployments.models.portrait.training_loop import Phase, run_phase
 
+EXPRESSION_COLUMN = list(HEADS).index("expression")
+
 EVAL_SEED_OFFSET = 2**40  # render seeds of evaluation images; training seeds stay below 2**31
 
 
@@ -62,6 +64,10 @@ class JudgeTrainingConfig:
     detail_learning_rate: float = 2e-3
     # shown earrings are ~11% of renders: weighted up so that they are not learnt as noise
     detail_positive_weight: float = 4.0
+    # Then the expression network (judge.ExpressionNet), apart from both: the coarse network's
+    # expression head got 90.9% of held-out renders right.
+    expression_steps: int = 3000
+    expression_learning_rate: float = 2e-3
 
 
 def drawn_attributes(rng: random.Random) -> PortraitAttributes:
@@ -160,6 +166,11 @@ def detail_loss(net: JudgeNet, batch: LabelledBatch, *, positive_weight: float) 
     )
 
 
+def expression_loss(net: JudgeNet, batch: LabelledBatch) -> torch.Tensor:
+    """The expression network's loss: cross-entropy on the face's expression."""
+    return nn.functional.cross_entropy(net.expression(batch.images), batch.labels[:, EXPRESSION_COLUMN])
+
+
 def _phase(
     name: str, modules: dict[str, nn.Module], parameters: list[nn.Parameter], lr: float, wd: float, steps: int
 ) -> Phase:
@@ -183,8 +194,8 @@ def train_judge(
     workers: int = 1,
 ) -> Judge:
     """Train (or resume) in `directory` (checkpoints + loss logs): the coarse network, then the
-    detail network on it. `stop_after` steps of this call (both phases counted) simulate a
-    cut-off run. Returns the judge as it stands."""
+    detail network, then the expression network. `stop_after` steps of this call (all phases
+    counted) simulate a cut-off run. Returns the judge as it stands."""
     torch.set_num_threads(config.threads)
     net = initial_net(config)
     coarse = _phase(
@@ -195,10 +206,47 @@ def train_judge(
     budget = _run(coarse, config, "judge-train", loss, directory, stop_after, progress, workers)
     if coarse.step < config.steps:
         return Judge(net)
-    return train_judge_details(config, net, directory, stop_after=budget, progress=progress, workers=workers)
+    for part in PARTS:
+        budget = train_judge_part(part, config, net, directory, stop_after=budget, progress=progress, workers=workers)
+        if budget == 0:
+            break
+    return Judge(net)
 
 
-def train_judge_details(
+@dataclass(frozen=True)
+class JudgePart:
+    """A network of the judge trained on its own after the coarse one (which it neither reads nor changes)."""
+
+    module: str  # JudgeNet's attribute
+    phase: str  # the checkpoint's name
+    stream: str  # its renders
+    loss: Callable[[JudgeNet, JudgeTrainingConfig, LabelledBatch], torch.Tensor]
+    steps: Callable[[JudgeTrainingConfig], int]
+    learning_rate: Callable[[JudgeTrainingConfig], float]
+
+
+PARTS = (
+    JudgePart(
+        "details",
+        "judge_details",
+        "judge-details",
+        lambda net, config, batch: detail_loss(net, batch, positive_weight=config.detail_positive_weight),
+        lambda config: config.detail_steps,
+        lambda config: config.detail_learning_rate,
+    ),
+    JudgePart(
+        "expression",
+        "judge_expression",
+        "judge-expression",
+        lambda net, _config, batch: expression_loss(net, batch),
+        lambda config: config.expression_steps,
+        lambda config: config.expression_learning_rate,
+    ),
+)
+
+
+def train_judge_part(
+    part: JudgePart,
     config: JudgeTrainingConfig,
     net: JudgeNet,
     directory: Path,
@@ -206,23 +254,23 @@ def train_judge_details(
     stop_after: int | None = None,
     progress: bool = True,
     workers: int = 1,
-) -> Judge:
-    """The second phase alone: `net`'s detail network trained (or resumed); the coarse network
-    is neither read nor changed (eval mode: no statistics)."""
+) -> int | None:
+    """One part's phase alone: `net`'s `part` network trained (or resumed); the rest of the
+    judge is neither changed nor updates its statistics (eval mode). Returns the budget left."""
     torch.set_num_threads(config.threads)
     net.eval()
-    details = _phase(
-        "judge_details",
-        {"details": net.details},
-        list(net.details.parameters()),
-        config.detail_learning_rate,
+    module = getattr(net, part.module)
+    phase = _phase(
+        part.phase,
+        {part.module: module},
+        list(module.parameters()),
+        part.learning_rate(config),
         config.weight_decay,
-        config.detail_steps,
+        part.steps(config),
     )
-    details.restore(directory)
-    loss = functools.partial(detail_loss, net, positive_weight=config.detail_positive_weight)
-    _run(details, config, "judge-details", loss, directory, stop_after, progress, workers)
-    return Judge(net)
+    phase.restore(directory)
+    loss = functools.partial(part.loss, net, config)
+    return _run(phase, config, part.stream, loss, directory, stop_after, progress, workers)
 
 
 def _run(
