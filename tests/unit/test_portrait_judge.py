@@ -176,3 +176,14 @@ def test_expressions_are_drawn_inside_the_face_box_the_expression_network_reads(
         assert not (differs & outside).any(), truth
         changed += int(differs.sum())
     assert changed > 40 * 50  # the expressions do differ, by tens of pixels a face
+
+
+def test_train_judge_help_names_the_recipe_s_step_counts():
+    # the CLI does not import torch for --help, so its defaults are written out: they must match
+    from deployments.models.portrait.judge_training import JudgeTrainingConfig
+
+    actions = {a.dest: a for a in cli.parser()._subparsers._group_actions[0].choices["train-judge"]._actions}
+    recipe = JudgeTrainingConfig()
+    for field in ("steps", "detail_steps", "expression_steps"):
+        assert actions[field].default is None  # absent: the recipe's
+        assert actions[field].help.endswith(f"(default: the recipe's, {getattr(recipe, field)})"), field
