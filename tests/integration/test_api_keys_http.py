@@ -93,3 +93,45 @@ def test_a_key_revoked_while_serving_is_refused(keyed):
     revoke_key(path, "bob")
     with pytest.raises(openai.AuthenticationError):
         bobs.images.generate(prompt="a man", size="64x64", extra_body=FAST)
+
+
+def test_a_prompt_check_sent_before_the_key_does_not_leave_its_refusal_showing(keyed, browser):
+    """The prompt is checked as it is typed; one sent before the key was typed is held here until
+    after a keyed generation has finished (as a slow server would), then let through: its 401
+    must not land in the key field (CI once saw exactly that)."""
+    import time
+
+    url, path, _, _ = keyed
+    _, carol = add_key(path, "carol")  # bob's key is revoked by the test above
+    context = browser.new_context()
+    held = []
+
+    def hold_keyless(route):
+        if "authorization" in route.request.headers:
+            route.continue_()
+        else:
+            held.append(route)
+
+    try:
+        page = context.new_page()
+        page.route("**/v1/prompts/optimize", hold_keyless)
+        page.goto(f"{url}/")
+        page.fill("#size", "64x64")
+        page.fill("#steps", "2")
+        page.fill("#prompt", "a man")
+        deadline = time.time() + 30
+        while not held:  # the check, debounced, goes out without a key
+            assert time.time() < deadline, "no prompt check was sent"
+            page.wait_for_timeout(100)
+        page.fill("#api-key", carol)
+        page.click("#submit")
+        page.wait_for_selector("#images[data-state=done]", timeout=120_000)
+        try:
+            held[0].continue_()  # the keyless check reaches the server now (401)
+        except Exception:  # noqa: BLE001 - the page dropped it already: nothing to answer
+            pass
+        page.wait_for_timeout(1000)  # long enough for its answer to be shown, were it to be
+        assert page.locator('.field[data-param="api_key"] .field-error').text_content() == ""
+        assert page.is_visible("#optimized")  # the check sent with the key answered
+    finally:
+        context.close()

@@ -31,8 +31,12 @@ function setUp() {
     $("api-key-field").hidden = false;
     $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
     $("api-key").addEventListener("change", () => localStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));
-    // a new key: ask again, so a refusal of the old one (still in flight, say) is not left showing
-    $("api-key").addEventListener("input", scheduleOptimize);
+    // A new key: drop the check sent with the old one (its refusal would land after this
+    // key's requests cleared the errors) and check again.
+    $("api-key").addEventListener("input", () => {
+      optimizeAbort?.abort();
+      scheduleOptimize();
+    });
   }
   $("reference-field").hidden = !config.reference_image;
   for (const [input, output] of [["strength", "strength-value"], ["reference-scale", "reference-scale-value"]]) {
@@ -143,7 +147,13 @@ async function optimize() {
     return;
   }
   // Superseded while its answer was read (a newer prompt or key): the newer request speaks.
-  const result = response.ok ? await response.json() : await errorOf(response);
+  let result;
+  try {
+    result = response.ok ? await response.json() : await errorOf(response);
+  } catch (error) {
+    if (error.name !== "AbortError") setStatus(`The server's answer could not be read: ${error.message}`);
+    return;
+  }
   if (abort.signal.aborted) return;
   if (!response.ok) {
     const field = fieldFor(result);
