@@ -448,7 +448,7 @@ def cmd_train_judge(options: argparse.Namespace) -> int:
         train_judge,
     )
 
-    given = {"steps": options.steps, "detail_steps": options.detail_steps, "expression_steps": options.expression_steps}
+    given = {name: getattr(options, name) for name in ("steps", "detail_steps", "expression_steps")}
     steps = {name: value for name, value in given.items() if value is not None}  # absent: the recipe's
     config = JudgeTrainingConfig(**steps, seed=options.seed, threads=options.threads)
     judge = train_judge(config, Path(options.work))

@@ -54,6 +54,15 @@ DETAIL_ACCESSORIES = ("earrings",)
 DETAIL_COLUMNS = [ACCESSORIES.index(a) for a in DETAIL_ACCESSORIES]
 
 
+def conv_stack(channels: list[int], strides: list[int]) -> nn.Sequential:
+    """3x3 convolution, batch norm, ReLU from each channel count to the next, at these strides."""
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in zip(channels, channels[1:], strides):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
 class DetailNet(nn.Module):
     """Convolutions from full resolution to a 32 x 32 map of cells, a logit per cell (is the
     thing in these 4 x 4 pixels?), and the image's logit the largest of them. It trains on
@@ -66,12 +75,7 @@ class DetailNet(nn.Module):
     def __init__(self, width: int = 16):
         super().__init__()
         channels = [3, width, width, width * 2, width * 2, width * 2]
-        strides = [1, 1, 2, 1, 2]
-        layers: list[nn.Module] = []
-        for c_in, c_out, stride in zip(channels, channels[1:], strides):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out)]
-            layers.append(nn.ReLU(inplace=True))
-        self.features = nn.Sequential(*layers)
+        self.features = conv_stack(channels, strides=[1, 1, 2, 1, 2])
         self.cells = nn.Conv2d(channels[-1], len(DETAIL_ACCESSORIES), 1)
 
     def cell_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,12 +104,7 @@ class ExpressionNet(nn.Module):
     def __init__(self, width: int = 16):
         super().__init__()
         channels = [3, width, width, width * 2, width * 4, width * 8, width * 8]
-        strides = [1, 1, 2, 2, 2, 2]
-        layers: list[nn.Module] = []
-        for c_in, c_out, stride in zip(channels, channels[1:], strides):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out)]
-            layers.append(nn.ReLU(inplace=True))
-        self.features = nn.Sequential(*layers)
+        self.features = conv_stack(channels, strides=[1, 1, 2, 2, 2, 2])
         self.head = nn.Linear(channels[-1], len(HEADS["expression"]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
