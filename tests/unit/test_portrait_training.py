@@ -28,6 +28,7 @@ CONFIG = PortraitTrainingConfig(
     pool_size=6,
     pool_chunk=4,
     diffusion_long_steps=0,
+    diffusion_face_steps=0,
     adapter_steps=0,
 )
 
@@ -97,6 +98,7 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
         vae_refine_steps=1,
         diffusion_refine_steps=1,
         diffusion_long_steps=1,
+        diffusion_face_steps=1,
         previewer_steps=2,
         previewer_targets=4,
         adapter_steps=1,
@@ -105,7 +107,8 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
     work = tmp_path / "work"
     shutil.copytree(portrait_random_weights, work / "init")  # the recipe builds it when missing
     output = train_portrait_model(config, work, tmp_path / "model", progress=False)
-    for stage in ("vae", "vae_refine", "diffusion", "diffusion_refine", "diffusion_long", "previewer", "adapter"):
+    stages = ("vae", "vae_refine", "diffusion", "diffusion_refine", "diffusion_long", "diffusion_face")
+    for stage in (*stages, "previewer", "adapter"):
         assert (work / f"{stage}_checkpoint.pt").exists(), stage
     assert (work / "latent_pool_refined").is_dir()
     parts = load_components(output)
@@ -115,3 +118,17 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
     from deployments.models.loading import has_image_prompt_adapter
 
     assert has_image_prompt_adapter(output)
+
+
+def test_the_face_stage_weighs_the_latent_cells_of_the_face_box_up():
+    from deployments.models.portrait.judge import FACE_BOX
+    from deployments.models.portrait.model_training import latent_face_weight
+
+    weight = latent_face_weight(2.0)
+    assert weight.shape == (1, 1, 16, 16)
+    left, top, right, bottom = FACE_BOX
+    for row in range(16):
+        for column in range(16):
+            overlaps = column * 8 < right and (column + 1) * 8 > left and row * 8 < bottom and (row + 1) * 8 > top
+            assert weight[0, 0, row, column] == (3.0 if overlaps else 1.0), (row, column)
+    assert torch.equal(latent_face_weight(0.0), torch.ones(1, 1, 16, 16))

@@ -61,6 +61,13 @@ class PortraitTrainingConfig:
     # and generated adherence was far below what the VAE keeps (35% vs 74%).
     diffusion_long_steps: int = 4000
     diffusion_long_learning_rate: float = 2e-4
+    # Then with the loss weighted up on the face: after the long stage the attributes drawn at
+    # chance (view, expression, glasses) were the ones a few latent cells of the face show, while
+    # the large ones (background, hair colour) were right; the face box (judge.FACE_BOX, a third
+    # of the latent) counts 1 + diffusion_face_weight times as much as the rest.
+    diffusion_face_steps: int = 3000
+    diffusion_face_learning_rate: float = 2e-4
+    diffusion_face_weight: float = 2.0
     # The live-preview decoder (deployments/vae/previewer.py), trained against the final VAE on
     # the first `previewer_targets` latents of the last pool.
     previewer_steps: int = 1500
@@ -239,12 +246,14 @@ def load_components(model_dir: Path) -> PortraitComponents:
 @dataclass(frozen=True)
 class Stage:
     """One training stage: the name of its checkpoint and loss log, its steps, its peak learning
-    rate (linear warm-up, cosine decay to 0), and for the VAE the edge weight of its loss."""
+    rate (linear warm-up, cosine decay to 0), for the VAE the edge weight of its loss, for the
+    diffusion model the extra weight of the face's latent cells in its loss."""
 
     name: str
     steps: int
     learning_rate: float
     detail_weight: float = 0.0
+    face_weight: float = 0.0
 
 
 def vae_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
@@ -254,13 +263,33 @@ def vae_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
     )
 
 
-def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage, Stage]:
-    """On the first pool; on the refined pool; longer on the refined pool."""
+def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage, Stage, Stage]:
+    """On the first pool; on the refined pool; longer on the refined pool; weighted on the face."""
     return (
         Stage("diffusion", config.diffusion_steps, config.diffusion_learning_rate),
         Stage("diffusion_refine", config.diffusion_refine_steps, config.diffusion_refine_learning_rate),
         Stage("diffusion_long", config.diffusion_long_steps, config.diffusion_long_learning_rate),
+        Stage(
+            "diffusion_face",
+            config.diffusion_face_steps,
+            config.diffusion_face_learning_rate,
+            face_weight=config.diffusion_face_weight,
+        ),
     )
+
+
+def latent_face_weight(face_weight: float, latent_size: int = IMAGE_SIZE // 8) -> torch.Tensor:
+    """(1, 1, S, S): 1 + face_weight on the latent cells that overlap judge.FACE_BOX (where the
+    face's features are drawn), 1 elsewhere."""
+    from deployments.models.portrait.judge import FACE_BOX, JUDGE_SIZE
+
+    cell = JUDGE_SIZE / latent_size
+    left, top, right, bottom = FACE_BOX
+    weight = torch.ones(1, 1, latent_size, latent_size)
+    rows = slice(int(top // cell), math.ceil(bottom / cell))
+    columns = slice(int(left // cell), math.ceil(right / cell))
+    weight[:, :, rows, columns] += face_weight
+    return weight
 
 
 def edge_strength(images: torch.Tensor) -> torch.Tensor:
@@ -336,6 +365,7 @@ def train_diffusion(
     phase = _phase(stage.name, {"unet": unet, "text_encoder": text_encoder}, stage.learning_rate, stage.steps)
     phase.restore(directory)
     end = stage.steps if stop_after is None else min(stage.steps, phase.step + stop_after)
+    weight = latent_face_weight(stage.face_weight) if stage.face_weight else None
 
     def loss_of(batch: tuple[torch.Tensor, list[str]], step: int) -> torch.Tensor:
         latents, captions = batch
@@ -349,7 +379,9 @@ def train_diffusion(
         ).input_ids
         context = text_encoder(tokens)[0]
         prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
-        return nn.functional.mse_loss(prediction, target)
+        if weight is None:
+            return nn.functional.mse_loss(prediction, target)
+        return (weight * (prediction - target) ** 2).mean() / weight.mean()  # the plain loss's scale
 
     if phase.step < end:
         run_phase(
@@ -404,11 +436,11 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
         timings[f"{diffusion_stage.name}_s"] = time.perf_counter() - began
     if pool is None:
         raise ValueError("no training stage has steps: set vae_steps or diffusion_steps above 0")
-    long_stage = diffusion_stages(config)[2]
-    if long_stage.steps:
-        began = time.perf_counter()
-        train_diffusion(parts, pool, config, work, stage=long_stage, progress=progress)
-        timings[f"{long_stage.name}_s"] = time.perf_counter() - began
+    for later_stage in diffusion_stages(config)[2:]:  # on the refined pool, after its first stage
+        if later_stage.steps:
+            began = time.perf_counter()
+            train_diffusion(parts, pool, config, work, stage=later_stage, progress=progress)
+            timings[f"{later_stage.name}_s"] = time.perf_counter() - began
     began = time.perf_counter()
     previewer = train_model_previewer(parts, pool, config, work, progress=progress)
     timings["previewer_s"] = time.perf_counter() - began
