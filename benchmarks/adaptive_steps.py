@@ -2,7 +2,7 @@
 
 The in-process pipeline with the served settings (the four engines, step-level batching in
 the Denoiser, the step controller reading the Denoiser's live load; no Ray, no HTTP: the
-policy is what is measured) on the embedded model. First the capacity of `fixed 30`
+policy is what is measured) on the served model (`portrait` unless --model). First the capacity of `fixed 30`
 (closed loop, as many clients as the Denoiser's batch) and the latency of one `fixed 30`
 request alone; the latency target is `--target-factor` x that latency. Then, for every
 load factor, the same Poisson arrival times and requests (prompts of varied complexity,
@@ -14,8 +14,9 @@ fixed seeds) through every policy:
 
 Reported per run: SLO attainment (share of requests done within the target, counted from
 their scheduled arrival), goodput (requests within the target per second of the run), p50 /
-p95 latency, mean steps, and mean PSNR of each image against a 50-step render of the same
-prompt and seed (identical images count as 100 dB).
+p95 latency, mean steps, mean PSNR of each image against a 50-step render of the same
+prompt and seed (identical images count as 100 dB), and mean adherence: the share of each
+prompt's drawable attributes that the judge sees in its image (as `fusionserve judge --prompt`).
 
     .venv/bin/python -m benchmarks.adaptive_steps                   # ~10 min
     .venv/bin/python -m benchmarks.adaptive_steps --quick           # < 3 min
@@ -122,6 +123,39 @@ def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
     return times
 
 
+class AdherenceReader:
+    """The judge's adherence of an image to the prompt it was made from (None: the prompt asks
+    nothing a portrait shows, or the model is not the portrait model, which the judge reads)."""
+
+    def __init__(self, model_dir: Path):
+        from deployments.models.portrait.evaluation import read_prompts
+        from deployments.models.portrait.judge import Judge
+
+        self.asked = dict(zip(PROMPTS, read_prompts(model_dir, PROMPTS), strict=True))
+        self.judge = Judge.packaged()
+
+    def __call__(self, prompts: list[str], pngs: list[bytes]) -> list[float | None]:
+        import io
+
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+        readings = self.judge.read(images)
+        return [self.asked[prompt].adherence(reading) for prompt, reading in zip(prompts, readings, strict=True)]
+
+
+def mean_adherence(scores: list[float | None]) -> float | None:
+    asked = [score for score in scores if score is not None]
+    return round(statistics.fmean(asked), 4) if asked else None
+
+
+def served_pipeline(model: str, settings, **options):
+    from deployments.models import loading
+    from serve_app.flow.pipeline import local_pipeline_for
+
+    return local_pipeline_for(loading.resolve_model(model), settings, **options)
+
+
 def run(
     size: int,
     load_factors: list[float],
@@ -130,14 +164,15 @@ def run(
     seeds: int,
     target_factor: float,
     capacity_requests: int,
+    model: str = "portrait",
 ) -> dict:
     from deployments.models import loading
-    from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.quality import psnr_db
     from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
 
-    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG))
-    pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings)
+    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG), model)
+    pipeline = served_pipeline(model, settings)
+    read_adherence = AdherenceReader(loading.resolve_model(model)) if model == "portrait" else None
     batch = settings.denoiser.max_batch_size
 
     async def measure():
@@ -173,6 +208,8 @@ def run(
     for raw in raw_runs:
         latencies, steps, psnrs, within = [], [], [], 0
         errors = [o[7] / o[6] for o in raw["outcomes"] if o[6]]  # actual / predicted, where the slo policy predicted
+        prompts = [request_for(o[0], "fixed 30", size, target_ms, seeds).prompt for o in raw["outcomes"]]
+        adherence = read_adherence(prompts, [o[4] for o in raw["outcomes"]]) if read_adherence else []
         for index, latency, chosen, _, png, *_ in raw["outcomes"]:
             request = request_for(index, "fixed 30", size, target_ms, seeds)
             score = psnr_db(png, references[(request.prompt, request.seed)])
@@ -191,6 +228,7 @@ def run(
                 "p95_ms": round(percentile(latencies, 95), 1),
                 "mean_steps": round(statistics.fmean(steps), 2),
                 "mean_psnr_db": round(statistics.fmean(psnrs), 2),
+                "mean_adherence": mean_adherence(adherence),
                 "steps": steps,
                 "main_reason": reasons[0],
                 "actual_over_predicted": round(statistics.median(errors), 3) if errors else None,
@@ -204,6 +242,7 @@ def run(
             same[str(factor)] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
     return {
         "config": {
+            "model": model,
             "size": size,
             "requests_per_run": requests,
             "seeds": seeds,
@@ -222,23 +261,23 @@ def run(
     }
 
 
-def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int = 30) -> dict:
+def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int = 30, model: str = "portrait") -> dict:
     """Each prompt x seed at `steps` steps, one at a time, with convergence early stop at each
-    threshold: steps actually run, time, and PSNR against the same request run to the end
-    and against 50 steps."""
+    threshold: steps actually run, time, PSNR against the same request run to the end and
+    against 50 steps, and the judge's adherence (portrait model)."""
     from deployments.models import loading
-    from serve_app.flow.pipeline import local_pipeline_for
     from serve_app.flow.quality import psnr_db
     from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
 
-    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG))
+    settings, _, _ = split_app_config(load_serve_config(DEFAULT_CONFIG), model)
+    read_adherence = AdherenceReader(loading.resolve_model(model)) if model == "portrait" else None
     counted = []
     requests = [request_for(i, "fixed 30", size, 1e9, seeds) for i in range(len(PROMPTS) * seeds)]
     requests = [dataclasses.replace(r, num_inference_steps=steps) for r in requests]
 
     def render(threshold: float | None, step_count: int | None = None):
         settings.steps.early_stop_threshold = threshold
-        pipeline = local_pipeline_for(loading.resolve_model("tiny"), settings, on_step=lambda *_: counted.append(1))
+        pipeline = served_pipeline(model, settings, on_step=lambda *_: counted.append(1))
         rows = []
         for request in requests:
             if step_count is not None:
@@ -257,6 +296,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
         vs_full = [psnr_db(r[0], f[0]) for r, f in zip(rows, full)]
         vs_fifty = [psnr_db(r[0], f[0]) for r, f in zip(rows, fifty)]
         mean_ms = statistics.fmean(r[2] for r in rows)
+        adherence = read_adherence([r.prompt for r in requests], [r[0] for r in rows]) if read_adherence else []
         return {
             "threshold": threshold,
             "mean_steps_run": round(statistics.fmean(r[1] for r in rows), 2),
@@ -265,11 +305,13 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
             "psnr_vs_full_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_full), 2),
             "min_psnr_vs_full_db": round(min(min(v, IDENTICAL_DB) for v in vs_full), 2),
             "psnr_vs_50_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_fifty), 2),
+            "mean_adherence": mean_adherence(adherence),
         }
 
     rows = [summary(None, full)] + [summary(t, render(t)) for t in thresholds]
     return {
         "config": {
+            "model": model,
             "size": size,
             "steps": steps,
             "requests": len(requests),
@@ -284,20 +326,22 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
 def early_stop_markdown(results: dict) -> str:
     lines = [
         "| early stop threshold | mean steps run | mean ms | speed-up | PSNR vs run to the end (mean / min) "
-        "| PSNR vs 50 steps |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| PSNR vs 50 steps | adherence |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         name = "off" if r["threshold"] is None else f"{r['threshold']:g}"
         lines.append(
             f"| {name} | {r['mean_steps_run']:.1f} | {r['mean_ms']:,.0f} | {r['speedup']:.2f}x "
-            f"| {r['psnr_vs_full_db']:.1f} / {r['min_psnr_vs_full_db']:.1f} dB | {r['psnr_vs_50_db']:.1f} dB |"
+            f"| {r['psnr_vs_full_db']:.1f} / {r['min_psnr_vs_full_db']:.1f} dB | {r['psnr_vs_50_db']:.1f} dB "
+            f"| {percent(r.get('mean_adherence'))} |"
         )
     c = results["config"]
     lines += [
         "",
-        f"Embedded model, {c['size']}x{c['size']}, {c['steps']} steps requested, {c['requests']} requests "
-        f"one at a time (100 dB = identical); {c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`.",
+        f"`{c.get('model', 'tiny')}` model, {c['size']}x{c['size']}, {c['steps']} steps requested, {c['requests']} "
+        f"requests one at a time (100 dB = identical; adherence: the judge's, on the prompts' drawable "
+        f"attributes); {c['machine']}; {c['date'][:10]}; `{c['command'].strip()}`.",
     ]
     return "\n".join(lines)
 
@@ -333,21 +377,27 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def percent(share: float | None) -> str:
+    return "–" if share is None else f"{share:.1%}"
+
+
 def markdown(results: dict) -> str:
     lines = [
-        "| load | policy | within target | goodput rps | p50 ms | p95 ms | mean steps | mean PSNR vs 50 steps |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| load | policy | within target | goodput rps | p50 ms | p95 ms | mean steps | mean PSNR vs 50 steps "
+        "| adherence |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         lines.append(
             f"| {r['load_factor']:.1f}x | {r['policy']} | {r['slo_attainment']:.0%} | {r['goodput_rps']:.2f} "
-            f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {r['mean_steps']:.1f} | {r['mean_psnr_db']:.1f} dB |"
+            f"| {r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {r['mean_steps']:.1f} | {r['mean_psnr_db']:.1f} dB "
+            f"| {percent(r.get('mean_adherence'))} |"
         )
     c = results["config"]
     same = ", ".join(f"{float(k):.1f}x: {v:.0%}" for k, v in results["slo_same_steps_as_complexity"].items())
     lines += [
         "",
-        f"Embedded model, {c['size']}x{c['size']}, {c['requests_per_run']} Poisson arrivals per run; "
+        f"`{c.get('model', 'tiny')}` model, {c['size']}x{c['size']}, {c['requests_per_run']} Poisson arrivals per run; "
         f"capacity of fixed 30 = {c['capacity_rps']:.2f} requests/s (closed loop, {c['max_batch_size']} clients); "
         f"target = {c['target_factor']:g} x one fixed-30 request alone ({c['fixed30_alone_ms']:,.0f} ms) = "
         f"{c['target_ms']:,.0f} ms. slo chose the complexity policy's steps for {same} of requests. "
@@ -360,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="0.5x and 2x load, 16 requests per run (< 3 min)")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--model", default="portrait", help="a model name or folder (adherence: portrait only)")
     parser.add_argument("--loads", default="0.5,1,1.5,2", help="load factors (x capacity of fixed 30)")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per run")
@@ -385,14 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
     if options.early_stop:
         thresholds = [float(t) for t in options.thresholds.split(",")]
-        results = early_stop_study(options.size, thresholds, 1 if options.quick else 2)
+        results = early_stop_study(options.size, thresholds, 1 if options.quick else 2, model=options.model)
         json_path = results_path("early_stop", options.quick, options.json)
         publish(results, json_path, early_stop_markdown(results), options.update_readme, "early_stop")
         return 0
     requests, seeds, capacity_requests = options.requests, options.seeds, 24
     if options.quick:
         loads, requests, seeds, capacity_requests = [0.5, 2.0], 16, 2, 16
-    results = run(options.size, loads, policies, requests, seeds, options.target_factor, capacity_requests)
+    results = run(
+        options.size, loads, policies, requests, seeds, options.target_factor, capacity_requests, options.model
+    )
     json_path = results_path(SECTION, options.quick, options.json)
     plot(results, plot_path(json_path))
     for row in results["runs"]:
