@@ -1,7 +1,8 @@
 """Training the portrait model: the VAE on renders made on the fly, then the text encoder and
 the UNet together on a pool of encoded renders; then the same two again as refine stages (the
-VAE with an edge-weighted loss, the UNet on a pool it encodes anew); last, the live-preview
-decoder against the final VAE. Each phase checkpoints atomically and resumes exactly.
+VAE with an edge-weighted loss, the UNet on a pool it encodes anew); the UNet for longer on
+that pool, then with its loss weighted up on the face; last, the live-preview decoder against
+the final VAE. Each phase checkpoints atomically and resumes exactly.
 
 Every batch, and every random draw of a step (crops, noise, timesteps, the VAE's posterior
 sample), is a pure function of (seed, phase, step), so a run cut off anywhere and resumed ends
