@@ -124,8 +124,8 @@ def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
 
 
 class AdherenceReader:
-    """The judge's adherence of an image to the prompt it was made from (None: the prompt asks
-    nothing a portrait shows, or the model is not the portrait model, which the judge reads)."""
+    """The judge's mean adherence of images to the prompts they were made from (the portrait
+    model only: the judge reads portraits), as every adherence benchmark computes it."""
 
     def __init__(self, model_dir: Path):
         from deployments.models.portrait.evaluation import read_prompts
@@ -134,19 +134,16 @@ class AdherenceReader:
         self.asked = dict(zip(PROMPTS, read_prompts(model_dir, PROMPTS), strict=True))
         self.judge = Judge.packaged()
 
-    def __call__(self, prompts: list[str], pngs: list[bytes]) -> list[float | None]:
+    def __call__(self, prompts: list[str], pngs: list[bytes]) -> float:
         import io
 
         from PIL import Image
 
+        from deployments.models.portrait.evaluation import adherence_report
+
         images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
-        readings = self.judge.read(images)
-        return [self.asked[prompt].adherence(reading) for prompt, reading in zip(prompts, readings, strict=True)]
-
-
-def mean_adherence(scores: list[float | None]) -> float | None:
-    asked = [score for score in scores if score is not None]
-    return round(statistics.fmean(asked), 4) if asked else None
+        report = adherence_report([self.asked[prompt] for prompt in prompts], self.judge.read(images))
+        return round(report.overall, 4)
 
 
 def served_pipeline(model: str, settings, **options):
@@ -208,8 +205,6 @@ def run(
     for raw in raw_runs:
         latencies, steps, psnrs, within = [], [], [], 0
         errors = [o[7] / o[6] for o in raw["outcomes"] if o[6]]  # actual / predicted, where the slo policy predicted
-        prompts = [request_for(o[0], "fixed 30", size, target_ms, seeds).prompt for o in raw["outcomes"]]
-        adherence = read_adherence(prompts, [o[4] for o in raw["outcomes"]]) if read_adherence else []
         for index, latency, chosen, _, png, *_ in raw["outcomes"]:
             request = request_for(index, "fixed 30", size, target_ms, seeds)
             score = psnr_db(png, references[(request.prompt, request.seed)])
@@ -218,6 +213,8 @@ def run(
             steps.append(chosen)
             within += latency <= target_ms
         reasons = statistics.multimode([o[3] for o in raw["outcomes"]])
+        prompts = [request_for(o[0], "fixed 30", size, target_ms, seeds).prompt for o in raw["outcomes"]]
+        adherence = read_adherence(prompts, [o[4] for o in raw["outcomes"]]) if read_adherence else None
         rows.append(
             {
                 "policy": raw["policy"],
@@ -228,7 +225,7 @@ def run(
                 "p95_ms": round(percentile(latencies, 95), 1),
                 "mean_steps": round(statistics.fmean(steps), 2),
                 "mean_psnr_db": round(statistics.fmean(psnrs), 2),
-                "mean_adherence": mean_adherence(adherence),
+                "mean_adherence": adherence,
                 "steps": steps,
                 "main_reason": reasons[0],
                 "actual_over_predicted": round(statistics.median(errors), 3) if errors else None,
@@ -296,7 +293,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
         vs_full = [psnr_db(r[0], f[0]) for r, f in zip(rows, full)]
         vs_fifty = [psnr_db(r[0], f[0]) for r, f in zip(rows, fifty)]
         mean_ms = statistics.fmean(r[2] for r in rows)
-        adherence = read_adherence([r.prompt for r in requests], [r[0] for r in rows]) if read_adherence else []
+        adherence = read_adherence([r.prompt for r in requests], [r[0] for r in rows]) if read_adherence else None
         return {
             "threshold": threshold,
             "mean_steps_run": round(statistics.fmean(r[1] for r in rows), 2),
@@ -305,7 +302,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
             "psnr_vs_full_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_full), 2),
             "min_psnr_vs_full_db": round(min(min(v, IDENTICAL_DB) for v in vs_full), 2),
             "psnr_vs_50_db": round(statistics.fmean(min(v, IDENTICAL_DB) for v in vs_fifty), 2),
-            "mean_adherence": mean_adherence(adherence),
+            "mean_adherence": adherence,
         }
 
     rows = [summary(None, full)] + [summary(t, render(t)) for t in thresholds]
