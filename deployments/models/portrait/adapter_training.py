@@ -45,7 +45,9 @@ PHASE = "adapter"
 
 @dataclass(frozen=True)
 class AdapterTrainingConfig:
-    steps: int = 2000
+    # Its loss was still falling at 2,000 steps; 4,000 lifted identity adherence on the tuning
+    # pairs from 44.5% to 48.3% (the plain edit's: 32.5%).
+    steps: int = 4000
     batch: int = 32
     learning_rate: float = 5e-4
     # Captions that leave the face's traits (ethnicity, hair) to the reference; the rest name

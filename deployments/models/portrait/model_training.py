@@ -74,7 +74,7 @@ class PortraitTrainingConfig:
     previewer_steps: int = 1500
     previewer_targets: int = 2048
     # The image-prompt adapter (adapter_training.py), trained last on the finished model; 0: none.
-    adapter_steps: int = 2000
+    adapter_steps: int = 4000
     adapter_batch: int = 32
     # Renders encoded once and sampled from (each with a fresh caption and posterior draw): a
     # VAE encode of 32 images costs as much as a UNet training step (0.85 s vs 0.72 s).
