@@ -450,6 +450,11 @@ class OnnxFeatureCache:
     ) -> torch.Tensor:
         session = self._load()
         assert session is not None and branch_id == ONNX_CACHE_BRANCH
+        if session.embed_dim is None:
+            # The exporter drops inputs a graph never reads: an outer level without
+            # cross-attention (the portrait UNet's) never sees the reference, so its rows run
+            # exactly without it.
+            image_embeds = None
         (noise,) = session.run(sample, timesteps, context, image_embeds, self.scale, deep_features)
         return torch.from_numpy(noise)
 

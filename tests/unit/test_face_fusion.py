@@ -148,6 +148,35 @@ def test_reference_scale_zero_is_the_plain_edit(fusion_pipe):
     assert max_pixel_diff(used.images_png[0], plain.images_png[0]) > 8
 
 
+def test_a_reference_edit_runs_with_feature_caching(fusion_pipe):
+    """The portrait UNet's outer level has no cross-attention, so its cached steps' ONNX graph
+    has no adapter inputs: a reference row's cached step runs without them (it failed the whole
+    batch, as the step controller picks caching under load); the whole steps still carry A."""
+    source, target = render_portrait(SOURCE, SOURCE_SEED), render_portrait(TARGET, TARGET_SEED)
+    mask = head_region(TARGET, TARGET_SEED, face=SOURCE)
+
+    def cached(scale: float):
+        return run(
+            fusion_pipe.generate(
+                edit(
+                    PROMPT,
+                    target,
+                    seed=5,
+                    steps=10,
+                    mask=mask,
+                    reference_image=source,
+                    reference_scale=scale,
+                    scheduler="ddim",
+                    cache_interval=2,
+                )
+            )
+        )
+
+    fused, plain = cached(1.5), cached(0.0)
+    assert fused.usage.cache_interval == 2
+    assert max_pixel_diff(fused.images_png[0], png_pixels(plain.images_png[0])) > 10
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_portrait_adapter_matches_diffusers_ip_adapter(fusion_pipe, portrait_model_path, masked):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
