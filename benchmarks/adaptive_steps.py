@@ -40,6 +40,7 @@ from pathlib import Path
 
 from benchmarks.readme_table import command_line, plot_path, publish, results_path
 from benchmarks.stats import percentile
+from benchmarks.turns import SETTLE_S
 
 SECTION = "adaptive_steps"
 POLICIES = ("fixed 30", "fixed 15", "complexity", "slo")
@@ -261,7 +262,9 @@ def run(
 def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int = 30, model: str = "portrait") -> dict:
     """Each prompt x seed at `steps` steps, one at a time, with convergence early stop at each
     threshold: steps actually run, time, PSNR against the same request run to the end and
-    against 50 steps, and the judge's adherence (portrait model)."""
+    against 50 steps, and the judge's adherence (portrait model). The thresholds take turns
+    request by request (each on its own pipeline, in reversed order every other request, a
+    settling pause before each), so the machine's drift falls on all of them alike."""
     from deployments.models import loading
     from serve_app.flow.quality import psnr_db
     from serve_app.ops.cli import DEFAULT_CONFIG, load_serve_config, split_app_config
@@ -271,22 +274,28 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
     counted = []
     requests = [request_for(i, "fixed 30", size, 1e9, seeds) for i in range(len(PROMPTS) * seeds)]
     requests = [dataclasses.replace(r, num_inference_steps=steps) for r in requests]
+    levels: list[float | None] = [None, *thresholds]
+    pipelines = {}
+    for threshold in levels:
+        level_settings = settings.model_copy(deep=True)
+        level_settings.steps.early_stop_threshold = threshold
+        pipelines[threshold] = served_pipeline(model, level_settings, on_step=lambda *_: counted.append(1))
 
-    def render(threshold: float | None, step_count: int | None = None):
-        settings.steps.early_stop_threshold = threshold
-        pipeline = served_pipeline(model, settings, on_step=lambda *_: counted.append(1))
-        rows = []
-        for request in requests:
-            if step_count is not None:
-                request = dataclasses.replace(request, num_inference_steps=step_count)
-            counted.clear()
-            start = time.perf_counter()
-            png = asyncio.run(pipeline.generate(request)).images_png[0]
-            rows.append((png, len(counted), (time.perf_counter() - start) * 1000.0))
-        return rows
+    def generate(threshold: float | None, request) -> tuple[bytes, int, float]:
+        counted.clear()
+        start = time.perf_counter()
+        png = asyncio.run(pipelines[threshold].generate(request)).images_png[0]
+        return png, len(counted), (time.perf_counter() - start) * 1000.0
 
-    render(None, 2)  # warm-up
-    full, fifty = render(None), render(None, 50)
+    for threshold in levels:  # warm-up
+        generate(threshold, dataclasses.replace(requests[0], num_inference_steps=2))
+    fifty = [generate(None, dataclasses.replace(r, num_inference_steps=50)) for r in requests]
+    by_level: dict[float | None, list[tuple[bytes, int, float]]] = {t: [] for t in levels}
+    for index, request in enumerate(requests):
+        for threshold in levels if index % 2 == 0 else reversed(levels):
+            time.sleep(SETTLE_S)
+            by_level[threshold].append(generate(threshold, request))
+    full = by_level[None]
     base_ms = statistics.fmean(r[2] for r in full)
 
     def summary(threshold, rows):
@@ -305,7 +314,7 @@ def early_stop_study(size: int, thresholds: list[float], seeds: int, steps: int 
             "mean_adherence": adherence,
         }
 
-    rows = [summary(None, full)] + [summary(t, render(t)) for t in thresholds]
+    rows = [summary(t, by_level[t]) for t in levels]
     return {
         "config": {
             "model": model,
