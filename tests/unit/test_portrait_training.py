@@ -99,6 +99,7 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
         diffusion_refine_steps=1,
         diffusion_long_steps=1,
         diffusion_face_steps=1,
+        diffusion_feature_steps=1,
         previewer_steps=2,
         previewer_targets=4,
         adapter_steps=1,
@@ -108,9 +109,11 @@ def test_the_whole_recipe_writes_a_loadable_model_with_its_previewer_and_adapter
     shutil.copytree(portrait_random_weights, work / "init")  # the recipe builds it when missing
     output = train_portrait_model(config, work, tmp_path / "model", progress=False)
     stages = ("vae", "vae_refine", "diffusion", "diffusion_refine", "diffusion_long", "diffusion_face")
+    stages += ("diffusion_features",)
     for stage in (*stages, "previewer", "adapter"):
         assert (work / f"{stage}_checkpoint.pt").exists(), stage
     assert (work / "latent_pool_refined").is_dir()
+    assert len(list((work / "feature_cells").glob("chunk_*.pt"))) == 2  # pool_size 6 in chunks of 4
     parts = load_components(output)
     assert parts.vae.config.scaling_factor > 0
     previewer = LatentPreviewer.load(output / PREVIEWER_FOLDER)
@@ -132,3 +135,25 @@ def test_the_face_stage_weighs_the_latent_cells_of_the_face_box_up():
             overlaps = column * 8 < right and (column + 1) * 8 > left and row * 8 < bottom and (row + 1) * 8 > top
             assert weight[0, 0, row, column] == (3.0 if overlaps else 1.0), (row, column)
     assert torch.equal(latent_face_weight(0.0), torch.ones(1, 1, 16, 16))
+
+
+def test_the_feature_stage_weighs_the_cells_where_glasses_and_the_mouth_are_drawn():
+    """The fine-feature region holds every pixel that sunglasses or another expression change,
+    and not the background; its share per latent cell is what the feature stage weighs up."""
+    import dataclasses
+
+    import numpy as np
+
+    from deployments.models.portrait.attributes import PortraitAttributes
+    from deployments.models.portrait.regions import fine_feature_region
+    from deployments.models.portrait.renderer import render_portrait
+
+    face = PortraitAttributes(identity="woman", expression="neutral", glasses="no glasses")
+    region = np.asarray(fine_feature_region(face, 11)) > 0
+    plain = np.asarray(render_portrait(face, 11), np.int32)
+    for change in ({"glasses": "wearing sunglasses"}, {"expression": "laughing expression"}):
+        changed = np.abs(np.asarray(render_portrait(dataclasses.replace(face, **change), 11), np.int32) - plain)
+        drawn = changed.sum(-1) > 24
+        assert drawn.sum() > 20 and region[drawn].all(), change
+    assert not region[:16].any() and not region[-16:].any()  # the top of the picture, the shoulders
+    assert 0.01 < region.mean() < 0.15  # a few features, not the face

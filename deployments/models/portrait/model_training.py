@@ -1,7 +1,8 @@
 """Training the portrait model: the VAE on renders made on the fly, then the text encoder and
 the UNet together on a pool of encoded renders; then the same two again as refine stages (the
 VAE with an edge-weighted loss, the UNet on a pool it encodes anew); the UNet for longer on
-that pool, then with its loss weighted up on the face; last, the live-preview decoder against
+that pool, then with its loss weighted up on the face, then also on the face's small features
+(glasses, mouth, view, facial hair); last, the live-preview decoder against
 the final VAE. Each phase checkpoints atomically and resumes exactly.
 
 Every batch, and every random draw of a step (crops, noise, timesteps, the VAE's posterior
@@ -12,6 +13,7 @@ preset (configs/models/portrait.yaml) built by the model builder with its fixed 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -69,6 +71,15 @@ class PortraitTrainingConfig:
     diffusion_face_steps: int = 3000
     diffusion_face_learning_rate: float = 2e-4
     diffusion_face_weight: float = 2.0
+    # Then with the loss weighted up where the face's small features are drawn (glasses,
+    # expression, facial hair: regions.fine_feature_region, per render): after the face stage
+    # the UNet's prediction did not depend on the glasses or expression words at all (a
+    # diffusion classifier picked the caption's value at chance), though the latents show them.
+    # A latent cell's weight gains diffusion_feature_weight x (the share of its pixels they
+    # change), on top of the face box's weight.
+    diffusion_feature_steps: int = 0
+    diffusion_feature_learning_rate: float = 2e-4
+    diffusion_feature_weight: float = 8.0
     # The live-preview decoder (deployments/vae/previewer.py), trained against the final VAE on
     # the first `previewer_targets` latents of the last pool.
     previewer_steps: int = 1500
@@ -109,21 +120,32 @@ def vae_batch(config: PortraitTrainingConfig, step: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PoolBatch:
+    """One diffusion step's data: scaled latents, a caption of each, and their rows in the pool."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LatentPool:
-    """Encoded renders: the VAE posterior of each (mean, std; unscaled) and its attributes."""
+    """Encoded renders: the VAE posterior of each (mean, std; unscaled) and its attributes; for
+    the feature-weighted stage, the share of each latent cell the face's small features change."""
 
     mean: torch.Tensor  # (N, 4, 16, 16)
     std: torch.Tensor
     attributes: list[PortraitAttributes]
+    feature_cells: torch.Tensor | None = None  # (N, 16, 16) in [0, 1]
 
-    def batch(self, config: PortraitTrainingConfig, step: int, scale: float) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, config: PortraitTrainingConfig, step: int, scale: float) -> PoolBatch:
         """Step `step`'s latents (a posterior draw, scaled) and a fresh caption of each."""
         rng = random.Random(f"portrait-diffusion:{config.seed}:{step}")
         rows = [rng.randrange(len(self.attributes)) for _ in range(config.diffusion_batch)]
         captions = [caption(self.attributes[i], rng) for i in rows]
         index = torch.tensor(rows)
         noise = torch.randn(self.mean[index].shape, generator=_step_generator(config, "posterior", step))
-        return (self.mean[index] + self.std[index] * noise) * scale, captions
+        return PoolBatch((self.mean[index] + self.std[index] * noise) * scale, captions, index)
 
 
 @torch.no_grad()
@@ -147,11 +169,18 @@ def build_latent_pool(
     return LatentPool(torch.cat(means), torch.cat(stds), attributes)
 
 
-def _encode_chunk(vae: Any, config: PortraitTrainingConfig, k: int, path: Path) -> None:
+def _pool_chunk_portraits(config: PortraitTrainingConfig, k: int) -> tuple[list[PortraitAttributes], list[int]]:
+    """Chunk k's renders: their attributes and seeds."""
     rng = random.Random(f"portrait-pool:{config.seed}:{k}")
     count = min(config.pool_chunk, config.pool_size - k * config.pool_chunk)
     chunk_attributes = [training_attributes(rng) for _ in range(count)]
-    images = _render(chunk_attributes, [rng.randrange(2**31) for _ in chunk_attributes])
+    return chunk_attributes, [rng.randrange(2**31) for _ in chunk_attributes]
+
+
+def _encode_chunk(vae: Any, config: PortraitTrainingConfig, k: int, path: Path) -> None:
+    chunk_attributes, seeds = _pool_chunk_portraits(config, k)
+    count = len(chunk_attributes)
+    images = _render(chunk_attributes, seeds)
     posteriors = [vae.encode(images[i : i + 64]).latent_dist for i in range(0, count, 64)]
     partial = path.with_suffix(".partial")
     torch.save(
@@ -163,6 +192,36 @@ def _encode_chunk(vae: Any, config: PortraitTrainingConfig, k: int, path: Path) 
         partial,
     )
     partial.replace(path)  # atomic: a cut-off build never leaves half a chunk
+
+
+FEATURE_CELLS = "feature_cells"
+
+
+def build_feature_cells(config: PortraitTrainingConfig, directory: Path, *, progress: bool = True) -> torch.Tensor:
+    """(pool_size, 16, 16): per pool render, the share of each latent cell's pixels in its
+    fine-feature region (regions.fine_feature_region), from the renders drawn again at their
+    seeds; saved per chunk under directory/feature_cells (a cut-off build resumes)."""
+    import numpy as np
+
+    from deployments.models.portrait.regions import fine_feature_region
+
+    folder = directory / FEATURE_CELLS
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = IMAGE_SIZE // 8
+    chunks = []
+    for k in tqdm(range(-(-config.pool_size // config.pool_chunk)), desc="feature cells", disable=not progress):
+        path = folder / f"chunk_{k:04d}.pt"
+        if not path.exists():
+            masks = [
+                np.asarray(fine_feature_region(a, seed), np.float32) / 255
+                for a, seed in zip(*_pool_chunk_portraits(config, k), strict=True)
+            ]
+            shares = np.stack(masks).reshape(len(masks), cells, 8, cells, 8).mean(axis=(2, 4))
+            partial = path.with_suffix(".partial")
+            torch.save(torch.from_numpy(shares).half(), partial)
+            partial.replace(path)
+        chunks.append(torch.load(path, weights_only=True).float())
+    return torch.cat(chunks)
 
 
 def _attribute_dict(attributes: PortraitAttributes) -> dict[str, Any]:
@@ -248,13 +307,15 @@ def load_components(model_dir: Path) -> PortraitComponents:
 class Stage:
     """One training stage: the name of its checkpoint and loss log, its steps, its peak learning
     rate (linear warm-up, cosine decay to 0), for the VAE the edge weight of its loss, for the
-    diffusion model the extra weight of the face's latent cells in its loss."""
+    diffusion model the extra weight of the face's latent cells and of its fine features' cells
+    in its loss."""
 
     name: str
     steps: int
     learning_rate: float
     detail_weight: float = 0.0
     face_weight: float = 0.0
+    feature_weight: float = 0.0
 
 
 def vae_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
@@ -264,8 +325,9 @@ def vae_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
     )
 
 
-def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage, Stage, Stage]:
-    """On the first pool; on the refined pool; longer on the refined pool; weighted on the face."""
+def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage, Stage, Stage, Stage]:
+    """On the first pool; on the refined pool; longer on the refined pool; weighted on the face;
+    weighted on the face's fine features too."""
     return (
         Stage("diffusion", config.diffusion_steps, config.diffusion_learning_rate),
         Stage("diffusion_refine", config.diffusion_refine_steps, config.diffusion_refine_learning_rate),
@@ -275,6 +337,13 @@ def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage, Stag
             config.diffusion_face_steps,
             config.diffusion_face_learning_rate,
             face_weight=config.diffusion_face_weight,
+        ),
+        Stage(
+            "diffusion_features",
+            config.diffusion_feature_steps,
+            config.diffusion_feature_learning_rate,
+            face_weight=config.diffusion_face_weight,
+            feature_weight=config.diffusion_feature_weight,
         ),
     )
 
@@ -366,10 +435,20 @@ def train_diffusion(
     phase = _phase(stage.name, {"unet": unet, "text_encoder": text_encoder}, stage.learning_rate, stage.steps)
     phase.restore(directory)
     end = stage.steps if stop_after is None else min(stage.steps, phase.step + stop_after)
-    weight = latent_face_weight(stage.face_weight) if stage.face_weight else None
+    face = latent_face_weight(stage.face_weight) if stage.face_weight else None
+    if stage.feature_weight and pool.feature_cells is None:
+        raise ValueError(f"stage {stage.name} weights fine features: the pool needs its feature_cells")
 
-    def loss_of(batch: tuple[torch.Tensor, list[str]], step: int) -> torch.Tensor:
-        latents, captions = batch
+    def weight_of(batch: PoolBatch) -> torch.Tensor | None:
+        if not stage.feature_weight:
+            return face
+        assert pool.feature_cells is not None
+        features = stage.feature_weight * pool.feature_cells[batch.rows].unsqueeze(1)
+        return (face if face is not None else 1.0) + features
+
+    def loss_of(batch: PoolBatch, step: int) -> torch.Tensor:
+        latents, captions = batch.latents, batch.captions
+        weight = weight_of(batch)
         generator = _step_generator(config, stage.name, step)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
@@ -440,6 +519,8 @@ def train_portrait_model(config: PortraitTrainingConfig, work: Path, output: Pat
     for later_stage in diffusion_stages(config)[2:]:  # on the refined pool, after its first stage
         if later_stage.steps:
             began = time.perf_counter()
+            if later_stage.feature_weight and pool.feature_cells is None:
+                pool = dataclasses.replace(pool, feature_cells=build_feature_cells(config, work, progress=progress))
             train_diffusion(parts, pool, config, work, stage=later_stage, progress=progress)
             timings[f"{later_stage.name}_s"] = time.perf_counter() - began
     began = time.perf_counter()
