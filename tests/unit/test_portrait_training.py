@@ -157,3 +157,26 @@ def test_the_feature_stage_weighs_the_cells_where_glasses_and_the_mouth_are_draw
         assert drawn.sum() > 20 and region[drawn].all(), change
     assert not region[:16].any() and not region[-16:].any()  # the top of the picture, the shoulders
     assert 0.01 < region.mean() < 0.15  # a few features, not the face
+
+
+def test_full_captions_say_what_the_caption_heads_are_asked():
+    """The caption heads learn only what a caption says: the structured form never names the
+    face shape or eye colour, and a headscarf hides the hair; the rest is said or implied."""
+    from deployments.models.portrait.caption_heads import HEAD_VALUES, CaptionHeads, named_captions
+
+    captions = named_captions(random.Random(3), 40)
+    for i, named in enumerate(captions):
+        unsaid = set(HEAD_VALUES) - named.says
+        if i % 2 == 0:  # structured
+            assert {"face_shape", "eye_color"} <= unsaid
+        else:
+            assert f"{named.attributes.eye_color} eyes" in named.text
+        if named.attributes.expression != "neutral" and i % 2 == 0:
+            assert named.attributes.expression in named.text
+        assert ("hair_color" in unsaid) == ("headscarf" in named.attributes.accessories)
+    heads = CaptionHeads(8)
+    pooled = torch.zeros(len(captions), 8, requires_grad=True)
+    loss = heads.loss(pooled, captions)
+    loss.backward()
+    # untrained heads on a blank state: about log(classes) per head, and a gradient to the text
+    assert 0.5 < float(loss) < 3.0 and pooled.grad is not None and pooled.grad.abs().sum() > 0

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from deployments.models.portrait.attributes import PortraitAttributes
+from deployments.models.portrait.caption_heads import CaptionHeads, named_captions
 from deployments.models.portrait.captions import caption
 from deployments.models.portrait.held_out import training_attributes
 from deployments.models.portrait.renderer import render_portrait
@@ -80,6 +81,10 @@ class PortraitTrainingConfig:
     diffusion_feature_steps: int = 0
     diffusion_feature_learning_rate: float = 2e-4
     diffusion_feature_weight: float = 8.0
+    # ...and the text encoder asked to name every attribute of fully named captions from its
+    # pooled state (caption_heads.py), this much beside the diffusion loss: trained from
+    # scratch, it had let the expression words fade to nothing.
+    diffusion_feature_text_weight: float = 0.1
     # The live-preview decoder (deployments/vae/previewer.py), trained against the final VAE on
     # the first `previewer_targets` latents of the last pool.
     previewer_steps: int = 1500
@@ -308,7 +313,7 @@ class Stage:
     """One training stage: the name of its checkpoint and loss log, its steps, its peak learning
     rate (linear warm-up, cosine decay to 0), for the VAE the edge weight of its loss, for the
     diffusion model the extra weight of the face's latent cells and of its fine features' cells
-    in its loss."""
+    in its loss, and the weight of the caption heads' loss on the text encoder."""
 
     name: str
     steps: int
@@ -316,6 +321,7 @@ class Stage:
     detail_weight: float = 0.0
     face_weight: float = 0.0
     feature_weight: float = 0.0
+    text_weight: float = 0.0
 
 
 def vae_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage]:
@@ -344,6 +350,7 @@ def diffusion_stages(config: PortraitTrainingConfig) -> tuple[Stage, Stage, Stag
             config.diffusion_feature_learning_rate,
             face_weight=config.diffusion_face_weight,
             feature_weight=config.diffusion_feature_weight,
+            text_weight=config.diffusion_feature_text_weight,
         ),
     )
 
@@ -432,7 +439,13 @@ def train_diffusion(
     stage = stage or diffusion_stages(config)[0]
     unet, text_encoder, tokenizer, scheduler = parts.unet, parts.text_encoder, parts.tokenizer, parts.scheduler
     scale = float(parts.vae.config.scaling_factor)
-    phase = _phase(stage.name, {"unet": unet, "text_encoder": text_encoder}, stage.learning_rate, stage.steps)
+    modules: dict[str, nn.Module] = {"unet": unet, "text_encoder": text_encoder}
+    heads: CaptionHeads | None = None
+    if stage.text_weight:
+        with torch.random.fork_rng():  # the heads' starting weights, fixed by the seed
+            torch.manual_seed(config.seed)
+            heads = modules["caption_heads"] = CaptionHeads(text_encoder.config.hidden_size)
+    phase = _phase(stage.name, modules, stage.learning_rate, stage.steps)
     phase.restore(directory)
     end = stage.steps if stop_after is None else min(stage.steps, phase.step + stop_after)
     face = latent_face_weight(stage.face_weight) if stage.face_weight else None
@@ -446,7 +459,22 @@ def train_diffusion(
         features = stage.feature_weight * pool.feature_cells[batch.rows].unsqueeze(1)
         return (face if face is not None else 1.0) + features
 
+    def tokens_of(captions: list[str]) -> torch.Tensor:
+        return tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def caption_loss(heads: CaptionHeads, step: int) -> torch.Tensor:
+        rng = random.Random(f"portrait-captions:{config.seed}:{stage.name}:{step}")
+        named = named_captions(rng, config.diffusion_batch)
+        pooled = text_encoder(tokens_of([c.text for c in named]))[1]
+        return heads.loss(pooled, named)
+
     def loss_of(batch: PoolBatch, step: int) -> torch.Tensor:
+        diffusion = diffusion_loss(batch, step)
+        return diffusion if heads is None else diffusion + stage.text_weight * caption_loss(heads, step)
+
+    def diffusion_loss(batch: PoolBatch, step: int) -> torch.Tensor:
         latents, captions = batch.latents, batch.captions
         weight = weight_of(batch)
         generator = _step_generator(config, stage.name, step)
@@ -454,10 +482,7 @@ def train_diffusion(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps)
-        tokens = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        context = text_encoder(tokens)[0]
+        context = text_encoder(tokens_of(captions))[0]
         prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
         if weight is None:
             return nn.functional.mse_loss(prediction, target)
