@@ -78,7 +78,7 @@ class PortraitTrainingConfig:
     # diffusion classifier picked the caption's value at chance), though the latents show them.
     # A latent cell's weight gains diffusion_feature_weight x (the share of its pixels they
     # change), on top of the face box's weight.
-    diffusion_feature_steps: int = 0
+    diffusion_feature_steps: int = 0  # off: the committed weights do not have this stage yet (README)
     diffusion_feature_learning_rate: float = 2e-4
     diffusion_feature_weight: float = 8.0
     # ...and the text encoder asked to name every attribute of fully named captions from its
