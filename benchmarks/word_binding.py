@@ -21,14 +21,13 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.readme_table import command_line, publish, results_path
-from deployments.models.portrait import attributes as vocabulary
-from deployments.models.portrait.attributes import PortraitAttributes
+from deployments.models.portrait.attributes import ATTRIBUTE_VALUES, PortraitAttributes
 from deployments.models.portrait.captions import structured_caption
 from deployments.models.portrait.held_out import training_attributes
 from deployments.models.portrait.renderer import render_portrait
@@ -38,11 +37,7 @@ TIMESTEPS = (100, 250, 400, 550, 700, 850)
 # The words probed: the features generated pictures miss (expression, glasses, view, facial
 # hair) and a colour they get right, for comparison.
 PROBED: dict[str, tuple[str, ...]] = {
-    "expression": get_args(vocabulary.Expression),
-    "glasses": get_args(vocabulary.Glasses),
-    "view": get_args(vocabulary.View),
-    "facial_hair": get_args(vocabulary.FacialHair),
-    "hair_color": get_args(vocabulary.HairColor),
+    name: ATTRIBUTE_VALUES[name] for name in ("expression", "glasses", "view", "facial_hair", "hair_color")
 }
 
 

@@ -14,40 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deployments.models.portrait.attributes import (
-    AGE_GROUPS,
-    ETHNICITIES,
-    EXPRESSIONS,
-    EYE_COLORS,
-    FACE_SHAPES,
-    FACIAL_HAIR,
-    GLASSES,
-    HAIR_COLORS,
-    HAIR_STYLES,
-    IDENTITIES,
-    LIGHTINGS,
-    VIEWS,
-    PortraitAttributes,
-)
+from deployments.models.portrait.attributes import ATTRIBUTE_VALUES, PortraitAttributes
 from deployments.models.portrait.captions import sentence_caption, structured_caption
 from deployments.models.portrait.held_out import training_attributes
 
 UNSAID = -100  # cross_entropy's ignore_index: the caption does not say this attribute
-# The attributes read out, with their values (each a class).
-HEAD_VALUES: dict[str, tuple[str, ...]] = {
-    "identity": IDENTITIES,
-    "ethnicity": ETHNICITIES,
-    "age": AGE_GROUPS,
-    "expression": EXPRESSIONS,
-    "glasses": GLASSES,
-    "hair_color": HAIR_COLORS,
-    "hair_style": HAIR_STYLES,
-    "facial_hair": FACIAL_HAIR,
-    "view": VIEWS,
-    "lighting": LIGHTINGS,
-    "face_shape": FACE_SHAPES,
-    "eye_color": EYE_COLORS,
-}
+# The attributes read out, with their values (each a class): all single-valued ones but the
+# background, the one word the encoder already passed on most strongly.
+HEAD_VALUES: dict[str, tuple[str, ...]] = {k: v for k, v in ATTRIBUTE_VALUES.items() if k != "background"}
 
 
 class CaptionHeads(nn.Module):

@@ -2,7 +2,7 @@
 the UNet together on a pool of encoded renders; then the same two again as refine stages (the
 VAE with an edge-weighted loss, the UNet on a pool it encodes anew); the UNet for longer on
 that pool, then with its loss weighted up on the face, then also on the face's small features
-(glasses, mouth, view, facial hair); last, the live-preview decoder against
+(glasses, mouth and brows, facial hair); last, the live-preview decoder against
 the final VAE. Each phase checkpoints atomically and resumes exactly.
 
 Every batch, and every random draw of a step (crops, noise, timesteps, the VAE's posterior
@@ -161,9 +161,8 @@ def build_latent_pool(
     cut-off build resumes at the next chunk); chunk k is a pure function of (seed, k) and the VAE."""
     path_of = directory / folder
     path_of.mkdir(parents=True, exist_ok=True)
-    chunks = -(-config.pool_size // config.pool_chunk)
     means, stds, attributes = [], [], []
-    for k in tqdm(range(chunks), desc=folder.replace("_", " "), disable=not progress):
+    for k in tqdm(range(_pool_chunks(config)), desc=folder.replace("_", " "), disable=not progress):
         path = path_of / f"chunk_{k:04d}.pt"
         if not path.exists():
             _encode_chunk(vae, config, k, path)
@@ -172,6 +171,10 @@ def build_latent_pool(
         stds.append(saved["std"])
         attributes += [_attributes_of(json.loads(text)) for text in saved["attributes"]]
     return LatentPool(torch.cat(means), torch.cat(stds), attributes)
+
+
+def _pool_chunks(config: PortraitTrainingConfig) -> int:
+    return -(-config.pool_size // config.pool_chunk)
 
 
 def _pool_chunk_portraits(config: PortraitTrainingConfig, k: int) -> tuple[list[PortraitAttributes], list[int]]:
@@ -214,7 +217,7 @@ def build_feature_cells(config: PortraitTrainingConfig, directory: Path, *, prog
     folder.mkdir(parents=True, exist_ok=True)
     cells = IMAGE_SIZE // 8
     chunks = []
-    for k in tqdm(range(-(-config.pool_size // config.pool_chunk)), desc="feature cells", disable=not progress):
+    for k in tqdm(range(_pool_chunks(config)), desc="feature cells", disable=not progress):
         path = folder / f"chunk_{k:04d}.pt"
         if not path.exists():
             masks = [
