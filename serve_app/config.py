@@ -67,7 +67,8 @@ class StepSettings(BaseModel):
     sampler_table: str | None = Field(
         "auto",
         description="the measured (sampler, steps, cache interval) table the controller chooses from: auto (the "
-        "model's configs/samplers/<model>.json when it ships and matches the weights), a path, or null (off: the "
+        "packaged configs/samplers/*.json measured on the model's UNet weights, whatever the folder's name), a "
+        "path, or null (off: the "
         "step ranges above, the model's sampler, no feature caching)",
     )
     max_adherence_drop: dict[QualityTier, float] = Field(

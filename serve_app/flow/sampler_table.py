@@ -3,7 +3,8 @@ on a model, what it costs and what it draws.
 
 `benchmarks/step_savings.py` measures it and writes `configs/samplers/<model>.json`; the step
 controller (steps.py) chooses from it, not from guesses. It holds the digest of the UNet it
-was measured on: a table is used only for those weights.
+was measured on: a table is used only for those weights, and found by them (a renamed copy of
+a model folder keeps its table).
 """
 
 from __future__ import annotations
@@ -66,8 +67,25 @@ def acceptable(settings: list[SamplerSetting], max_adherence_drop: float, min_ps
     return sorted(chosen, key=lambda s: (s.step_equivalents, -s.adherence))
 
 
+def packaged_tables() -> Path:
+    return Path(str(resources.files("fusionserve_configs") / "samplers"))
+
+
 def packaged_table_path(model: str) -> Path:
-    return Path(str(resources.files("fusionserve_configs") / "samplers" / f"{Path(model).name}.json"))
+    return packaged_tables() / f"{Path(model).name}.json"
+
+
+def packaged_table_for(model: str, unet_digest: str) -> Path | None:
+    """The packaged table measured on these weights: the one named after `model` first, then
+    any other (a copy of a preset's folder under another name keeps its table)."""
+    named = packaged_table_path(model)
+    others = sorted(p for p in packaged_tables().glob("*.json") if p != named)
+    for path in [named, *others] if named.is_file() else others:
+        if SamplerTable.model_validate_json(path.read_text()).unet_digest == unet_digest:
+            return path
+    if named.is_file():
+        logger.warning("sampler table %s was measured on other UNet weights: not used", named)
+    return None
 
 
 def sampler_table_for(source: str | None, model_path: Path) -> SamplerTable | None:
@@ -78,15 +96,16 @@ def sampler_table_for(source: str | None, model_path: Path) -> SamplerTable | No
 
 
 def load_sampler_table(source: str | None, model: str, unet_digest: str) -> SamplerTable | None:
-    """`source`: "auto" (the packaged table of `model`, when one ships), a path, or None (off).
-    A table measured on other weights is not used (logged)."""
+    """`source`: "auto" (the packaged table measured on these weights, when one ships), a path,
+    or None (off). A table measured on other weights is not used (logged)."""
     if source is None:
         return None
-    path = packaged_table_path(model) if source == "auto" else Path(source)
+    if source == "auto":
+        found = packaged_table_for(model, unet_digest)
+        return None if found is None else SamplerTable.model_validate_json(found.read_text())
+    path = Path(source)
     if not path.is_file():
-        if source != "auto":
-            raise ValueError(f"steps.sampler_table: {path} not found")
-        return None
+        raise ValueError(f"steps.sampler_table: {path} not found")
     table = SamplerTable.model_validate_json(path.read_text())
     if table.unet_digest != unet_digest:
         logger.warning("sampler table %s was measured on other UNet weights: not used", path)

@@ -304,3 +304,15 @@ def test_a_table_measured_on_other_weights_is_not_used(tmp_path):
     assert load_sampler_table(None, "portrait", "0" * 16) is None
     with pytest.raises(ValueError, match="not found"):
         load_sampler_table(str(tmp_path / "missing.json"), "portrait", "0" * 16)
+
+
+def test_the_packaged_table_is_found_by_the_weights_not_the_folders_name():
+    """A copy of the portrait folder under another name gets portrait's table; other weights
+    under the name portrait get none."""
+    from serve_app.flow.sampler_table import SamplerTable, load_sampler_table, packaged_table_path
+
+    packaged = SamplerTable.model_validate_json(packaged_table_path("portrait").read_text())
+    assert load_sampler_table("auto", "portrait_copy", packaged.unet_digest) == packaged
+    assert load_sampler_table("auto", "portrait", packaged.unet_digest) == packaged
+    assert load_sampler_table("auto", "portrait", "f" * 16) is None
+    assert load_sampler_table("auto", "portrait_copy", "f" * 16) is None
