@@ -29,6 +29,7 @@ CONFIG = PortraitTrainingConfig(
     pool_chunk=4,
     diffusion_long_steps=0,
     diffusion_face_steps=0,
+    diffusion_feature_steps=0,
     adapter_steps=0,
 )
 

@@ -78,7 +78,9 @@ class PortraitTrainingConfig:
     # diffusion classifier picked the caption's value at chance), though the latents show them.
     # A latent cell's weight gains diffusion_feature_weight x (the share of its pixels they
     # change), on top of the face box's weight.
-    diffusion_feature_steps: int = 0  # off: the committed weights do not have this stage yet (README)
+    # The committed weights ran 2,000 steps on a 2,000-step schedule, then were resumed with it
+    # stretched to 4,000 (README): held-out adherence at 20 steps 53.2% -> 58.7%.
+    diffusion_feature_steps: int = 4000
     diffusion_feature_learning_rate: float = 2e-4
     diffusion_feature_weight: float = 8.0
     # ...and the text encoder asked to name every attribute of fully named captions from its
