@@ -160,6 +160,23 @@ def test_the_feature_stage_weighs_the_cells_where_glasses_and_the_mouth_are_draw
     assert 0.01 < region.mean() < 0.15  # a few features, not the face
 
 
+def test_a_masks_share_per_latent_cell_counts_the_cells_pixels():
+    """One 8x8 block whole -> 1 there, half of another -> 0.5, the rest 0: what the feature stage
+    and word_binding's local classifier weigh each latent cell by."""
+    import numpy as np
+    from PIL import Image
+
+    from deployments.models.portrait.regions import latent_cell_shares
+
+    mask = np.zeros((128, 128), np.uint8)
+    mask[8:16, 16:24] = 255
+    mask[40:44, 0:8] = 255
+    shares = latent_cell_shares(Image.fromarray(mask, "L"))
+    assert shares.shape == (16, 16)
+    assert shares[1, 2] == 1.0 and shares[5, 0] == 0.5
+    assert shares.sum() == 1.5
+
+
 def test_full_captions_say_what_the_caption_heads_are_asked():
     """The caption heads learn only what a caption says: the structured form never names the
     face shape or eye colour, and a headscarf hides the hair; the rest is said or implied."""

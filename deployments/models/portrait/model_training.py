@@ -213,20 +213,20 @@ def build_feature_cells(config: PortraitTrainingConfig, directory: Path, *, prog
     seeds; saved per chunk under directory/feature_cells (a cut-off build resumes)."""
     import numpy as np
 
-    from deployments.models.portrait.regions import fine_feature_region
+    from deployments.models.portrait.regions import fine_feature_region, latent_cell_shares
 
     folder = directory / FEATURE_CELLS
     folder.mkdir(parents=True, exist_ok=True)
-    cells = IMAGE_SIZE // 8
     chunks = []
     for k in tqdm(range(_pool_chunks(config)), desc="feature cells", disable=not progress):
         path = folder / f"chunk_{k:04d}.pt"
         if not path.exists():
-            masks = [
-                np.asarray(fine_feature_region(a, seed), np.float32) / 255
-                for a, seed in zip(*_pool_chunk_portraits(config, k), strict=True)
-            ]
-            shares = np.stack(masks).reshape(len(masks), cells, 8, cells, 8).mean(axis=(2, 4))
+            shares = np.stack(
+                [
+                    latent_cell_shares(fine_feature_region(a, seed))
+                    for a, seed in zip(*_pool_chunk_portraits(config, k), strict=True)
+                ]
+            )
             partial = path.with_suffix(".partial")
             torch.save(torch.from_numpy(shares).half(), partial)
             partial.replace(path)

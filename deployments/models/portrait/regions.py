@@ -38,6 +38,14 @@ def changed_region(base: PortraitAttributes, variants: list[PortraitAttributes],
     return mask.filter(ImageFilter.MaxFilter(2 * WIDEN_PX + 1))
 
 
+def latent_cell_shares(mask: Image.Image, cell_px: int = 8) -> np.ndarray:
+    """(h / cell_px, w / cell_px): the share of each latent cell's pixels that `mask` covers (the
+    VAE maps each 8x8 block of pixels to one cell)."""
+    pixels = np.asarray(mask, np.float32) / 255
+    rows, cols = pixels.shape[0] // cell_px, pixels.shape[1] // cell_px
+    return pixels.reshape(rows, cell_px, cols, cell_px).mean(axis=(1, 3))
+
+
 def head_region(target: PortraitAttributes, seed: int, face: PortraitAttributes) -> Image.Image:
     """Where `face` goes on the target: the target's skin (redrawn with a contrasting skin tone),
     its hair, and the hair and face shape of `face` drawn at the target's place."""
