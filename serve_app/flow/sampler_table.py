@@ -75,14 +75,15 @@ def packaged_table_path(model: str) -> Path:
     return packaged_tables() / f"{Path(model).name}.json"
 
 
-def packaged_table_for(model: str, unet_digest: str) -> Path | None:
+def packaged_table_for(model: str, unet_digest: str) -> SamplerTable | None:
     """The packaged table measured on these weights: the one named after `model` first, then
     any other (a copy of a preset's folder under another name keeps its table)."""
     named = packaged_table_path(model)
     others = sorted(p for p in packaged_tables().glob("*.json") if p != named)
     for path in [named, *others] if named.is_file() else others:
-        if SamplerTable.model_validate_json(path.read_text()).unet_digest == unet_digest:
-            return path
+        table = SamplerTable.model_validate_json(path.read_text())
+        if table.unet_digest == unet_digest:
+            return table
     if named.is_file():
         logger.warning("sampler table %s was measured on other UNet weights: not used", named)
     return None
@@ -101,8 +102,7 @@ def load_sampler_table(source: str | None, model: str, unet_digest: str) -> Samp
     if source is None:
         return None
     if source == "auto":
-        found = packaged_table_for(model, unet_digest)
-        return None if found is None else SamplerTable.model_validate_json(found.read_text())
+        return packaged_table_for(model, unet_digest)
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"steps.sampler_table: {path} not found")
